@@ -14,8 +14,15 @@ Every parameter here is a fresh tensor; the base model is never modified. Blocks
 key/value cache (the exit cache), indexed by `cache_index`.
 """
 import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -115,3 +122,91 @@ class EarlyExit(nn.Module):
 
     def logits(self, h):
         return self.head(self.norm(h))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: a directory with exit.safetensors + exit_config.json, written atomically.
+
+WEIGHTS_FILE = "exit.safetensors"
+CONFIG_FILE = "exit_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or made for another model or layer (one sentence for the user)."""
+
+
+def write_dir_atomically(out_dir, write):
+    """Call write(tmp_dir) on a fresh temporary directory beside out_dir, then swap it into place.
+
+    A crash at any point leaves either the old out_dir or the new one, never a half-written one. Subdirectories of an
+    existing out_dir whose names are not written anew (older step checkpoints, logs) are carried over.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            for child in out_dir.iterdir():
+                if not (tmp / child.name).exists():
+                    os.replace(child, tmp / child.name)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_exit(exit, out_dir, *, base_name, base_fingerprint, trained=(), extra=None):
+    """Save an EarlyExit's weights (safetensors) and exit_config.json into out_dir, atomically.
+
+    `extra` (training arguments, step, last validation metrics, ...) is merged into the JSON config.
+    """
+    config = {"base_model": base_name, "base_fingerprint": base_fingerprint, **exit.config_dict(),
+              "trained": sorted(trained), **(extra or {})}
+
+    def write(tmp):
+        state = {k: v.detach().contiguous().cpu() for k, v in exit.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+
+    write_dir_atomically(out_dir, write)
+    return config
+
+
+def read_exit_config(path):
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"--exit_ckpt: {path} is not an exit checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--exit_ckpt: {cfg_file} is unreadable or corrupt ({e.__class__.__name__}).") from None
+
+
+def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
+    """Rebuild the EarlyExit saved at `path` on `base_model`; refuses a checkpoint made for another model or layer."""
+    cfg = read_exit_config(path)
+    if base_fingerprint is not None and cfg.get("base_fingerprint") != base_fingerprint:
+        raise CheckpointError(f"--exit_ckpt: {path} was trained on base model {cfg.get('base_model')!r} "
+                              f"(fingerprint {cfg.get('base_fingerprint')}), not on the model loaded with --model.")
+    if exit_layer is not None and cfg.get("exit_layer") != exit_layer:
+        raise CheckpointError(f"--exit_ckpt: {path} is for exit layer {cfg.get('exit_layer')}, not {exit_layer}.")
+    n = len(base_model.model.layers)
+    if not isinstance(cfg.get("exit_layer"), int) or not 1 <= cfg["exit_layer"] <= n - 1:
+        raise CheckpointError(f"--exit_ckpt: {path} has exit layer {cfg.get('exit_layer')}, outside 1..{n - 1} "
+                              f"for the loaded {n}-layer model.")
+    exit = EarlyExit(base_model, cfg["exit_layer"], adapter=cfg.get("adapter"),
+                     last_block=bool(cfg.get("last_block")), head_init=cfg.get("head_init", "copy"))
+    try:
+        state = load_file(str(Path(path) / WEIGHTS_FILE))
+        exit.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"--exit_ckpt: the weights in {path} are corrupt or do not fit this model "
+                              f"({str(e).splitlines()[0][:120]}).") from None
+    return exit.to(base_model.device), cfg
