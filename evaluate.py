@@ -63,8 +63,17 @@ class Policy:
         return torch.multinomial(self.probs(logits), 1, generator=generator).squeeze(-1)
 
 
-def _uniform(generator, device):
-    return torch.rand((), generator=generator, device=device).item()
+def accept_draft(p_x, q_x, generator=None):
+    """Accept a draft token x (sampled from q) with probability min(1, p(x) / q(x))."""
+    u = torch.rand((), generator=generator, device=q_x.device)
+    return bool(u * q_x < p_x)
+
+
+def residual_distribution(p, q):
+    """Where to sample after a rejection: normalise(max(0, p - q)); p itself if q covers p everywhere."""
+    r = torch.clamp(p - q, min=0)
+    total = r.sum()
+    return r / total if total > 0 else p
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,15 +177,13 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
             drafted += g
             target_choice = p_logits[:g].argmax(-1).tolist() if policy.greedy else None
             for j, x in enumerate(drafts):
-                ok = (x == target_choice[j]) if policy.greedy else _uniform(generator, device) * q[j, x] < p[j, x]
+                ok = (x == target_choice[j]) if policy.greedy else accept_draft(p[j, x], q[j, x], generator)
                 if not ok:
                     break
                 k += 1
         # the target's token: the correction at the first rejection, or the bonus after g acceptances
         if k < g and not policy.greedy:
-            residual = torch.clamp(p[k] - q[k], min=0)
-            dist = residual if residual.sum() > 0 else p[k]
-            extra = int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
+            extra = int(torch.multinomial(residual_distribution(p[k], q[k]), 1, generator=generator))
         elif policy.greedy:
             extra = int(p_logits[k].argmax())
         else:
@@ -202,5 +209,6 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
         "acceptance_rate": accepted / drafted if drafted else float("nan"),
         "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
         "accept_hist": hist, "per_cycle": per_cycle, "from_draft": from_draft[: len(tokens)],
+        "cache_positions": [cache.length(i) for i in range(model.num_layers)],
     }
     return _finish(tokens, stats, t0, device)

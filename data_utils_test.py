@@ -1,0 +1,229 @@
+"""Tests for data_utils: JSON reading, the assistant mask, packing, splits, and `datasets` loading errors."""
+import json
+import random
+
+import pytest
+import torch
+
+import data_utils
+from data_utils import (DataError, chat_tokens_with_mask, collate, iter_rows, pack_sequences, read_json_records,
+                        sample_prompts, split_by_id)
+
+RECORDS = [{"id": f"r{i}", "text": f"record number {i} with a \"quote\" and ünïcödé"} for i in range(6)]
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """Keep `datasets` off the network and out of the user's cache; returns a cache_dir to pass along."""
+    import datasets
+    import huggingface_hub.constants
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return str(cache)
+
+
+def write_truncated_array(path, records, keep):
+    """A pretty-printed JSON array of `records` cut off inside record number `keep` (0-based)."""
+    text = json.dumps(records, indent=2, ensure_ascii=False)
+    cut = text.index(json.dumps(records[keep]["id"])) + 3  # inside the id string of record `keep`
+    path.write_text(text[:cut], encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# read_json_records
+
+def test_truncated_array_keeps_complete_records(tmp_path):
+    p = tmp_path / "cut.json"
+    write_truncated_array(p, RECORDS, keep=4)
+    records, info = read_json_records(str(p))
+    assert records == RECORDS[:4]
+    assert info == {"kept": 4, "truncated": True, "bad_lines": 0}
+
+
+def test_array_cut_inside_a_multibyte_character(tmp_path):
+    p = tmp_path / "cut.json"
+    data = json.dumps(RECORDS, ensure_ascii=False).encode("utf-8")
+    p.write_bytes(data[:data.rindex("ü".encode()) + 1])  # half of the last "ü"
+    records, info = read_json_records(str(p))
+    assert records == RECORDS[:5] and info["truncated"]
+
+
+def test_complete_array_and_non_object_entries(tmp_path):
+    p = tmp_path / "ok.json"
+    p.write_text(json.dumps(RECORDS[:3] + [7, "x"] + RECORDS[3:]))
+    records, info = read_json_records(str(p))
+    assert records == RECORDS
+    assert info == {"kept": 6, "truncated": False, "bad_lines": 2}
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
+def test_jsonl_with_a_bad_line_and_a_cut_last_line(tmp_path, name):
+    lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS]
+    lines[2] = lines[2][:10]  # corrupt line in the middle
+    p = tmp_path / name
+    p.write_text("\n".join(lines[:5]) + "\n\n" + lines[5][:-4], encoding="utf-8")
+    records, info = read_json_records(str(p))
+    assert records == RECORDS[:2] + RECORDS[3:5]
+    assert info == {"kept": 4, "truncated": True, "bad_lines": 1}
+
+
+def test_no_complete_record_is_a_data_error(tmp_path):
+    p = tmp_path / "empty.json"
+    p.write_text('[\n  {"id": "a", "conv')
+    with pytest.raises(DataError, match=r"^--data_files: .*empty\.json contains no complete JSON record\.$"):
+        read_json_records(str(p), flag="--data_files")
+    p.write_text("[]")
+    with pytest.raises(DataError, match="no complete JSON record"):
+        read_json_records(str(p))
+
+
+def test_missing_and_bad_files_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match=r"^--data_files: .*nope\.json does not exist\.$"):
+        read_json_records(str(tmp_path / "nope.json"), flag="--data_files")
+    with pytest.raises(DataError, match="is a directory"):
+        read_json_records(str(tmp_path))
+    p = tmp_path / "latin1.json"
+    p.write_bytes(b'[{"a": "\xe9t\xe9"}, {"b": 1}, {"c": 2}]')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_json_records(str(p))
+
+
+# -----------------------------------------------------------------------------
+# chat_tokens_with_mask
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Say ünïcode\nplease"},
+    {"role": "assistant", "content": "ünïcode\n\n  indented"},
+]
+
+# A Llama-3-like layout (header, blank line, content, end token) written with the tiny tokenizer's specials.
+LLAMA3_LIKE = (
+    "<|endoftext|>{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>\n\n{{ m['content'] }}<|endoftext|>"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant<|im_end|>\n\n{% endif %}"
+)
+
+
+def masked_text(tok, ids, mask):
+    return tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=False)
+
+
+def test_assistant_mask_chatml(tiny_tokenizer):
+    ids, mask = chat_tokens_with_mask(tiny_tokenizer, CHAT)
+    assert ids == tiny_tokenizer(tiny_tokenizer.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert len(mask) == len(ids) and set(mask) == {0, 1}
+    # the mask covers each reply plus its "<|im_end|>\n", nothing else
+    assert masked_text(tiny_tokenizer, ids, mask) == "Hello! How can I help?<|im_end|>\nünïcode\n\n  indented<|im_end|>\n"
+    unmasked = tiny_tokenizer.decode([t for t, m in zip(ids, mask) if not m], skip_special_tokens=False)
+    assert "Hi there" in unmasked and "Be brief." in unmasked and "<|im_start|>assistant\n" in unmasked
+
+
+def test_assistant_mask_other_template_and_slow_path_agree(tiny_tokenizer, monkeypatch):
+    tiny_tokenizer.chat_template = LLAMA3_LIKE
+    fast = chat_tokens_with_mask(tiny_tokenizer, CHAT)
+    assert masked_text(tiny_tokenizer, *fast) == "Hello! How can I help?<|endoftext|>ünïcode\n\n  indented<|endoftext|>"
+    monkeypatch.setattr(data_utils, "_spans_from_pieces", lambda *args: None)  # force the prefix-tokenizing path
+    assert chat_tokens_with_mask(tiny_tokenizer, CHAT) == fast
+
+
+def test_assistant_mask_max_len_and_no_reply(tiny_tokenizer):
+    ids, mask = chat_tokens_with_mask(tiny_tokenizer, CHAT)
+    short_ids, short_mask = chat_tokens_with_mask(tiny_tokenizer, CHAT, max_len=40)
+    assert short_ids == ids[:40] and short_mask == mask[:40]
+    ids, mask = chat_tokens_with_mask(tiny_tokenizer, CHAT[:2])
+    assert len(ids) > 0 and sum(mask) == 0
+
+
+# -----------------------------------------------------------------------------
+# packing and collation
+
+def test_pack_sequences_drops_only_the_tail():
+    seqs = [(list(range(5)), [0, 0, 1, 1, 1]), (list(range(10, 17)), [1] * 7), ([20, 21, 22], [0, 0, 0])]
+    blocks = pack_sequences(seqs, seq_len=4)
+    assert len(blocks) == 3  # 15 tokens -> 3 blocks of 4, 3 tokens dropped
+    assert all(b["input_ids"].shape == (4,) and b["input_ids"].dtype == torch.long for b in blocks)
+    assert torch.cat([b["input_ids"] for b in blocks]).tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16]
+    assert torch.cat([b["loss_mask"] for b in blocks]).tolist() == [0, 0, 1, 1, 1] + [1] * 7
+    assert pack_sequences([([1, 2], [1, 1])], seq_len=4) == []
+    with pytest.raises(ValueError):
+        pack_sequences([([1, 2], [1])], seq_len=1)
+
+
+def test_collate_pads_right():
+    batch = [{"input_ids": torch.tensor([5, 6, 7]), "loss_mask": torch.tensor([0, 1, 1])},
+             {"input_ids": [8], "loss_mask": [1]},
+             {"input_ids": [9, 9]}]
+    out = collate(batch, pad_id=0)
+    assert set(out) == {"input_ids", "attention_mask", "loss_mask"}
+    assert all(v.shape == (3, 3) and v.dtype == torch.long for v in out.values())
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0], [9, 9, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    assert out["loss_mask"].tolist() == [[0, 1, 1], [1, 0, 0], [1, 1, 0]]
+
+
+def test_collate_of_packed_blocks():
+    blocks = pack_sequences([(list(range(12)), [1] * 12)], seq_len=6)
+    out = collate(blocks, pad_id=-1)
+    assert out["input_ids"].shape == (2, 6) and out["attention_mask"].all() and out["loss_mask"].all()
+
+
+# -----------------------------------------------------------------------------
+# splits and prompt sampling
+
+def test_split_by_id_is_deterministic_and_respects_fractions():
+    items = [{"id": f"conv-{i}", "n": i} for i in range(1000)]
+    splits = split_by_id(items, "id", fractions=(0.8, 0.1, 0.1))
+    assert set(splits) == {"train", "validation", "test"}
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sum(sizes.values()) == 1000
+    assert 740 <= sizes["train"] <= 860 and 60 <= sizes["validation"] <= 140 and 60 <= sizes["test"] <= 140
+    ids = {k: {it["id"] for it in v} for k, v in splits.items()}
+    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["test"] or ids["validation"] & ids["test"])
+    # same assignment in any order, and for an item on its own
+    shuffled = items[:]
+    random.Random(1).shuffle(shuffled)
+    again = split_by_id(shuffled, lambda it: it["id"], fractions=(0.8, 0.1, 0.1))
+    assert {k: {it["id"] for it in v} for k, v in again.items()} == ids
+    for name in ("train", "validation", "test"):
+        alone = split_by_id([splits[name][0]], "id", fractions=(0.8, 0.1, 0.1))
+        assert alone[name] == [splits[name][0]]
+    assert [it["n"] for it in splits["test"]] == sorted(it["n"] for it in splits["test"])  # input order kept
+
+
+def test_split_by_id_rejects_bad_fractions():
+    with pytest.raises(ValueError):
+        split_by_id([{"id": 1}], "id", fractions=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError):
+        split_by_id([{"id": 1}], "id", fractions=(1.1, -0.1))
+
+
+def test_sample_prompts_is_deterministic():
+    items = list(range(50))
+    build = lambda x: x if x % 2 else None  # noqa: E731
+    a = sample_prompts(items, 5, seed=3, build=build)
+    assert a == sample_prompts(items, 5, seed=3, build=build)
+    assert len(a) == 5 and all(x % 2 for x in a)
+    assert len(sample_prompts(items, 100, seed=3, build=build)) == 25
+
+
+# -----------------------------------------------------------------------------
+# iter_rows (datasets loading) errors
+
+def test_iter_rows_file_errors(tmp_path, hf_offline):
+    with pytest.raises(DataError, match=r"^--data_files: .*missing\.jsonl does not exist\.$"):
+        list(iter_rows(data_files=str(tmp_path / "missing.jsonl"), cache_dir=hf_offline))
+    p = tmp_path / "data.csv"
+    p.write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"data\.csv is not a \.json, \.jsonl or \.parquet file"):
+        list(iter_rows(data_files=str(p), cache_dir=hf_offline))
+    p = tmp_path / "broken.jsonl"
+    p.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"^--data_files: could not load .*broken\.jsonl with datasets\.load_dataset"):
+        list(iter_rows(data_files=str(p), cache_dir=hf_offline))

@@ -1,0 +1,59 @@
+"""
+XSum one-sentence news summarisation ({"document", "summary", "id"} records) as a chat task: the user
+asks for a one-sentence summary of the article, the assistant answers with the reference summary.
+"""
+from data_utils import (DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
+                        render_chat, report, sample_prompts)
+
+INSTRUCTION = "Summarize the following article in one sentence.\n\n"
+COLUMNS = ("document", "summary", "id")
+
+
+def load_records(dataset_id="EdinburghNLP/xsum", data_files=None, *, split="validation", cache_dir=None):
+    """
+    XSum records [{"id", "document", "summary"}] (all str) from local JSON/JSONL/Parquet `data_files`
+    (which form one split; `split` is then unused) or from the hub `dataset_id`'s `split`.
+    Records with an empty document or summary are dropped.
+    """
+    rows = iter_rows(dataset_id, data_files, split=split, columns=COLUMNS, cache_dir=cache_dir)
+    records, skipped = [], 0
+    for row in rows:
+        doc, summary = row["document"], row["summary"]
+        if isinstance(doc, str) and isinstance(summary, str) and doc.strip() and summary.strip():
+            records.append({"id": str(row["id"]), "document": doc.strip(), "summary": summary.strip()})
+        else:
+            skipped += 1
+    source = data_files or dataset_id
+    report(f"XSum: {len(records)} records from {source}" + (f" ({skipped} empty skipped)" if skipped else ""))
+    if not records:
+        flag = "--data_files" if data_files else "--dataset_id"
+        raise DataError(f"{flag}: {source} has no record with a non-empty document and summary.")
+    return records
+
+
+def to_messages(record):
+    """The record as a two-turn chat: the summarisation request and the reference summary."""
+    return [{"role": "user", "content": INSTRUCTION + record["document"]},
+            {"role": "assistant", "content": record["summary"]}]
+
+
+def training_sequences(tokenizer, records, seq_len, assistant_only=True):
+    """Packed blocks [{"input_ids", "loss_mask"}] of seq_len tokens; assistant_only puts the loss on the summaries."""
+    seqs = []
+    for record in records:
+        ids, mask = chat_tokens_with_mask(tokenizer, to_messages(record))
+        seqs.append((ids, mask if assistant_only else [1] * len(ids)))
+    return pack_sequences(seqs, seq_len)
+
+
+def evaluation_prompts(tokenizer, records, num_prompts, max_prompt_tokens=512, seed=0):
+    """
+    num_prompts prompts [{"id", "input_ids": LongTensor (1, T), "text"}] chosen deterministically by
+    `seed`: the user turn only, under the chat template with the generation prompt. Prompts longer
+    than max_prompt_tokens are skipped.
+    """
+    def build(record):
+        text = render_chat(tokenizer, to_messages(record)[:1], add_generation_prompt=True)
+        ids = encode(tokenizer, text)
+        return prompt_dict(record["id"], ids, text) if len(ids) <= max_prompt_tokens else None
+    return sample_prompts(records, num_prompts, seed, build)
