@@ -21,16 +21,20 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 # The sampling policy
 
 
-def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0):
-    """Raise ValueError (one sentence, naming the flag) for values the loop cannot use."""
+SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k"}
+
+
+def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0, flags=SWEEP_FLAGS):
+    """Raise ValueError (one sentence, naming the command-line flag from `flags`) for values the loop cannot use."""
     if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"--gammas: gamma (the draft length) must be an integer >= 1, got {gamma}.")
+        raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"--temperatures: temperature must be a number >= 0 (0 means greedy), got {temperature}.")
+        raise ValueError(f"{flags['temperature']}: temperature must be a number >= 0 (0 means greedy), "
+                         f"got {temperature}.")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"--top_p: top_p must be in (0, 1], got {top_p}.")
+        raise ValueError(f"{flags['top_p']}: top_p must be in (0, 1], got {top_p}.")
     if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"--top_k: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
+        raise ValueError(f"{flags['top_k']}: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
 
 
 class Policy:
@@ -158,12 +162,14 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
     while not done and len(tokens) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
         # draft g tokens, one at a time, keeping each position's layer-L state
-        hidden, q_logits, drafts, tok = [], [], [], last
+        hidden, q_rows, drafts, tok = [], [], [], last
         for j in range(g):
             h, logits = model.draft_step(tok, cache, n + j)
             hidden.append(h)
-            q_logits.append(logits[0, -1])
-            tok = policy.pick(logits[0, -1:], generator).view(1, 1)
+            q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p below
+            q_rows.append(q_j)
+            pick = logits[0, -1:].argmax(-1) if policy.greedy else torch.multinomial(q_j, 1, generator=generator)
+            tok = pick.view(1, 1)
             drafts.append(int(tok))
         h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
         hidden.append(h)
@@ -172,7 +178,7 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
         p = policy.probs(p_logits)
         k = 0
         if g:
-            q = policy.probs(torch.stack(q_logits))
+            q = torch.cat(q_rows)
             overlap_sum += torch.minimum(p[:g], q).sum(-1).sum().item()
             drafted += g
             target_choice = p_logits[:g].argmax(-1).tolist() if policy.greedy else None

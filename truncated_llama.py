@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.utils import logging as hf_logging
 
 from tuned_llama import EarlyExit
 
@@ -101,12 +102,15 @@ def resolve_model_path(name_or_path):
 def load_base_model(name_or_path=DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
     """(model, tokenizer) for the alias `smollm2-135m`, a Hugging Face id or a local directory; model in eval mode."""
     path = resolve_model_path(name_or_path)
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a cached model
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as e:
         raise ModelLoadError(f"--model: could not load {name_or_path!r} (not a local model directory, "
                              f"and not reachable as a Hugging Face id): {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.enable_progress_bar()
     for attr in ("layers", "norm", "embed_tokens", "rotary_emb"):
         if not hasattr(getattr(model, "model", None), attr) or not hasattr(model, "lm_head"):
             raise ModelLoadError(f"--model: {name_or_path!r} is not a Llama-like causal LM (needs model.{attr}).")

@@ -1,0 +1,99 @@
+"""Playground: watch self-speculation on one prompt.
+
+    python scratch_work.py "your prompt" --exit_layer 22 --gamma 4 [--temperature 0.7] [--exit_ckpt runs/L15]
+
+Prints the reply with the drafted-and-accepted tokens in green and the full model's own tokens plain, then the
+number of drafts accepted in each cycle and the loop's stats. Without a prompt it takes one from ShareGPT.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+from data_utils import DataError
+from evaluate import autoregressive_generate, check_policy, speculative_generate
+from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
+from tuned_llama import CheckpointError, load_exit
+
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def coloured(tokenizer, tokens, from_draft, colour=True):
+    """Decode token by token (prefix differences keep multi-byte characters whole), marking drafted ones."""
+    out, prev = [], ""
+    for i, d in enumerate(from_draft):
+        text = tokenizer.decode(tokens[: i + 1], skip_special_tokens=False)
+        piece, prev = text[len(prev):], text
+        out.append(piece if not d else f"{GREEN}{piece}{RESET}" if colour else f"[{piece}]")
+    return "".join(out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompt", nargs="?", help="user message (default: a ShareGPT test prompt)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="alias smollm2-135m, a Hugging Face id or a local directory")
+    ap.add_argument("--exit_layer", type=int, default=22, help="draft exit layer L, 1..N-1 (default 22)")
+    ap.add_argument("--exit_ckpt", help="a trained exit directory written by train.py (its layer is used)")
+    ap.add_argument("--gamma", type=int, default=4, help="draft length per cycle, >= 1 (default 4)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
+    ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
+    ap.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate (default 96)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for sampling and for the ShareGPT prompt choice")
+    ap.add_argument("--no_color", action="store_true", help="mark drafted tokens with [brackets] instead of colour")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_policy(gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                     flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k")})
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+        model, tok = load_base_model(args.model)
+        exit, layer = None, args.exit_layer
+        if args.exit_ckpt:
+            exit, cfg = load_exit(args.exit_ckpt, model, base_fingerprint=model_fingerprint(model))
+            layer = cfg["exit_layer"]
+        n = model.config.num_hidden_layers
+        if not 1 <= layer <= n - 1:
+            raise ValueError(f"--exit_layer must be in 1..{n - 1} for this {n}-layer model, got {layer}.")
+        if args.prompt:
+            messages = [{"role": "user", "content": args.prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)["input_ids"]
+            text = args.prompt
+        else:
+            from share_gpt_dataset import evaluation_prompts, load_splits
+            p = evaluation_prompts(tok, load_splits()["test"], 1, max_prompt_tokens=200, seed=args.seed)[0]
+            ids, text = p["input_ids"], p["text"]
+    except (ValueError, DataError, ModelLoadError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    tl = TruncatedLlama(model, layer, exit)
+    policy = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id)
+    tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma,
+                                         generator=torch.Generator().manual_seed(args.seed), **policy)
+    base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
+                                                generator=torch.Generator().manual_seed(args.seed), **policy)
+    tl_tokens = tokens.tolist()
+    print(f"--- prompt ({ids.shape[1]} tokens)\n{text.strip()[:600]}\n")
+    legend = "green" if not args.no_color else "[bracketed]"
+    print(f"--- reply: exit layer {layer}/{n}, gamma {args.gamma}, temperature {args.temperature} "
+          f"({legend} = drafted by the exit and accepted)")
+    print(coloured(tok, tl_tokens, stats["from_draft"], colour=not args.no_color))
+    print(f"\n--- accepted drafts per cycle\n{stats['per_cycle']}")
+    if args.temperature == 0:
+        print(f"greedy output identical to autoregressive: {tl_tokens == base_tokens.tolist()}")
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
+             if k not in ("per_cycle", "from_draft", "cache_positions", "overlap_sum")}
+    shown["autoregressive_tokens_per_s"] = round(base["tokens_per_s"], 2)
+    shown["speedup"] = round(stats["tokens_per_s"] / base["tokens_per_s"], 3)
+    print(json.dumps(shown))
+
+
+if __name__ == "__main__":
+    main()
