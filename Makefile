@@ -15,8 +15,16 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
+# The study in small (about 12 min on 2 idle CPU cores): a short distillation of the exit at layer 15, then the sweep
+# of untrained exits at layers 8, 15, 22 and the trained one against autoregressive decoding. Output: out/study/.
+STUDY := out/study
+
 run: setup
-	$(PY) scratch_work.py
+	rm -rf $(STUDY)
+	$(PY) train.py --exit_layer 15 --train head,norm,adapter --max_steps 50 --batch_size 4 --seq_len 128 \
+		--warmup 5 --eval_every 25 --eval_batches 2 --save_every 0 --out_dir $(STUDY)/exit_L15
+	$(PY) evaluate.py --exit_layers 8 15 22 --exit_ckpt $(STUDY)/exit_L15 --gammas 1 2 4 --temperatures 0 0.7 \
+		--top_p 0.95 --num_prompts 2 --max_new_tokens 24 --tf_blocks 3 --tf_seq_len 256 --out_dir $(STUDY)/eval
 
 test: setup
 	$(PY) -m pytest -q

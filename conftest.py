@@ -57,3 +57,15 @@ def smollm2():
     from truncated_llama import load_base_model
 
     return load_base_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models only pay for thread start-up and contention: run them on one thread (real-model tests keep all)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

