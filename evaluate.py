@@ -26,6 +26,7 @@ prompts, each against an autoregressive baseline on the same prompts, policy and
 import argparse
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -458,7 +459,6 @@ def merge_results(out_dir, ids):
 
 def write_table(path, rows, columns):
     """A CSV file of `columns` of `rows` (lists as space-separated values), written atomically."""
-    import io
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
@@ -476,7 +476,8 @@ def _fmt(x, digits=3):
 
 
 def exit_label(row):
-    return f"untrained L{row['exit_layer']}" if row["exit"] == "untrained" else f"{Path(row['exit']).name} L{row['exit_layer']}"
+    name = "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
+    return f"{name} L{row['exit_layer']}"
 
 
 def markdown_table(rows):
@@ -533,18 +534,18 @@ def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len):
             for m in messages)
         if not ok:
             continue
-        last = max(j for j, m in enumerate(messages) if m["role"] != "assistant") if any(
-            m["role"] != "assistant" for m in messages) else len(messages) - 1
-        asked = messages[: last + 1]
-        text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else "\n\n".join(
-            m["content"] for m in asked)
+        asked = messages
+        while len(asked) > 1 and asked[-1]["role"] == "assistant":
+            asked = asked[:-1]
+        join = lambda turns: "\n\n".join(m["content"] for m in turns)
+        text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else join(asked)
         ids = encode(tokenizer, text)
         if len(prompts) < num_prompts and 0 < len(ids) <= max_prompt_tokens:
             prompts.append(prompt_dict(r.get("id", i), ids, text))
         if chat and any(m["role"] == "assistant" for m in messages):
             seqs.append(chat_tokens_with_mask(tokenizer, messages))
         else:
-            full = encode(tokenizer, render_chat(tokenizer, messages) if chat else text)
+            full = encode(tokenizer, render_chat(tokenizer, messages) if chat else join(messages))
             seqs.append((full, [1] * len(full)))
     if not prompts:
         raise DataError(f"--dataset: {path} has no line with a \"prompt\" or \"messages\" of at most "
@@ -750,7 +751,8 @@ def plot_speed(rows, path, model_name):
     policy, _ = plot_choice(rows)
     rows = _select(rows, policy)
     layers = sorted({r["exit_layer"] for r in _select(rows, exit="untrained")})
-    picks = [("untrained", L) for L in dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]])] if layers else []
+    early_middle_late = dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]) if layers else []
+    picks = [("untrained", L) for L in early_middle_late]
     picks += list(dict.fromkeys((r["exit"], r["exit_layer"]) for r in rows if r["exit"] != "untrained"))
     gammas = sorted({r["gamma"] for r in rows})
     fig, axes = _figure(2, (11, 4.5))
@@ -758,7 +760,8 @@ def plot_speed(rows, path, model_name):
         sel = sorted((r for r in _select(rows, exit=name) if r["exit_layer"] == L), key=lambda r: r["gamma"])
         label = f"untrained L{L}" if name == "untrained" else f"trained {Path(name).name} (L{L})"
         for key, ax in zip(("tokens_per_s", "speedup"), axes):
-            ax.plot([r["gamma"] for r in sel], [r[key] for r in sel], "o-" if name == "untrained" else "s--", label=label)
+            style = "o-" if name == "untrained" else "s--"
+            ax.plot([r["gamma"] for r in sel], [r[key] for r in sel], style, label=label)
     base = statistics.mean(r["baseline_tokens_per_s"] for r in rows)
     axes[0].axhline(base, color="k", ls=":", label=f"autoregressive ({base:.1f})")
     axes[1].axhline(1.0, color="k", ls=":", label="autoregressive")
@@ -801,8 +804,9 @@ def plot_predicted(rows, path, model_name):
     fig, ax = _figure(size=(6, 5.5))
     for kind, m in (("untrained", "o"), ("trained", "s")):
         for t in sorted({r["temperature"] for r in rows}):
-            pts = [(r["predicted_speedup"], r["speedup"]) for r in rows if (r["exit"] == "untrained") == (kind == "untrained")
-                   and r["temperature"] == t and r["predicted_speedup"] is not None and r["speedup"] is not None]
+            pts = [(r["predicted_speedup"], r["speedup"]) for r in rows
+                   if (r["exit"] == "untrained") == (kind == "untrained") and r["temperature"] == t
+                   and r["predicted_speedup"] is not None and r["speedup"] is not None]
             if pts:
                 ax.scatter(*zip(*pts), marker=m, alpha=0.8, label=f"{kind}, {'greedy' if t == 0 else f'T={t:g}'}")
     top = 1.05 * max([v for r in rows for v in (r["predicted_speedup"], r["speedup"]) if v is not None] + [1.0])
@@ -870,7 +874,8 @@ def build_parser():
                            "baseline, a teacher-forced sweep of every layer, and the plots. List flags take several "
                            "space-separated values.")
     g = p.add_argument_group("grid")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="the alias smollm2-135m, a local directory or a Hugging Face id")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the alias smollm2-135m, a local directory or a Hugging Face id")
     g.add_argument("--exit_layers", nargs="*", default=None, metavar="L",
                    help="untrained exits at these layers: values and/or inclusive ranges start:stop[:step] such as "
                         "4:28:4 (default: every 4th layer, 4..N-1; give the flag with no value for none)")
@@ -884,7 +889,8 @@ def build_parser():
     g.add_argument("--dataset", default="sharegpt",
                    help="sharegpt | xsum | slimpajama (their test split) | a prompts.jsonl file whose lines are "
                         "{\"prompt\": ...} or {\"messages\": [...]}")
-    g.add_argument("--data_files", default=None, help="local JSON/JSONL/Parquet files of --dataset instead of the default")
+    g.add_argument("--data_files", default=None,
+                   help="local JSON/JSONL/Parquet files of --dataset instead of the default")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
     g.add_argument("--num_prompts", type=_int_at_least(1), default=16, help="prompts per cell")
     g.add_argument("--max_prompt_tokens", type=_int_at_least(1), default=256, help="longer prompts are skipped")
@@ -897,7 +903,7 @@ def build_parser():
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out_dir", default="out/eval", help="where results, tables and plots go")
     g.add_argument("--resume", action="store_true",
-                   help="continue the sweep in --out_dir, skipping every finished cell (required when it holds results)")
+                   help="continue the sweep in --out_dir, skipping every finished cell (needed when it holds results)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")

@@ -259,7 +259,8 @@ def assets(tmp_path_factory):
     other = load_base_model(save_tiny_model(root / "other", seed=4))[0]
     save_exit(EarlyExit(other, 2), root / "other_exit", base_name="other", base_fingerprint=model_fingerprint(other))
     lines = [{"prompt": f"Tell me about the number {i} and the sea."} for i in range(3)]
-    lines.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there " * 30}]})
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there " * 30}]
+    lines.append({"messages": chat})
     (root / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return root
 
@@ -413,8 +414,6 @@ def test_prompt_file_takes_the_turns_before_the_last_reply(tmp_path):
             {"role": "assistant", "content": "d"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "x"}) + "\n" + "{}\n")
     prompts, blocks = evaluate.load_prompt_file(path, tok, 5, 100, 8)
-    assert [p["text"] for p in prompts] == [
-        tok.apply_chat_template(msgs[:3], tokenize=False, add_generation_prompt=True),
-        tok.apply_chat_template(msgs[:1] and [{"role": "user", "content": "x"}], tokenize=False,
-                                add_generation_prompt=True)]
+    render = lambda turns: tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert [p["text"] for p in prompts] == [render(msgs[:3]), render([{"role": "user", "content": "x"}])]
     assert blocks and all(len(b["input_ids"]) == 8 for b in blocks)
