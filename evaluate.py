@@ -300,9 +300,20 @@ def prompt_seed(seed, index):
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
 
 
+def judged_drafts(per_cycle, gamma, max_new_tokens):
+    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted counts: a cycle drafts
+    g = min(gamma, tokens still needed - 1) and rejects one draft unless it accepts all g. Drafts after a rejection
+    are never judged."""
+    n = rejected = 0
+    for k in per_cycle:
+        rejected += k < min(gamma, max_new_tokens - n - 1)
+        n += k + 1
+    return sum(per_cycle), rejected
+
+
 def predicted_speedup(a, gamma, c):
     """The standard estimate (Leviathan et al., 2023): a cycle yields (1 - a^(g+1)) / (1 - a) tokens, on average,
-    when each draft is accepted with probability a, and costs g c + 1 autoregressive steps."""
+    when each draft is accepted with probability a given the ones before it, and costs g c + 1 autoregressive steps."""
     if a is None or not math.isfinite(a):
         return None
     tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
@@ -347,6 +358,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts)."""
     keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
     total = dict.fromkeys(keys, 0)
+    rejected = 0
     hist = [0] * (cell.gamma + 1)
     matches = True
     for i, p in enumerate(prompts):
@@ -355,18 +367,21 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
                                       generator=g, **cell.policy)
         for k in keys:
             total[k] += s[k]
+        rejected += judged_drafts(s["per_cycle"], cell.gamma, max_new_tokens)[1]
         hist = [a + b for a, b in zip(hist, s["accept_hist"])]
         matches = matches and torch.equal(out, baseline["tokens"][i])
     drafted, calls = total["drafted"], total["target_calls"]
     overlap = total["overlap_sum"] / drafted if drafted else None
     rate = total["accepted"] / drafted if drafted else None
+    judged = total["accepted"] + rejected
+    alpha = total["accepted"] / judged if judged else None  # the formula's a: P(accept | the drafts before were)
     tps = total["new_tokens"] / total["seconds"] if total["seconds"] else 0.0
     draft_s, full_s = times
     c = draft_s / full_s
     return {
         **asdict(cell), "prompts": len(prompts),
         "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
-        "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate,
+        "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate, "alpha": alpha,
         "avg_overlap": overlap, "avg_tv": 1.0 - overlap if overlap is not None else None, "accept_hist": hist,
         "matches_baseline": matches if cell.temperature == 0 else None,
         "baseline_new_tokens": baseline["new_tokens"],
@@ -374,7 +389,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c,
-        "predicted_speedup": predicted_speedup(rate, cell.gamma, c),
+        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c),
     }
 
 
@@ -482,21 +497,21 @@ def exit_label(row):
 
 def markdown_table(rows):
     """The summary as a Markdown table."""
-    head = ["exit", "γ", "T", "top_p", "top_k", "accepted / drafted", "avg accepted", "overlap", "tok/s",
-            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline"]
+    head = ["exit", "γ", "policy", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s", "baseline tok/s",
+            "speedup", "c", "predicted", "greedy = baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [exit_label(r), r["gamma"], _fmt(r["temperature"], 1), _fmt(r["top_p"], 2), r["top_k"],
-                 f"{r['accepted']} / {r['drafted']}", _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]),
-                 _fmt(r["tokens_per_s"], 1), _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2),
-                 _fmt(r["c"], 2), _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
+        cells = [exit_label(r), r["gamma"], _policy_name((r["temperature"], r["top_p"], r["top_k"])),
+                 f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2), _fmt(r["avg_accepted"], 2),
+                 _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1), _fmt(r["baseline_tokens_per_s"], 1),
+                 _fmt(r["speedup"], 2), _fmt(r["c"], 2), _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
 SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "prompts", "new_tokens",
-                   "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "avg_overlap", "avg_tv",
-                   "accept_hist", "matches_baseline", "seconds", "tokens_per_s", "baseline_new_tokens",
+                   "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha", "avg_overlap",
+                   "avg_tv", "accept_hist", "matches_baseline", "seconds", "tokens_per_s", "baseline_new_tokens",
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
                    "predicted_speedup", "cell_id")
 
@@ -811,7 +826,7 @@ def plot_predicted(rows, path, model_name):
                 ax.scatter(*zip(*pts), marker=m, alpha=0.8, label=f"{kind}, {'greedy' if t == 0 else f'T={t:g}'}")
     top = 1.05 * max([v for r in rows for v in (r["predicted_speedup"], r["speedup"]) if v is not None] + [1.0])
     ax.plot([0, top], [0, top], "k:", label="measured = predicted")
-    ax.set(title=f"Measured against predicted speedup, {model_name}\npredicted = (1 - a^(γ+1)) / ((1 - a)(γc + 1))",
+    ax.set(title=f"Measured against predicted speedup, {model_name}\npredicted = (1 - α^(γ+1)) / ((1 - α)(γc + 1))",
            xlabel="predicted speedup", ylabel="measured speedup", xlim=(0, top), ylim=(0, top))
     _save(fig, path)
 
@@ -1059,12 +1074,12 @@ def run(args):
     for count, i in enumerate(mine):
         cell = cells[i]
         key = (cell.exit, cell.exit_layer)
-        if key != model_key:
-            model, model_key = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit)), key
+        if key != model_key:  # cells come grouped by exit; the baselines are re-timed for each exit (see below)
+            model, model_key, baselines = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit)), key, {}
         if key not in times:
             times[key] = step_times(model, timing_ids)
         pkey = tuple(cell.policy.values())
-        if pkey not in baselines:  # once per policy and process; timed in the process that runs the cell
+        if pkey not in baselines:  # once per exit and policy, just before its cells: slow drifts in speed cancel
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
         row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines[pkey], times[key])
         append_row(own, {"cell_id": ids[i], "index": i, **meta, **row})

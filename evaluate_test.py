@@ -303,7 +303,8 @@ def test_sweep_rows_are_consistent(full_sweep):
         assert 0 <= r["avg_overlap"] <= 1 and r["avg_tv"] == pytest.approx(1 - r["avg_overlap"])
         assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["baseline_tokens_per_s"])
         assert sum(r["accept_hist"]) == r["target_calls"] and r["accepted"] + r["target_calls"] == r["new_tokens"]
-        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["acceptance_rate"], r["gamma"], r["c"]))
+        assert r["acceptance_rate"] <= r["alpha"] <= 1
+        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], r["gamma"], r["c"]))
         assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
         if r["temperature"] == 0:
             assert r["matches_baseline"] is True and r["top_p"] == 1.0
@@ -387,6 +388,21 @@ def test_parse_layers_and_cells():
     cells = make_cells([("untrained", 2)], [2, 4], [0.0, 0.7], [0.9, 1.0], [0])
     assert len(cells) == 2 * (1 + 2)  # greedy ignores top_p: kept once
     assert Cell("untrained", 2, 2, 0.0, 1.0, 0) in cells
+
+
+def test_judged_drafts_count_one_rejection_per_cycle_that_stops_early():
+    # gamma 3, 10 tokens: cycles draft 3, 3, 3 (4 + 1 + 3 tokens), then min(3, 10 - 8 - 1) = 1, then 0
+    assert evaluate.judged_drafts([3, 0, 2, 0, 0], 3, 10) == (5, 3)
+    # the last cycle may draft fewer than gamma; accepting all of them is no rejection
+    assert evaluate.judged_drafts([3, 3, 1], 3, 10) == (7, 0)  # 4 + 4 tokens, then g = 1 accepted
+    assert evaluate.judged_drafts([0, 0], 2, 2) == (0, 1)  # g = 1, then g = 0
+    # the rule for g is the loop's: the drafts it implies add up to the loop's own count
+    base = make_tiny_llama(layers=4, init_std=0.2, seed=5)
+    _, s = speculative_generate(TruncatedLlama(base, 3), torch.tensor([[1, 2, 3]]), 23, gamma=4)
+    n = drafted = 0
+    for k in s["per_cycle"]:
+        drafted, n = drafted + min(4, 23 - n - 1), n + k + 1
+    assert drafted == s["drafted"] and evaluate.judged_drafts(s["per_cycle"], 4, 23)[0] == s["accepted"]
 
 
 def test_predicted_speedup_formula():
