@@ -24,7 +24,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -36,7 +35,8 @@ from torch import nn
 
 from data_utils import DataError, collate, split_by_id
 from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
-from tuned_llama import CheckpointError, EarlyExit, load_exit, read_exit_config, save_exit, write_dir_atomically
+from tuned_llama import (CheckpointError, EarlyExit, exit_config, load_exit, read_exit_config, save_exit,
+                         write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
 LOSSES = ("kl", "ce", "kl+ce", "tv")
@@ -615,11 +615,8 @@ def save_checkpoint(out_dir, exit, optimizer, scheduler, *, step, args, base_nam
              "world_size": world_size}
 
     def write(tmp):
-        # save_exit writes the exit's own format (atomically, into a fresh folder); lift its files to the top.
-        save_exit(exit, tmp / "exit", base_name=base_name, base_fingerprint=fingerprint, trained=train, extra=extra)
-        for f in list((tmp / "exit").iterdir()):
-            os.replace(f, tmp / f.name)
-        (tmp / "exit").rmdir()
+        write_exit_files(exit, tmp, exit_config(exit, base_name=base_name, base_fingerprint=fingerprint,
+                                                trained=train, extra=extra))
         r = tmp / RESUME_DIR
         r.mkdir()
         opt_tensors, opt_meta = optimizer_to_files(optimizer)

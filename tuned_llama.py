@@ -161,20 +161,26 @@ def write_dir_atomically(out_dir, write):
         raise
 
 
+def exit_config(exit, *, base_name, base_fingerprint, trained=(), extra=None):
+    """What exit_config.json holds: the base model's name and weight fingerprint, the exit's shape, what was trained,
+    and `extra` (training arguments, step, last validation metrics, ...)."""
+    return {"base_model": base_name, "base_fingerprint": base_fingerprint, **exit.config_dict(),
+            "trained": sorted(trained), **(extra or {})}
+
+
+def write_exit_files(exit, directory, config):
+    """Write the exit's weights (safetensors) and `config` (JSON) into an existing directory; not atomic by itself:
+    callers write into a fresh temporary directory and swap it into place (see write_dir_atomically)."""
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in exit.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+
+
 def save_exit(exit, out_dir, *, base_name, base_fingerprint, trained=(), extra=None):
-    """Save an EarlyExit's weights (safetensors) and exit_config.json into out_dir, atomically.
-
-    `extra` (training arguments, step, last validation metrics, ...) is merged into the JSON config.
-    """
-    config = {"base_model": base_name, "base_fingerprint": base_fingerprint, **exit.config_dict(),
-              "trained": sorted(trained), **(extra or {})}
-
-    def write(tmp):
-        state = {k: v.detach().contiguous().cpu() for k, v in exit.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-
-    write_dir_atomically(out_dir, write)
+    """Save an EarlyExit's weights (safetensors) and exit_config.json into out_dir, atomically."""
+    config = exit_config(exit, base_name=base_name, base_fingerprint=base_fingerprint, trained=trained, extra=extra)
+    write_dir_atomically(out_dir, lambda tmp: write_exit_files(exit, tmp, config))
     return config
 
 

@@ -1,0 +1,86 @@
+"""The exit modules (tuned_llama.py): own tensors, identity-initialised adapters, atomic safetensors checkpoints."""
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from truncated_llama import TruncatedLlama, model_fingerprint
+from tuned_llama import CheckpointError, EarlyExit, load_exit, save_exit, write_dir_atomically
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_exit_parameters_are_their_own_tensors_and_base_is_untouched(tie):
+    base = make_tiny_llama(tie=tie)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    exit = EarlyExit(base, 2, adapter="block", last_block=True)
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    assert all(p.data_ptr() not in base_ptrs for p in exit.parameters())
+    assert all(p.requires_grad for p in exit.parameters())
+    with torch.no_grad():
+        for p in exit.parameters():
+            p.add_(1.0)
+    tl = TruncatedLlama(base, 2, exit)
+    assert not any(p.requires_grad for p in base.parameters())
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert list(tl.exit.parameters()) == list(exit.parameters())
+
+
+@pytest.mark.parametrize("adapter", ["block", "mlp"])
+def test_identity_initialised_adapter_changes_nothing(adapter):
+    base = make_tiny_llama(init_std=0.1)
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = TruncatedLlama(base, 2)(ids).exit_logits
+        adapted = TruncatedLlama(base, 2, EarlyExit(base, 2, adapter=adapter))(ids).exit_logits
+    torch.testing.assert_close(adapted, plain, rtol=0, atol=1e-6)
+
+
+def test_private_last_block_starts_equal_to_the_shared_one():
+    base = make_tiny_llama(init_std=0.1)
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = TruncatedLlama(base, 3)(ids)
+        private = TruncatedLlama(base, 3, EarlyExit(base, 3, last_block=True))(ids)
+    torch.testing.assert_close(private.exit_logits, plain.exit_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(private.logits, plain.logits, rtol=0, atol=0)
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    base = make_tiny_llama()
+    exit = EarlyExit(base, 2, adapter="mlp")
+    with torch.no_grad():
+        exit.head.weight.add_(1.0)
+    fp = model_fingerprint(base)
+    save_exit(exit, tmp_path / "ck", base_name="tiny", base_fingerprint=fp, trained=["head"], extra={"step": 7})
+    loaded, cfg = load_exit(tmp_path / "ck", base, base_fingerprint=fp)
+    assert cfg["step"] == 7 and cfg["exit_layer"] == 2 and cfg["adapter"] == "mlp"
+    for k, v in exit.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    other = make_tiny_llama(seed=1)
+    with pytest.raises(CheckpointError, match="--exit_ckpt"):
+        load_exit(tmp_path / "ck", other, base_fingerprint=model_fingerprint(other))
+    with pytest.raises(CheckpointError, match="exit layer 2, not 3"):
+        load_exit(tmp_path / "ck", base, exit_layer=3)
+    with pytest.raises(CheckpointError, match="not an exit checkpoint"):
+        load_exit(tmp_path / "missing", base)
+    (tmp_path / "ck" / "exit.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_exit(tmp_path / "ck", base)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directories left behind
+
+
+def test_atomic_write_keeps_the_old_directory_when_writing_fails(tmp_path):
+    out = tmp_path / "ck"
+    write_dir_atomically(out, lambda tmp: (tmp / "a.txt").write_text("old"))
+    (out / "checkpoints").mkdir()  # older step checkpoints sit in subfolders and are carried over
+
+    def crash(tmp):
+        (tmp / "a.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomically(out, crash)
+    assert (out / "a.txt").read_text() == "old"
+    write_dir_atomically(out, lambda tmp: (tmp / "a.txt").write_text("new"))
+    assert (out / "a.txt").read_text() == "new" and (out / "checkpoints").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directories left behind
