@@ -1,14 +1,16 @@
 """
-Shared data plumbing for the dataset modules (ShareGPT, SlimPajama, XSum):
+Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scripts' command lines:
 
 - DataError: the one exception for bad data input (the CLIs print it and exit 2)
+- UsageError, Parser, int_at_least, positive: bad flag values as one sentence and exit status 2 (train.py, evaluate.py)
 - read_json_records: JSON array / JSONL reader that survives a file cut off mid-record
 - chat_tokens_with_mask: chat template + a mask over the assistant's tokens
-- pack_sequences / collate: fixed-length training blocks and batches
+- pack_sequences / blocks_from_prefix / collate: fixed-length training blocks (from as few items as needed), batches
 - split_by_id: deterministic train/validation/test split by a stable hash of an id
 - sample_prompts: deterministic pick of evaluation prompts
 - iter_rows: rows of a `datasets` dataset (local JSON/Parquet files or a hub id), errors as DataError
 """
+import argparse
 import glob
 import hashlib
 import itertools
@@ -28,6 +30,43 @@ _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 class DataError(ValueError):
     """Bad data input. The message is one plain sentence naming what was wrong (and which flag, if any)."""
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message is one sentence that names the flag."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One sentence and exit status 2, without the usage block."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(lowest):
+    """An argparse type: an integer >= lowest."""
+    def conv(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
+        return value
+    return conv
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) > 0."""
+    def conv(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    conv.__name__ = kind.__name__
+    return conv
 
 
 def where(path, flag=None):
@@ -224,6 +263,23 @@ def pack_sequences(seqs, seq_len):
     ids = torch.tensor(ids[:n * seq_len], dtype=torch.long).view(n, seq_len)
     mask = torch.tensor(mask[:n * seq_len], dtype=torch.long).view(n, seq_len)
     return [{"input_ids": ids[b], "loss_mask": mask[b]} for b in range(n)]
+
+
+def blocks_from_prefix(items, make_blocks, needed):
+    """make_blocks(items[:k]) for the smallest k tried that gives `needed` blocks (all items when needed is None, or
+    when they are not enough): only a prefix of the items is tokenised.
+
+    Deterministic: k depends only on the items and `needed`, so a resumed run sees the same data. Packed blocks are
+    prefix-stable (blocks[:n] is the same for every k that gives n blocks), so callers may cut the result to `needed`.
+    """
+    if needed is None or not items:
+        return make_blocks(items)
+    k = min(len(items), 64)
+    while True:
+        blocks = make_blocks(items[:k])
+        if len(blocks) >= needed or k >= len(items):
+            return blocks
+        k = min(len(items), max(2 * k, int(1.25 * k * needed / max(len(blocks), 1)) + 1))
 
 
 def collate(batch, pad_id):

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from data_utils import DataError
+from data_utils import DataError, Parser, UsageError, blocks_from_prefix, int_at_least
 from truncated_llama import DEFAULT_MODEL, ModelLoadError
 from tuned_llama import CheckpointError
 
@@ -257,10 +257,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
                  "draft_step_ms", "full_step_ms", "c", "predicted_speedup")
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message is one sentence naming the flag."""
 
 
 @dataclass(frozen=True)
@@ -520,16 +516,6 @@ SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k
 # Prompts and held-out text
 
 
-def _first_blocks(items, make_blocks, needed, step=32):
-    """Blocks from the first items only, as many items as it takes to give `needed` blocks (or all of them)."""
-    k = min(len(items), step)
-    while True:
-        blocks = make_blocks(items[:k])
-        if len(blocks) >= needed or k >= len(items):
-            return blocks[:needed]
-        k = min(len(items), 2 * k)
-
-
 def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len):
     """A prompts.jsonl file: each line {"prompt": str} or {"messages": [{"role", "content"}, ...]}, used in file order.
 
@@ -598,7 +584,7 @@ def load_eval_data(args, tokenizer):
     if not prompts:
         raise DataError(f"--dataset: the {args.dataset} test split has no prompt of at most {mpt} tokens "
                         "(--max_prompt_tokens).")
-    return prompts, _first_blocks(items, make, blocks) if blocks else []
+    return prompts, blocks_from_prefix(items, make, blocks)[:blocks] if blocks else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -865,24 +851,6 @@ def make_plots(rows, tf_rows, out_dir, model_name):
 # The command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One sentence and exit status 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(lowest):
-    def conv(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
-        return value
-    return conv
-
-
 def build_parser():
     p = Parser(prog="evaluate.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                description="The self-speculation sweep: every cell (exit, L, gamma, policy) against an autoregressive "
@@ -907,14 +875,14 @@ def build_parser():
     g.add_argument("--data_files", default=None,
                    help="local JSON/JSONL/Parquet files of --dataset instead of the default")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
-    g.add_argument("--num_prompts", type=_int_at_least(1), default=16, help="prompts per cell")
-    g.add_argument("--max_prompt_tokens", type=_int_at_least(1), default=256, help="longer prompts are skipped")
-    g.add_argument("--max_new_tokens", type=_int_at_least(1), default=128, help="tokens generated per prompt")
+    g.add_argument("--num_prompts", type=int_at_least(1), default=16, help="prompts per cell")
+    g.add_argument("--max_prompt_tokens", type=int_at_least(1), default=256, help="longer prompts are skipped")
+    g.add_argument("--max_new_tokens", type=int_at_least(1), default=128, help="tokens generated per prompt")
     g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
-    g.add_argument("--tf_blocks", type=_int_at_least(0), default=16,
+    g.add_argument("--tf_blocks", type=int_at_least(0), default=16,
                    help="held-out blocks for the teacher-forced layer sweep (0: skip it)")
-    g.add_argument("--tf_seq_len", type=_int_at_least(2), default=256, help="tokens per teacher-forced block")
-    g.add_argument("--tf_batch_size", type=_int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
+    g.add_argument("--tf_seq_len", type=int_at_least(2), default=256, help="tokens per teacher-forced block")
+    g.add_argument("--tf_batch_size", type=int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out_dir", default="out/eval", help="where results, tables and plots go")
     g.add_argument("--resume", action="store_true",
@@ -922,7 +890,7 @@ def build_parser():
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")
-    g.add_argument("--stop_after", type=_int_at_least(0), default=0,
+    g.add_argument("--stop_after", type=int_at_least(0), default=0,
                    help="stop after this many cells, unmerged, as if killed (for testing --resume; 0: off)")
     return p
 

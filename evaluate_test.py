@@ -227,7 +227,6 @@ def test_smollm2_greedy_self_speculation_is_lossless(smollm2):
 # The sweep: command line, results files, resume, several processes. A tiny model saved to disk stands in for SmolLM2.
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import DataError, collate, split_by_id
+from data_utils import (DataError, Parser, UsageError, blocks_from_prefix, collate, int_at_least, positive,
+                        split_by_id)
 from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
-from tuned_llama import (CheckpointError, EarlyExit, exit_config, load_exit, read_exit_config, save_exit,
+from tuned_llama import (CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
@@ -50,10 +51,6 @@ RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "head_init", "ca
                      "teacher_model_path", "dataset", "data_files", "dataset_id", "assistant_only", "val_fraction",
                      "seq_len", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
                      "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message is one sentence that names the flag."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,21 +368,6 @@ def _dataset_source(args):
     return args.dataset_id, "--dataset_id"
 
 
-def _enough_blocks(items, make_blocks, needed):
-    """Tokenise only a prefix of `items` big enough for `needed` blocks (all items when needed is None).
-
-    Deterministic: the prefix length depends only on the items and `needed`, so a resumed run sees the same data.
-    """
-    if needed is None or not items:
-        return make_blocks(items)
-    k = min(len(items), 64)
-    while True:
-        blocks = make_blocks(items[:k])
-        if len(blocks) >= needed or k >= len(items):
-            return blocks
-        k = min(len(items), max(2 * k, int(1.25 * k * needed / max(len(blocks), 1)) + 1))
-
-
 def load_data(args, tokenizer, train_needed, val_needed):
     """(train blocks, validation blocks), each a list of {"input_ids", "loss_mask"} of args.seq_len tokens.
 
@@ -424,9 +406,9 @@ def load_data(args, tokenizer, train_needed, val_needed):
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {args.dataset!r}.")
     train_items = list(train_items)
     random.Random(args.seed).shuffle(train_items)
-    train = _enough_blocks(train_items, make, train_needed)
+    train = blocks_from_prefix(train_items, make, train_needed)
     has_targets = lambda b: bool(b["loss_mask"][1:].any())  # validation blocks with at least one target token
-    val = [b for b in _enough_blocks(list(val_items), make, val_needed) if has_targets(b)][:val_needed]
+    val = [b for b in blocks_from_prefix(list(val_items), make, val_needed) if has_targets(b)][:val_needed]
     where = source or f"the default {args.dataset} data"
     if not train:
         raise DataError(f"{flag}: {where} gives no training block of --seq_len {args.seq_len} tokens.")
@@ -959,35 +941,6 @@ def benchmark(args, repeats=3):
 # Command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One sentence and exit status 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive(kind):
-    def conv(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    conv.__name__ = kind.__name__
-    return conv
-
-
-def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def build_parser():
     p = Parser(prog="train.py", description="Distil an early exit (layer L + exit modules) from the full-depth model.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1033,20 +986,20 @@ def build_parser():
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="cosine", help="learning-rate schedule after warmup")
-    g.add_argument("--warmup", type=nonnegative_int, default=20, help="linear warmup steps")
+    g.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine/linear decay ends at this fraction of the peak")
-    g.add_argument("--max_steps", type=nonnegative_int, default=300,
+    g.add_argument("--max_steps", type=int_at_least(0), default=300,
                    help="optimizer steps (0: use --epochs over all the training data)")
     g.add_argument("--epochs", type=positive(int), default=1, help="passes over the data when --max_steps is 0")
     g.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and every random choice")
     g = p.add_argument_group("evaluation, checkpoints and logging")
-    g.add_argument("--eval_every", type=nonnegative_int, default=50, help="validate every this many steps (and at 0 and the end)")
+    g.add_argument("--eval_every", type=int_at_least(0), default=50, help="validate every this many steps (and at 0 and the end)")
     g.add_argument("--eval_batches", type=positive(int), default=8, help="validation batches of --batch_size blocks (per process)")
-    g.add_argument("--save_every", type=nonnegative_int, default=50, help="checkpoint every this many steps (and at the end)")
+    g.add_argument("--save_every", type=int_at_least(0), default=50, help="checkpoint every this many steps (and at the end)")
     g.add_argument("--keep_checkpoints", action="store_true", help="also keep each checkpoint's exit in checkpoints/step_N/")
     g.add_argument("--out_dir", default="out/exit", help="checkpoint directory (the latest exit sits at its top level)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out_dir, exactly")
-    g.add_argument("--stop_after", type=nonnegative_int, default=0,
+    g.add_argument("--stop_after", type=int_at_least(0), default=0,
                    help="stop after this step, checkpointed, as if interrupted (for testing --resume; 0: off)")
     g.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also log through accelerate's trackers (log.jsonl is always written)")

@@ -368,7 +368,6 @@ def test_separate_teacher(tiny_dir, chat_file, tmp_path):
 
 
 def _other_vocab_teacher(tmp_path):
-    from transformers import AutoTokenizer
     tdir = tmp_path / "teacher"
     tok = make_tiny_tokenizer()
     tok.add_tokens(["<extra>"])
