@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import data_utils
-from data_utils import (DataError, chat_tokens_with_mask, collate, iter_rows, pack_sequences, read_json_records,
-                        sample_prompts, split_by_id)
+from data_utils import (DataError, blocks_from_prefix, chat_tokens_with_mask, collate, iter_rows, pack_sequences,
+                        read_json_records, sample_blocks, sample_prompts, split_by_id)
 
 RECORDS = [{"id": f"r{i}", "text": f"record number {i} with a \"quote\" and ünïcödé"} for i in range(6)]
 
@@ -176,6 +176,39 @@ def test_collate_of_packed_blocks():
 
 # -----------------------------------------------------------------------------
 # splits and prompt sampling
+
+def _docs(n, length=10):
+    """n documents of `length` tokens; document d's tokens are all d, and only odd documents have targets."""
+    return [(d, [d] * length, [d % 2] * length) for d in range(n)]
+
+
+def _make(docs):
+    return pack_sequences([(ids, mask) for _, ids, mask in docs], 5)
+
+
+def test_blocks_from_prefix_tokenises_only_a_prefix():
+    docs, seen = _docs(400), []
+    make = lambda items: (seen.append(len(items)), _make(items))[1]
+    blocks = blocks_from_prefix(docs, make, 30)
+    assert len(blocks) >= 30 and max(seen) < len(docs)
+    assert [b["input_ids"].tolist() for b in blocks[:30]] == [b["input_ids"].tolist() for b in _make(docs)[:30]]
+    assert len(blocks_from_prefix(docs[:5], _make, 1000)) == 10  # not enough: everything there is
+
+
+def test_sample_blocks_spans_the_split_and_keeps_only_blocks_with_targets():
+    docs = _docs(400)
+    blocks = sample_blocks(docs, _make, 20)
+    assert len(blocks) == 20
+    assert all(b["loss_mask"][1:].any() for b in blocks)
+    first = {int(b["input_ids"][0]) for b in _make(docs)[:20]}
+    drawn = {int(b["input_ids"][0]) for b in blocks}
+    assert len(drawn) > 10 and max(drawn) > 100 and max(first) < 10  # many documents from all over, not the first few
+    again = sample_blocks(list(docs), _make, 20)
+    assert [b["input_ids"].tolist() for b in again] == [b["input_ids"].tolist() for b in blocks]  # deterministic
+    other = sample_blocks(docs, _make, 20, seed=1)
+    assert [b["input_ids"].tolist() for b in other] != [b["input_ids"].tolist() for b in blocks]
+    assert len(sample_blocks(docs[:3], _make, 20)) == 2  # only document 1 has targets: all its 2 blocks
+
 
 def test_split_by_id_is_deterministic_and_respects_fractions():
     items = [{"id": f"conv-{i}", "n": i} for i in range(1000)]

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from data_utils import DataError, Parser, UsageError, blocks_from_prefix, int_at_least
+from data_utils import DataError, Parser, UsageError, int_at_least, sample_blocks
 from truncated_llama import DEFAULT_MODEL, ModelLoadError
 from tuned_llama import CheckpointError
 
@@ -584,7 +584,7 @@ def load_eval_data(args, tokenizer):
     if not prompts:
         raise DataError(f"--dataset: the {args.dataset} test split has no prompt of at most {mpt} tokens "
                         "(--max_prompt_tokens).")
-    return prompts, blocks_from_prefix(items, make, blocks)[:blocks] if blocks else []
+    return prompts, sample_blocks(items, make, blocks) if blocks else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -880,7 +880,7 @@ def build_parser():
     g.add_argument("--max_new_tokens", type=int_at_least(1), default=128, help="tokens generated per prompt")
     g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
     g.add_argument("--tf_blocks", type=int_at_least(0), default=16,
-                   help="held-out blocks for the teacher-forced layer sweep (0: skip it)")
+                   help="held-out blocks for the teacher-forced layer sweep, drawn at random (seed 0) from across the test split (0: skip it)")
     g.add_argument("--tf_seq_len", type=int_at_least(2), default=256, help="tokens per teacher-forced block")
     g.add_argument("--tf_batch_size", type=int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
     g = p.add_argument_group("output and runtime")

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import (DataError, Parser, UsageError, blocks_from_prefix, collate, int_at_least, positive,
-                        split_by_id)
+from data_utils import (DataError, Parser, UsageError, blocks_from_prefix, collate, has_targets, int_at_least, positive,
+                        sample_blocks, split_by_id)
 from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
-from tuned_llama import (CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
+from tuned_llama import (ADAPTER_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
@@ -372,7 +372,8 @@ def load_data(args, tokenizer, train_needed, val_needed):
     """(train blocks, validation blocks), each a list of {"input_ids", "loss_mask"} of args.seq_len tokens.
 
     The training items are shuffled with --seed and only as many are tokenised as `train_needed` blocks take
-    (None: all); validation takes the first `val_needed` blocks of the held-out split, in file order.
+    (None: all); blocks with no target token are dropped. Validation is a fixed random sample of `val_needed` blocks
+    from across the held-out split (data_utils.sample_blocks; the same whatever --seed).
     """
     source, flag = _dataset_source(args)
     vf = args.val_fraction  # the same fraction is left out as the test split, which evaluate.py uses
@@ -406,9 +407,10 @@ def load_data(args, tokenizer, train_needed, val_needed):
         raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {args.dataset!r}.")
     train_items = list(train_items)
     random.Random(args.seed).shuffle(train_items)
-    train = blocks_from_prefix(train_items, make, train_needed)
-    has_targets = lambda b: bool(b["loss_mask"][1:].any())  # validation blocks with at least one target token
-    val = [b for b in blocks_from_prefix(list(val_items), make, val_needed) if has_targets(b)][:val_needed]
+    # blocks without a target token (e.g. inside a long user turn with --assistant_only) would cost a forward pass
+    # and teach nothing: about 9% of ShareGPT's blocks
+    train = blocks_from_prefix(train_items, lambda items: [b for b in make(items) if has_targets(b)], train_needed)
+    val = sample_blocks(val_items, make, val_needed)
     where = source or f"the default {args.dataset} data"
     if not train:
         raise DataError(f"{flag}: {where} gives no training block of --seq_len {args.seq_len} tokens.")
@@ -474,8 +476,10 @@ def check_args(args, num_layers):
                          f"got {args.exit_layer}.")
     if "adapter" in train and args.adapter == "none":
         raise UsageError("--train adapter needs --adapter block or --adapter mlp.")
-    if args.adapter != "none" and "adapter" not in train:
+    if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
         raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train.")
+    if args.adapter_init == "next" and args.adapter != "block":
+        raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), got --adapter {args.adapter}.")
     if args.head_init == "random" and "head" not in train:
         raise UsageError("--head_init random needs head in --train (an untrained random head is useless).")
     if "last_block" in train and args.exit_layer < 2:
@@ -486,7 +490,7 @@ def check_args(args, num_layers):
 def build_exit(base, args, train):
     """The EarlyExit for these flags, with requires_grad set on exactly the parts named in --train."""
     exit = EarlyExit(base, args.exit_layer, adapter=None if args.adapter == "none" else args.adapter,
-                     last_block="last_block" in train, head_init=args.head_init)
+                     adapter_init=args.adapter_init, last_block="last_block" in train, head_init=args.head_init)
     return set_trainable(exit, train)
 
 
@@ -501,6 +505,8 @@ def set_trainable(exit, train):
 def adapter_config(exit):
     """A description of the adapter saved in exit_config.json."""
     c = exit.head.weight.shape
+    if exit.adapter_kind == "block" and exit.adapter_init == "next":
+        return {"kind": "block", "init": f"copy of block {exit.exit_layer} (the base's next block)"}
     if exit.adapter_kind == "block":
         return {"kind": "block", "init": f"copy of block {exit.exit_layer - 1} with o_proj and down_proj zeroed"}
     if exit.adapter_kind == "mlp":
@@ -952,7 +958,11 @@ def build_parser():
                    help=f"comma list of the exit parts to train: {', '.join(TRAINABLE)} (last_block: a private copy "
                         "of block L-1 used only by the draft)")
     g.add_argument("--adapter", choices=("none", "block", "mlp"), default="block",
-                   help="adapter before the exit norm: an identity-initialised copy of block L-1, or a residual MLP")
+                   help="adapter before the exit norm: a decoder block, or a residual MLP")
+    g.add_argument("--adapter_init", choices=ADAPTER_INITS, default="identity",
+                   help="identity: the adapter starts as the identity (block: a copy of block L-1 with its output "
+                        "projections zeroed); next (block only): an exact copy of the base's block L, so the untrained "
+                        "exit equals the plain exit at L+1 at the same cost")
     g.add_argument("--head_init", choices=("copy", "random"), default="copy", help="exit head: copy of the LM head, or random")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="before training, divide the exit norm's gain (or the head) by the temperature that best fits "

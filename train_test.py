@@ -270,6 +270,21 @@ def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):
     assert max_diff(exit_state(r), trained) == 0
 
 
+def test_next_block_adapter_is_saved_and_reloaded(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "out"
+    r = train.main(cli(tiny_dir, chat_file, out, "--train", "norm,adapter", "--adapter", "block", "--adapter_init",
+                       "next", "--max_steps", "2", "--eval_every", "0"))
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["adapter_init"] == "next" and cfg["adapter_config"]["init"].startswith("copy of block 3")
+    base, _ = load_base_model(str(tiny_dir))
+    exit, _ = load_exit(out, base, exit_layer=3)
+    assert exit.adapter_init == "next" and max_diff(exit.state_dict(), exit_state(r)) == 0
+    # trained from an exact copy of block 3 (layer index 3), not from block 2
+    start = EarlyExit(base, 3, adapter="block", adapter_init="next").adapter.state_dict()
+    assert max_diff({k: v for k, v in start.items()}, base.model.layers[3].state_dict()) == 0
+    assert 0 < max_diff(exit.adapter.state_dict(), start) < 1
+
+
 def test_train_adapter_and_checkpoint(tiny_dir, chat_file, tmp_path):
     out = tmp_path / "out"
     r = train.main(cli(tiny_dir, chat_file, out, "--train", "norm,adapter", "--adapter", "mlp", "--max_steps", "4",
@@ -380,6 +395,7 @@ def _other_vocab_teacher(tmp_path):
     ("layer_high", "--exit_layer"), ("layer_zero", "--exit_layer"), ("missing_file", "--data_files"),
     ("empty_file", "--data_files"), ("unknown_dataset", "--dataset"), ("teacher_vocab", "--teacher_model_path"),
     ("resume_nothing", "--resume"), ("bad_train", "--train"), ("adapter_untrained", "--adapter"),
+    ("next_needs_block", "--adapter_init"),
 ])
 def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -393,6 +409,7 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
         "resume_nothing": cli(tiny_dir, chat_file, out, "--resume"),
         "bad_train": cli(tiny_dir, chat_file, out, "--train", "head,everything"),
         "adapter_untrained": cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "block"),
+        "next_needs_block": cli(tiny_dir, chat_file, out, "--adapter", "mlp", "--adapter_init", "next"),
     }[case]
     (tmp_path / "empty.json").write_text("")
     if case == "teacher_vocab":
@@ -419,7 +436,7 @@ def test_help_documents_every_flag():
                  "--ce_weight", "--teacher_model_path", "--dataset", "--data_files", "--dataset_id", "--assistant_only",
                  "--seq_len", "--batch_size", "--grad_accum", "--lr", "--schedule", "--warmup", "--max_steps",
                  "--epochs", "--eval_every", "--eval_batches", "--save_every", "--out_dir", "--resume", "--seed",
-                 "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to"):
+                 "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to", "--adapter_init"):
         assert flag in text
     for action in train.build_parser()._actions:
         assert action.help, action.dest

@@ -5,8 +5,10 @@
 - exit norm: a copy of the base model's final RMSNorm.
 - exit head: a copy of the LM head (or a random one), always its own tensor, even when the base ties its
   embeddings, so training it never touches the base.
-- adapter (optional): an identity-initialised decoder block (a copy of block L-1 whose output projections
-  start at zero) or an identity-initialised residual MLP (down projection at zero). Untrained, it changes nothing.
+- adapter (optional): a decoder block or a residual MLP. Initialised as the identity (`adapter_init="identity"`:
+  a copy of block L-1 whose output projections start at zero, or an MLP whose down projection starts at zero), so
+  untrained it changes nothing; or, for a block, as an exact copy of the base's next block L (`"next"`), so the
+  untrained exit at L equals the plain exit at L+1, at the same cost, and training starts from a real layer.
 - last_block (optional): a private copy of decoder block L-1 that the draft uses instead of the shared one.
   The draft then shares only layers < L-1 with the full model, which stays untouched, so verification is exact.
 
@@ -27,6 +29,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 ADAPTERS = (None, "block", "mlp")
+ADAPTER_INITS = ("identity", "next")
 
 
 def _fresh_copy(module):
@@ -57,7 +60,8 @@ class ResidualMLP(nn.Module):
 class EarlyExit(nn.Module):
     """Exit modules for one exit layer of one base model. See the module docstring."""
 
-    def __init__(self, base_model, exit_layer, *, adapter=None, last_block=False, head_init="copy"):
+    def __init__(self, base_model, exit_layer, *, adapter=None, adapter_init="identity", last_block=False,
+                 head_init="copy"):
         super().__init__()
         layers, final_norm, lm_head = base_model.model.layers, base_model.model.norm, base_model.lm_head
         n = len(layers)
@@ -65,6 +69,8 @@ class EarlyExit(nn.Module):
             raise ValueError(f"exit_layer must be in 1..{n - 1} for this {n}-layer model, got {exit_layer}.")
         if adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of block, mlp or none, got {adapter!r}.")
+        if adapter_init not in ADAPTER_INITS or (adapter_init == "next" and adapter != "block"):
+            raise ValueError(f"adapter_init must be identity, or next for a block adapter, got {adapter_init!r}.")
         if head_init not in ("copy", "random"):
             raise ValueError(f"head_init must be copy or random, got {head_init!r}.")
         if last_block and exit_layer < 2:
@@ -72,6 +78,7 @@ class EarlyExit(nn.Module):
         config = base_model.config
         self.exit_layer = exit_layer
         self.adapter_kind = adapter
+        self.adapter_init = adapter_init
         self.head_init = head_init
         self.norm = _fresh_copy(final_norm)
         self.head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
@@ -87,7 +94,9 @@ class EarlyExit(nn.Module):
         if last_block:
             self.last_block = _fresh_copy(layers[exit_layer - 1])
         self.adapter = None
-        if adapter == "block":
+        if adapter == "block" and adapter_init == "next":
+            self.adapter = _fresh_copy(layers[exit_layer])
+        elif adapter == "block":
             self.adapter = _fresh_copy(layers[exit_layer - 1])
             with torch.no_grad():
                 self.adapter.self_attn.o_proj.weight.zero_()
@@ -107,7 +116,7 @@ class EarlyExit(nn.Module):
         return self.exit_layer - (1 if self.last_block is not None else 0)
 
     def config_dict(self):
-        return {"exit_layer": self.exit_layer, "adapter": self.adapter_kind,
+        return {"exit_layer": self.exit_layer, "adapter": self.adapter_kind, "adapter_init": self.adapter_init,
                 "last_block": self.last_block is not None, "head_init": self.head_init}
 
     def blocks(self):
@@ -207,8 +216,12 @@ def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
     if not isinstance(cfg.get("exit_layer"), int) or not 1 <= cfg["exit_layer"] <= n - 1:
         raise CheckpointError(f"--exit_ckpt: {path} has exit layer {cfg.get('exit_layer')}, outside 1..{n - 1} "
                               f"for the loaded {n}-layer model.")
-    exit = EarlyExit(base_model, cfg["exit_layer"], adapter=cfg.get("adapter"),
-                     last_block=bool(cfg.get("last_block")), head_init=cfg.get("head_init", "copy"))
+    try:
+        exit = EarlyExit(base_model, cfg["exit_layer"], adapter=cfg.get("adapter"),
+                         adapter_init=cfg.get("adapter_init", "identity"), last_block=bool(cfg.get("last_block")),
+                         head_init=cfg.get("head_init", "copy"))
+    except ValueError as e:
+        raise CheckpointError(f"--exit_ckpt: {path} has an exit configuration this code cannot build ({e})") from None
     try:
         state = load_file(str(Path(path) / WEIGHTS_FILE))
         exit.load_state_dict(state, strict=True)

@@ -35,6 +35,22 @@ def test_identity_initialised_adapter_changes_nothing(adapter):
     torch.testing.assert_close(adapted, plain, rtol=0, atol=1e-6)
 
 
+def test_next_block_adapter_starts_as_the_exit_one_layer_deeper():
+    base = make_tiny_llama(init_std=0.1)
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(4))
+    exit = EarlyExit(base, 2, adapter="block", adapter_init="next")
+    assert all(not torch.equal(a, b) for a, b in zip(exit.adapter.parameters(), base.model.layers[1].parameters())
+               if a.dim() == 2)  # not block L-1
+    with torch.no_grad():
+        deeper = TruncatedLlama(base, 3)(ids).exit_logits
+        adapted = TruncatedLlama(base, 2, exit)(ids).exit_logits
+        identity = TruncatedLlama(base, 2, EarlyExit(base, 2, adapter="block"))(ids).exit_logits
+    torch.testing.assert_close(adapted, deeper, rtol=0, atol=1e-5)
+    assert (adapted - identity).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="adapter_init"):
+        EarlyExit(base, 2, adapter="mlp", adapter_init="next")
+
+
 def test_private_last_block_starts_equal_to_the_shared_one():
     base = make_tiny_llama(init_std=0.1)
     ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(3))
