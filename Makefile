@@ -24,8 +24,9 @@ STUDY := out/study
 run: setup
 	$(PY) scratch_work.py --no_color --max_new_tokens 48   # one ShareGPT prompt, drafted tokens [bracketed]
 	rm -rf $(STUDY)
-	$(PY) train.py --exit_layer 15 --train head,norm,adapter --max_steps 50 --batch_size 4 --seq_len 128 \
-		--warmup 5 --eval_every 25 --eval_batches 2 --save_every 0 --out_dir $(STUDY)/exit_L15
+	$(PY) train.py --exit_layer 15 --train head,norm,adapter --adapter_init next --lr 4e-3 --head_lr 1e-2 \
+		--max_steps 50 --batch_size 4 --seq_len 128 --warmup 10 --eval_every 25 --eval_batches 4 --save_every 0 \
+		--out_dir $(STUDY)/exit_L15
 	OMP_NUM_THREADS=1 $(PY) evaluate.py --exit_layers 8 15 22 --exit_ckpt $(STUDY)/exit_L15 --gammas 1 2 4 --temperatures 0 0.7 \
 		--top_p 0.95 --num_prompts 2 --max_new_tokens 24 --tf_blocks 3 --tf_seq_len 256 --out_dir $(STUDY)/eval
 
