@@ -291,8 +291,9 @@ def sample_blocks(items, make_blocks, needed, *, seed=0, pool=8):
     """`needed` blocks with targets, drawn at random (with `seed`) from across a held-out split.
 
     Taking the first blocks of a split in file order measures a handful of documents (ShareGPT: 24 blocks are about
-    four conversations; a trained L15 exit scored 0.41 top-1 there and 0.45 on 160 blocks drawn from the whole split). So the items are shuffled,
-    blocks are made from a prefix of them big enough for `pool` x `needed` blocks, and `needed` of those are drawn.
+    four conversations; a trained L15 exit scored 0.41 top-1 there and 0.45 on 160 blocks drawn from the whole
+    split). So the items are shuffled, blocks are made from a prefix of them big enough for `pool` x `needed` blocks,
+    and `needed` of those are drawn.
     Deterministic in (items, needed, seed); the blocks come back in the order they were packed.
     """
     items = list(items)

@@ -880,7 +880,8 @@ def build_parser():
     g.add_argument("--max_new_tokens", type=int_at_least(1), default=128, help="tokens generated per prompt")
     g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
     g.add_argument("--tf_blocks", type=int_at_least(0), default=16,
-                   help="held-out blocks for the teacher-forced layer sweep, drawn at random (seed 0) from across the test split (0: skip it)")
+                   help="held-out blocks for the teacher-forced layer sweep, drawn at random (seed 0) from across the "
+                        "test split (0: skip it)")
     g.add_argument("--tf_seq_len", type=int_at_least(2), default=256, help="tokens per teacher-forced block")
     g.add_argument("--tf_batch_size", type=int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
     g = p.add_argument_group("output and runtime")

@@ -47,9 +47,9 @@ RESUME_DIR = "resume"
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "train_curve.png"
 # Settings that must be the same when a run is resumed (anything else, e.g. --eval_every, may change).
-RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "head_init", "calibrate", "loss", "kl_temperature", "ce_weight",
-                     "teacher_model_path", "dataset", "data_files", "dataset_id", "assistant_only", "val_fraction",
-                     "seq_len", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
+RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "calibrate", "loss",
+                     "kl_temperature", "ce_weight", "teacher_model_path", "dataset", "data_files", "dataset_id",
+                     "assistant_only", "val_fraction", "seq_len", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
                      "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
 
 
@@ -479,7 +479,8 @@ def check_args(args, num_layers):
     if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
         raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train.")
     if args.adapter_init == "next" and args.adapter != "block":
-        raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), got --adapter {args.adapter}.")
+        raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), "
+                         f"got --adapter {args.adapter}.")
     if args.head_init == "random" and "head" not in train:
         raise UsageError("--head_init random needs head in --train (an untrained random head is useless).")
     if "last_block" in train and args.exit_layer < 2:

@@ -330,6 +330,9 @@ def test_resume_equals_uninterrupted(tiny_dir, chat_file, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume", "--lr", "1e-3"))
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume", "--adapter_init", "next"))
+    assert e.value.code == 2
 
 
 def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path):
