@@ -40,6 +40,7 @@ from tuned_llama import (ADAPTER_INITS, CheckpointError, EarlyExit, exit_config,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
+HEAD_INITS = ("copy", "random", "lstsq")
 LOSSES = ("kl", "ce", "kl+ce", "tv")
 DATASETS = ("sharegpt", "slimpajama", "xsum")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,7 +50,7 @@ CURVE_FILE = "train_curve.png"
 # Settings that must be the same when a run is resumed (anything else, e.g. --eval_every, may change).
 RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "calibrate", "loss",
                      "kl_temperature", "ce_weight", "teacher_model_path", "dataset", "data_files", "dataset_id",
-                     "assistant_only", "val_fraction", "seq_len", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
+                     "assistant_only", "val_fraction", "seq_len", "train_blocks", "cache_states", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
                      "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
 
 
@@ -157,15 +158,9 @@ def base_pass(model, input_ids, attention_mask=None, *, full_depth=True):
     the full model's normed last hidden state (None when full_depth=False: we then stop at the shared layers),
     and ctx = (causal mask, position_ids, rotary embeddings) for the exit's own attention blocks.
     """
-    from transformers.masking_utils import create_causal_mask
     d = model.decoder
     h = d.embed_tokens(input_ids)
-    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # packed blocks have no padding: a plain causal mask
-    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
-    pos = d.rotary_emb(h, position_ids=position_ids)
+    mask, position_ids, pos = exit_context(model, h, attention_mask)
     s = model.shared_layers
     stop = len(d.layers) if full_depth else s
     shared = None
@@ -177,6 +172,42 @@ def base_pass(model, input_ids, attention_mask=None, *, full_depth=True):
         shared = h
     final = d.norm(h) if full_depth else None
     return shared, final, (mask, position_ids, pos)
+
+
+@torch.no_grad()
+def exit_context(model, h, attention_mask=None):
+    """(causal mask, position_ids, rotary embeddings) for hidden states h (B, T, D) of blocks starting at 0."""
+    from transformers.masking_utils import create_causal_mask
+    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # packed blocks have no padding: a plain causal mask
+    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids)
+    return mask, position_ids, model.decoder.rotary_emb(h, position_ids=position_ids)
+
+
+class StateCache:
+    """The frozen base model's output on fixed blocks: the shared state the exit starts from and the full model's
+    normed last state (which gives the teacher's logits), kept in memory after a block's first pass. Exact: these
+    are the tensors a fresh pass computes. Used for the validation blocks (every validation after the first skips the
+    base model) and, with --cache_states, for the training blocks (epochs after the first skip it)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def get(self, model, indices, batch):
+        """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
+        T = batch["input_ids"].shape[1]
+        if all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
+            shared, final = zip(*(self.states[i] for i in indices))
+            return torch.stack(shared), torch.stack(final)
+        shared, final, _ = base_pass(model, batch["input_ids"], batch["attention_mask"])
+        for j, i in enumerate(indices):
+            self.states[i] = (shared[j], final[j])
+        return shared, final
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for pair in self.states.values() for t in pair)
 
 
 def _softmax_into(z, out):
@@ -230,6 +261,14 @@ def _loss_and_grad_(zt, zq, labels, kind, temperature, ce_weight, grad, scratch,
     return loss
 
 
+def _matmul_into(out, a, b):
+    """out <- a @ b, written in place when the dtypes allow (out is float32)."""
+    if a.dtype == b.dtype == out.dtype:
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 class FusedHeadLoss(torch.autograd.Function):
     """The training loss summed over rows, for exit logits x @ W^T, with hand-written gradients.
 
@@ -254,8 +293,11 @@ class FusedHeadLoss(torch.autograd.Function):
         for i in range(0, M, block):
             r = min(block, M - i)
             xb, zq, zt, g = x[i:i + r], zq_b[:r], zt_b[:r], g_b[:r]
-            zq.copy_(xb @ W.t())
-            zt.copy_(teacher_logits[i:i + r] if teacher_logits is not None else teacher_x[i:i + r] @ teacher_W.t())
+            _matmul_into(zq, xb, W.t())  # no (r, V) temporary: at this size its allocation costs like a pass
+            if teacher_logits is not None:
+                zt.copy_(teacher_logits[i:i + r])
+            else:
+                _matmul_into(zt, teacher_x[i:i + r], teacher_W.t())
             for j in range(0, r, chunk):
                 k = min(chunk, r - j)
                 y = labels[i + j:i + j + k] if labels is not None else None
@@ -278,7 +320,7 @@ class FusedHeadLoss(torch.autograd.Function):
         return dx, dW, None, None, None, None, None, None, None, None, None
 
 
-def fused_head_loss(x, W, teacher, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, block=256, chunk=64):
+def fused_head_loss(x, W, teacher, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, block=512, chunk=64):
     """(loss sum, per-row losses (M,)) of the exit head W on normed exit states x (M, D); `teacher` is a pair
     (teacher_x, teacher_W) or a tensor of teacher logits (M, V). Same values and gradients as `token_losses`."""
     if kind not in LOSSES:
@@ -310,11 +352,12 @@ class ExitForward(nn.Module):
         return fused_head_loss(x, self.exit.head.weight, teacher, labels, **loss)
 
 
-def distill_forward(model, exit_forward, batch, teacher=None, loss=None):
+def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
     """One pass of the base model (no graph) and the exit (with its graph) on the positions that count.
 
     Position t predicts token t+1, so it counts when loss_mask[t+1] is 1. The teacher is the base model at full
-    depth from the same pass, or the separate `teacher` model when one is given.
+    depth from the same pass, or the separate `teacher` model when one is given. `states`: the base pass's
+    (shared, final) states when already known (StateCache), so the base model is not run.
     Without `loss`: returns (teacher_logits (M, V), exit_logits (M, V), labels (M,)).
     With `loss` (fused_head_loss keywords, e.g. {"kind": "kl"}): returns (loss sum, per-row losses (M,), labels),
     computed without materialising any (M, V) tensor.
@@ -322,7 +365,11 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None):
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     rows = batch["loss_mask"][:, 1:].bool() & attention_mask[:, :-1].bool()
     labels = input_ids[:, 1:][rows]
-    shared, final, ctx = base_pass(model, input_ids, attention_mask, full_depth=teacher is None)
+    if states is not None and teacher is None:
+        shared, final = states
+        ctx = exit_context(model, shared, attention_mask)
+    else:
+        shared, final, ctx = base_pass(model, input_ids, attention_mask, full_depth=teacher is None)
     with torch.no_grad():
         if teacher is None:
             target = (final[:, :-1][rows], model.base.lm_head.weight)
@@ -334,6 +381,33 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None):
     with torch.no_grad():
         teacher_logits = target if torch.is_tensor(target) else target[0] @ target[1].t()
     return teacher_logits, exit_forward(shared, ctx, rows), labels
+
+
+@torch.no_grad()
+def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3):
+    """--head_init lstsq: set the exit head to W M^T, where W is the LM head and M the least-squares map from the
+    exit norm's output x to the full model's normed last state y over the target positions of `batches` (x M ~ y),
+    so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T. The sums are reduced over ranks, so
+    every rank gets the same head. Returns the number of positions fitted."""
+    D = exit.head.in_features
+    A = torch.zeros(D, D, dtype=torch.float64, device=exit.head.weight.device)
+    B = torch.zeros_like(A)
+    n = torch.zeros((), dtype=torch.float64, device=A.device)
+    for batch in batches:
+        rows = batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+        shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
+        h = exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
+        x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
+        A += x.t() @ x
+        B += x.t() @ y
+        n += x.shape[0]
+    if accelerator.num_processes > 1:
+        A, B, n = (accelerator.reduce(t, reduction="sum") for t in (A, B, n))
+    scale = float(A.diagonal().mean()) * ridge
+    M = torch.linalg.solve(A + scale * torch.eye(D, dtype=A.dtype, device=A.device), B)
+    W = model.base.lm_head.weight
+    exit.head.weight.copy_((W.double() @ M.t()).to(exit.head.weight.dtype))
+    return int(n.item())
 
 
 @torch.no_grad()
@@ -435,23 +509,38 @@ class BatchOrder:
     Epoch e visits the blocks in a permutation drawn from a generator seeded with (seed, e). A step takes
     G = batch_size * grad_accum * world_size blocks; micro-batch k of rank r takes the slice (k * world + r)
     of them. The incomplete tail of an epoch is skipped. So the data position of a run is just its step.
+
+    With `sticky` (for --cache_states), each rank keeps the blocks it got in epoch 0 and later epochs only reorder
+    them within the rank, so every rank finds its blocks' cached base states.
     """
 
-    def __init__(self, num_blocks, batch_size, grad_accum, world_size, seed):
+    def __init__(self, num_blocks, batch_size, grad_accum, world_size, seed, sticky=False):
         self.n, self.b, self.accum, self.world, self.seed = num_blocks, batch_size, grad_accum, world_size, seed
         self.per_step = batch_size * grad_accum * world_size
         self.steps_per_epoch = num_blocks // self.per_step
+        self.sticky = sticky
         self._perm = (None, None)
 
     def position(self, step):
         """(epoch, step within the epoch) of a step."""
         return divmod(step, self.steps_per_epoch)
 
+    def _permutation(self, epoch):
+        if not self.sticky or epoch == 0:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            return torch.randperm(self.n, generator=g)
+        perm = self._permutation(0)[:self.steps_per_epoch * self.per_step].clone()
+        owner = (torch.arange(len(perm)) % self.per_step) // self.b % self.world  # the rank of each slot
+        for r in range(self.world):
+            slots = (owner == r).nonzero().squeeze(1)
+            g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + r)
+            perm[slots] = perm[slots][torch.randperm(len(slots), generator=g)]
+        return perm
+
     def indices(self, step, micro, rank):
         epoch, i = self.position(step)
         if self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
+            self._perm = (epoch, self._permutation(epoch))
         start = i * self.per_step + (micro * self.world + rank) * self.b
         return self._perm[1][start:start + self.b].tolist()
 
@@ -485,6 +574,9 @@ def check_args(args, num_layers):
         raise UsageError("--head_init random needs head in --train (an untrained random head is useless).")
     if "last_block" in train and args.exit_layer < 2:
         raise UsageError("--train last_block needs --exit_layer >= 2.")
+    if args.cache_states and args.teacher_model_path:
+        raise UsageError("--cache_states needs the model itself as teacher: drop --teacher_model_path or "
+                         "--cache_states.")
     return train
 
 
@@ -675,6 +767,9 @@ def plot_curve(out_dir):
     for key, label in (("val/top1", "top-1 agreement"), ("val/overlap_t1", "overlap T=1.0"),
                        ("val/overlap_t07", "overlap T=0.7")):
         ax2.plot([r["step"] for r in val], [r[key] for r in val], marker="o", ms=3, label=label)
+    before = [r for r in records if "untrained/top1" in r]
+    if before:
+        ax2.plot([0], [before[0]["untrained/top1"]], "kx", label="top-1 before the lstsq head fit")
     ax2.set(xlabel="step", ylabel="validation", title="exit vs full model (validation)", ylim=(0, 1))
     ax2.grid(alpha=0.3)
     ax2.legend()
@@ -711,16 +806,19 @@ def load_teacher(args, tokenizer, base, device, dtype):
     return teacher.requires_grad_(False)
 
 
-def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, accelerator):
-    """Validation metrics over `blocks` (each rank takes every world_size-th block; the sums are reduced)."""
+def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, accelerator, cache=None):
+    """Validation metrics over `blocks` (each rank takes every world_size-th block; the sums are reduced).
+    `cache`: a StateCache for these blocks, so that only the first validation runs the base model on them."""
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = blocks[rank::world]
+    mine = list(range(rank, len(blocks), world))
     keys = ("tokens", "kl", "top1", "overlap_t1", "overlap_t07", "exit_nll", "teacher_nll")
     total = dict.fromkeys(keys, 0.0)
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
-            t, e, y = distill_forward(model, exit_forward, batch, teacher)
+            idx = mine[i:i + batch_size]
+            batch = {k: v.to(accelerator.device) for k, v in collate([blocks[j] for j in idx], pad_id).items()}
+            states = cache.get(model, idx, batch) if cache is not None and teacher is None else None
+            t, e, y = distill_forward(model, exit_forward, batch, teacher, states=states)
             for k, v in exit_metric_sums(t, e, None, y).items():
                 total[k] += v
     vec = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=accelerator.device)
@@ -755,12 +853,16 @@ def run(args):
     # data: tokenise what max_steps needs (or everything, for --epochs) plus a fixed validation subset
     per_step = args.batch_size * args.grad_accum * world
     needed = args.max_steps * per_step if args.max_steps > 0 else None
+    if args.train_blocks:
+        needed = min(needed, args.train_blocks) if needed else args.train_blocks
     t0 = time.perf_counter()
     train_blocks, val_blocks = load_data(args, tokenizer, needed, args.eval_batches * args.batch_size * world)
+    if args.train_blocks:
+        train_blocks = train_blocks[:args.train_blocks]
     if len(train_blocks) < per_step:
         raise DataError(f"{_dataset_source(args)[1]}: only {len(train_blocks)} training blocks of --seq_len "
                         f"{args.seq_len} tokens, but one step takes {per_step} (--batch_size x --grad_accum x ranks).")
-    order = BatchOrder(len(train_blocks), args.batch_size, args.grad_accum, world, args.seed)
+    order = BatchOrder(len(train_blocks), args.batch_size, args.grad_accum, world, args.seed, sticky=args.cache_states)
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * order.steps_per_epoch
     data_info = {"train_blocks": len(train_blocks), "blocks_per_step": per_step, "hash": data_hash(train_blocks)}
     say(f"data: {len(train_blocks)} training blocks, {len(val_blocks)} validation blocks of {args.seq_len} tokens "
@@ -777,6 +879,21 @@ def run(args):
     else:
         exit = build_exit(base, args, train).to(device)
     model = TruncatedLlama(base, args.exit_layer, exit)  # freezes the base
+    val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
+    untrained = None
+    if not args.resume and args.head_init == "lstsq":
+        if args.eval_every > 0:  # the exit before the fit, for the record (the step-0 validation comes after it)
+            untrained = evaluate_exit(model, ExitForward(exit), teacher, val_blocks, pad_id, args.batch_size,
+                                      accelerator, val_cache)
+            say(f"before the lstsq fit: val top1 {untrained['top1']:.4f} overlap T=1 {untrained['overlap_t1']:.4f} "
+                f"kl {untrained['kl']:.4f}")
+        t0 = time.perf_counter()
+        steps = -(-args.lstsq_blocks // per_step)
+        fit = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in order.indices(s, m, rank)],
+                                                    pad_id).items()} for s in range(steps) for m in range(args.grad_accum)]
+        n = fit_head_lstsq(model, exit, fit, accelerator)
+        say(f"--head_init lstsq: fitted the head on {n} positions of the first {steps * per_step} training blocks "
+            f"({time.perf_counter() - t0:.1f} s)")
     if not args.resume and args.calibrate and ("norm" in train or "head" in train):
         first = {k: v.to(device) for k, v in collate([train_blocks[i] for i in order.indices(0, 0, 0)], pad_id).items()}
         tau = calibrate_scale(model, ExitForward(exit), first, teacher)
@@ -799,6 +916,8 @@ def run(args):
     elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / LOG_FILE).write_text("")
+        if untrained is not None:
+            append_log(out_dir, {"step": 0, **{f"untrained/{k}": v for k, v in untrained.items()}})
 
     exit_forward = ExitForward(exit)
     if args.torch_compile:
@@ -815,7 +934,7 @@ def run(args):
 
     def validate(step):
         m = evaluate_exit(model, accelerator.unwrap_model(exit_forward), teacher, val_blocks, pad_id,
-                          args.batch_size, accelerator)
+                          args.batch_size, accelerator, val_cache)
         if main:
             append_log(out_dir, {"step": step, **{f"val/{k}": v for k, v in m.items()}})
             plot_curve(out_dir)
@@ -834,6 +953,12 @@ def run(args):
 
     if start_step == 0 and args.eval_every > 0:
         metrics = validate(0)  # the untrained exit
+    cache = StateCache() if args.cache_states else None
+    if cache is not None and total_steps > order.steps_per_epoch:
+        b = base.model.embed_tokens.weight
+        size = 2 * order.steps_per_epoch * per_step // world * args.seq_len * b.shape[1] * b.element_size()
+        say(f"--cache_states: the base model runs in epoch 1 only; its states take about {size / 2**30:.2f} GiB "
+            f"per process")
     from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=start_step, disable=not main, dynamic_ncols=True, desc="train")
     step = start_step
@@ -841,8 +966,9 @@ def run(args):
     loss_config = {"kind": args.loss, "temperature": args.kl_temperature, "ce_weight": args.ce_weight}
     while step < total_steps:
         t0 = time.perf_counter()
-        batches = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in order.indices(step, m, rank)],
-                                                          pad_id).items()} for m in range(args.grad_accum)]
+        picks = [order.indices(step, m, rank) for m in range(args.grad_accum)]
+        batches = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()}
+                   for idx in picks]
         # normalise by the number of target tokens in the whole step, over every micro-batch and rank
         count = torch.tensor(float(sum(int((b["loss_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()).sum())
                                        for b in batches)), device=device)
@@ -853,7 +979,8 @@ def run(args):
         for m, batch in enumerate(batches):
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(exit_forward):
-                total, _, _ = distill_forward(model, exit_forward, batch, teacher, loss=loss_config)
+                states = cache.get(model, picks[m], batch) if cache is not None else None
+                total, _, _ = distill_forward(model, exit_forward, batch, teacher, loss=loss_config, states=states)
                 accelerator.backward(total / denom)
             loss_sum += total.detach()
         if args.grad_clip > 0:
@@ -901,7 +1028,7 @@ def run(args):
 # Benchmark: one `--train head` step against a plain forward of the base model on the same batch
 
 
-def benchmark(args, repeats=3):
+def benchmark(args, repeats=5):
     """Print the time of a plain forward of the base model and of one --train head step on one batch of
     --batch_size x --seq_len random tokens (every position a target), and their ratio."""
     torch.manual_seed(args.seed)
@@ -928,20 +1055,20 @@ def benchmark(args, repeats=3):
         optimizer.zero_grad(set_to_none=True)
 
     def timed(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            if base.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        t0 = time.perf_counter()
+        fn()
+        if base.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    tf, th = timed(forward), timed(head_step)
+    forward(), head_step()  # warm-up
+    pairs = [(timed(forward), timed(head_step)) for _ in range(repeats)]  # side by side, so drift hits both
+    ratios = sorted(th / tf for tf, th in pairs)
+    tf, th = (sorted(x)[len(x) // 2] for x in zip(*pairs))
+    ratio = ratios[len(ratios) // 2]
     print(f"batch {args.batch_size} x {args.seq_len}: plain forward {tf:.3f} s, --train head step {th:.3f} s, "
-          f"ratio {th / tf:.2f} (median of {repeats})")
-    return th / tf
+          f"ratio {ratio:.2f} (median of {repeats} side-by-side pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    return ratio
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -964,7 +1091,10 @@ def build_parser():
                    help="identity: the adapter starts as the identity (block: a copy of block L-1 with its output "
                         "projections zeroed); next (block only): an exact copy of the base's block L, so the untrained "
                         "exit equals the plain exit at L+1 at the same cost")
-    g.add_argument("--head_init", choices=("copy", "random"), default="copy", help="exit head: copy of the LM head, or random")
+    g.add_argument("--head_init", choices=HEAD_INITS, default="copy",
+                   help="exit head: copy of the LM head, random, or lstsq: the LM head times the least-squares map "
+                        "from the exit's normed state to the full model's, fitted on --lstsq_blocks training blocks")
+    g.add_argument("--lstsq_blocks", type=positive(int), default=96, help="training blocks the lstsq head is fitted on")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="before training, divide the exit norm's gain (or the head) by the temperature that best fits "
                         "the teacher on the first batch")
@@ -989,6 +1119,12 @@ def build_parser():
                         "left out as the test split (the default 0.01 gives the 98/1/1 split evaluate.py uses)")
     g.add_argument("--max_documents", type=positive(int), default=20000, help="slimpajama from the hub: documents to read")
     g.add_argument("--seq_len", type=positive(int), default=256, help="tokens per training block")
+    g.add_argument("--train_blocks", type=int_at_least(0), default=0,
+                   help="use only this many training blocks (0: as many as --max_steps takes, or all for --epochs); "
+                        "steps beyond them start another epoch")
+    g.add_argument("--cache_states", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep each training block's frozen base-model states in memory after its first visit, so "
+                        "later epochs run only the exit and the teacher's head (needs the model itself as teacher)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive(int), default=8, help="blocks per micro-batch, per process")
     g.add_argument("--grad_accum", type=positive(int), default=1, help="micro-batches per optimizer step")

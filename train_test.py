@@ -223,6 +223,29 @@ def test_calibrate_scale_lowers_kl():
     assert train.exit_metrics(t, e / tau)["kl"] <= min(train.exit_metrics(t, e / s)["kl"] for s in (0.5, 2, 4)) + 1e-6
 
 
+class _OneProcess:
+    num_processes = 1
+
+
+def test_lstsq_head():
+    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
+    batches = [_tiny_batch(B=2, T=24, seed=s) for s in range(3)]
+    # an exit whose normed state IS the full model's (layer 3 + a copy of block 3): the map is the identity
+    exit = EarlyExit(base, 3, adapter="block", adapter_init="next")
+    n = train.fit_head_lstsq(TruncatedLlama(base, 3, exit), exit, batches, _OneProcess())
+    assert n == 3 * 2 * 20  # 24 positions, the first 4 tokens are not targets
+    W = base.lm_head.weight
+    assert float((exit.head.weight - W).abs().max()) < 0.02 * float(W.abs().max())
+    # a middle exit: the fitted head agrees with the full model better than the copied one on the fitted data
+    copied = EarlyExit(base, 2)
+    fitted = EarlyExit(base, 2, head_init="lstsq")
+    assert torch.equal(fitted.head.weight, copied.head.weight)  # lstsq starts as the copy
+    train.fit_head_lstsq(TruncatedLlama(base, 2, fitted), fitted, batches, _OneProcess())
+    kl = lambda e: sum(train.exit_metrics(*train.distill_forward(TruncatedLlama(base, 2, e), train.ExitForward(e),
+                                                                 b)[:2])["kl"] for b in batches)
+    assert kl(fitted) < 0.8 * kl(copied)
+
+
 @pytest.mark.parametrize("kind", train.LOSSES)
 def test_loss_decreases_on_fixed_batch(kind):
     torch.manual_seed(0)
@@ -251,6 +274,18 @@ def test_batch_order_is_a_function_of_the_step():
     again = train.BatchOrder(23, 2, 2, 2, 5)
     assert again.indices(3, 1, 1) == order.indices(3, 1, 1)
     assert order.indices(2, 0, 0) != order.indices(0, 0, 0) or order.indices(2, 0, 1) != order.indices(0, 0, 1)
+
+
+def test_sticky_batch_order_keeps_each_ranks_blocks():
+    order = train.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5, sticky=True)
+    blocks = lambda epoch, r: [i for s in range(2) for m in range(2) for i in order.indices(2 * epoch + s, m, r)]
+    for r in range(2):
+        assert sorted(blocks(1, r)) == sorted(blocks(0, r)) == sorted(blocks(2, r))  # the same blocks every epoch
+        assert blocks(1, r) != blocks(0, r)  # in a new order
+    assert not set(blocks(0, 0)) & set(blocks(0, 1))
+    # epoch 0 is the plain order
+    plain = train.BatchOrder(23, 2, 2, 2, 5)
+    assert all(plain.indices(s, m, r) == order.indices(s, m, r) for s in range(2) for m in range(2) for r in range(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,6 +318,20 @@ def test_next_block_adapter_is_saved_and_reloaded(tiny_dir, chat_file, tmp_path)
     start = EarlyExit(base, 3, adapter="block", adapter_init="next").adapter.state_dict()
     assert max_diff({k: v for k, v in start.items()}, base.model.layers[3].state_dict()) == 0
     assert 0 < max_diff(exit.adapter.state_dict(), start) < 1
+
+
+def test_lstsq_head_run_is_saved_and_reloaded(tiny_dir, chat_file, tmp_path):
+    out = tmp_path / "out"
+    r = train.main(cli(tiny_dir, chat_file, out, "--train", "head,norm", "--adapter", "none", "--head_init", "lstsq",
+                       "--lstsq_blocks", "8", "--max_steps", "2"))
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["head_init"] == "lstsq" and cfg["train_args"]["lstsq_blocks"] == 8
+    base, _ = load_base_model(str(tiny_dir))
+    exit, _ = load_exit(out, base, exit_layer=3)
+    assert max_diff(exit.state_dict(), exit_state(r)) == 0
+    assert float((exit.head.weight - base.lm_head.weight).abs().max()) > 1e-3
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])  # the exit before the fit, for the record
+    assert first["step"] == 0 and 0 <= first["untrained/top1"] <= 1
 
 
 def test_train_adapter_and_checkpoint(tiny_dir, chat_file, tmp_path):
@@ -333,6 +382,34 @@ def test_resume_equals_uninterrupted(tiny_dir, chat_file, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume", "--adapter_init", "next"))
     assert e.value.code == 2
+
+
+def test_cache_states_is_exact_and_skips_the_base(tiny_dir, chat_file, tmp_path, monkeypatch):
+    """--cache_states: 3 epochs over 8 blocks run the base model in epoch 1 only, and end with the same weights as
+    the same run recomputing every base pass; an interrupted cached run resumes to the same weights. Validation
+    reuses its blocks' base states too, with the same metrics."""
+    flags = ["--train", "head,norm,adapter", "--adapter", "block", "--adapter_init", "next", "--train_blocks", "8",
+             "--max_steps", "6", "--cache_states", "--eval_every", "3", "--save_every", "0"]
+    calls = []
+    real_base_pass = train.base_pass
+    monkeypatch.setattr(train, "base_pass", lambda *a, **k: calls.append(1) or real_base_pass(*a, **k))
+    cached = train.main(cli(tiny_dir, chat_file, tmp_path / "cached", *flags))
+    base_passes = len(calls)  # calibration + the first validation's 1 batch + epoch 1's 2 steps
+    calls.clear()
+    part = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--stop_after", "3"))
+    resumed = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume"))
+    assert part["step"] == 3 and resumed["step"] == 6
+    monkeypatch.setattr(train.StateCache, "get",
+                        lambda self, model, indices, batch: train.base_pass(model, batch["input_ids"])[:2])
+    calls.clear()
+    fresh = train.main(cli(tiny_dir, chat_file, tmp_path / "fresh", *flags))
+    # without the caches, epochs 2 and 3 run the base 4 more times, and the validations at steps 3 and 6 twice more
+    assert len(calls) == base_passes + 4 + 2
+    assert max_diff(exit_state(cached), exit_state(fresh)) <= 1e-6
+    assert all(abs(cached["metrics"][k] - fresh["metrics"][k]) <= 1e-6 for k in fresh["metrics"])
+    assert max_diff(exit_state(cached), exit_state(resumed)) <= 1e-6
+    untrained = EarlyExit(cached["base"], 3, adapter="block", adapter_init="next").state_dict()
+    assert max_diff(exit_state(cached), untrained) > 1e-3
 
 
 def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path):
@@ -398,7 +475,7 @@ def _other_vocab_teacher(tmp_path):
     ("layer_high", "--exit_layer"), ("layer_zero", "--exit_layer"), ("missing_file", "--data_files"),
     ("empty_file", "--data_files"), ("unknown_dataset", "--dataset"), ("teacher_vocab", "--teacher_model_path"),
     ("resume_nothing", "--resume"), ("bad_train", "--train"), ("adapter_untrained", "--adapter"),
-    ("next_needs_block", "--adapter_init"),
+    ("next_needs_block", "--adapter_init"), ("cache_with_teacher", "--cache_states"),
 ])
 def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -413,6 +490,7 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
         "bad_train": cli(tiny_dir, chat_file, out, "--train", "head,everything"),
         "adapter_untrained": cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "block"),
         "next_needs_block": cli(tiny_dir, chat_file, out, "--adapter", "mlp", "--adapter_init", "next"),
+        "cache_with_teacher": cli(tiny_dir, chat_file, out, "--cache_states", "--teacher_model_path", str(tiny_dir)),
     }[case]
     (tmp_path / "empty.json").write_text("")
     if case == "teacher_vocab":
@@ -424,6 +502,13 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.startswith("train.py")]
     assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
     assert lines[0].startswith(f"train.py: error: {flag}") or f"argument {flag}" in lines[0], err
+
+
+def test_benchmark_prints_a_side_by_side_ratio(tiny_dir, capsys):
+    ratio = train.main(["--model", str(tiny_dir), "--exit_layer", "3", "--batch_size", "2", "--seq_len", "16",
+                        "--benchmark"])
+    out = capsys.readouterr().out
+    assert ratio > 0 and f"ratio {ratio:.2f} (median of 5 side-by-side pairs" in out
 
 
 def test_bad_input_in_a_real_process(tiny_dir, chat_file, tmp_path):

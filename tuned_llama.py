@@ -4,7 +4,8 @@
 
 - exit norm: a copy of the base model's final RMSNorm.
 - exit head: a copy of the LM head (or a random one), always its own tensor, even when the base ties its
-  embeddings, so training it never touches the base.
+  embeddings, so training it never touches the base. (`head_init="lstsq"` also starts as the copy; train.py then
+  refits it by least squares before training.)
 - adapter (optional): a decoder block or a residual MLP. Initialised as the identity (`adapter_init="identity"`:
   a copy of block L-1 whose output projections start at zero, or an MLP whose down projection starts at zero), so
   untrained it changes nothing; or, for a block, as an exact copy of the base's next block L (`"next"`), so the
@@ -71,8 +72,8 @@ class EarlyExit(nn.Module):
             raise ValueError(f"adapter must be one of block, mlp or none, got {adapter!r}.")
         if adapter_init not in ADAPTER_INITS or (adapter_init == "next" and adapter != "block"):
             raise ValueError(f"adapter_init must be identity, or next for a block adapter, got {adapter_init!r}.")
-        if head_init not in ("copy", "random"):
-            raise ValueError(f"head_init must be copy or random, got {head_init!r}.")
+        if head_init not in ("copy", "random", "lstsq"):  # lstsq: a copy here, which train.py then refits
+            raise ValueError(f"head_init must be copy, random or lstsq, got {head_init!r}.")
         if last_block and exit_layer < 2:
             raise ValueError("last_block needs exit_layer >= 2: block L-1 must not be the embedding's first block.")
         config = base_model.config
@@ -83,7 +84,7 @@ class EarlyExit(nn.Module):
         self.norm = _fresh_copy(final_norm)
         self.head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
         with torch.no_grad():
-            if head_init == "copy":
+            if head_init in ("copy", "lstsq"):
                 self.head.weight.copy_(lm_head.weight)
             else:
                 nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
