@@ -608,7 +608,7 @@ def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
     agreement, overlap at T=1 and 0.7, perplexities) plus the overlap at any other temperature asked for; TV is
     1 - overlap. Returns one row per (exit, layer)."""
     from data_utils import collate
-    from train import exit_metric_sums, summarize_metrics
+    from train import exit_metric_sums, summarize_metrics, target_rows
     from truncated_llama import TruncatedLlama
     n = base.config.num_hidden_layers
     extra = sorted({float(t) for t in temperatures if t > 0 and float(t) not in (0.7, 1.0)})
@@ -627,7 +627,7 @@ def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], pad_id).items()}
         ids, attn = batch["input_ids"], batch["attention_mask"]
         attn = None if bool(attn.all()) else attn
-        rows = batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+        rows = target_rows(batch)
         if not rows.any():
             continue
         labels = ids[:, 1:][rows]

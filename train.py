@@ -36,11 +36,10 @@ from torch import nn
 from data_utils import (DataError, Parser, UsageError, blocks_from_prefix, collate, has_targets, int_at_least, positive,
                         sample_blocks, split_by_id)
 from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
-from tuned_llama import (ADAPTER_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
+from tuned_llama import (ADAPTER_INITS, HEAD_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
-HEAD_INITS = ("copy", "random", "lstsq")
 LOSSES = ("kl", "ce", "kl+ce", "tv")
 DATASETS = ("sharegpt", "slimpajama", "xsum")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,8 +49,9 @@ CURVE_FILE = "train_curve.png"
 # Settings that must be the same when a run is resumed (anything else, e.g. --eval_every, may change).
 RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "calibrate", "loss",
                      "kl_temperature", "ce_weight", "teacher_model_path", "dataset", "data_files", "dataset_id",
-                     "assistant_only", "val_fraction", "seq_len", "train_blocks", "cache_states", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule",
-                     "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
+                     "assistant_only", "val_fraction", "seq_len", "train_blocks", "cache_states", "batch_size",
+                     "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule", "warmup",
+                     "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,9 +206,6 @@ class StateCache:
             self.states[i] = (shared[j], final[j])
         return shared, final
 
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for pair in self.states.values() for t in pair)
-
 
 def _softmax_into(z, out):
     """out <- softmax(z, -1) (z unchanged); returns logsumexp(z) (m, 1). No full-size temporaries."""
@@ -352,6 +349,11 @@ class ExitForward(nn.Module):
         return fused_head_loss(x, self.exit.head.weight, teacher, labels, **loss)
 
 
+def target_rows(batch):
+    """(B, T-1) bool: position t counts when token t+1 is a target (loss_mask) and position t is not padding."""
+    return batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+
+
 def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
     """One pass of the base model (no graph) and the exit (with its graph) on the positions that count.
 
@@ -363,7 +365,7 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=
     computed without materialising any (M, V) tensor.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    rows = batch["loss_mask"][:, 1:].bool() & attention_mask[:, :-1].bool()
+    rows = target_rows(batch)
     labels = input_ids[:, 1:][rows]
     if states is not None and teacher is None:
         shared, final = states
@@ -394,7 +396,7 @@ def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3):
     B = torch.zeros_like(A)
     n = torch.zeros((), dtype=torch.float64, device=A.device)
     for batch in batches:
-        rows = batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
+        rows = target_rows(batch)
         shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
         h = exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
         x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
@@ -970,8 +972,7 @@ def run(args):
         batches = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()}
                    for idx in picks]
         # normalise by the number of target tokens in the whole step, over every micro-batch and rank
-        count = torch.tensor(float(sum(int((b["loss_mask"][:, 1:].bool() & b["attention_mask"][:, :-1].bool()).sum())
-                                       for b in batches)), device=device)
+        count = torch.tensor(float(sum(int(target_rows(b).sum()) for b in batches)), device=device)
         if world > 1:
             count = accelerator.reduce(count, reduction="sum")
         denom = max(count.item(), 1.0) / world  # DDP averages gradients over ranks

@@ -31,6 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 ADAPTERS = (None, "block", "mlp")
 ADAPTER_INITS = ("identity", "next")
+HEAD_INITS = ("copy", "random", "lstsq")  # lstsq: a copy here, which train.py then refits
 
 
 def _fresh_copy(module):
@@ -72,7 +73,7 @@ class EarlyExit(nn.Module):
             raise ValueError(f"adapter must be one of block, mlp or none, got {adapter!r}.")
         if adapter_init not in ADAPTER_INITS or (adapter_init == "next" and adapter != "block"):
             raise ValueError(f"adapter_init must be identity, or next for a block adapter, got {adapter_init!r}.")
-        if head_init not in ("copy", "random", "lstsq"):  # lstsq: a copy here, which train.py then refits
+        if head_init not in HEAD_INITS:
             raise ValueError(f"head_init must be copy, random or lstsq, got {head_init!r}.")
         if last_block and exit_layer < 2:
             raise ValueError("last_block needs exit_layer >= 2: block L-1 must not be the embedding's first block.")
