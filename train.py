@@ -206,6 +206,14 @@ class StateCache:
             self.states[i] = (shared[j], final[j])
         return shared, final
 
+    def lookup(self, indices, T, remove=False):
+        """(shared, final) for the blocks `indices` if all are cached (with T positions), else None; never runs the
+        base model. remove=True drops them from the cache."""
+        if not all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
+            return None
+        shared, final = zip(*((self.states.pop if remove else self.states.get)(i) for i in indices))
+        return torch.stack(shared), torch.stack(final)
+
 
 def _softmax_into(z, out):
     """out <- softmax(z, -1) (z unchanged); returns logsumexp(z) (m, 1). No full-size temporaries."""
@@ -386,18 +394,24 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=
 
 
 @torch.no_grad()
-def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3):
+def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, picks=None):
     """--head_init lstsq: set the exit head to W M^T, where W is the LM head and M the least-squares map from the
     exit norm's output x to the full model's normed last state y over the target positions of `batches` (x M ~ y),
     so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T. The sums are reduced over ranks, so
-    every rank gets the same head. Returns the number of positions fitted."""
+    every rank gets the same head. With a StateCache `cache` (and `picks`, each batch's block indices), the base
+    model's states are kept there, so the first training steps, which see the same blocks, need not run it again.
+    Returns the number of positions fitted."""
     D = exit.head.in_features
     A = torch.zeros(D, D, dtype=torch.float64, device=exit.head.weight.device)
     B = torch.zeros_like(A)
     n = torch.zeros((), dtype=torch.float64, device=A.device)
-    for batch in batches:
+    for k, batch in enumerate(batches):
         rows = target_rows(batch)
-        shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
+        if cache is not None:
+            shared, final = cache.get(model, picks[k], batch)
+            mask, position_ids, pos = exit_context(model, shared, batch["attention_mask"])
+        else:
+            shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
         h = exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
         x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
         A += x.t() @ x
@@ -413,14 +427,14 @@ def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3):
 
 
 @torch.no_grad()
-def calibrate_scale(model, exit_forward, batch, teacher=None, max_rows=256):
+def calibrate_scale(model, exit_forward, batch, teacher=None, max_rows=256, states=None):
     """The temperature tau in [1/4, 16] that minimises KL(teacher || softmax(exit_logits / tau)) on one batch.
 
     The untrained exit of a middle layer is badly over-confident (SmolLM2, layer 15: KL 13 at tau = 1, under 5 at
     tau = 4): dividing the exit norm's gain by tau at the start lets training begin from calibrated logits,
     which an optimiser moving the gain by ~lr per step would take hundreds of steps to reach.
     """
-    t, e, _ = distill_forward(model, exit_forward, batch, teacher)
+    t, e, _ = distill_forward(model, exit_forward, batch, teacher, states=states)
     t, e = t[:max_rows].float(), e[:max_rows].float()
     if t.shape[0] == 0:
         return 1.0
@@ -882,6 +896,10 @@ def run(args):
         exit = build_exit(base, args, train).to(device)
     model = TruncatedLlama(base, args.exit_layer, exit)  # freezes the base
     val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
+    # the base states of the blocks the lstsq fit ran on, handed to the training steps that see them first
+    # (--cache_states keeps every training block's states anyway)
+    cache = StateCache() if args.cache_states else None
+    handover = cache if cache is not None else StateCache()
     untrained = None
     if not args.resume and args.head_init == "lstsq":
         if args.eval_every > 0:  # the exit before the fit, for the record (the step-0 validation comes after it)
@@ -891,14 +909,16 @@ def run(args):
                 f"kl {untrained['kl']:.4f}")
         t0 = time.perf_counter()
         steps = -(-args.lstsq_blocks // per_step)
-        fit = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in order.indices(s, m, rank)],
-                                                    pad_id).items()} for s in range(steps) for m in range(args.grad_accum)]
-        n = fit_head_lstsq(model, exit, fit, accelerator)
+        picks = [order.indices(s, m, rank) for s in range(steps) for m in range(args.grad_accum)]
+        fit = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()} for idx in picks]
+        n = fit_head_lstsq(model, exit, fit, accelerator, cache=handover, picks=picks)
         say(f"--head_init lstsq: fitted the head on {n} positions of the first {steps * per_step} training blocks "
             f"({time.perf_counter() - t0:.1f} s)")
     if not args.resume and args.calibrate and ("norm" in train or "head" in train):
-        first = {k: v.to(device) for k, v in collate([train_blocks[i] for i in order.indices(0, 0, 0)], pad_id).items()}
-        tau = calibrate_scale(model, ExitForward(exit), first, teacher)
+        idx = order.indices(0, 0, 0)
+        first = {k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()}
+        tau = calibrate_scale(model, ExitForward(exit), first, teacher,
+                              states=handover.lookup(idx, first["input_ids"].shape[1]))
         with torch.no_grad():  # the same batch on every rank, so every rank gets the same tau
             (exit.norm.weight if "norm" in train else exit.head.weight).div_(tau)
         say(f"calibrated the exit's logits: divided the {'norm' if 'norm' in train else 'head'} by {tau:.3f}")
@@ -955,7 +975,6 @@ def run(args):
 
     if start_step == 0 and args.eval_every > 0:
         metrics = validate(0)  # the untrained exit
-    cache = StateCache() if args.cache_states else None
     if cache is not None and total_steps > order.steps_per_epoch:
         b = base.model.embed_tokens.weight
         size = 2 * order.steps_per_epoch * per_step // world * args.seq_len * b.shape[1] * b.element_size()
@@ -980,7 +999,10 @@ def run(args):
         for m, batch in enumerate(batches):
             sync = m == len(batches) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(exit_forward):
-                states = cache.get(model, picks[m], batch) if cache is not None else None
+                if cache is not None:
+                    states = cache.get(model, picks[m], batch)
+                else:
+                    states = handover.lookup(picks[m], batch["input_ids"].shape[1], remove=True)
                 total, _, _ = distill_forward(model, exit_forward, batch, teacher, loss=loss_config, states=states)
                 accelerator.backward(total / denom)
             loss_sum += total.detach()

@@ -334,6 +334,24 @@ def test_lstsq_head_run_is_saved_and_reloaded(tiny_dir, chat_file, tmp_path):
     assert first["step"] == 0 and 0 <= first["untrained/top1"] <= 1
 
 
+def test_lstsq_fit_hands_its_base_states_to_the_first_steps(tiny_dir, chat_file, tmp_path, monkeypatch):
+    flags = ("--train", "head,norm", "--adapter", "none", "--head_init", "lstsq", "--lstsq_blocks", "8",
+             "--max_steps", "4", "--eval_every", "0")
+    passes = []
+    base_pass = train.base_pass
+    monkeypatch.setattr(train, "base_pass", lambda model, ids, *a, **k: passes.append(ids.shape[0]) or
+                        base_pass(model, ids, *a, **k))
+    handed = train.main(cli(tiny_dir, chat_file, tmp_path / "a", *flags))
+    # 8 blocks fitted (2 steps of 4; calibration and the first 2 steps reuse them), 2 more steps, one validation
+    # batch: the fitted blocks' base pass runs once
+    assert passes == [4, 4, 4, 4, 4]
+    passes.clear()
+    monkeypatch.setattr(train.StateCache, "lookup", lambda *a, **k: None)  # no handover: recompute
+    fresh = train.main(cli(tiny_dir, chat_file, tmp_path / "b", *flags))
+    assert passes == [4, 4, 4, 4, 4, 4, 4, 4]
+    assert max_diff(exit_state(handed), exit_state(fresh)) == 0  # the handed-over states are exact
+
+
 def test_train_adapter_and_checkpoint(tiny_dir, chat_file, tmp_path):
     out = tmp_path / "out"
     r = train.main(cli(tiny_dir, chat_file, out, "--train", "norm,adapter", "--adapter", "mlp", "--max_steps", "4",
@@ -410,6 +428,16 @@ def test_cache_states_is_exact_and_skips_the_base(tiny_dir, chat_file, tmp_path,
     assert max_diff(exit_state(cached), exit_state(resumed)) <= 1e-6
     untrained = EarlyExit(cached["base"], 3, adapter="block", adapter_init="next").state_dict()
     assert max_diff(exit_state(cached), untrained) > 1e-3
+
+
+def test_lstsq_run_resumed_inside_the_handover_equals_uninterrupted(tiny_dir, chat_file, tmp_path):
+    # the fit covers steps 0-3; the run stops after step 2, and the resumed run recomputes the states of step 3
+    flags = ["--train", "head,norm", "--adapter", "none", "--head_init", "lstsq", "--lstsq_blocks", "16",
+             "--max_steps", "5", "--eval_every", "0"]
+    full = train.main(cli(tiny_dir, chat_file, tmp_path / "full", *flags))
+    train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--stop_after", "2"))
+    resumed = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume"))
+    assert resumed["step"] == 5 and max_diff(exit_state(full), exit_state(resumed)) <= 1e-6
 
 
 def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path):
