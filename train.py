@@ -197,10 +197,9 @@ class StateCache:
 
     def get(self, model, indices, batch):
         """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
-        T = batch["input_ids"].shape[1]
-        if all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
-            shared, final = zip(*(self.states[i] for i in indices))
-            return torch.stack(shared), torch.stack(final)
+        hit = self.lookup(indices, batch["input_ids"].shape[1])
+        if hit is not None:
+            return hit
         shared, final, _ = base_pass(model, batch["input_ids"], batch["attention_mask"])
         for j, i in enumerate(indices):
             self.states[i] = (shared[j], final[j])
@@ -355,6 +354,11 @@ class ExitForward(nn.Module):
         if loss is None:
             return self.exit.head(x)
         return fused_head_loss(x, self.exit.head.weight, teacher, labels, **loss)
+
+
+def batch_of(blocks, indices, pad_id, device):
+    """The blocks `indices` of `blocks`, collated into one batch on `device`."""
+    return {k: v.to(device) for k, v in collate([blocks[i] for i in indices], pad_id).items()}
 
 
 def target_rows(batch):
@@ -832,7 +836,7 @@ def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, acce
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
             idx = mine[i:i + batch_size]
-            batch = {k: v.to(accelerator.device) for k, v in collate([blocks[j] for j in idx], pad_id).items()}
+            batch = batch_of(blocks, idx, pad_id, accelerator.device)
             states = cache.get(model, idx, batch) if cache is not None and teacher is None else None
             t, e, y = distill_forward(model, exit_forward, batch, teacher, states=states)
             for k, v in exit_metric_sums(t, e, None, y).items():
@@ -910,13 +914,13 @@ def run(args):
         t0 = time.perf_counter()
         steps = -(-args.lstsq_blocks // per_step)
         picks = [order.indices(s, m, rank) for s in range(steps) for m in range(args.grad_accum)]
-        fit = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()} for idx in picks]
+        fit = [batch_of(train_blocks, idx, pad_id, device) for idx in picks]
         n = fit_head_lstsq(model, exit, fit, accelerator, cache=handover, picks=picks)
         say(f"--head_init lstsq: fitted the head on {n} positions of the first {steps * per_step} training blocks "
             f"({time.perf_counter() - t0:.1f} s)")
     if not args.resume and args.calibrate and ("norm" in train or "head" in train):
         idx = order.indices(0, 0, 0)
-        first = {k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()}
+        first = batch_of(train_blocks, idx, pad_id, device)
         tau = calibrate_scale(model, ExitForward(exit), first, teacher,
                               states=handover.lookup(idx, first["input_ids"].shape[1]))
         with torch.no_grad():  # the same batch on every rank, so every rank gets the same tau
@@ -988,8 +992,7 @@ def run(args):
     while step < total_steps:
         t0 = time.perf_counter()
         picks = [order.indices(step, m, rank) for m in range(args.grad_accum)]
-        batches = [{k: v.to(device) for k, v in collate([train_blocks[i] for i in idx], pad_id).items()}
-                   for idx in picks]
+        batches = [batch_of(train_blocks, idx, pad_id, device) for idx in picks]
         # normalise by the number of target tokens in the whole step, over every micro-batch and rank
         count = torch.tensor(float(sum(int(target_rows(b).sum()) for b in batches)), device=device)
         if world > 1:
