@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging as hf_logging
 
+import decode_engine
 from tuned_llama import EarlyExit
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -161,11 +162,38 @@ class SpecCache:
                 layer.crop(-extra)
 
 
-class TruncatedLlama(nn.Module):
-    """A base Llama causal LM seen both at full depth and as an early-exit drafter at layer `exit_layer`."""
+class LeanCache:
+    """The lean engine's static caches: every base layer, and the exit's private blocks (see decode_engine)."""
 
-    def __init__(self, base_model, exit_layer, exit=None):
+    def __init__(self, base, exit):
+        self.base, self.exit = base, exit
+
+    def length(self, layer=0):
+        return self.base.lengths[layer]
+
+    def crop(self, n):
+        """Drop every position >= n from every layer (rejected drafts): only the lengths change."""
+        self.base.crop(n)
+        if self.exit is not None:
+            self.exit.crop(n)
+
+
+ENGINES = ("auto", "lean", "hf")
+
+
+class TruncatedLlama(nn.Module):
+    """A base Llama causal LM seen both at full depth and as an early-exit drafter at layer `exit_layer`.
+
+    `engine` picks how generation steps run: "lean" (decode_engine: static cache, fused products in their measured
+    fastest form), "hf" (transformers' layers and DynamicCache), or "auto" (lean where the model's layers allow it).
+    The one-pass `forward` (training, teacher-forced sweeps) always runs transformers' layers."""
+
+    def __init__(self, base_model, exit_layer, exit=None, *, engine="auto"):
         super().__init__()
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+        if engine == "lean" and not decode_engine.supports(base_model):
+            raise ValueError("the lean engine needs plain Llama decoder layers (SiLU MLP, no sliding window).")
         n = len(base_model.model.layers)
         if not isinstance(exit_layer, int) or not 1 <= exit_layer <= n - 1:
             raise ValueError(f"exit_layer must be an integer in 1..{n - 1} for this {n}-layer model, got {exit_layer}.")
@@ -179,6 +207,7 @@ class TruncatedLlama(nn.Module):
         self.exit = exit
         self.config = base_model.config
         self.num_layers = n
+        self.lean = engine == "lean" or (engine == "auto" and decode_engine.supports(base_model))
 
     # --- parts of the base model, used as they are
     @property
@@ -189,8 +218,21 @@ class TruncatedLlama(nn.Module):
     def shared_layers(self):
         return self.exit.shared_layers
 
-    def new_cache(self):
-        return SpecCache(self.config, self.exit.num_cache_slots)
+    def new_cache(self, capacity=256):
+        """An empty generation cache; `capacity` positions are reserved up front by the lean engine (it grows)."""
+        if not self.lean:
+            return SpecCache(self.config, self.exit.num_cache_slots)
+        engine = decode_engine.engine_for(self.base)
+        self._engine, self._exit_engine = engine, decode_engine.exit_engine_for(self.exit)
+        slots = self.exit.num_cache_slots
+        return LeanCache(engine.new_cache(self.num_layers, capacity),
+                         engine.new_cache(slots, capacity) if slots else None)
+
+    def describe_engine(self):
+        """How generation runs: the engine and, for the lean one, each product's storage and forms by row count."""
+        if not self.lean:
+            return "hf"
+        return "lean (" + decode_engine.engine_for(self.base).describe() + ")"
 
     def _run(self, layers, h, position_ids, cache, first_layer):
         """Run `layers` on hidden states h, with transformers' own causal mask (sized to `first_layer`'s cache)."""
@@ -234,6 +276,11 @@ class TruncatedLlama(nn.Module):
     # --- incremental pieces for generation; all take/return (1, k, ...) at positions start..start+k-1
     def extend(self, input_ids, cache, start, *, with_exit=True):
         """Embed + shared layers for k new tokens (+ the exit's private blocks, filling the exit cache)."""
+        if self.lean:
+            eng = self._engine
+            h = eng.run(eng.blocks[: self.shared_layers], eng.embed(input_ids[0]), cache.base, 0, start)
+            e = self._exit_engine.hidden(h, cache.exit, start, eng.tables) if with_exit else None
+            return h.unsqueeze(0), e
         pid = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         h = self._run(self.decoder.layers[: self.shared_layers], self.decoder.embed_tokens(input_ids), pid, cache.base, 0)
         e = None
@@ -246,11 +293,16 @@ class TruncatedLlama(nn.Module):
     def draft_step(self, input_ids, cache, start):
         """The draft on k new tokens: returns (shared hidden states to hand to `verify`, exit logits)."""
         h, e = self.extend(input_ids, cache, start, with_exit=True)
+        if self.lean:
+            return h, self._exit_engine.logits(e).unsqueeze(0)
         return h, self.exit.logits(e)
 
     def verify(self, shared_hidden, cache, start):
         """The remaining layers + final norm + LM head on saved shared hidden states: the target's logits."""
         s = self.shared_layers
+        if self.lean:
+            eng = self._engine
+            return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache.base, s, start)).unsqueeze(0)
         pid = torch.arange(start, start + shared_hidden.shape[1], device=shared_hidden.device).unsqueeze(0)
         h = self._run(self.decoder.layers[s:], shared_hidden, pid, cache.base, s)
         return self.base.lm_head(self.decoder.norm(h))

@@ -1,0 +1,349 @@
+"""The lean decode step: a Llama decoder layer as a dozen plain torch calls on a static, position-written KV cache.
+
+transformers' forward is general (any batch, any mask, a cache that grows by concatenation); a batch-1 decode step
+needs little of that, and on a CPU most of its time goes to the generality. This module runs the same weights as
+gpt-fast does:
+
+    x -> rms_norm -> [q k v] (one product) -> RoPE (q and k together, tables precomputed) -> write k, v at their
+      positions -> attention over the cache's first n positions -> o -> + x -> rms_norm -> [gate up] (one product)
+      -> silu(gate) * up -> down -> + x
+
+- Weights are not copied: q/k/v (and gate/up) are concatenated once into one tensor and the base model's parameters
+  become views of it, so the model stays one model in memory and training or the one-pass forward see the same
+  numbers.
+- Each product is computed in the form measured fastest on this machine for its shape and row count (`Products`):
+  F.linear, W @ x^T, or x @ W^T with W stored transposed. Which storage is kept is chosen per shape by measurement.
+- The KV cache (`StaticCache`) is written by position; rejecting drafts is a change of length, nothing is freed.
+
+`supports(model)` says whether a model's layers have the Llama structure this step reproduces; other models keep
+transformers' forward (TruncatedLlama falls back to it). The test compares this step with transformers' forward.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Products in their fastest measured form
+
+
+def _forms():
+    """name -> (storage, fn(x, stored)): x is (M, in); 'w' storage is (out, in) as nn.Linear keeps it, 't' is its
+    transpose made contiguous. `mv` is for one row only."""
+    return {
+        "linear": ("w", lambda x, w: F.linear(x, w)),
+        "w@x": ("w", lambda x, w: torch.mm(w, x.t()).t()),
+        "mv": ("w", lambda x, w: torch.mv(w, x[0]).unsqueeze(0)),
+        "x@t": ("t", lambda x, t: torch.mm(x, t)),
+        "linear_t": ("t", lambda x, t: F.linear(x, t.t())),
+    }
+
+
+FORMS = _forms()
+ROW_BUCKETS = (1, 5)  # rows timed: one-token steps; short verifies (2-16 rows); longer inputs use F.linear
+_CHOICES = {}  # (out, in, dtype, device, threads) -> (storage, {bucket: form})
+
+
+def _bucket(m):
+    return 1 if m == 1 else 5 if m <= 16 else None
+
+
+def measure_forms(weights, passes=2):
+    """Seconds per product of every form at each row bucket, {form: {rows: s}}, timed on the model's own weights.
+
+    Each timing runs the product over every weight given (e.g. all layers' q/k/v), in order, as a decode step does:
+    one weight timed over and over would sit in the caches and could rank the forms wrongly."""
+    w0 = weights[0]
+    stored = {"w": weights, "t": [w.t().contiguous() for w in weights]}
+    sync = torch.cuda.synchronize if w0.device.type == "cuda" else (lambda: None)
+    times = {}
+    for name, (storage, fn) in FORMS.items():
+        times[name] = {}
+        for m in ROW_BUCKETS:
+            if name == "mv" and m > 1:
+                continue
+            x = torch.randn(m, w0.shape[1], device=w0.device).to(w0.dtype)
+            best = float("inf")
+            for p in range(passes + 1):  # the first pass warms up
+                sync()
+                t = time.perf_counter()
+                for weight in stored[storage]:
+                    fn(x, weight)
+                sync()
+                if p:
+                    best = min(best, (time.perf_counter() - t) / len(weights))
+            times[name][m] = best
+    return times
+
+
+def choose_forms(weights):
+    """(storage, {rows bucket: form}) for weights of one shape, measured once per shape, dtype and thread count.
+
+    The storage is the one whose best forms cost least, weighting one-token steps (most of decoding) 3:1."""
+    w0 = weights[0]
+    key = (*w0.shape, w0.dtype, str(w0.device), torch.get_num_threads())
+    if key not in _CHOICES:
+        times = measure_forms(weights)
+        best = {}
+        for storage in ("w", "t"):
+            names = [n for n, (s, _) in FORMS.items() if s == storage]
+            picks = {m: min((n for n in names if m in times[n]), key=lambda n: times[n][m]) for m in ROW_BUCKETS}
+            cost = sum((3 if m == 1 else 1) * times[picks[m]][m] for m in ROW_BUCKETS)
+            best[storage] = (cost, picks)
+        storage = min(best, key=lambda s: best[s][0])
+        _CHOICES[key] = (storage, best[storage][1])
+    return _CHOICES[key]
+
+
+def fused_weight(linears):
+    """The weights of nn.Linear modules that share an input, stacked into one (out, in) tensor."""
+    ws = [lin.weight.detach() for lin in linears]
+    return torch.cat(ws) if len(ws) > 1 else ws[0]
+
+
+class Product:
+    """y = x W^T (+ b) for the weights of one or more nn.Linear modules sharing an input, fused into one product.
+
+    The modules' weights become views of the fused, re-laid-out tensor (no copy is kept)."""
+
+    def __init__(self, linears, choice):
+        self.storage, self.forms = choice
+        with torch.no_grad():
+            fused = fused_weight(linears)
+            stored = fused.t().contiguous() if self.storage == "t" else fused.contiguous()
+        row = 0
+        for lin in linears:  # point each module at its slice of the fused tensor
+            n = lin.weight.shape[0]
+            lin.weight.data = stored[:, row:row + n].t() if self.storage == "t" else stored[row:row + n]
+            row += n
+        self.weight = stored
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.out_features = stored.shape[1 if self.storage == "t" else 0]
+        self.fns = {m: FORMS[name][1] for m, name in self.forms.items()}
+        self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
+
+    def __call__(self, x):
+        """x (k, in) -> (k, out), contiguous."""
+        y = self.fns.get(_bucket(x.shape[0]), self.default)(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if y.is_contiguous() else y.contiguous()
+
+    def describe(self):
+        return f"{self.storage}:" + "/".join(self.forms[m] for m in ROW_BUCKETS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The static cache
+
+
+class StaticCache:
+    """Keys and values of `slots` attention layers, (slots, kv_heads, capacity, head_dim) each, written by position.
+
+    `lengths[i]` is how many positions layer i holds; `crop(n)` only shortens lengths. Capacity doubles when a write
+    would pass it (rare: callers size it for prompt + new tokens)."""
+
+    def __init__(self, slots, kv_heads, head_dim, capacity, dtype, device):
+        shape = (slots, kv_heads, max(16, capacity), head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.lengths = [0] * slots
+
+    @property
+    def capacity(self):
+        return self.k.shape[2]
+
+    def reserve(self, n):
+        if n > self.capacity:
+            cap = max(n, 2 * self.capacity)
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))
+                new[:, :, : old.shape[2]] = old
+                setattr(self, name, new)
+
+    def write(self, slot, start, k, v):
+        """Store (kv_heads, t, head_dim) keys/values at positions start..start+t-1; return the layer's whole prefix."""
+        end = start + k.shape[1]
+        self.reserve(end)
+        self.k[slot, :, start:end] = k
+        self.v[slot, :, start:end] = v
+        self.lengths[slot] = end
+        return self.k[slot, :, :end], self.v[slot, :, :end]
+
+    def crop(self, n):
+        self.lengths = [min(length, n) for length in self.lengths]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def supports(model):
+    """True when every decoder layer is a plain Llama layer with SiLU MLP and no sliding window."""
+    c = model.config
+    return (all(type(layer) is LlamaDecoderLayer for layer in model.model.layers)
+            and getattr(c, "hidden_act", "silu") == "silu" and not getattr(c, "sliding_window", None))
+
+
+class Block:
+    """One decoder layer's weights, run as the lean step (see the module docstring)."""
+
+    ROLES = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+             "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+    @classmethod
+    def linears(cls, layer, role):
+        parent, names = cls.ROLES[role]
+        return [getattr(getattr(layer, parent), n) for n in names]
+
+    @classmethod
+    def choices(cls, layers):
+        """The measured storage and forms of each product role, timed over these layers' weights."""
+        return {role: choose_forms([fused_weight(cls.linears(layer, role)) for layer in layers]) for role in cls.ROLES}
+
+    def __init__(self, layer, choices):
+        a, m = layer.self_attn, layer.mlp
+        self.heads, self.kv_heads = a.config.num_attention_heads, a.config.num_key_value_heads
+        self.head_dim, self.scaling = a.head_dim, a.scaling
+        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.qkv, self.o, self.gate_up, self.down = (Product(self.linears(layer, r), choices[r]) for r in self.ROLES)
+        self.inter = m.gate_proj.weight.shape[0]
+
+    def __call__(self, x, cache, slot, start, cos, sin, mask):
+        """x (t, hidden) at positions start..start+t-1 -> (t, hidden); writes the layer's keys/values."""
+        t, hd, H, KV = x.shape[0], self.head_dim, self.heads, self.kv_heads
+        qkv = self.qkv(rms_norm(x, self.ln1, self.eps1))
+        qk = rope(qkv[:, : (H + KV) * hd].view(t, H + KV, hd), cos, sin)  # q and k rotated in one go
+        v = qkv[:, (H + KV) * hd:].view(t, KV, hd).transpose(0, 1)
+        keys, values = cache.write(slot, start, qk[:, H:].transpose(0, 1), v)
+        att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
+                                             values.unsqueeze(0), attn_mask=mask, scale=self.scaling,
+                                             enable_gqa=KV != H)
+        x = x + self.o(att[0].transpose(0, 1).reshape(t, H * hd))
+        gu = self.gate_up(rms_norm(x, self.ln2, self.eps2))
+        return x + self.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
+
+
+def rms_norm(x, weight, eps):
+    """LlamaRMSNorm as one fused call (it accumulates in float32 like transformers', and rounds once, at the end)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding of (t, heads, head_dim): x cos + rotate_half(x) sin, with rotate_half(x) = roll(x) * sign
+    and the sign folded into the precomputed `sin` table (see Tables)."""
+    return torch.addcmul(x * cos.unsqueeze(1), torch.roll(x, x.shape[-1] // 2, -1), sin.unsqueeze(1))
+
+
+class Tables:
+    """RoPE cos/sin rows for positions 0..n-1 (from the model's own rotary module, so scaled RoPE variants match) and
+    a causal mask, both grown by doubling and sliced per step."""
+
+    def __init__(self, rotary, dtype, device):
+        self.rotary, self.dtype, self.device = rotary, dtype, device
+        self.cos = self.sin = torch.empty(0, device=device)
+        self.causal = torch.empty(0, 0, dtype=torch.bool, device=device)
+
+    def _grow(self, n):
+        if n > self.cos.shape[0]:
+            size = max(n, 2 * self.cos.shape[0], 256)
+            probe = torch.empty(1, 1, dtype=self.dtype, device=self.device)
+            pos = torch.arange(size, device=self.device).unsqueeze(0)
+            cos, sin = self.rotary(probe, position_ids=pos)
+            half = sin.shape[-1] // 2
+            self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # rotate_half's sign
+            self.causal = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
+
+    def at(self, start, t):
+        """(cos, sin, mask) for t queries at positions start..start+t-1 over keys 0..start+t-1 (mask None if t=1)."""
+        self._grow(start + t)
+        mask = None if t == 1 else self.causal[start:start + t, : start + t]
+        return self.cos[start:start + t], self.sin[start:start + t], mask
+
+
+class Engine:
+    """The lean step for one base model: its blocks, final norm and LM head, and the RoPE/mask tables."""
+
+    def __init__(self, model):
+        d = model.model
+        self.config = model.config
+        self.embed = d.embed_tokens
+        choices = Block.choices(d.layers)
+        self.blocks = [Block(layer, choices) for layer in d.layers]
+        self.norm, self.norm_eps = d.norm.weight, d.norm.variance_epsilon
+        self.head = Product([model.lm_head], choose_forms([model.lm_head.weight.detach()]))
+        self.dtype, self.device = self.head.weight.dtype, self.head.weight.device
+        self.tables = Tables(d.rotary_emb, self.dtype, self.device)
+        first = self.blocks[0]
+        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+
+    def new_cache(self, slots, capacity):
+        return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def run(self, blocks, x, cache, first_slot, start):
+        cos, sin, mask = self.tables.at(start, x.shape[0])
+        for i, block in enumerate(blocks):
+            x = block(x, cache, first_slot + i, start, cos, sin, mask)
+        return x
+
+    def logits(self, x):
+        return self.head(rms_norm(x, self.norm, self.norm_eps))
+
+    def describe(self):
+        b = self.blocks[0]
+        return (f"qkv {b.qkv.describe()}, o {b.o.describe()}, gate_up {b.gate_up.describe()}, "
+                f"down {b.down.describe()}, lm_head {self.head.describe()}")
+
+
+def weights_key(module):
+    """Where a module's weights live: a lean step built for them is stale once any parameter is replaced."""
+    return tuple(p.data_ptr() for p in module.parameters())
+
+
+def engine_for(model):
+    """The model's Engine, built once (re-built if its weights were replaced, e.g. by .to(dtype))."""
+    engine = model.__dict__.get("_lean_engine")
+    if engine is None or engine.key != weights_key(model):
+        engine = Engine(model)
+        model.__dict__["_lean_engine"] = engine  # a plain attribute: not a submodule, not in the state dict
+        engine.key = weights_key(model)
+    return engine
+
+
+class ExitEngine:
+    """The lean step for an EarlyExit's private blocks, norm and head (their own cache slots, 0..)."""
+
+    def __init__(self, exit):
+        attention = [b for b in exit.blocks() if type(b) is LlamaDecoderLayer]
+        choices = Block.choices(attention) if attention else None
+        self.blocks = [Block(b, choices) if type(b) is LlamaDecoderLayer else b for b in exit.blocks()]
+        self.norm, self.norm_eps = exit.norm.weight, exit.norm.variance_epsilon
+        self.head = Product([exit.head], choose_forms([exit.head.weight.detach()]))
+
+    def hidden(self, x, cache, start, tables):
+        """The exit's private blocks on shared states x (t, hidden); an MLP adapter has no attention, no cache."""
+        cos, sin, mask = tables.at(start, x.shape[0])
+        slot = 0
+        for block in self.blocks:
+            if isinstance(block, Block):
+                x = block(x, cache, slot, start, cos, sin, mask)
+                slot += 1
+            else:
+                x = block(x)
+        return x
+
+    def logits(self, x):
+        return self.head(rms_norm(x, self.norm, self.norm_eps))
+
+
+def exit_engine_for(exit):
+    engine = exit.__dict__.get("_lean_engine")
+    if engine is None or engine.key != weights_key(exit):
+        engine = ExitEngine(exit)
+        exit.__dict__["_lean_engine"] = engine
+        engine.key = weights_key(exit)
+    return engine

@@ -1,0 +1,114 @@
+"""The lean step against transformers' forward: same logits (float32, 1e-5), same cache behaviour, same weights."""
+import pytest
+import torch
+
+import decode_engine
+from conftest import make_tiny_llama
+from truncated_llama import TruncatedLlama
+from tuned_llama import EarlyExit
+
+
+def lean_and_hf(base, layer, exit=None):
+    return TruncatedLlama(base, layer, exit, engine="lean"), TruncatedLlama(base, layer, exit, engine="hf")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lean_step_logits_equal_transformers_forward(tie):
+    base = make_tiny_llama(layers=4, tie=tie, init_std=0.1)
+    ids = torch.randint(0, 259, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(ids).logits
+        lean = TruncatedLlama(base, 2, engine="lean")
+        cache = lean.new_cache(capacity=16)  # too small on purpose: the cache must grow
+        got = [lean.full_step(ids[:, :7], cache, 0)]
+        for i in range(7, 40, 3):  # 3-token steps, as a verify would feed them
+            got.append(lean.full_step(ids[:, i:i + 3], cache, i))
+    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=0, atol=1e-5)
+
+
+def test_lean_and_hf_engines_agree_on_every_piece_with_an_adapter_exit():
+    base = make_tiny_llama(layers=5, init_std=0.2)
+    exit = EarlyExit(base, 3, adapter="block", last_block=True)
+    with torch.no_grad():
+        for p in exit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(4))
+    outs = []
+    with torch.no_grad():
+        for tl in lean_and_hf(base, 3, exit):
+            cache = tl.new_cache()
+            prefill = tl.full_step(ids[:, :5], cache, 0, with_exit=True)
+            h1, q1 = tl.draft_step(ids[:, 5:6], cache, 5)
+            h2, _ = tl.extend(ids[:, 6:7], cache, 6)
+            p = tl.verify(torch.cat([h1, h2], 1), cache, 5)
+            cache.crop(6)
+            h, q = tl.draft_step(ids[:, 6:9], cache, 6)
+            outs.append((prefill, q1, p, q, tl.verify(h, cache, 6), [cache.length(i) for i in range(5)]))
+    for a, b in zip(*outs):
+        if isinstance(a, list):
+            assert a == b == [9] * 5
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_weights_are_shared_not_copied():
+    """The lean step re-lays the base's weights out in place: the parameters become views of its fused tensors."""
+    base = make_tiny_llama(layers=2)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    nbytes = sum(p.numel() for p in base.parameters())
+    engine = decode_engine.engine_for(base)
+    qkv = engine.blocks[0].qkv.weight
+    attn = base.model.layers[0].self_attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in base.parameters()) == nbytes
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert decode_engine.engine_for(base) is engine  # built once
+
+
+def test_every_product_form_computes_the_same_product():
+    w = torch.randn(24, 16)
+    stored = {"w": w, "t": w.t().contiguous()}
+    for rows in (1, 3):
+        x = torch.randn(rows, 16)
+        for name, (storage, fn) in decode_engine.FORMS.items():
+            if name == "mv" and rows > 1:
+                continue
+            torch.testing.assert_close(fn(x, stored[storage]), x @ w.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_forms_are_chosen_by_measurement_per_shape(monkeypatch):
+    """The storage and forms come from the timings: a form made to look fastest is picked."""
+    def fake(weights, passes=2):
+        slow = {m: 1.0 for m in decode_engine.ROW_BUCKETS}
+        times = {name: dict(slow) for name in decode_engine.FORMS}
+        times["mv"] = {1: 0.1}
+        times["w@x"][5] = 0.2
+        return times
+    monkeypatch.setattr(decode_engine, "measure_forms", fake)
+    monkeypatch.setattr(decode_engine, "_CHOICES", {})
+    assert decode_engine.choose_forms([torch.randn(7, 5)]) == ("w", {1: "mv", 5: "w@x"})
+
+
+def test_other_architectures_keep_the_transformers_engine():
+    base = make_tiny_llama(layers=2)
+    base.config.sliding_window = 4
+    assert not decode_engine.supports(base)
+    assert not TruncatedLlama(base, 1).lean
+    with pytest.raises(ValueError, match="lean engine"):
+        TruncatedLlama(base, 1, engine="lean")
+
+
+@pytest.mark.slow
+def test_smollm2_lean_logits_equal_transformers_forward(smollm2):
+    base, tok = smollm2
+    ids = tok("The lean step must agree with the reference forward on real weights.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = base(ids).logits
+        lean = TruncatedLlama(base, 8, engine="lean")
+        cache = lean.new_cache()
+        got = torch.cat([lean.full_step(ids[:, :4], cache, 0)]
+                        + [lean.full_step(ids[:, i:i + 1], cache, i) for i in range(4, ids.shape[1])], 1)
+    # float32 sums in another order: the gap is ~1e-6 of the logits' range (a 1e-5 bound, relative to that range)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
