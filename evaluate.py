@@ -5,6 +5,7 @@ The loop (batch size 1, like gpt-fast's):
     cache holds positions [0, n) in every layer; `last` is the newest committed token, not yet in the cache
     draft:   feed last, d1, .., d(g-1) through the shared layers + exit, one token at a time -> q1..qg, d1..dg
              feed dg through the shared layers too (its layer-L state is all verification still needs)
+             (with draft_stop P: stop at the first q_j whose top probability is below P; g = j - 1 drafts)
     verify:  the remaining layers on the g+1 saved layer-L states at positions n..n+g   -> p1..p(g+1)
     accept:  k drafts by the speculative-sampling rule, then one token from the target (correction or bonus)
     commit:  crop every layer back to n+k+1 positions; last = the target's token
@@ -17,11 +18,12 @@ prompts, each against an autoregressive baseline on the same prompts, policy and
     results.jsonl        one line per cell: the loop's stats over all prompts, tokens/s, speedup, c, predicted speedup
     summary.csv/.md      the same as a table
     layer_sweep.jsonl/.csv  teacher-forced metrics of every exit at every layer, from one pass per batch of text
-    *.png                the plots
+    *.png                the plots, among them where_it_pays.png: the (a, c) map with break-even curves
 
     python evaluate.py --exit_layers 8 15 22 --exit_ckpt out/exit --gammas 2 4 --temperatures 0 0.7
     torchrun --nproc_per_node 2 evaluate.py ...     # cells split across processes (accelerate launch on GPUs)
     python evaluate.py ... --resume                 # after an interruption: skips every finished cell
+    python evaluate.py --best_line OUT_DIR          # the best lossless speedup of a finished sweep (its last line)
 """
 import argparse
 import csv
@@ -48,10 +50,11 @@ from tuned_llama import CheckpointError
 # The sampling policy
 
 
-SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k"}
+SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k",
+               "draft_stop": "--draft_stop"}
 
 
-def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0, flags=SWEEP_FLAGS):
+def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0, draft_stop=0.0, flags=SWEEP_FLAGS):
     """Raise ValueError (one sentence, naming the command-line flag from `flags`) for values the loop cannot use."""
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
@@ -62,6 +65,9 @@ def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0, flags=SWEEP_FL
         raise ValueError(f"{flags['top_p']}: top_p must be in (0, 1], got {top_p}.")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"{flags['top_k']}: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
+    if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
+        raise ValueError(f"{flags.get('draft_stop', '--draft_stop')}: draft_stop must be in [0, 1) (0 turns it off), "
+                         f"got {draft_stop}.")
 
 
 class Policy:
@@ -161,7 +167,7 @@ def _as_set(eos):
 
 @torch.inference_mode()
 def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature=0.0, top_p=1.0, top_k=0,
-                         eos_token_id=None, generator=None):
+                         eos_token_id=None, generator=None, draft_stop=0.0):
     """Self-speculative decoding with `model` (a TruncatedLlama). Returns (new tokens, stats).
 
     Lossless: greedy returns exactly the autoregressive tokens; sampling returns exactly the target's distribution
@@ -169,37 +175,52 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
     accepted with probability min(1, p(x)/q(x)); the first rejection samples from normalise(max(0, p - q)); when all
     are accepted a bonus token is sampled from the next p. Greedy accepts while the draft equals argmax p.
 
+    Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
+    as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
+    is not drafted and verification starts. q is the distribution the draft samples from and the rule compares with p:
+    the policy's (temperature, top-k, top-p) when sampling, the temperature-1 softmax when greedy. The stop depends
+    on q alone, never on p, so it is a choice the draft could have made by itself and the output stays exact (the
+    draft step that decided to stop already ran that token through the shared layers: verification reuses it).
+
     stats: new_tokens, target_calls (verification passes), drafted, accepted, avg_accepted (accepted drafts per
     target call), acceptance_rate (accepted / drafted), avg_overlap (mean over all drafted positions, accepted or
     not, of sum_x min(p, q), the expected acceptance probability; for greedy, p and q are the temperature-1
-    softmaxes), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0..gamma drafts), seconds,
-    tokens_per_s, and per_cycle (accepted count of each cycle) and from_draft (per new token: came from the draft).
+    softmaxes), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0..gamma drafts), draft_len_hist (cycles
+    that drafted 0..gamma tokens), avg_draft_len (drafted / target calls), rejected (cycles that rejected a draft),
+    seconds, tokens_per_s, and per_cycle (accepted count of each cycle), per_cycle_drafted (drafted count of each
+    cycle) and from_draft (per new token: came from the draft).
     """
-    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k)
+    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop)
     _check_prompt(input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k)
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
     device = input_ids.device
     t0 = time.perf_counter()
     cache, n, last = _prefill(model, input_ids, with_exit=True)
-    tokens, from_draft, per_cycle = [], [], []
+    tokens, from_draft, per_cycle, per_cycle_drafted = [], [], [], []
     overlap_sum, drafted = 0.0, 0
-    hist = [0] * (gamma + 1)
+    hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)
     done = False
     while not done and len(tokens) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
-        # draft g tokens, one at a time, keeping each position's layer-L state
+        # draft up to g tokens, one at a time, keeping each position's layer-L state
         hidden, q_rows, drafts, tok = [], [], [], last
         for j in range(g):
             h, logits = model.draft_step(tok, cache, n + j)
             hidden.append(h)
             q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p below
+            if draft_stop and float(q_j.max()) < draft_stop:
+                break  # too unsure to draft: `tok` already went through the shared layers (h), as verify needs
             q_rows.append(q_j)
             pick = logits[0, -1:].argmax(-1) if policy.greedy else torch.multinomial(q_j, 1, generator=generator)
             tok = pick.view(1, 1)
             drafts.append(int(tok))
-        h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
-        hidden.append(h)
+        else:
+            h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
+            hidden.append(h)
+        g = len(drafts)
+        len_hist[g] += 1
+        per_cycle_drafted.append(g)
         # verify: the rest of the model on the g+1 saved states
         p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
         p = policy.probs(p_logits)
@@ -234,14 +255,15 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
         cache.crop(n)
         last = torch.tensor([[extra]], device=device)
     cycles = len(per_cycle)
-    accepted = sum(per_cycle)
+    accepted, rejected = judged_drafts(per_cycle, per_cycle_drafted)
     avg_overlap = overlap_sum / drafted if drafted else float("nan")
     stats = {
-        "target_calls": cycles, "drafted": drafted, "accepted": accepted,
+        "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
         "avg_accepted": accepted / cycles if cycles else 0.0,
         "acceptance_rate": accepted / drafted if drafted else float("nan"),
         "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
-        "accept_hist": hist, "per_cycle": per_cycle, "from_draft": from_draft[: len(tokens)],
+        "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
+        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted, "from_draft": from_draft[: len(tokens)],
         "cache_positions": [cache.length(i) for i in range(model.num_layers)],
     }
     return _finish(tokens, stats, t0, device)
@@ -263,22 +285,23 @@ TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens
 class Cell:
     exit: str            # "untrained", or the checkpoint directory as given to --exit_ckpt
     exit_layer: int
-    gamma: int
+    gamma: int           # the draft length; with draft_stop, its cap
     temperature: float
     top_p: float
     top_k: int
+    draft_stop: float = 0.0  # adaptive draft length: stop when the draft's top probability is below this (0: off)
 
     @property
     def policy(self):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
 
-def make_cells(exits, gammas, temperatures, top_ps, top_ks):
-    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k. Greedy ignores top_p
-    and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0."""
+def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,)):
+    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k, draft_stop. Greedy
+    ignores top_p and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0."""
     cells = []
-    for (name, layer), g, t, p, k in itertools.product(exits, gammas, temperatures, top_ps, top_ks):
-        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k)
+    for (name, layer), g, t, p, k, s in itertools.product(exits, gammas, temperatures, top_ps, top_ks, draft_stops):
+        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s))
         if cell not in cells:
             cells.append(cell)
     return cells
@@ -286,8 +309,12 @@ def make_cells(exits, gammas, temperatures, top_ps, top_ks):
 
 def cell_id(cell, context):
     """A stable id of a cell: a hash of its fields and everything its numbers depend on (model, exit weights, prompt
-    set, max_new_tokens, seed, dtype)."""
-    key = json.dumps({**asdict(cell), **context, "exit_id": context["exit_ids"][cell.exit]}, sort_keys=True)
+    set, max_new_tokens, seed, dtype). draft_stop 0 is left out, so cells of sweeps made before it existed keep
+    their ids (and --resume finds them)."""
+    fields = asdict(cell)
+    if not fields["draft_stop"]:
+        del fields["draft_stop"]
+    key = json.dumps({**fields, **context, "exit_id": context["exit_ids"][cell.exit]}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -296,24 +323,39 @@ def prompt_seed(seed, index):
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
 
 
-def judged_drafts(per_cycle, gamma, max_new_tokens):
-    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted counts: a cycle drafts
-    g = min(gamma, tokens still needed - 1) and rejects one draft unless it accepts all g. Drafts after a rejection
-    are never judged."""
-    n = rejected = 0
-    for k in per_cycle:
-        rejected += k < min(gamma, max_new_tokens - n - 1)
-        n += k + 1
-    return sum(per_cycle), rejected
+def judged_drafts(per_cycle, per_cycle_drafted):
+    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted and drafted counts
+    (stats per_cycle, per_cycle_drafted): a cycle that drafted d tokens and accepted k < d rejected one; drafts
+    after a rejection are never judged. (The drafted counts come from the loop: with draft_stop they are not a
+    function of gamma.)"""
+    if len(per_cycle) != len(per_cycle_drafted) or any(not 0 <= k <= d for k, d in zip(per_cycle, per_cycle_drafted)):
+        raise ValueError("per_cycle and per_cycle_drafted must be equally long, with 0 <= accepted <= drafted.")
+    return sum(per_cycle), sum(k < d for k, d in zip(per_cycle, per_cycle_drafted))
 
 
-def predicted_speedup(a, gamma, c):
+def tokens_per_cycle(a, d):
+    """Expected tokens of a cycle that drafts d tokens, each accepted with probability a given the ones before it:
+    the accepted drafts plus the target's own token, (1 - a^(d+1)) / (1 - a)."""
+    return d + 1 if a >= 1 else (1 - a ** (d + 1)) / (1 - a)
+
+
+def predicted_speedup(a, gamma, c, draft_len_hist=None, v=1.0):
     """The standard estimate (Leviathan et al., 2023): a cycle yields (1 - a^(g+1)) / (1 - a) tokens, on average,
-    when each draft is accepted with probability a given the ones before it, and costs g c + 1 autoregressive steps."""
+    when each draft is accepted with probability a given the ones before it, and costs g c + v autoregressive steps
+    (g draft steps of cost c, and one verification of cost v, 1 by default).
+
+    With `draft_len_hist` (cycles that drafted 0, 1, .. tokens: the realised lengths, which --draft_stop and the
+    last cycles of a generation make shorter than gamma), the tokens per cycle are averaged over those lengths and
+    the cost is d c + v with d their mean."""
     if a is None or not math.isfinite(a):
         return None
-    tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
-    return tokens / (gamma * c + 1)
+    lengths = {gamma: 1} if draft_len_hist is None else {d: n for d, n in enumerate(draft_len_hist) if n}
+    cycles = sum(lengths.values())
+    if not cycles:
+        return None
+    tokens = sum(n * tokens_per_cycle(a, d) for d, n in lengths.items()) / cycles
+    mean_d = sum(n * d for d, n in lengths.items()) / cycles
+    return tokens / (mean_d * c + v)
 
 
 def _sync(device):
@@ -355,16 +397,17 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
     total = dict.fromkeys(keys, 0)
     rejected = 0
-    hist = [0] * (cell.gamma + 1)
+    hist, len_hist = [0] * (cell.gamma + 1), [0] * (cell.gamma + 1)
     matches = True
     for i, p in enumerate(prompts):
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
-                                      generator=g, **cell.policy)
+                                      generator=g, draft_stop=cell.draft_stop, **cell.policy)
         for k in keys:
             total[k] += s[k]
-        rejected += judged_drafts(s["per_cycle"], cell.gamma, max_new_tokens)[1]
+        rejected += judged_drafts(s["per_cycle"], s["per_cycle_drafted"])[1]
         hist = [a + b for a, b in zip(hist, s["accept_hist"])]
+        len_hist = [a + b for a, b in zip(len_hist, s["draft_len_hist"])]
         matches = matches and torch.equal(out, baseline["tokens"][i])
     drafted, calls = total["drafted"], total["target_calls"]
     overlap = total["overlap_sum"] / drafted if drafted else None
@@ -379,13 +422,14 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
         "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate, "alpha": alpha,
         "avg_overlap": overlap, "avg_tv": 1.0 - overlap if overlap is not None else None, "accept_hist": hist,
+        "avg_draft_len": drafted / calls if calls else 0.0, "draft_len_hist": len_hist,
         "matches_baseline": matches if cell.temperature == 0 else None,
         "baseline_new_tokens": baseline["new_tokens"],
         "seconds": total["seconds"], "tokens_per_s": tps,
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c,
-        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c),
+        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist),
     }
 
 
@@ -491,23 +535,31 @@ def exit_label(row):
     return f"{name} L{row['exit_layer']}"
 
 
+def _gamma_label(row):
+    """γ, and the adaptive stop when the cell has one: `4` or `4, stop 0.3`."""
+    stop = row.get("draft_stop") or 0
+    return f"{row['gamma']}" + (f", stop {stop:g}" if stop else "")
+
+
 def markdown_table(rows):
     """The summary as a Markdown table."""
-    head = ["exit", "γ", "policy", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s", "baseline tok/s",
-            "speedup", "c", "predicted", "greedy = baseline"]
+    head = ["exit", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
+            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [exit_label(r), r["gamma"], _policy_name((r["temperature"], r["top_p"], r["top_k"])),
-                 f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2), _fmt(r["avg_accepted"], 2),
-                 _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1), _fmt(r["baseline_tokens_per_s"], 1),
-                 _fmt(r["speedup"], 2), _fmt(r["c"], 2), _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
+        cells = [exit_label(r), _gamma_label(r), _policy_name((r["temperature"], r["top_p"], r["top_k"])),
+                 _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
+                 _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
+                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), _fmt(r["c"], 2),
+                 _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
-SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "prompts", "new_tokens",
-                   "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha", "avg_overlap",
-                   "avg_tv", "accept_hist", "matches_baseline", "seconds", "tokens_per_s", "baseline_new_tokens",
+SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "prompts",
+                   "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
+                   "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
+                   "seconds", "tokens_per_s", "baseline_new_tokens",
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
                    "predicted_speedup", "cell_id")
 
@@ -830,16 +882,61 @@ def plot_teacher_forced(tf_rows, path, model_name):
     _save(fig, path)
 
 
+BREAK_EVEN_GAMMAS = (1, 2, 4)
+
+
+def break_even_c(a, gamma, v=1.0):
+    """The draft cost c (draft step / full step) at which the predicted speedup of a cycle of gamma drafts, each
+    accepted with probability a, is exactly 1: tokens_per_cycle(a, gamma) = gamma c + v. Below it, drafting pays."""
+    return (tokens_per_cycle(a, gamma) - v) / gamma
+
+
+def plot_where_it_pays(rows, path, model_name):
+    """(7) The map of where self-speculation pays: the (a, c) plane, a = per-draft acceptance (the cells' alpha),
+    c = draft step cost / full step cost, with the break-even curves (predicted speedup 1) for gamma 1, 2, 4 (at the
+    cells' verification cost ratio v when they have one, else v = 1) and every measured cell as a point, labelled
+    exit, L and gamma. A cell below its gamma's curve is predicted to beat autoregressive decoding."""
+    fig, ax = _figure(size=(8, 6))
+    vs = [r["v"] for r in rows if r.get("v") is not None]
+    v = statistics.median(vs) if vs else 1.0
+    grid = [i / 200 for i in range(201)]
+    gammas = sorted(set(BREAK_EVEN_GAMMAS) | {r["gamma"] for r in rows})
+    colour = {g: f"C{i % 10}" for i, g in enumerate(gammas)}
+    for g in BREAK_EVEN_GAMMAS:
+        ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
+    pts = [r for r in rows if r.get("alpha") is not None and r.get("c") is not None]
+    for greedy, marker in ((True, "o"), (False, "^")):
+        sel = [r for r in pts if (r["temperature"] == 0) == greedy]
+        if sel:
+            ax.scatter([r["alpha"] for r in sel], [r["c"] for r in sel], c=[colour[r["gamma"]] for r in sel],
+                       marker=marker, edgecolors="k", linewidths=0.5, zorder=3)
+            ax.scatter([], [], marker=marker, color="w", edgecolors="k", linewidths=0.5,
+                       label=f"{'greedy' if greedy else 'sampling'} cells (colour: γ)")
+    for r in pts:
+        ax.annotate(f"{exit_label(r)} γ{_gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    top = max([1.05] + [1.1 * r["c"] for r in pts])
+    ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
+                 f"(v = {v:.2f})", xlabel="a: per-draft acceptance α", ylabel="c: draft step / full step",
+           xlim=(0, 1), ylim=(0, top))
+    _save(fig, path)
+
+
 PLOTS = {"accepted_vs_layer.png": plot_accepted, "overlap_vs_layer.png": plot_overlap,
          "speed_vs_gamma.png": plot_speed, "speedup_heatmap.png": plot_heatmap,
-         "measured_vs_predicted.png": plot_predicted}
+         "measured_vs_predicted.png": plot_predicted, "where_it_pays.png": plot_where_it_pays}
+# These draw every cell; the others draw one point per (exit, gamma, policy): the cells of the sweep's first
+# --draft_stop value.
+ALL_CELL_PLOTS = ("measured_vs_predicted.png", "where_it_pays.png")
 
 
 def make_plots(rows, tf_rows, out_dir, model_name):
     """Write the plots the rows have data for into out_dir; returns their paths."""
     paths = []
+    stops = list(dict.fromkeys(r.get("draft_stop", 0.0) for r in rows))
     for name, plot in PLOTS.items() if rows else []:
-        plot(rows, Path(out_dir) / name, model_name)
+        some = rows if name in ALL_CELL_PLOTS else [r for r in rows if r.get("draft_stop", 0.0) == stops[0]]
+        plot(some, Path(out_dir) / name, model_name)
         paths.append(Path(out_dir) / name)
     if tf_rows:
         plot_teacher_forced(tf_rows, Path(out_dir) / "teacher_forced_layers.png", model_name)
@@ -868,6 +965,10 @@ def build_parser():
     g.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.7, 1.0], help="0 means greedy")
     g.add_argument("--top_p", nargs="+", type=float, default=[0.95], help="nucleus mass in (0, 1] (greedy ignores it)")
     g.add_argument("--top_k", nargs="+", type=int, default=[0], help="top-k, 0 = off (greedy ignores it)")
+    g.add_argument("--draft_stop", nargs="+", type=float, default=[0.0], metavar="P",
+                   help="adaptive draft length, each in [0, 1): a cycle stops drafting when the draft's top "
+                        "probability (its policy's q; greedy: the temperature-1 softmax) is below P, gamma being the "
+                        "cap (0: always gamma drafts)")
     g = p.add_argument_group("prompts and held-out text")
     g.add_argument("--dataset", default="sharegpt",
                    help="sharegpt | xsum | slimpajama (their test split) | a prompts.jsonl file whose lines are "
@@ -893,6 +994,9 @@ def build_parser():
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")
     g.add_argument("--stop_after", type=int_at_least(0), default=0,
                    help="stop after this many cells, unmerged, as if killed (for testing --resume; 0: off)")
+    g.add_argument("--best_line", default=None, metavar="DIR",
+                   help="run nothing: print the best lossless speedup among the cells in DIR/results.jsonl (the "
+                        "line every sweep ends with) and exit")
     return p
 
 
@@ -926,6 +1030,8 @@ def check_args(args):
             check_policy(gamma=g)
         for t, p, k in itertools.product(args.temperatures, args.top_p, args.top_k):
             check_policy(temperature=t, top_p=p, top_k=k)
+        for s in args.draft_stop:
+            check_policy(draft_stop=s)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.dataset not in DATASETS and not Path(args.dataset).is_file():
@@ -989,7 +1095,7 @@ def run(args):
     prompts, blocks = load_eval_data(args, tok)
     prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
-    cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k)
+    cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop)
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": args.dtype, "exit_ids": exit_ids,
                "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
                "seed": args.seed}
@@ -999,8 +1105,10 @@ def run(args):
     todo = [i for i, cid in enumerate(ids) if cid not in done]
     mine = todo[rank::world]
     state.wait_for_everyone()  # every process has read the same finished cells before any process writes
+    stops = len(set(args.draft_stop))
     say(f"{len(cells)} cells ({len(exits)} exits x {len(set(args.gammas))} gammas x "
-        f"{len(cells) // (len(exits) * len(set(args.gammas)))} policies) on {len(prompts)} prompts "
+        f"{len(cells) // (len(exits) * len(set(args.gammas)) * stops)} policies"
+        f"{f' x {stops} draft stops' if stops > 1 else ''}) on {len(prompts)} prompts "
         f"x {args.max_new_tokens} new tokens; {len(cells) - len(todo)} already done, {len(todo)} to run on "
         f"{world} process(es)")
 
@@ -1077,9 +1185,41 @@ def run(args):
         say(f"{len(rows)} cells in {out_dir / RESULTS}; {SUMMARY_CSV}, {SUMMARY_MD}"
             f"{', ' + LAYER_SWEEP + '.jsonl/.csv' if tf_rows else ''} and {len(plots)} plots in {out_dir} "
             f"({time.perf_counter() - t_start:.0f} s)")
+        print(best_line(rows), flush=True)
     state.wait_for_everyone()
     state.destroy_process_group()
     return rows
+
+
+def best_line(rows):
+    """One line naming the cell with the best measured speedup that is lossless: every sampling cell (exact by
+    construction; the chi-square tests check it), and a greedy cell only if its tokens equal the autoregressive
+    baseline's on every prompt (matches_baseline).
+
+        best lossless speedup: X.XXx (<exit>, L <l>, gamma <g>, <policy>, <n> prompts x <m> tokens)
+    """
+    ok = [r for r in rows if r.get("speedup") is not None
+          and (r["temperature"] > 0 or r.get("matches_baseline") is True)]
+    if not ok:
+        return "best lossless speedup: none (no sampling cell, and no greedy cell whose tokens match the baseline)"
+    r = max(ok, key=lambda r: r["speedup"])
+    name = "untrained" if r["exit"] == "untrained" else Path(r["exit"]).name
+    policy = _policy_name((r["temperature"], r["top_p"], r["top_k"]))
+    if r.get("draft_stop"):
+        policy += f", draft_stop {r['draft_stop']:g}"
+    return (f"best lossless speedup: {r['speedup']:.2f}x ({name}, L {r['exit_layer']}, gamma {r['gamma']}, {policy}, "
+            f"{r['prompts']} prompts x {r['max_new_tokens']} tokens)")
+
+
+def print_best_line(out_dir):
+    """--best_line DIR: the best line of the cells in DIR's results files (merged, each cell once)."""
+    files = results_files(out_dir)
+    if not files:
+        raise UsageError(f"--best_line: {out_dir} holds no {RESULTS} of a sweep.")
+    rows = list({r["cell_id"]: r for path in reversed(files) for r in read_rows(path)}.values())
+    line = best_line(rows)
+    print(line, flush=True)
+    return line
 
 
 def main(argv=None):
@@ -1087,6 +1227,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
+        if args.best_line is not None:
+            return print_best_line(args.best_line)
         return run(args)
     except (UsageError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The self-speculative loop: lossless (greedy and sampling), stats, EOS, bad values."""
+"""The self-speculative loop: lossless (greedy and sampling, also with a pruned draft head and an adaptive draft
+length), stats, EOS, bad values; the sweep."""
 import itertools
 
 import pytest
@@ -28,27 +29,54 @@ def test_greedy_equals_autoregressive_and_generate(tie):
     prompt = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
     new = 24
     ref = base.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:]
+    stopped_early = 0
     for layer in (1, 3, 5):
         tl = TruncatedLlama(base, layer)
         ar, _ = autoregressive_generate(tl, prompt, new)
         assert torch.equal(ar, ref)
-        for gamma in (1, 2, 4, 7, 100):  # 100 > max_new_tokens
-            sp, stats = speculative_generate(tl, prompt, new, gamma=gamma)
-            assert torch.equal(sp, ref), (layer, gamma)
+        for gamma, stop in itertools.product((1, 2, 4, 7, 100), (0.0, 0.06)):  # 100 > max_new_tokens
+            sp, stats = speculative_generate(tl, prompt, new, gamma=gamma, draft_stop=stop)
+            assert torch.equal(sp, ref), (layer, gamma, stop)
             assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6  # exactly the committed tokens
+            caps = cycle_caps(stats["per_cycle"], gamma, new)
+            assert all(d <= cap for d, cap in zip(stats["per_cycle_drafted"], caps))
+            if not stop:
+                assert stats["per_cycle_drafted"] == caps
+            stopped_early += sum(d < cap for d, cap in zip(stats["per_cycle_drafted"], caps))
+    assert stopped_early > 10  # the adaptive stop really cut drafts short
+
+
+def cycle_caps(per_cycle, gamma, max_new_tokens):
+    """The draft length of each cycle without an adaptive stop: min(gamma, tokens still needed - 1)."""
+    caps, n = [], 0
+    for k in per_cycle:
+        caps.append(min(gamma, max_new_tokens - n - 1))
+        n += k + 1
+    return caps
+
+
+PRUNED = torch.arange(0, 259, 3)  # a pruned draft head's vocabulary: every third token
 
 
 @pytest.mark.parametrize("kw", [dict(adapter="block"), dict(adapter="mlp"), dict(last_block=True),
-                                dict(last_block=True, adapter="block")])
+                                dict(last_block=True, adapter="block"), dict(vocab=PRUNED),
+                                dict(adapter="block", vocab=PRUNED)])
 def test_greedy_lossless_with_trained_looking_exits(kw):
     base = make_tiny_llama(layers=5, init_std=0.2, seed=4)
     prompt = torch.randint(0, 259, (1, 6), generator=torch.Generator().manual_seed(1))
     tl = TruncatedLlama(base, 3, perturbed_exit(base, 3, **kw))
     ar, _ = autoregressive_generate(tl, prompt, 30)
-    for gamma in (1, 3, 6):
-        sp, stats = speculative_generate(tl, prompt, 30, gamma=gamma)
-        assert torch.equal(sp, ar), (kw, gamma)
+    for gamma, stop in ((1, 0.0), (3, 0.0), (6, 0.0), (6, 0.05)):
+        sp, stats = speculative_generate(tl, prompt, 30, gamma=gamma, draft_stop=stop)
+        assert torch.equal(sp, ar), (kw, gamma, stop)
         assert stats["drafted"] > 0
+    if "vocab" in kw:  # the pruned draft only ever proposes its own tokens
+        with torch.no_grad():
+            q = tl(prompt).exit_logits
+        assert torch.isinf(q[..., [t for t in range(259) if t not in set(PRUNED.tolist())]]).all()
+        assert torch.isfinite(q[..., PRUNED]).all()
+        drafted = [int(t) for t, d in zip(sp, stats["from_draft"]) if d]
+        assert drafted and set(drafted) <= set(PRUNED.tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,11 +98,13 @@ def exact_distribution(base, prompt, policy, length=3):
     return probs
 
 
-def empirical_counts(tl, prompt, n, seed, length=3, **kw):
+def empirical_counts(tl, prompt, n, seed, length=3, lengths=None, **kw):
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB**length, dtype=torch.float64)
     for _ in range(n):
-        tokens, _ = speculative_generate(tl, prompt, length, generator=g, **kw)
+        tokens, s = speculative_generate(tl, prompt, length, generator=g, **kw)
+        if lengths is not None:
+            lengths += s["per_cycle_drafted"]
         counts[sum(int(t) * VOCAB ** (length - 1 - i) for i, t in enumerate(tokens))] += 1
     return counts
 
@@ -99,23 +129,30 @@ def small_vocab_model():
     torch.set_num_threads(threads)
 
 
-CASES = [  # (temperature, top_p, top_k, exit layer, gamma): three tokens cover rejections at 1 and 2 and the bonus
-    (1.0, 1.0, 0, 1, 2),
-    (0.7, 1.0, 0, 2, 1),
-    (1.3, 0.8, 0, 1, 3),
-    (1.0, 0.9, 3, 2, 2),
+CASES = [  # (temperature, top_p, top_k, exit layer, gamma, draft_stop, the draft head's vocabulary (None: all)):
+    # three tokens cover rejections at 1 and 2 and the bonus
+    (1.0, 1.0, 0, 1, 2, 0.0, None),
+    (0.7, 1.0, 0, 2, 1, 0.0, None),
+    (1.3, 0.8, 0, 1, 3, 0.0, None),
+    (1.0, 0.9, 3, 2, 2, 0.0, None),
+    (1.0, 1.0, 0, 2, 2, 0.7, None),  # adaptive draft length: cycles draft 0, 1 and 2 tokens
+    (0.8, 0.9, 0, 2, 2, 0.6, (1, 3, 4)),  # that, and a pruned draft head: q = 0 on tokens 0 and 2
 ]
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k,layer,gamma", CASES)
-def test_sampling_matches_target_distribution(small_vocab_model, temperature, top_p, top_k, layer, gamma):
+@pytest.mark.parametrize("temperature,top_p,top_k,layer,gamma,stop,vocab", CASES)
+def test_sampling_matches_target_distribution(small_vocab_model, temperature, top_p, top_k, layer, gamma, stop,
+                                              vocab):
     base, prompt = small_vocab_model
-    tl = TruncatedLlama(base, layer)
+    tl = TruncatedLlama(base, layer, EarlyExit(base, layer, vocab=vocab) if vocab else None)
     exact = exact_distribution(base, prompt, Policy(temperature, top_p, top_k))
+    lengths = []
     counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=gamma, temperature=temperature,
-                              top_p=top_p, top_k=top_k)
+                              top_p=top_p, top_k=top_k, draft_stop=stop, lengths=lengths)
     assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
     assert chi_square_pvalue(counts, exact) > 1e-3
+    if stop:  # the stop rule really varied the draft length
+        assert all(lengths.count(d) > 100 for d in range(gamma + 1)), [lengths.count(d) for d in range(gamma + 1)]
 
 
 def test_broken_acceptance_rule_fails_the_same_test(small_vocab_model, monkeypatch):
@@ -135,14 +172,14 @@ def test_broken_acceptance_rule_fails_the_same_test(small_vocab_model, monkeypat
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_stats_invariants(temperature):
+@pytest.mark.parametrize("temperature,stop", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.05), (1.0, 0.05)])
+def test_stats_invariants(temperature, stop):
     base = make_tiny_llama(layers=4, init_std=0.2, seed=5)
     prompt = torch.randint(0, 259, (1, 5), generator=torch.Generator().manual_seed(2))
     tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block"))
     gamma = 3
     tokens, s = speculative_generate(tl, prompt, 40, gamma=gamma, temperature=temperature, top_p=0.9,
-                                     generator=torch.Generator().manual_seed(0))
+                                     generator=torch.Generator().manual_seed(0), draft_stop=stop)
     assert s["new_tokens"] == len(tokens) == 40
     assert 0 <= s["accepted"] <= s["drafted"]
     assert sum(s["accept_hist"]) == s["target_calls"] == len(s["per_cycle"])
@@ -151,9 +188,18 @@ def test_stats_invariants(temperature):
     assert s["acceptance_rate"] == pytest.approx(s["accepted"] / s["drafted"])
     assert 0 <= s["avg_overlap"] <= 1 and s["avg_tv"] == pytest.approx(1 - s["avg_overlap"])
     assert sum(s["from_draft"]) == s["accepted"]
-    # each cycle drafts min(gamma, tokens still needed - 1): the cycles add up to exactly 40 tokens
+    # each cycle drafts at most min(gamma, tokens still needed - 1): the cycles add up to exactly 40 tokens
     assert s["accepted"] + s["target_calls"] == 40
     assert s["tokens_per_s"] > 0 and s["seconds"] > 0
+    # the realised draft lengths
+    lens, hist = s["per_cycle_drafted"], s["draft_len_hist"]
+    assert len(lens) == s["target_calls"] and sum(lens) == s["drafted"] and len(hist) == gamma + 1
+    assert hist == [lens.count(d) for d in range(gamma + 1)]
+    assert s["avg_draft_len"] == pytest.approx(s["drafted"] / s["target_calls"])
+    assert all(k <= d for k, d in zip(s["per_cycle"], lens))
+    assert s["rejected"] == sum(k < d for k, d in zip(s["per_cycle"], lens))
+    caps = cycle_caps(s["per_cycle"], gamma, 40)
+    assert (lens == caps) if not stop else (lens != caps and all(d <= c for d, c in zip(lens, caps)))
 
 
 def test_eos_stops_generation_and_is_included():
@@ -185,6 +231,7 @@ def test_greedy_overlap_uses_temperature_one_distributions():
 @pytest.mark.parametrize("kw,flag", [
     (dict(gamma=0), "--gammas"), (dict(gamma=2.5), "--gammas"), (dict(gamma=2, temperature=-0.1), "--temperatures"),
     (dict(gamma=2, top_p=0.0), "--top_p"), (dict(gamma=2, top_p=1.2), "--top_p"), (dict(gamma=2, top_k=-1), "--top_k"),
+    (dict(gamma=2, draft_stop=1.0), "--draft_stop"), (dict(gamma=2, draft_stop=-0.1), "--draft_stop"),
 ])
 def test_bad_values_raise_one_clear_sentence(kw, flag):
     tl = TruncatedLlama(make_tiny_llama(layers=2), 1)
@@ -226,7 +273,9 @@ def test_smollm2_greedy_self_speculation_is_lossless(smollm2):
 # ---------------------------------------------------------------------------------------------------------------
 # The sweep: command line, results files, resume, several processes. A tiny model saved to disk stands in for SmolLM2.
 
+import hashlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -237,7 +286,7 @@ from truncated_llama import load_base_model, model_fingerprint
 from tuned_llama import save_exit
 
 PLOTS = ("accepted_vs_layer.png", "overlap_vs_layer.png", "speed_vs_gamma.png", "speedup_heatmap.png",
-         "measured_vs_predicted.png", "teacher_forced_layers.png")
+         "measured_vs_predicted.png", "where_it_pays.png", "teacher_forced_layers.png")
 REPO = Path(__file__).resolve().parent
 
 
@@ -249,7 +298,8 @@ def save_tiny_model(path, seed):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A 4-layer model on disk, a checkpoint at layer 2 for it, one for another model, and a prompts.jsonl."""
+    """A 4-layer model on disk, a checkpoint at layer 2 for it (and one with a pruned head), one for another model,
+    and a prompts.jsonl."""
     root = tmp_path_factory.mktemp("sweep")
     model = save_tiny_model(root / "model", seed=3)
     base, _ = load_base_model(model)
@@ -257,6 +307,8 @@ def assets(tmp_path_factory):
               base_fingerprint=model_fingerprint(base), trained=("adapter",))
     other = load_base_model(save_tiny_model(root / "other", seed=4))[0]
     save_exit(EarlyExit(other, 2), root / "other_exit", base_name="other", base_fingerprint=model_fingerprint(other))
+    save_exit(perturbed_exit(base, 2, adapter="block", vocab=PRUNED), root / "pruned_L2", base_name=model,
+              base_fingerprint=model_fingerprint(base), trained=("adapter", "head"))
     lines = [{"prompt": f"Tell me about the number {i} and the sea."} for i in range(3)]
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there " * 30}]
     lines.append({"messages": chat})
@@ -303,7 +355,11 @@ def test_sweep_rows_are_consistent(full_sweep):
         assert r["speedup"] == pytest.approx(r["tokens_per_s"] / r["baseline_tokens_per_s"])
         assert sum(r["accept_hist"]) == r["target_calls"] and r["accepted"] + r["target_calls"] == r["new_tokens"]
         assert r["acceptance_rate"] <= r["alpha"] <= 1
-        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], r["gamma"], r["c"]))
+        assert r["draft_stop"] == 0.0 and sum(r["draft_len_hist"]) == r["target_calls"]
+        assert sum(d * n for d, n in enumerate(r["draft_len_hist"])) == r["drafted"]
+        assert r["avg_draft_len"] == pytest.approx(r["drafted"] / r["target_calls"])
+        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], r["gamma"], r["c"],
+                                                                         r["draft_len_hist"]))
         assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
         if r["temperature"] == 0:
             assert r["matches_baseline"] is True and r["top_p"] == 1.0
@@ -357,7 +413,8 @@ def test_two_processes_give_the_single_process_rows(assets, full_sweep):
     (["--exit_layers", "4"], "--exit_layers"), (["--exit_layers", "0:2"], "--exit_layers"),
     (["--exit_layers", "x"], "--exit_layers"), (["--gammas", "0"], "--gammas"),
     (["--temperatures", "-0.5"], "--temperatures"), (["--top_p", "0"], "--top_p"), (["--top_p", "1.5"], "--top_p"),
-    (["--top_k", "-1"], "--top_k"), (["--exit_ckpt", "MISSING"], "--exit_ckpt"),
+    (["--top_k", "-1"], "--top_k"), (["--draft_stop", "1"], "--draft_stop"), (["--draft_stop", "-0.2"], "--draft_stop"),
+    (["--exit_ckpt", "MISSING"], "--exit_ckpt"),
     (["--exit_ckpt", "OTHER"], "--exit_ckpt"), (["--dataset", "nosuchset"], "--dataset"),
     (["--num_prompts", "0"], "--num_prompts"), (["--model", "./no/such/model"], "--model"),
 ])
@@ -387,21 +444,37 @@ def test_parse_layers_and_cells():
     cells = make_cells([("untrained", 2)], [2, 4], [0.0, 0.7], [0.9, 1.0], [0])
     assert len(cells) == 2 * (1 + 2)  # greedy ignores top_p: kept once
     assert Cell("untrained", 2, 2, 0.0, 1.0, 0) in cells
+    assert len(make_cells([("untrained", 2)], [2, 4], [0.0, 0.7], [0.9, 1.0], [0], [0.0, 0.2])) == 2 * 3 * 2
+    # cells without a draft stop keep the ids they had before the field existed (so --resume finds old rows)
+    context = {"exit_ids": {"untrained": "untrained"}, "model": "m"}
+    old_key = {"exit": "untrained", "exit_layer": 2, "gamma": 2, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    old_id = hashlib.sha256(json.dumps({**old_key, **context, "exit_id": "untrained"}, sort_keys=True).encode())
+    assert evaluate.cell_id(Cell("untrained", 2, 2, 0.0, 1.0, 0), context) == old_id.hexdigest()[:16]
+    assert evaluate.cell_id(Cell("untrained", 2, 2, 0.0, 1.0, 0, 0.2), context) != old_id.hexdigest()[:16]
 
 
 def test_judged_drafts_count_one_rejection_per_cycle_that_stops_early():
     # gamma 3, 10 tokens: cycles draft 3, 3, 3 (4 + 1 + 3 tokens), then min(3, 10 - 8 - 1) = 1, then 0
-    assert evaluate.judged_drafts([3, 0, 2, 0, 0], 3, 10) == (5, 3)
-    # the last cycle may draft fewer than gamma; accepting all of them is no rejection
-    assert evaluate.judged_drafts([3, 3, 1], 3, 10) == (7, 0)  # 4 + 4 tokens, then g = 1 accepted
-    assert evaluate.judged_drafts([0, 0], 2, 2) == (0, 1)  # g = 1, then g = 0
-    # the rule for g is the loop's: the drafts it implies add up to the loop's own count
+    assert evaluate.judged_drafts([3, 0, 2, 0, 0], [3, 3, 3, 1, 0]) == (5, 3)
+    # a cycle may draft fewer than gamma (the end, or an adaptive stop); accepting all of them is no rejection
+    assert evaluate.judged_drafts([3, 3, 1], [3, 3, 1]) == (7, 0)
+    assert evaluate.judged_drafts([0, 0], [1, 0]) == (0, 1)
+    assert evaluate.judged_drafts([1, 0, 2, 0], [1, 0, 2, 2]) == (3, 1)  # stopped after 1 and 0 drafts
+    with pytest.raises(ValueError):
+        evaluate.judged_drafts([2], [1])
+    # the loop's own counts: without a stop, cycles draft min(gamma, tokens still needed - 1); with one, at most that
     base = make_tiny_llama(layers=4, init_std=0.2, seed=5)
-    _, s = speculative_generate(TruncatedLlama(base, 3), torch.tensor([[1, 2, 3]]), 23, gamma=4)
-    n = drafted = 0
-    for k in s["per_cycle"]:
-        drafted, n = drafted + min(4, 23 - n - 1), n + k + 1
-    assert drafted == s["drafted"] and evaluate.judged_drafts(s["per_cycle"], 4, 23)[0] == s["accepted"]
+    for stop in (0.0, 0.06):
+        _, s = speculative_generate(TruncatedLlama(base, 3), torch.tensor([[1, 2, 3]]), 23, gamma=4, draft_stop=stop)
+        caps = cycle_caps(s["per_cycle"], 4, 23)
+        assert sum(s["per_cycle_drafted"]) == s["drafted"]
+        assert (s["per_cycle_drafted"] == caps) == (stop == 0)
+        accepted, rejected = evaluate.judged_drafts(s["per_cycle"], s["per_cycle_drafted"])
+        assert accepted == s["accepted"] and rejected == s["rejected"]
+        # a cycle that drafted nothing judged nothing: counting it as a rejection would understate alpha
+        assert rejected == sum(k < d for k, d in zip(s["per_cycle"], s["per_cycle_drafted"]))
+        if stop:
+            assert 0 in s["per_cycle_drafted"] and rejected < sum(k < c for k, c in zip(s["per_cycle"], caps))
 
 
 def test_predicted_speedup_formula():
@@ -409,6 +482,83 @@ def test_predicted_speedup_formula():
     assert predicted_speedup(1.0, 4, 0.25) == pytest.approx(5 / 2)
     assert predicted_speedup(0.5, 2, 0.0) == pytest.approx(1.75)
     assert predicted_speedup(None, 2, 0.5) is None
+    # realised draft lengths: every cycle at gamma is the plain formula; otherwise tokens are averaged over the
+    # lengths and the cost uses their mean
+    assert predicted_speedup(0.6, 3, 0.4, [0, 0, 0, 7]) == pytest.approx(predicted_speedup(0.6, 3, 0.4))
+    tokens = (1 + (1 + 0.5 + 0.25 + 0.125)) / 2  # one cycle of 0 drafts, one of 3
+    assert predicted_speedup(0.5, 3, 0.2, [1, 0, 0, 1]) == pytest.approx(tokens / (1.5 * 0.2 + 1))
+    assert predicted_speedup(0.5, 3, 0.2, [2, 0, 0, 0]) == pytest.approx(1.0)  # nothing drafted: autoregressive
+    assert predicted_speedup(0.5, 2, 0.5, v=1.5) == pytest.approx(1.75 / 2.5)
+
+
+def test_break_even_curves_give_a_predicted_speedup_of_one():
+    for a, g, v in itertools.product((0.3, 0.6, 0.9), (1, 2, 4), (1.0, 1.3)):
+        c = evaluate.break_even_c(a, g, v)
+        assert predicted_speedup(a, g, c, v=v) == pytest.approx(1.0)
+        assert predicted_speedup(a, g, c - 0.01, v=v) > 1 > predicted_speedup(a, g, c + 0.01, v=v)
+
+
+def fake_row(exit, layer, gamma, temperature, speedup, matches, **kw):
+    return {"cell_id": f"{exit}{layer}{gamma}{temperature}{kw}", "exit": exit, "exit_layer": layer, "gamma": gamma,
+            "temperature": temperature, "top_p": 0.95 if temperature else 1.0, "top_k": 0, "draft_stop": 0.0,
+            "speedup": speedup, "matches_baseline": matches, "prompts": 16, "max_new_tokens": 128, "alpha": 0.5,
+            "c": 0.4, **kw}
+
+
+def test_best_line_counts_only_lossless_cells(tmp_path, capsys):
+    rows = [fake_row("untrained", 8, 1, 0.0, 1.9, False),  # fastest, but its greedy tokens differ: not counted
+            fake_row("runs/speedup/exit_L6", 6, 2, 0.0, 1.31, True),
+            fake_row("runs/speedup/exit_L6", 6, 4, 0.7, 1.254, None),
+            fake_row("runs/speedup/exit_L6", 6, 4, 0.0, None, True)]
+    assert evaluate.best_line(rows) == ("best lossless speedup: 1.31x (exit_L6, L 6, gamma 2, greedy, "
+                                        "16 prompts x 128 tokens)")
+    rows.append(fake_row("runs/speedup/exit_L6", 6, 4, 0.7, 1.456, None, draft_stop=0.3))
+    assert evaluate.best_line(rows) == ("best lossless speedup: 1.46x (exit_L6, L 6, gamma 4, T=0.7, top_p=0.95, "
+                                        "draft_stop 0.3, 16 prompts x 128 tokens)")
+    assert evaluate.best_line(rows[:1]).startswith("best lossless speedup: none")
+    # from a results file, as `make speedup` prints it: one line, the last one
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[2], rows[3]))
+                                            + '{"cell_id": "cut')
+    evaluate.main(["--best_line", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out == "best lossless speedup: 1.25x (exit_L6, L 6, gamma 4, T=0.7, top_p=0.95, 16 prompts x 128 tokens)\n"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--best_line", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "--best_line" in capsys.readouterr().err
+
+
+def test_where_it_pays_map_is_written(tmp_path):
+    rows = [fake_row("untrained", 8, g, t, 0.8, True, alpha=a, c=c) for g, t, a, c in
+            ((1, 0.0, 0.2, 0.39), (2, 0.7, 0.5, 0.6), (4, 0.0, 0.8, 0.3), (3, 0.7, 0.7, 1.3))]
+    evaluate.plot_where_it_pays(rows, tmp_path / "map.png", "tiny")
+    evaluate.plot_where_it_pays([{**r, "v": 1.2} for r in rows], tmp_path / "map_v.png", "tiny")
+    assert (tmp_path / "map.png").stat().st_size > 10_000 and (tmp_path / "map_v.png").stat().st_size > 10_000
+
+
+def test_sweep_with_a_pruned_head_and_adaptive_draft_length(assets, tmp_path, capsys):
+    """--exit_ckpt takes a pruned-head checkpoint; --draft_stop is one more axis of the grid; the sweep ends with
+    the best line."""
+    out = tmp_path / "stops"
+    evaluate.main(["--model", str(assets / "model"), "--dataset", str(assets / "prompts.jsonl"), "--exit_layers",
+                   "--exit_ckpt", str(assets / "pruned_L2"), "--gammas", "3", "--temperatures", "0", "1.0",
+                   "--draft_stop", "0", "0.12", "--num_prompts", "2", "--max_new_tokens", "12", "--tf_blocks", "2",
+                   "--tf_seq_len", "32", "--out_dir", str(out)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("best lossless speedup: ")
+    rows = read_rows(out / "results.jsonl")
+    assert [(r["temperature"], r["draft_stop"]) for r in rows] == [(0.0, 0.0), (0.0, 0.12), (1.0, 0.0), (1.0, 0.12)]
+    for r in rows:
+        assert sum(r["draft_len_hist"]) == r["target_calls"] and r["drafted"] <= 3 * r["target_calls"]
+        assert r["accepted"] + r["target_calls"] == r["new_tokens"] == 2 * 12
+        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], 3, r["c"], r["draft_len_hist"]))
+        assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)
+    assert rows[1]["avg_draft_len"] < rows[0]["avg_draft_len"] and rows[3]["avg_draft_len"] < rows[2]["avg_draft_len"]
+    assert len({r["cell_id"] for r in rows}) == 4
+    # the pruned exit's teacher-forced metrics are finite and measured against the full teacher
+    tf = [json.loads(line) for line in (out / "layer_sweep.jsonl").read_text().splitlines()]
+    pruned = [r for r in tf if r["exit"] != "untrained"][0]
+    assert 0 < pruned["vocab_mass"] < 1 and math.isfinite(pruned["kl"]) and math.isfinite(pruned["exit_ppl"])
+    assert all(r["vocab_mass"] == pytest.approx(1.0) for r in tf if r["exit"] == "untrained")
+    assert (out / "where_it_pays.png").stat().st_size > 0 and "stop 0.12" in (out / "summary.md").read_text()
 
 
 def test_merge_keeps_each_cell_once_in_cell_order(tmp_path):

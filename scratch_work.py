@@ -39,6 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
+    ap.add_argument("--draft_stop", type=float, default=0.0,
+                    help="stop a cycle's drafting when the draft's top probability is below this, in [0, 1) "
+                         "(default 0: always gamma drafts)")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate (default 96)")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling and for the ShareGPT prompt choice")
     ap.add_argument("--no_color", action="store_true", help="mark drafted tokens with [brackets] instead of colour")
@@ -49,7 +52,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_policy(gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                     flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k")})
+                     draft_stop=args.draft_stop,
+                     flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k", "draft_stop")})
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
         model, tok = load_base_model(args.model)
@@ -75,7 +79,7 @@ def main(argv=None):
 
     tl = TruncatedLlama(model, layer, exit)
     policy = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id)
-    tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma,
+    tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,
                                          generator=torch.Generator().manual_seed(args.seed), **policy)
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
                                                 generator=torch.Generator().manual_seed(args.seed), **policy)
@@ -89,7 +93,7 @@ def main(argv=None):
     if args.temperature == 0:
         print(f"greedy output identical to autoregressive: {tl_tokens == base_tokens.tolist()}")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
-             if k not in ("per_cycle", "from_draft", "cache_positions", "overlap_sum")}
+             if k not in ("per_cycle", "per_cycle_drafted", "from_draft", "cache_positions", "overlap_sum")}
     shown["autoregressive_tokens_per_s"] = round(base["tokens_per_s"], 2)
     shown["speedup"] = round(stats["tokens_per_s"] / base["tokens_per_s"], 3)
     print(json.dumps(shown))

@@ -47,16 +47,29 @@ RESUME_DIR = "resume"
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "train_curve.png"
 # Settings that must be the same when a run is resumed (anything else, e.g. --eval_every, may change).
-RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "calibrate", "loss",
-                     "kl_temperature", "ce_weight", "teacher_model_path", "dataset", "data_files", "dataset_id",
-                     "assistant_only", "val_fraction", "seq_len", "train_blocks", "cache_states", "batch_size",
-                     "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip", "schedule", "warmup",
-                     "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
+RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "draft_vocab",
+                     "calibrate", "loss", "kl_temperature", "ce_weight", "teacher_model_path", "dataset",
+                     "data_files", "dataset_id", "assistant_only", "val_fraction", "seq_len", "train_blocks",
+                     "cache_states", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip",
+                     "schedule", "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
+# The values of settings added later, in the resume state of runs saved before they existed.
+RESUME_ADDED_LATER = {"draft_vocab": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Losses and metrics. Row i of `teacher_logits` / `exit_logits` (shape (..., V)) predicts `labels[i]`; the caller
 # aligns them (logits at position t predict token t+1) and selects the positions that count.
+#
+# A pruned head (--draft_vocab K: the exit's logits live on a subset S of K tokens, q = 0 outside) makes the forward
+# KL infinite wherever the teacher has mass outside S, so it is trained on the KL's terms inside S only:
+#     -sum_{x in S} p(x) log q(x) + const  =  p(S) KL(p_S || q) + const,   p_S = p restricted to S, renormalised.
+# Why this one: its gradient, p(S) (q - p_S) on the K logits, is the full KL's gradient without the infinite outside
+# terms; its optimum q = p_S is also the best any draft on S can do for acceptance (sum_x min(p, q) = p(S), the
+# most possible); and the weight p(S) discounts rows whose teacher mostly wants tokens the exit cannot draft (a
+# K+1-th "other" bucket would need an extra logit that the draft then throws away, for the same optimum). tv needs no
+# change (1 - sum_{x in S} min(p, q) with the full teacher's p); ce only counts rows whose label is in S. Validation
+# metrics stay against the full-vocabulary teacher (top-1, overlap; `kl` is the loss above, equal to the KL for a
+# full head; `vocab_mass` the teacher's mean mass p(S)).
 
 
 def _rows(logits, mask):
@@ -71,28 +84,49 @@ def _labels(labels, mask):
     return labels[mask.bool()] if mask is not None else labels.reshape(-1)
 
 
-def token_losses(teacher_logits, exit_logits, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0):
+def token_losses(teacher_logits, exit_logits, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, vocab=None):
     """Per-row training loss (M,) of the exit's logits against the teacher's (rows already selected, (M, V)).
 
     kl:    forward KL(p_teacher || q_exit) at `temperature`, times temperature^2 (so gradients keep their scale).
     ce:    cross-entropy of the exit against the data's next tokens `labels`.
     kl+ce: kl + ce_weight * ce.
     tv:    total variation 1 - sum_x min(p, q) at temperature 1, i.e. 1 - the expected acceptance rate.
+
+    With `vocab` (a pruned head's K token ids S), exit_logits are (M, K) or full-vocabulary (M, V) logits (only the
+    columns in S are read), and the losses are those of the comment above: kl is p(S) KL(p_S || q) (p at the
+    temperature), ce counts only rows whose label is in S, tv uses the full teacher's p on S.
     """
     q_logits = exit_logits.float()
+    t_logits = teacher_logits.float()
+    mass = None
+    if vocab is not None:
+        if q_logits.shape[-1] != vocab.numel():
+            q_logits = q_logits[:, vocab]
+        if labels is not None:
+            where = torch.full((t_logits.shape[-1],), -1, dtype=torch.long, device=labels.device)
+            where[vocab] = torch.arange(vocab.numel(), device=labels.device)
+            labels = where[labels]
     out = 0.0
     if kind in ("kl", "kl+ce"):
         t = float(temperature)
-        log_p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+        log_p = F.log_softmax(t_logits / t, dim=-1)
+        if vocab is not None:
+            log_p = log_p[:, vocab]
+            mass = log_p.exp().sum(-1, keepdim=True)
+            log_p = log_p - mass.log()
         log_q = F.log_softmax(q_logits / t, dim=-1)
         out = (log_p.exp() * (log_p - log_q)).sum(-1) * (t * t)
+        if mass is not None:
+            out = out * mass.squeeze(-1)
     if kind in ("ce", "kl+ce"):
         if labels is None:
             raise ValueError("the ce loss needs the data's next tokens (labels)")
-        ce = F.cross_entropy(q_logits, labels, reduction="none")
+        inside = labels >= 0
+        ce = F.cross_entropy(q_logits, labels.clamp(min=0), reduction="none") * inside
         out = out + (ce_weight if kind == "kl+ce" else 1.0) * ce
     if kind == "tv":
-        p = torch.softmax(teacher_logits.float(), dim=-1)
+        p = torch.softmax(t_logits, dim=-1)
+        p = p[:, vocab] if vocab is not None else p
         q = torch.softmax(q_logits, dim=-1)
         out = 1.0 - torch.minimum(p, q).sum(-1)
     if kind not in LOSSES:
@@ -107,36 +141,53 @@ def exit_metric_sums(teacher_logits, exit_logits, mask=None, labels=None, *, chu
     teacher_logits, exit_logits: (..., V); mask: (...) bool/0-1 of the rows that count (None: all);
     labels: (...) the data's next token of each row (None: no perplexities).
     Keys: tokens, kl (KL(p||q) at T=1), top1 (argmax agreement), overlap_t1 and overlap_t07 (sum_x min(p, q) at
-    temperature 1.0 and 0.7: the expected acceptance rate of one drafted token), and with labels exit_nll and
-    teacher_nll (summed negative log-likelihoods).
+    temperature 1.0 and 0.7: the expected acceptance rate of one drafted token), vocab_mass (the teacher's mass on
+    the tokens the exit can draft: 1 per row for a full head), and with labels exit_nll and teacher_nll (summed
+    negative log-likelihoods) and exit_nll_tokens (the rows exit_nll sums over).
+    Exit logits that are -inf outside a subset S (a pruned head) have an infinite KL and NLL wherever the teacher
+    or the label falls outside S: kl is then p(S) KL(p_S || q), the pruned head's training loss (see above), and
+    exit_nll sums over the rows whose label is in S only. top1 and the overlaps are against the full teacher.
     """
     p_all, q_all, y_all = _rows(teacher_logits, mask), _rows(exit_logits, mask), _labels(labels, mask)
-    sums = {"tokens": float(p_all.shape[0]), "kl": 0.0, "top1": 0.0, "overlap_t1": 0.0, "overlap_t07": 0.0}
+    sums = {"tokens": float(p_all.shape[0]), "kl": 0.0, "top1": 0.0, "overlap_t1": 0.0, "overlap_t07": 0.0,
+            "vocab_mass": 0.0}
     if y_all is not None:
-        sums.update(exit_nll=0.0, teacher_nll=0.0)
+        sums.update(exit_nll=0.0, teacher_nll=0.0, exit_nll_tokens=0.0)
     for i in range(0, p_all.shape[0], chunk):
         zp, zq = p_all[i:i + chunk], q_all[i:i + chunk]
         log_p, log_q = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
-        sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
+        inside = torch.isfinite(zq)
+        if bool(inside.all()):
+            sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
+            sums["vocab_mass"] += zp.shape[0]
+        else:  # a pruned head: sum over S of p (log p - log p(S) - log q) = p(S) KL(p_S || q)
+            p = log_p.exp()
+            mass = (p * inside).sum(-1, keepdim=True)
+            sums["kl"] += (p * (log_p - mass.log() - log_q)).where(inside, 0.0).sum().item()
+            sums["vocab_mass"] += mass.sum().item()
         sums["top1"] += (zp.argmax(-1) == zq.argmax(-1)).sum().item()
         sums["overlap_t1"] += torch.minimum(log_p.exp(), log_q.exp()).sum().item()
         sums["overlap_t07"] += torch.minimum(torch.softmax(zp / 0.7, -1), torch.softmax(zq / 0.7, -1)).sum().item()
         if y_all is not None:
             y = y_all[i:i + chunk].unsqueeze(-1)
-            sums["exit_nll"] -= log_q.gather(-1, y).sum().item()
+            nll = -log_q.gather(-1, y)
+            counted = torch.isfinite(nll)
+            sums["exit_nll"] += nll[counted].sum().item()
+            sums["exit_nll_tokens"] += counted.sum().item()
             sums["teacher_nll"] -= log_p.gather(-1, y).sum().item()
     return sums
 
 
 def summarize_metrics(sums):
     """Means from `exit_metric_sums` (summed over any number of batches): kl, top1, overlap_t1, overlap_t07,
-    and, when labels were given, exit_ppl and teacher_ppl. Also `tokens`, the number of rows counted."""
+    vocab_mass, and, when labels were given, exit_ppl (over the rows whose label the exit can draft: all of them for
+    a full head) and teacher_ppl. Also `tokens`, the number of rows counted."""
     n = max(sums["tokens"], 1.0)
     out = {"tokens": int(sums["tokens"])}
-    for k in ("kl", "top1", "overlap_t1", "overlap_t07"):
+    for k in ("kl", "top1", "overlap_t1", "overlap_t07", "vocab_mass"):
         out[k] = sums[k] / n
     if "exit_nll" in sums:
-        out["exit_ppl"] = math.exp(min(sums["exit_nll"] / n, 50.0))
+        out["exit_ppl"] = math.exp(min(sums["exit_nll"] / max(sums["exit_nll_tokens"], 1.0), 50.0))
         out["teacher_ppl"] = math.exp(min(sums["teacher_nll"] / n, 50.0))
     return out
 
@@ -223,16 +274,32 @@ def _softmax_into(z, out):
     return m + total.log_()
 
 
-def _loss_and_grad_(zt, zq, labels, kind, temperature, ce_weight, grad, scratch, mask):
+def _lse_into(z, t, scratch):
+    """logsumexp(z / t) over the last dim, (m, 1), using `scratch` (z's shape) instead of temporaries."""
+    m = z.amax(-1, keepdim=True)
+    e = torch.sub(z, m, out=scratch)
+    if t != 1.0:
+        e.div_(t)
+    return m / t + e.exp_().sum(-1, keepdim=True).log_()
+
+
+def _loss_and_grad_(zt, zq, labels, kind, temperature, ce_weight, grad, scratch, mask, teacher_lse=None,
+                    label_weight=None):
     """Per-row loss (m,) of exit logits zq (m, V) against teacher logits zt, and into `grad` its gradient with
     respect to zq, written out by hand (the values of `token_losses` and autograd; the tests check it).
 
     Everything happens in place on buffers small enough to stay in cache: zt and zq are overwritten; `scratch`
     (float) and `mask` (bool) are scratch buffers of the same shape.
+    A pruned head: zt holds the teacher's logits on the head's K tokens only, `teacher_lse` (m, 1) the logsumexp of
+    the teacher's full row (at the KL's temperature for kl and kl+ce, at 1 for tv), and `label_weight` (m, 1) is 1
+    where the label is one of the K tokens (`labels` then index the K columns), else 0; see `token_losses`.
     """
     if kind == "tv":  # 1 - sum_x min(p, q);  d/dzq_j = q_j * (sum_x [q_x < p_x] q_x - [q_j < p_j])
         p, q = scratch, grad
-        _softmax_into(zt, p)
+        if teacher_lse is None:
+            _softmax_into(zt, p)
+        else:  # the full teacher's probabilities of the K tokens (summing to p(S) <= 1)
+            torch.sub(zt, teacher_lse, out=p).exp_()
         _softmax_into(zq, q)
         loss = 1.0 - torch.minimum(p, q, out=zt).sum(-1)
         below = zq.copy_(torch.lt(q, p, out=mask))
@@ -247,21 +314,35 @@ def _loss_and_grad_(zt, zq, labels, kind, temperature, ce_weight, grad, scratch,
             zq.div_(t)
         p, q = scratch, grad
         lse_p, lse_q = _softmax_into(zt, p), _softmax_into(zq, q)
-        loss += (t * t) * (zt.sub_(zq).mul_(p).sum(-1, keepdim=True) - lse_p + lse_q).squeeze(-1)
+        kl = (t * t) * (zt.sub_(zq).mul_(p).sum(-1, keepdim=True) - lse_p + lse_q)
         grad.sub_(p)
         if t != 1.0:
             grad.mul_(t)
             zq.mul_(t)
+        if teacher_lse is not None:  # p(S) KL(p_S || q): lse_p is the teacher's logsumexp over S
+            mass = (lse_p - teacher_lse).exp_()
+            kl.mul_(mass)
+            grad.mul_(mass)
+        loss += kl.squeeze(-1)
     if kind in ("ce", "kl+ce"):  # w (lse(zq) - zq[y]);  d/dzq = w (softmax(zq) - one_hot(y))
         w = ce_weight if kind == "kl+ce" else 1.0
         y = labels.unsqueeze(-1)
         lse = _softmax_into(zq, scratch)
-        loss += w * (lse - zq.gather(-1, y)).squeeze(-1)
-        if kind == "ce":
-            grad.copy_(scratch).mul_(w)
-        else:
-            grad.add_(scratch, alpha=w)
-        grad.scatter_add_(-1, y, torch.full(y.shape, -w, device=y.device))
+        if label_weight is None:
+            loss += w * (lse - zq.gather(-1, y)).squeeze(-1)
+            if kind == "ce":
+                grad.copy_(scratch).mul_(w)
+            else:
+                grad.add_(scratch, alpha=w)
+            grad.scatter_add_(-1, y, torch.full(y.shape, -w, device=y.device))
+        else:  # a pruned head: rows whose label is outside the K tokens count 0
+            w = label_weight * w
+            loss += (w * (lse - zq.gather(-1, y))).squeeze(-1)
+            if kind == "ce":
+                grad.copy_(scratch).mul_(w)
+            else:
+                grad.addcmul_(scratch, w)
+            grad.scatter_add_(-1, y, -w)
     return loss
 
 
@@ -280,20 +361,36 @@ class FusedHeadLoss(torch.autograd.Function):
     efficient), and within a block the loss and gradient are computed `chunk` rows at a time in place, while they
     are hot in cache (on CPUs, full-size temporaries cost more than the arithmetic). The teacher is
     (teacher_x, teacher_W) (logits teacher_x @ teacher_W^T) or, for a separate teacher model, `teacher_logits`.
+    With `vocab`, W is a pruned head's K rows (the tokens `vocab`): the exit's products and gradients are K wide, the
+    teacher's stay full-vocabulary (its logsumexp over every token gives the mass outside the K; see token_losses).
     Returns (sum of the losses, per-row losses); only the sum is differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, W, teacher_x, teacher_W, teacher_logits, labels, kind, temperature, ce_weight, block, chunk):
+    def forward(ctx, x, W, teacher_x, teacher_W, teacher_logits, labels, kind, temperature, ce_weight, block, chunk,
+                vocab=None):
         need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         M, V = x.shape[0], W.shape[0]
+        Vt = teacher_logits.shape[1] if teacher_logits is not None else teacher_W.shape[0]
         f32 = dict(device=x.device, dtype=torch.float32)
         gx = torch.empty_like(x) if need_x else None
         gW = torch.zeros(W.shape, **f32) if need_W else None
         losses = torch.empty(M, **f32)
         rows = min(block, M)
-        zq_b, zt_b, g_b = (torch.empty(rows, V, **f32) for _ in range(3))
+        zq_b, g_b = (torch.empty(rows, V, **f32) for _ in range(2))
+        zt_b = torch.empty(rows, Vt, **f32)
         scratch, mask = torch.empty(chunk, V, **f32), torch.empty(chunk, V, device=x.device, dtype=torch.bool)
+        pruned = vocab is not None
+        if pruned:
+            zs_b, wide = torch.empty(rows, V, **f32), torch.empty(chunk, Vt, **f32)
+            t_lse = float(temperature) if kind in ("kl", "kl+ce") else 1.0
+            label_ok = None
+            if labels is not None:
+                where = torch.full((Vt,), -1, dtype=torch.long, device=x.device)
+                where[vocab] = torch.arange(V, device=x.device)
+                labels = where[labels]
+                label_ok = (labels >= 0).float().unsqueeze(-1)
+                labels = labels.clamp(min=0)
         for i in range(0, M, block):
             r = min(block, M - i)
             xb, zq, zt, g = x[i:i + r], zq_b[:r], zt_b[:r], g_b[:r]
@@ -305,8 +402,15 @@ class FusedHeadLoss(torch.autograd.Function):
             for j in range(0, r, chunk):
                 k = min(chunk, r - j)
                 y = labels[i + j:i + j + k] if labels is not None else None
-                losses[i + j:i + j + k] = _loss_and_grad_(zt[j:j + k], zq[j:j + k], y, kind, temperature, ce_weight,
-                                                          g[j:j + k], scratch[:k], mask[:k])
+                if not pruned:
+                    losses[i + j:i + j + k] = _loss_and_grad_(zt[j:j + k], zq[j:j + k], y, kind, temperature,
+                                                              ce_weight, g[j:j + k], scratch[:k], mask[:k])
+                    continue
+                lse = _lse_into(zt[j:j + k], t_lse, wide[:k]) if kind != "ce" else None
+                zs = torch.index_select(zt[j:j + k], 1, vocab, out=zs_b[j:j + k])
+                ok = label_ok[i + j:i + j + k] if label_ok is not None else None
+                losses[i + j:i + j + k] = _loss_and_grad_(zs, zq[j:j + k], y, kind, temperature, ce_weight,
+                                                          g[j:j + k], scratch[:k], mask[:k], lse, ok)
             if need_x:
                 gx[i:i + r] = (g @ W.float()).to(x.dtype) if W.dtype != torch.float32 else g @ W
             if need_W:
@@ -321,26 +425,29 @@ class FusedHeadLoss(torch.autograd.Function):
         gx, gW = ctx.saved_tensors
         dx = gx * grad_sum.to(gx.dtype) if gx is not None else None
         dW = (gW * grad_sum).to(ctx.W_dtype) if gW is not None else None
-        return dx, dW, None, None, None, None, None, None, None, None, None
+        return dx, dW, None, None, None, None, None, None, None, None, None, None
 
 
-def fused_head_loss(x, W, teacher, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, block=512, chunk=64):
+def fused_head_loss(x, W, teacher, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, block=512, chunk=64,
+                    vocab=None):
     """(loss sum, per-row losses (M,)) of the exit head W on normed exit states x (M, D); `teacher` is a pair
-    (teacher_x, teacher_W) or a tensor of teacher logits (M, V). Same values and gradients as `token_losses`."""
+    (teacher_x, teacher_W) or a tensor of teacher logits (M, V); `vocab`: the token ids of a pruned head's rows
+    (W is then (K, D)). Same values and gradients as `token_losses`."""
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
     if kind in ("ce", "kl+ce") and labels is None:
         raise ValueError("the ce loss needs the data's next tokens (labels)")
     tx, tW, tl = (teacher[0], teacher[1], None) if isinstance(teacher, tuple) else (None, None, teacher)
-    return FusedHeadLoss.apply(x, W, tx, tW, tl, labels, kind, temperature, ce_weight, block, chunk)
+    return FusedHeadLoss.apply(x, W, tx, tW, tl, labels, kind, temperature, ce_weight, block, chunk, vocab)
 
 
 class ExitForward(nn.Module):
     """The trainable part of the draft as one module (what DistributedDataParallel wraps): the exit blocks on the
     shared hidden state, then the exit norm and head on the selected positions only.
 
-    forward(shared, ctx, rows) returns the exit's logits (M, V); with `loss` (a dict of fused_head_loss keywords)
-    and `teacher`, it returns (loss sum, per-row losses) from the fused head + loss instead.
+    forward(shared, ctx, rows) returns the exit's full-vocabulary logits (M, V) (-inf outside a pruned head's
+    tokens); with `loss` (a dict of fused_head_loss keywords) and `teacher`, it returns (loss sum, per-row losses)
+    from the fused head + loss instead.
     """
 
     def __init__(self, exit):
@@ -352,8 +459,8 @@ class ExitForward(nn.Module):
         h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
         x = self.exit.norm(h[:, :-1][rows])
         if loss is None:
-            return self.exit.head(x)
-        return fused_head_loss(x, self.exit.head.weight, teacher, labels, **loss)
+            return self.exit.expand(self.exit.head(x))
+        return fused_head_loss(x, self.exit.head.weight, teacher, labels, vocab=self.exit.vocab, **loss)
 
 
 def batch_of(blocks, indices, pad_id, device):
@@ -401,7 +508,8 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=
 def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, picks=None):
     """--head_init lstsq: set the exit head to W M^T, where W is the LM head and M the least-squares map from the
     exit norm's output x to the full model's normed last state y over the target positions of `batches` (x M ~ y),
-    so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T. The sums are reduced over ranks, so
+    so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T (a pruned head: W's rows of its
+    tokens, so its logits approximate the teacher's on those tokens). The sums are reduced over ranks, so
     every rank gets the same head. With a StateCache `cache` (and `picks`, each batch's block indices), the base
     model's states are kept there, so the first training steps, which see the same blocks, need not run it again.
     Returns the number of positions fitted."""
@@ -426,6 +534,8 @@ def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, pi
     scale = float(A.diagonal().mean()) * ridge
     M = torch.linalg.solve(A + scale * torch.eye(D, dtype=A.dtype, device=A.device), B)
     W = model.base.lm_head.weight
+    if exit.vocab is not None:
+        W = W[exit.vocab]
     exit.head.weight.copy_((W.double() @ M.t()).to(exit.head.weight.dtype))
     return int(n.item())
 
@@ -437,14 +547,20 @@ def calibrate_scale(model, exit_forward, batch, teacher=None, max_rows=256, stat
     The untrained exit of a middle layer is badly over-confident (SmolLM2, layer 15: KL 13 at tau = 1, under 5 at
     tau = 4): dividing the exit norm's gain by tau at the start lets training begin from calibrated logits,
     which an optimiser moving the gain by ~lr per step would take hundreds of steps to reach.
+    A pruned head is calibrated on its training loss, p(S) KL(p_S || q) (see token_losses).
     """
     t, e, _ = distill_forward(model, exit_forward, batch, teacher, states=states)
     t, e = t[:max_rows].float(), e[:max_rows].float()
     if t.shape[0] == 0:
         return 1.0
-    log_p = F.log_softmax(t, -1)
-    p = log_p.exp()
-    kl = lambda tau: float((p * (log_p - F.log_softmax(e / tau, -1))).sum(-1).mean())
+    vocab = exit_forward.exit.vocab
+    if vocab is not None:
+        e = e[:, vocab]
+        kl = lambda tau: float(token_losses(t, e / tau, kind="kl", vocab=vocab).mean())
+    else:
+        log_p = F.log_softmax(t, -1)
+        p = log_p.exp()
+        kl = lambda tau: float((p * (log_p - F.log_softmax(e / tau, -1))).sum(-1).mean())
     coarse = [2.0 ** (k / 2) for k in range(-4, 9)]  # 1/4 .. 16 in steps of sqrt(2), then refine around the best
     best = min(coarse, key=kl)
     fine = [best * 2.0 ** (k / 8) for k in range(-3, 4)]
@@ -577,12 +693,16 @@ def parse_train(value):
     return sorted(set(parts), key=TRAINABLE.index)
 
 
-def check_args(args, num_layers):
-    """Raise UsageError for flag values that cannot work with a base model of `num_layers` layers."""
+def check_args(args, num_layers, vocab_size=None):
+    """Raise UsageError for flag values that cannot work with a base model of `num_layers` layers (and
+    `vocab_size` tokens)."""
     train = parse_train(args.train)
     if not 1 <= args.exit_layer <= num_layers - 1:
         raise UsageError(f"--exit_layer must be in 1..{num_layers - 1} for this {num_layers}-layer model, "
                          f"got {args.exit_layer}.")
+    if vocab_size is not None and not 0 <= args.draft_vocab <= vocab_size:
+        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{vocab_size} for this model's "
+                         f"{vocab_size}-token vocabulary, got {args.draft_vocab}.")
     if "adapter" in train and args.adapter == "none":
         raise UsageError("--train adapter needs --adapter block or --adapter mlp.")
     if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
@@ -600,11 +720,27 @@ def check_args(args, num_layers):
     return train
 
 
-def build_exit(base, args, train):
-    """The EarlyExit for these flags, with requires_grad set on exactly the parts named in --train."""
+def build_exit(base, args, train, vocab=None):
+    """The EarlyExit for these flags (a pruned head on the token ids `vocab` for --draft_vocab), with requires_grad
+    set on exactly the parts named in --train."""
     exit = EarlyExit(base, args.exit_layer, adapter=None if args.adapter == "none" else args.adapter,
-                     adapter_init=args.adapter_init, last_block="last_block" in train, head_init=args.head_init)
+                     adapter_init=args.adapter_init, last_block="last_block" in train, head_init=args.head_init,
+                     vocab=vocab)
     return set_trainable(exit, train)
+
+
+def target_token_counts(blocks, vocab_size):
+    """(vocab_size,) int64: how often each token id is a target (position t >= 1 with loss_mask 1) in `blocks`."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for b in blocks:
+        ids = torch.as_tensor(b["input_ids"], dtype=torch.long)[1:]
+        counts += torch.bincount(ids[torch.as_tensor(b["loss_mask"])[1:].bool()], minlength=vocab_size)
+    return counts
+
+
+def frequent_vocab(counts, k):
+    """The k most frequent token ids of `counts` (ties: the lower id), in ascending order: a pruned head's rows."""
+    return torch.argsort(counts, descending=True, stable=True)[:k].sort().values
 
 
 def set_trainable(exit, train):
@@ -746,7 +882,7 @@ def read_resume_state(out_dir):
 
 
 def check_resume_args(state, args, out_dir):
-    saved = state.get("args", {})
+    saved = {**RESUME_ADDED_LATER, **state.get("args", {})}
     for key in RESUME_MUST_MATCH:
         if key == "train" and isinstance(saved.get(key), str) and parse_train(saved[key]) == parse_train(args.train):
             continue  # the same parts, maybe listed in another order
@@ -831,7 +967,8 @@ def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, acce
     `cache`: a StateCache for these blocks, so that only the first validation runs the base model on them."""
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(blocks), world))
-    keys = ("tokens", "kl", "top1", "overlap_t1", "overlap_t07", "exit_nll", "teacher_nll")
+    keys = ("tokens", "kl", "top1", "overlap_t1", "overlap_t07", "vocab_mass", "exit_nll", "teacher_nll",
+            "exit_nll_tokens")
     total = dict.fromkeys(keys, 0.0)
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
@@ -865,7 +1002,7 @@ def run(args):
 
     base, tokenizer = load_base_model(args.model, dtype=dtype, device=device,
                                       attn_implementation=args.attn_implementation)
-    train = check_args(args, len(base.model.layers))
+    train = check_args(args, len(base.model.layers), base.lm_head.out_features)
     fingerprint = model_fingerprint(base)
     teacher = load_teacher(args, tokenizer, base, device, dtype) if args.teacher_model_path else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -897,7 +1034,16 @@ def run(args):
             raise CheckpointError(f"--resume: the data or the number of processes differ from the run in {out_dir}; "
                                   "resume with the same data, batch settings and world size.")
     else:
-        exit = build_exit(base, args, train).to(device)
+        vocab = None
+        if args.draft_vocab:  # counted once, from the training blocks; saved with the exit (its `vocab` buffer)
+            counts = target_token_counts(train_blocks, base.lm_head.out_features)
+            vocab = frequent_vocab(counts, args.draft_vocab)
+            vocab_info = {"draft_vocab/k": args.draft_vocab, "draft_vocab/distinct_targets": int((counts > 0).sum()),
+                          "draft_vocab/coverage": float(counts[vocab].sum() / max(int(counts.sum()), 1))}
+            say(f"--draft_vocab {args.draft_vocab}: the head keeps the most frequent of the "
+                f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
+                f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
+        exit = build_exit(base, args, train, vocab).to(device)
     model = TruncatedLlama(base, args.exit_layer, exit)  # freezes the base
     val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
     # the base states of the blocks the lstsq fit ran on, handed to the training steps that see them first
@@ -942,6 +1088,8 @@ def run(args):
     elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / LOG_FILE).write_text("")
+        if args.draft_vocab:
+            append_log(out_dir, {"step": 0, **vocab_info})
         if untrained is not None:
             append_log(out_dir, {"step": 0, **{f"untrained/{k}": v for k, v in untrained.items()}})
 
@@ -1056,14 +1204,19 @@ def run(args):
 
 def benchmark(args, repeats=5):
     """Print the time of a plain forward of the base model and of one --train head step on one batch of
-    --batch_size x --seq_len random tokens (every position a target), and their ratio."""
+    --batch_size x --seq_len random tokens (every position a target), and their ratio (with --draft_vocab K, of a
+    pruned head of K rows)."""
     torch.manual_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     base, _ = load_base_model(args.model, dtype=DTYPES[args.dtype], device=device,
                               attn_implementation=args.attn_implementation)
     if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
         raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
-    exit = set_trainable(EarlyExit(base, args.exit_layer).to(base.device), ["head"])
+    if not 0 <= args.draft_vocab <= base.lm_head.out_features:
+        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{base.lm_head.out_features}, "
+                         f"got {args.draft_vocab}.")
+    vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None  # any K tokens: the cost is the same
+    exit = set_trainable(EarlyExit(base, args.exit_layer, vocab=vocab).to(base.device), ["head"])
     model = TruncatedLlama(base, args.exit_layer, exit)
     ef = ExitForward(exit)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), device=base.device)
@@ -1121,6 +1274,9 @@ def build_parser():
                    help="exit head: copy of the LM head, random, or lstsq: the LM head times the least-squares map "
                         "from the exit's normed state to the full model's, fitted on --lstsq_blocks training blocks")
     g.add_argument("--lstsq_blocks", type=positive(int), default=96, help="training blocks the lstsq head is fitted on")
+    g.add_argument("--draft_vocab", type=int_at_least(0), default=0,
+                   help="prune the exit head to the K most frequent target tokens of the training blocks (0: the full "
+                        "vocabulary); the draft's logits are -inf outside them, the target keeps every token")
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="before training, divide the exit norm's gain (or the head) by the temperature that best fits "
                         "the teacher on the first batch")

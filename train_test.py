@@ -136,21 +136,63 @@ def test_losses():
 
 @pytest.mark.parametrize("kind", train.LOSSES)
 @pytest.mark.parametrize("teacher_as_logits", [False, True])
-def test_fused_head_loss_matches_autograd(kind, teacher_as_logits):
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fused_head_loss_matches_autograd(kind, teacher_as_logits, pruned):
     torch.manual_seed(0)
     M, D, V = 37, 8, 29
+    vocab = torch.randperm(V)[:11].sort().values if pruned else None  # a pruned head: 11 rows
     x = torch.randn(M, D, requires_grad=True)
-    W = torch.randn(V, D, requires_grad=True)
+    W = torch.randn(V if vocab is None else 11, D, requires_grad=True)
     tx, tW = torch.randn(M, D), torch.randn(V, D)
     y = torch.randint(0, V, (M,))
-    ref = train.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3)
+    ref = train.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3, vocab=vocab)
     gx, gW = torch.autograd.grad(ref.sum() * 0.5, (x, W))
     teacher = tx @ tW.t() if teacher_as_logits else (tx, tW)
     total, rows = train.fused_head_loss(x, W, teacher, y, kind=kind, temperature=1.7, ce_weight=0.3,
-                                         block=16, chunk=3)
+                                         block=16, chunk=3, vocab=vocab)
     assert torch.allclose(rows, ref, atol=1e-5) and torch.allclose(total, ref.sum(), atol=1e-4)
     fx, fW = torch.autograd.grad(total * 0.5, (x, W))
     assert torch.allclose(fx, gx, atol=1e-5) and torch.allclose(fW, gW, atol=1e-5)
+
+
+def test_pruned_head_losses_and_metrics_by_hand():
+    """A pruned head (q = 0 outside its tokens S): kl is p(S) KL(p_S || q), i.e. the full KL's terms inside S;
+    tv is 1 - the overlap with the full teacher; ce skips labels outside S. Metrics stay against the full teacher."""
+    torch.manual_seed(1)
+    M, V = 9, 13
+    t, z = torch.randn(M, V) * 2, torch.randn(M, V) * 2
+    vocab = torch.tensor([0, 3, 4, 8, 12])
+    full_q = torch.full((M, V), float("-inf"))
+    full_q[:, vocab] = z[:, vocab]  # what EarlyExit.logits returns for this head
+    y = torch.tensor([0, 1, 3, 4, 5, 8, 12, 2, 3])
+    for temp in (1.0, 0.6):
+        log_p = F.log_softmax(t / temp, -1)
+        log_q = F.log_softmax(full_q / temp, -1)
+        inside = (log_p.exp() * (log_p - log_q))[:, vocab].sum(-1)  # the finite terms of the forward KL
+        mass = log_p.exp()[:, vocab].sum(-1)
+        kl = train.token_losses(t, full_q, kind="kl", temperature=temp, vocab=vocab)
+        assert torch.allclose(kl, temp ** 2 * (inside - mass * mass.log()), atol=1e-5)
+        assert torch.allclose(kl, train.token_losses(t, z[:, vocab], kind="kl", temperature=temp, vocab=vocab))
+    # a "pruned" head over every token (in any order) is the full head
+    every = torch.randperm(V)
+    for kind in ("kl", "tv"):
+        assert torch.allclose(train.token_losses(t, z[:, every], kind=kind, vocab=every),
+                              train.token_losses(t, z, kind=kind), atol=1e-5)
+    tv = train.token_losses(t, full_q, kind="tv", vocab=vocab)
+    sums = train.exit_metric_sums(t, full_q, labels=y)
+    assert float(tv.sum()) == pytest.approx(M - sums["overlap_t1"], abs=1e-5)
+    ce = train.token_losses(t, full_q, y, kind="ce", vocab=vocab)
+    covered = torch.isin(y, vocab)
+    assert torch.all(ce[~covered] == 0)
+    assert torch.allclose(ce[covered], F.cross_entropy(full_q[covered], y[covered], reduction="none"))
+    # metrics: finite, kl is the training loss, perplexity over the covered labels, top-1 against the full teacher
+    assert sums["kl"] == pytest.approx(float(train.token_losses(t, full_q, kind="kl", vocab=vocab).sum()), abs=1e-4)
+    assert sums["vocab_mass"] == pytest.approx(float(F.softmax(t, -1)[:, vocab].sum()), abs=1e-5)
+    assert sums["exit_nll_tokens"] == int(covered.sum()) and math.isfinite(sums["exit_nll"])
+    assert sums["top1"] == float((t.argmax(-1) == full_q.argmax(-1)).sum())
+    m = train.summarize_metrics(sums)
+    assert m["exit_ppl"] == pytest.approx(math.exp(float(ce[covered].mean())), rel=1e-5)
+    assert train.exit_metrics(t, z)["vocab_mass"] == 1.0  # a full head
 
 
 def test_lr_schedules():
@@ -209,6 +251,35 @@ def test_one_base_pass_and_no_base_graph(parts):
     prefixes = {"head": "head.", "norm": "norm.", "adapter": "adapter.", "last_block": "last_block."}
     assert trained == {n for n, _ in exit.named_parameters() if any(n.startswith(prefixes[q]) for q in parts)}
     assert all(torch.equal(v, reference[k]) for k, v in base.state_dict().items())
+
+
+def test_pruned_head_one_pass_fused_equals_autograd():
+    """A pruned exit through distill_forward: full-vocabulary logits (-inf outside), and the fused loss's gradients
+    equal autograd's through token_losses; the calibration and the lstsq fit work on its K rows."""
+    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
+    vocab = torch.arange(0, 259, 2)
+    exit = train.set_trainable(EarlyExit(base, 2, adapter="block", vocab=vocab), ["head", "norm", "adapter"])
+    model, ef = TruncatedLlama(base, 2, exit), train.ExitForward(exit)
+    batch = _tiny_batch()
+    for kind in ("kl", "kl+ce", "tv", "ce"):
+        t, e, y = train.distill_forward(model, ef, batch)
+        assert e.shape == t.shape and torch.isneginf(e[:, 1::2]).all() and torch.isfinite(e[:, vocab]).all()
+        train.token_losses(t, e, y, kind=kind, temperature=1.5, vocab=vocab).sum().backward()
+        want = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
+        exit.zero_grad(set_to_none=True)
+        train.distill_forward(model, ef, batch, loss={"kind": kind, "temperature": 1.5})[0].backward()
+        got = {n: p.grad for n, p in exit.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys() and exit.head.weight.grad.shape == (130, 32)
+        assert all(torch.allclose(got[n], g, atol=1e-5) for n, g in want.items()), kind
+        exit.zero_grad(set_to_none=True)
+    tau = train.calibrate_scale(model, ef, _tiny_batch(B=2, T=24))
+    assert 0.2 < tau < 20
+    # lstsq: the pruned head is the full fitted head's rows
+    batches = [_tiny_batch(B=2, T=24, seed=s) for s in range(2)]
+    full, pruned = EarlyExit(base, 2, head_init="lstsq"), EarlyExit(base, 2, head_init="lstsq", vocab=vocab)
+    train.fit_head_lstsq(TruncatedLlama(base, 2, full), full, batches, _OneProcess())
+    train.fit_head_lstsq(TruncatedLlama(base, 2, pruned), pruned, batches, _OneProcess())
+    assert torch.allclose(pruned.head.weight, full.head.weight[vocab], atol=1e-6)
 
 
 def test_calibrate_scale_lowers_kl():
@@ -350,6 +421,38 @@ def test_lstsq_fit_hands_its_base_states_to_the_first_steps(tiny_dir, chat_file,
     fresh = train.main(cli(tiny_dir, chat_file, tmp_path / "b", *flags))
     assert passes == [4, 4, 4, 4, 4, 4, 4, 4]
     assert max_diff(exit_state(handed), exit_state(fresh)) == 0  # the handed-over states are exact
+
+
+def test_draft_vocab_run_saves_a_pruned_head_and_resumes(tiny_dir, chat_file, tmp_path):
+    flags = ("--train", "head,norm", "--adapter", "none", "--draft_vocab", "24", "--head_init", "lstsq",
+             "--lstsq_blocks", "8", "--max_steps", "4", "--save_every", "2")
+    out = tmp_path / "out"
+    r = train.main(cli(tiny_dir, chat_file, out, *flags))
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["draft_vocab"] == 24 and cfg["train_args"]["draft_vocab"] == 24
+    base, tok = load_base_model(str(tiny_dir))
+    exit, _ = load_exit(out, base, exit_layer=3)
+    assert exit.head.weight.shape == (24, 32) and max_diff(exit.state_dict(), exit_state(r)) == 0
+    # the head keeps the 24 most frequent target tokens of the training blocks
+    args = train.build_parser().parse_args(cli(tiny_dir, chat_file, out, *flags))
+    blocks, _ = train.load_data(args, tok, 4 * 4, 4)
+    counts = train.target_token_counts(blocks, 259)
+    assert torch.equal(exit.vocab, train.frequent_vocab(counts, 24))
+    assert exit.vocab.tolist() == sorted(exit.vocab.tolist())
+    outside = torch.ones(259, dtype=torch.bool)
+    outside[exit.vocab] = False
+    assert counts[exit.vocab].min() >= counts[outside].max() and (counts > 0).sum() > 24
+    info = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert info["draft_vocab/k"] == 24 and 0.5 < info["draft_vocab/coverage"] < 1
+    m = cfg["metrics"]  # validation against the full teacher: finite, with the teacher's mass outside the 24 counted
+    assert 0 < m["vocab_mass"] < 1 and math.isfinite(m["kl"]) and math.isfinite(m["exit_ppl"]) and 0 <= m["top1"] <= 1
+    # interrupted and resumed: the same weights; another --draft_vocab is refused
+    train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--stop_after", "2"))
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume", "--draft_vocab", "20"))
+    assert e.value.code == 2
+    resumed = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume"))
+    assert max_diff(exit_state(resumed), exit_state(r)) <= 1e-6
 
 
 def test_train_adapter_and_checkpoint(tiny_dir, chat_file, tmp_path):
@@ -503,7 +606,8 @@ def _other_vocab_teacher(tmp_path):
     ("layer_high", "--exit_layer"), ("layer_zero", "--exit_layer"), ("missing_file", "--data_files"),
     ("empty_file", "--data_files"), ("unknown_dataset", "--dataset"), ("teacher_vocab", "--teacher_model_path"),
     ("resume_nothing", "--resume"), ("bad_train", "--train"), ("adapter_untrained", "--adapter"),
-    ("next_needs_block", "--adapter_init"), ("cache_with_teacher", "--cache_states"),
+    ("next_needs_block", "--adapter_init"), ("cache_with_teacher", "--cache_states"), ("vocab_big", "--draft_vocab"),
+    ("vocab_negative", "--draft_vocab"),
 ])
 def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -519,6 +623,8 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
         "adapter_untrained": cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "block"),
         "next_needs_block": cli(tiny_dir, chat_file, out, "--adapter", "mlp", "--adapter_init", "next"),
         "cache_with_teacher": cli(tiny_dir, chat_file, out, "--cache_states", "--teacher_model_path", str(tiny_dir)),
+        "vocab_big": cli(tiny_dir, chat_file, out, "--draft_vocab", "260"),
+        "vocab_negative": cli(tiny_dir, chat_file, out, "--draft_vocab", "-1"),
     }[case]
     (tmp_path / "empty.json").write_text("")
     if case == "teacher_vocab":
@@ -532,9 +638,10 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     assert lines[0].startswith(f"train.py: error: {flag}") or f"argument {flag}" in lines[0], err
 
 
-def test_benchmark_prints_a_side_by_side_ratio(tiny_dir, capsys):
+@pytest.mark.parametrize("vocab", ["0", "100"])
+def test_benchmark_prints_a_side_by_side_ratio(tiny_dir, capsys, vocab):
     ratio = train.main(["--model", str(tiny_dir), "--exit_layer", "3", "--batch_size", "2", "--seq_len", "16",
-                        "--benchmark"])
+                        "--benchmark", "--draft_vocab", vocab])
     out = capsys.readouterr().out
     assert ratio > 0 and f"ratio {ratio:.2f} (median of 5 side-by-side pairs" in out
 
@@ -552,7 +659,8 @@ def test_help_documents_every_flag():
                  "--ce_weight", "--teacher_model_path", "--dataset", "--data_files", "--dataset_id", "--assistant_only",
                  "--seq_len", "--batch_size", "--grad_accum", "--lr", "--schedule", "--warmup", "--max_steps",
                  "--epochs", "--eval_every", "--eval_batches", "--save_every", "--out_dir", "--resume", "--seed",
-                 "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to", "--adapter_init"):
+                 "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to", "--adapter_init",
+                 "--draft_vocab"):
         assert flag in text
     for action in train.build_parser()._actions:
         assert action.help, action.dest

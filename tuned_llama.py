@@ -6,6 +6,9 @@
 - exit head: a copy of the LM head (or a random one), always its own tensor, even when the base ties its
   embeddings, so training it never touches the base. (`head_init="lstsq"` also starts as the copy; train.py then
   refits it by least squares before training.)
+  With `vocab` (K token ids, e.g. train.py --draft_vocab K: the K most frequent target tokens), the head is pruned:
+  it has only the K rows of those tokens (the `vocab` buffer, saved with the weights) and `logits` still returns
+  full-vocabulary logits, -inf outside the subset, so the draft's q is exactly zero there. The target is untouched.
 - adapter (optional): a decoder block or a residual MLP. Initialised as the identity (`adapter_init="identity"`:
   a copy of block L-1 whose output projections start at zero, or an MLP whose down projection starts at zero), so
   untrained it changes nothing; or, for a block, as an exact copy of the base's next block L (`"next"`), so the
@@ -63,7 +66,7 @@ class EarlyExit(nn.Module):
     """Exit modules for one exit layer of one base model. See the module docstring."""
 
     def __init__(self, base_model, exit_layer, *, adapter=None, adapter_init="identity", last_block=False,
-                 head_init="copy"):
+                 head_init="copy", vocab=None):
         super().__init__()
         layers, final_norm, lm_head = base_model.model.layers, base_model.model.norm, base_model.lm_head
         n = len(layers)
@@ -77,16 +80,25 @@ class EarlyExit(nn.Module):
             raise ValueError(f"head_init must be copy, random or lstsq, got {head_init!r}.")
         if last_block and exit_layer < 2:
             raise ValueError("last_block needs exit_layer >= 2: block L-1 must not be the embedding's first block.")
+        V = lm_head.out_features
+        if vocab is not None:
+            vocab = torch.as_tensor(vocab, dtype=torch.long).flatten().cpu()
+            if not 1 <= vocab.numel() <= V or int(vocab.min()) < 0 or int(vocab.max()) >= V or \
+                    vocab.unique().numel() != vocab.numel():
+                raise ValueError(f"vocab must be 1..{V} distinct token ids in 0..{V - 1}, got {vocab.numel()} ids.")
         config = base_model.config
         self.exit_layer = exit_layer
         self.adapter_kind = adapter
         self.adapter_init = adapter_init
         self.head_init = head_init
+        self.vocab_size = V
+        # the pruned head's token ids (row i of the head is token vocab[i]); None: the full vocabulary
+        self.register_buffer("vocab", vocab.to(lm_head.weight.device) if vocab is not None else None)
         self.norm = _fresh_copy(final_norm)
-        self.head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=False)
+        self.head = nn.Linear(lm_head.in_features, V if vocab is None else vocab.numel(), bias=False)
         with torch.no_grad():
             if head_init in ("copy", "lstsq"):
-                self.head.weight.copy_(lm_head.weight)
+                self.head.weight.copy_(lm_head.weight if vocab is None else lm_head.weight[self.vocab])
             else:
                 nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
         self.head.to(lm_head.weight.dtype)
@@ -117,9 +129,15 @@ class EarlyExit(nn.Module):
         """How many base layers the draft shares with the full model (L, or L-1 with a private last block)."""
         return self.exit_layer - (1 if self.last_block is not None else 0)
 
+    @property
+    def draft_vocab(self):
+        """K, the rows of a pruned head; None for the full vocabulary."""
+        return None if self.vocab is None else self.vocab.numel()
+
     def config_dict(self):
         return {"exit_layer": self.exit_layer, "adapter": self.adapter_kind, "adapter_init": self.adapter_init,
-                "last_block": self.last_block is not None, "head_init": self.head_init}
+                "last_block": self.last_block is not None, "head_init": self.head_init,
+                "draft_vocab": self.draft_vocab}
 
     def blocks(self):
         return [b for b in (self.last_block, self.adapter) if b is not None]
@@ -132,7 +150,16 @@ class EarlyExit(nn.Module):
         return h
 
     def logits(self, h):
-        return self.head(self.norm(h))
+        """Full-vocabulary draft logits (..., V) of the state h; -inf outside a pruned head's vocabulary."""
+        return self.expand(self.head(self.norm(h)))
+
+    def expand(self, z):
+        """The head's output (..., K) as full-vocabulary logits (..., V): a pruned head's K logits scattered into a
+        -inf filled tensor (the full head's pass through)."""
+        if self.vocab is None:
+            return z
+        out = z.new_full((*z.shape[:-1], self.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.vocab, z)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,10 +245,14 @@ def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
     if not isinstance(cfg.get("exit_layer"), int) or not 1 <= cfg["exit_layer"] <= n - 1:
         raise CheckpointError(f"--exit_ckpt: {path} has exit layer {cfg.get('exit_layer')}, outside 1..{n - 1} "
                               f"for the loaded {n}-layer model.")
+    k = cfg.get("draft_vocab")
     try:
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
+            raise ValueError(f"draft_vocab {k!r} is not an integer")
+        # a pruned head: any K distinct ids to build it; the saved `vocab` buffer replaces them below
         exit = EarlyExit(base_model, cfg["exit_layer"], adapter=cfg.get("adapter"),
                          adapter_init=cfg.get("adapter_init", "identity"), last_block=bool(cfg.get("last_block")),
-                         head_init=cfg.get("head_init", "copy"))
+                         head_init=cfg.get("head_init", "copy"), vocab=None if k is None else torch.arange(k))
     except ValueError as e:
         raise CheckpointError(f"--exit_ckpt: {path} has an exit configuration this code cannot build ({e})") from None
     try:
@@ -230,4 +261,8 @@ def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"--exit_ckpt: the weights in {path} are corrupt or do not fit this model "
                               f"({str(e).splitlines()[0][:120]}).") from None
+    v = exit.vocab
+    if v is not None and (int(v.min()) < 0 or int(v.max()) >= exit.vocab_size or v.unique().numel() != v.numel()):
+        raise CheckpointError(f"--exit_ckpt: the pruned head's vocabulary in {path} is not {v.numel()} distinct "
+                              f"token ids of this model's {exit.vocab_size}.")
     return exit.to(base_model.device), cfg

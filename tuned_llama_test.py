@@ -100,3 +100,54 @@ def test_atomic_write_keeps_the_old_directory_when_writing_fails(tmp_path):
     write_dir_atomically(out, lambda tmp: (tmp / "a.txt").write_text("new"))
     assert (out / "a.txt").read_text() == "new" and (out / "checkpoints").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directories left behind
+
+
+def test_pruned_head_keeps_full_vocabulary_logits_and_round_trips(tmp_path):
+    base = make_tiny_llama(init_std=0.1)
+    ids = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(5))
+    vocab = torch.tensor([3, 17, 40, 41, 200, 258])
+    exit = EarlyExit(base, 2, vocab=vocab)
+    assert exit.head.weight.shape == (6, 32) and exit.draft_vocab == 6
+    assert torch.equal(exit.head.weight, base.lm_head.weight[vocab])  # initialised from the LM head's rows
+    assert exit.head.weight.data_ptr() != base.lm_head.weight.data_ptr()
+    with torch.no_grad():
+        full = TruncatedLlama(base, 2)(ids).exit_logits
+        pruned = TruncatedLlama(base, 2, exit)(ids).exit_logits
+    assert pruned.shape == full.shape  # full vocabulary, for the loop and the target's shape
+    torch.testing.assert_close(pruned[..., vocab], full[..., vocab], rtol=0, atol=1e-6)
+    outside = torch.ones(259, dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.isneginf(pruned[..., outside]).all()  # q is exactly 0 there
+    assert pruned.softmax(-1)[..., outside].sum() == 0
+    fp = model_fingerprint(base)
+    save_exit(exit, tmp_path / "ck", base_name="tiny", base_fingerprint=fp, trained=["head"])
+    loaded, cfg = load_exit(tmp_path / "ck", base, base_fingerprint=fp)
+    assert cfg["draft_vocab"] == 6 and torch.equal(loaded.vocab, vocab)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in exit.state_dict().items())
+    # a full exit saves no vocabulary, so checkpoints written before pruned heads existed load as before
+    assert "vocab" not in EarlyExit(base, 2).state_dict() and EarlyExit(base, 2).config_dict()["draft_vocab"] is None
+    with pytest.raises(ValueError, match="distinct token ids"):
+        EarlyExit(base, 2, vocab=[1, 1, 2])
+    with pytest.raises(ValueError, match="distinct token ids"):
+        EarlyExit(base, 2, vocab=[1, 259])
+
+
+def test_pruned_checkpoint_refusals(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    base = make_tiny_llama()
+    save_exit(EarlyExit(base, 2, vocab=torch.arange(10)), tmp_path / "ck", base_name="tiny", base_fingerprint="x")
+    state = load_file(str(tmp_path / "ck" / "exit.safetensors"))
+    duplicate = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 8])
+    save_file({**state, "vocab": duplicate}, str(tmp_path / "ck" / "exit.safetensors"))
+    with pytest.raises(CheckpointError, match="pruned head's vocabulary"):
+        load_exit(tmp_path / "ck", base)
+    save_file(state, str(tmp_path / "ck" / "exit.safetensors"))
+    cfg = json.loads((tmp_path / "ck" / "exit_config.json").read_text())
+    (tmp_path / "ck" / "exit_config.json").write_text(json.dumps({**cfg, "draft_vocab": 12}))
+    with pytest.raises(CheckpointError, match="do not fit"):  # 10 rows saved, 12 announced
+        load_exit(tmp_path / "ck", base)
+    (tmp_path / "ck" / "exit_config.json").write_text(json.dumps({**cfg, "draft_vocab": None}))
+    with pytest.raises(CheckpointError, match="do not fit"):  # a pruned head's weights under a full exit's config
+        load_exit(tmp_path / "ck", base)
