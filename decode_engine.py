@@ -323,6 +323,7 @@ class ExitEngine:
         self.blocks = [Block(b, choices) if type(b) is LlamaDecoderLayer else b for b in exit.blocks()]
         self.norm, self.norm_eps = exit.norm.weight, exit.norm.variance_epsilon
         self.head = Product([exit.head], choose_forms([exit.head.weight.detach()]))
+        self.expand = exit.expand  # a pruned head's K logits -> full vocabulary, -inf elsewhere
 
     def hidden(self, x, cache, start, tables):
         """The exit's private blocks on shared states x (t, hidden); an MLP adapter has no attention, no cache."""
@@ -337,7 +338,7 @@ class ExitEngine:
         return x
 
     def logits(self, x):
-        return self.head(rms_norm(x, self.norm, self.norm_eps))
+        return self.expand(self.head(rms_norm(x, self.norm, self.norm_eps)))
 
 
 def exit_engine_for(exit):
