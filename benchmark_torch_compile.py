@@ -1,18 +1,28 @@
-"""Speed, measured side by side in one process: our loops vs transformers' generate, eager vs torch.compile.
+"""Speed, measured side by side in one process: our loops vs transformers' generate, against two rooflines.
 
     python benchmark_torch_compile.py                       # SmolLM2, 8 ShareGPT prompts x 128 tokens, greedy
+    python benchmark_torch_compile.py --dtype auto float32  # both dtypes, one after the other, in one run
     python benchmark_torch_compile.py --check_layers 8 15 22 --check_gammas 2 4 8   # + losslessness grid
-    python benchmark_torch_compile.py --compile             # + our loops with torch.compile'd decoder layers
+    python benchmark_torch_compile.py --compile             # + the lean step under torch.compile vs eager
     python benchmark_torch_compile.py --random_weights --device cuda --dtype bfloat16   # timing on a GPU
 
-For each (L, gamma) it times, on the same prompts and in turns (each method once per prompt, round-robin, so slow
-drifts of the machine hit every method alike):
-  hf_generate      model.generate(do_sample=False)                                   (the reference)
-  ours_ar          autoregressive_generate                                           (our KV-cached loop)
-  hf_early_exit    model.generate(assistant_early_exit=L, num_assistant_tokens=gamma, schedule "constant")
-  ours_spec        speculative_generate(gamma=gamma) with the untrained exit at L
-and prints tokens/s and the ratios ours_ar / hf_generate and ours_spec / hf_early_exit. Greedy outputs are compared
-too. Wall-clock figures are reported, never asserted.
+For each dtype it prints, all measured in the same run:
+  machine      CPU model and flags (or GPU), threads, dtype
+  rooflines    physical: weight bytes read per token / the memory's read rate (a sum over a tensor far larger than
+               the caches); products: the model's matrix products alone, in sequence, one token, each in the lean
+               engine's form (and through F.linear for reference)
+  steps        a full step of 1 token and of 2/3/5/9 tokens (verify) over 1, and the draft's cost c at L8 (draft
+               step / full step), for transformers' layers (hf, "before") and the lean engine ("after")
+  speed        for each (L, gamma), on the same prompts and in turns (each method once per prompt, round-robin, so
+               slow drifts of the machine hit every method alike):
+                 hf_generate    model.generate(do_sample=False)                          (the reference)
+                 ours_ar        autoregressive_generate                                  (our KV-cached loop)
+                 hf_early_exit  generate(assistant_early_exit=L, num_assistant_tokens=gamma, schedule "constant")
+                 ours_spec      speculative_generate(gamma=gamma) with the untrained exit at L
+               tokens/s, the ratios, each method's fraction of both rooflines, and whether greedy outputs equal
+               generate's. transformers' methods run on their own pristine copy of the model (the lean engine lays
+               our copy's weights out anew).
+Wall-clock figures are reported, never asserted.
 """
 import argparse
 import json
@@ -22,8 +32,10 @@ import time
 
 import torch
 
+import decode_engine
 from evaluate import autoregressive_generate, speculative_generate
-from truncated_llama import DEFAULT_MODEL, TruncatedLlama, load_base_model
+from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, TruncatedLlama, dtype_line, load_base_model,
+                             machine_info, resolve_dtype)
 
 
 def sharegpt_prompts(tok, n, seed, max_prompt_tokens=256):
@@ -52,21 +64,112 @@ def sync(device):
 def timed(fn, device):
     sync(device)
     t = time.perf_counter()
-    tokens = fn()
+    out = fn()
     sync(device)
-    return tokens, time.perf_counter() - t
+    return out, time.perf_counter() - t
 
 
-def methods_for(model, layer, gamma, new):
+# ----------------------------------------------------------------------------------------------------------------
+# Rooflines
+
+
+def weight_bytes_per_token(model):
+    """Bytes of weights a decode step reads: every parameter once (an untied embedding only gives one row)."""
+    embed = model.model.embed_tokens.weight
+    tied = embed.data_ptr() == model.lm_head.weight.data_ptr()
+    params = {p.data_ptr(): p for p in model.parameters() if tied or p is not embed}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def memory_read_rate(device, nbytes=2 << 30, repeats=5):
+    """Bytes/s of a sum over a tensor far larger than the caches (the memory's read rate, as a step would see it)."""
+    x = torch.ones(nbytes // 4, device=device)
+    best = min(timed(x.sum, device)[1] for _ in range(repeats))
+    return nbytes / best
+
+
+@torch.inference_mode()
+def products_time(model, device, repeats=5):
+    """Seconds for one token's matrix products alone, in sequence (all layers' q/k/v, o, gate/up, down and the LM
+    head): in the lean engine's chosen forms, and through F.linear on the same weights."""
+    engine = decode_engine.engine_for(model)
+    products = [p for b in engine.blocks for p in (b.qkv, b.o, b.gate_up, b.down)] + [engine.head]
+    x = {p: torch.randn(1, p.weight.shape[0 if p.storage == "t" else 1], device=device).to(p.weight.dtype)
+         for p in products}
+    linear = [(x[p], p.weight.t() if p.storage == "t" else p.weight) for p in products]
+
+    def ours():
+        for p in products:
+            p(x[p])
+
+    def plain():
+        for xi, w in linear:
+            torch.nn.functional.linear(xi, w)
+
+    ours(), plain()
+    return (min(timed(ours, device)[1] for _ in range(repeats)),
+            min(timed(plain, device)[1] for _ in range(repeats)))
+
+
+def rooflines(model, device):
+    nbytes = weight_bytes_per_token(model)
+    rate = memory_read_rate(device)
+    ours_s, linear_s = products_time(model, device)
+    return {"weight_mb_per_token": round(nbytes / 1e6, 1), "memory_read_gb_s": round(rate / 1e9, 1),
+            "physical_tok_s": round(rate / nbytes, 1),
+            "products_ms": round(1e3 * ours_s, 2), "products_gb_s": round(nbytes / ours_s / 1e9, 1),
+            "products_tok_s": round(1 / ours_s, 1), "products_f_linear_ms": round(1e3 * linear_s, 2)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step costs
+
+
+@torch.inference_mode()
+def step_costs(models, prompt, draft_layer=8, sizes=(2, 3, 5, 9), rounds=7):
+    """Per engine ({engine: model}): a one-token full step (ms), k-token full steps over it, and c = draft step /
+    full step at `draft_layer`; medians of warm calls on a cache holding `prompt`, engines interleaved by round."""
+    engines = tuple(models)
+    tls = {e: TruncatedLlama(m, draft_layer, engine=e) for e, m in models.items()}
+    n = prompt.shape[1] - max(sizes)
+    caches = {}
+    for e, tl in tls.items():
+        caches[e] = tl.new_cache(prompt.shape[1] + 16)
+        tl.full_step(prompt[:, :n], caches[e], 0, with_exit=True)
+    times = {e: {k: [] for k in ("draft", 1, *sizes)} for e in engines}
+    for r in range(rounds + 1):
+        for e, tl in tls.items():
+            for k in times[e]:
+                cache = caches[e]
+                step = (lambda: tl.draft_step(prompt[:, n:n + 1], cache, n)) if k == "draft" else \
+                    (lambda: tl.full_step(prompt[:, n:n + k], cache, n))
+                _, s = timed(step, prompt.device)
+                cache.crop(n)
+                if r:  # round 0 warms up
+                    times[e][k].append(s)
+    out = {}
+    for e in engines:
+        med = {k: statistics.median(v) for k, v in times[e].items()}
+        out[e] = {"full_1_ms": round(1e3 * med[1], 2), **{f"full_{k}_over_1": round(med[k] / med[1], 2)
+                                                         for k in sizes},
+                  f"c_L{draft_layer}": round(med["draft"] / med[1], 3)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Our loops against transformers'
+
+
+def methods_for(model, ref, layer, gamma, new):
     tl = TruncatedLlama(model, layer)
 
     def hf_generate(ids):
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, ids.shape[1]:]
+        return ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, ids.shape[1]:]
 
     def hf_early_exit(ids):
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              assistant_early_exit=layer, num_assistant_tokens=gamma,
-                              num_assistant_tokens_schedule="constant")[0, ids.shape[1]:]
+        return ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            assistant_early_exit=layer, num_assistant_tokens=gamma,
+                            num_assistant_tokens_schedule="constant")[0, ids.shape[1]:]
 
     return {
         "hf_generate": hf_generate,
@@ -77,8 +180,8 @@ def methods_for(model, layer, gamma, new):
 
 
 @torch.inference_mode()
-def compare(model, prompts, layer, gamma, new, device):
-    methods = methods_for(model, layer, gamma, new)
+def compare(model, ref, prompts, layer, gamma, new, device, roof):
+    methods = methods_for(model, ref, layer, gamma, new)
     for fn in methods.values():  # warm-up
         fn(prompts[0][:, :16])
     seconds = {k: 0.0 for k in methods}
@@ -91,12 +194,14 @@ def compare(model, prompts, layer, gamma, new, device):
             tokens[name] += len(out)
             outputs[name].append(out.cpu())
     tps = {k: tokens[k] / seconds[k] for k in methods}
-    ref = outputs["hf_generate"]
-    same = {k: all(torch.equal(a, b) for a, b in zip(outputs[k], ref)) for k in methods}
+    ref_out = outputs["hf_generate"]
+    same = {k: f"{sum(torch.equal(a, b) for a, b in zip(outputs[k], ref_out))}/{len(prompts)}" for k in methods}
     return {"exit_layer": layer, "gamma": gamma, "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
             "ours_ar_vs_hf_generate": round(tps["ours_ar"] / tps["hf_generate"], 3),
             "ours_spec_vs_hf_early_exit": round(tps["ours_spec"] / tps["hf_early_exit"], 3),
             "ours_spec_vs_ours_ar": round(tps["ours_spec"] / tps["ours_ar"], 3),
+            "fraction_of_physical_roofline": {k: round(v / roof["physical_tok_s"], 3) for k, v in tps.items()},
+            "fraction_of_products_roofline": {k: round(v / roof["products_tok_s"], 3) for k, v in tps.items()},
             "greedy_equal_to_hf_generate": same}
 
 
@@ -119,22 +224,28 @@ def check_lossless(model, prompts, layers, gammas, new):
 
 @torch.inference_mode()
 def compile_comparison(model, prompts, layer, gamma, new, device):
-    """Our loops with eager decoder layers vs torch.compile'd ones (dynamic shapes: the cache grows every step)."""
+    """Our loops on the lean step, eager vs torch.compile'd (decode_engine.compile_steps), prompts in turns."""
     tl = TruncatedLlama(model, layer)
     run = {"ours_ar": lambda ids: autoregressive_generate(tl, ids, new)[0],
            "ours_spec": lambda ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
-    result = {}
-    for label in ("eager", "compiled"):
-        if label == "compiled":
-            for layer_module in model.model.layers:
-                layer_module.forward = torch.compile(layer_module.forward, dynamic=True)
-        for name, fn in run.items():
-            fn(prompts[0])  # warm-up (and compilation)
-            tok, sec = 0, 0.0
-            for ids in prompts:
+    engine = decode_engine.engine_for(model)
+    t = time.perf_counter()
+    for compiled in (False, True):  # warm-up, and compilation (its time is reported apart)
+        decode_engine.compile_steps(engine, compiled)
+        for fn in run.values():
+            fn(prompts[0])
+    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
+    seconds = {f"{name}_{label}": 0.0 for name in run for label in ("eager", "compiled")}
+    tokens = dict.fromkeys(seconds, 0)
+    for ids in prompts:
+        for compiled, label in ((False, "eager"), (True, "compiled")):
+            decode_engine.compile_steps(engine, compiled)
+            for name, fn in run.items():
                 out, s = timed(lambda: fn(ids), device)
-                tok, sec = tok + len(out), sec + s
-            result[f"{name}_{label}"] = round(tok / sec, 2)
+                seconds[f"{name}_{label}"] += s
+                tokens[f"{name}_{label}"] += len(out)
+    decode_engine.compile_steps(engine, False)
+    result.update({k: round(tokens[k] / seconds[k], 2) for k in seconds})
     for name in run:
         result[f"{name}_compiled_vs_eager"] = round(result[f"{name}_compiled"] / result[f"{name}_eager"], 3)
     return result
@@ -143,42 +254,60 @@ def compile_comparison(model, prompts, layer, gamma, new, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--layers", type=int, nargs="*", default=[22], help="exit layers to time (default 22; none: skip)")
+    ap.add_argument("--layers", type=int, nargs="*", default=[20], help="exit layers to time (default 20; none: skip)")
     ap.add_argument("--gammas", type=int, nargs="+", default=[4], help="draft lengths to time (default 4)")
     ap.add_argument("--num_prompts", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check_layers", type=int, nargs="*", default=[], help="also check greedy losslessness here")
     ap.add_argument("--check_gammas", type=int, nargs="*", default=[2, 4, 8])
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd decoder layers")
+    ap.add_argument("--compile", action="store_true", help="also time the lean step under torch.compile")
+    ap.add_argument("--no_steps", action="store_true", help="skip the step-cost table")
     ap.add_argument("--random_weights", action="store_true", help="random model of the same shape (GPU timing)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
+                    help="one run per dtype, in this order (auto: bfloat16 where the hardware has it, else float32)")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_base_model(args.model, dtype=dtype, device=args.device)
-    if args.random_weights:
-        model = random_model(args.model, dtype, device)
-    prompts = [p.to(device) for p in sharegpt_prompts(tok, args.num_prompts, args.seed)]
-    print(f"{args.model}: {len(prompts)} ShareGPT prompts x {args.max_new_tokens} new tokens, greedy, "
-          f"{args.device}/{args.dtype}, torch threads {torch.get_num_threads()}", flush=True)
-    report = {"speed": [], "lossless": [], "compile": None}
-    for layer in args.layers:
-        for gamma in args.gammas:
-            row = compare(model, prompts, layer, gamma, args.max_new_tokens, device)
-            report["speed"].append(row)
-            print(json.dumps(row), flush=True)
-    if args.check_layers:
-        report["lossless"] = check_lossless(model, prompts, args.check_layers, args.check_gammas,
-                                            args.max_new_tokens)
-    if args.compile:
-        report["compile"] = compile_comparison(model, prompts, args.layers[0], args.gammas[0],
-                                               args.max_new_tokens, device)
-        print(json.dumps(report["compile"]), flush=True)
+    report = []
+    for dtype_arg in args.dtype:
+        dtype, dtype_name = resolve_dtype(dtype_arg, device)
+        model, tok = load_base_model(args.model, dtype=dtype, device=args.device)
+        ref, _ = load_base_model(args.model, dtype=dtype, device=args.device)
+        if args.random_weights:
+            model = random_model(args.model, dtype, device)
+            ref = random_model(args.model, dtype, device)
+        prompts = [p.to(device) for p in sharegpt_prompts(tok, args.num_prompts, args.seed)]
+        part = {"machine": {**machine_info(device), "dtype": dtype_name, "dtype_flag": dtype_arg}}
+        print(f"{args.model}{' (random weights)' if args.random_weights else ''}: {len(prompts)} ShareGPT prompts "
+              f"x {args.max_new_tokens} new tokens, greedy, {args.device}/{dtype_name}", flush=True)
+        print(dtype_line(dtype_arg, dtype_name, part["machine"]), flush=True)
+        part["rooflines"] = rooflines(model, device)
+        print(json.dumps(part["rooflines"]), flush=True)
+        print("engine:", TruncatedLlama(model, 1).describe_engine(), flush=True)
+        if not args.no_steps:
+            long = max(prompts, key=lambda p: p.shape[1])
+            part["steps"] = step_costs({"hf": ref, "lean": model}, long)
+            print(json.dumps(part["steps"]), flush=True)
+        part["speed"] = []
+        for layer in args.layers:
+            for gamma in args.gammas:
+                row = compare(model, ref, prompts, layer, gamma, args.max_new_tokens, device, part["rooflines"])
+                part["speed"].append(row)
+                print(json.dumps(row), flush=True)
+        if args.check_layers:
+            part["lossless"] = check_lossless(model, prompts, args.check_layers, args.check_gammas,
+                                              args.max_new_tokens)
+        if args.compile:
+            part["compile"] = compile_comparison(model, prompts, (args.layers or [20])[0], args.gammas[0],
+                                                 args.max_new_tokens, device)
+            print(json.dumps(part["compile"]), flush=True)
+        report.append(part)
+        del model, ref
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -215,6 +215,12 @@ class Block:
 
     def __call__(self, x, cache, slot, start, cos, sin, mask):
         """x (t, hidden) at positions start..start+t-1 -> (t, hidden); writes the layer's keys/values."""
+        if _COMPILED["step"] is not None:
+            end = start + x.shape[0]
+            cache.reserve(end)
+            cache.lengths[slot] = end
+            return _COMPILED["step"](x, self.plain_weights(), cache.k[slot], cache.v[slot], start, cos, sin, mask,
+                                     (self.eps1, self.eps2, self.heads, self.kv_heads, self.scaling, self.inter))
         t, hd, H, KV = x.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv(rms_norm(x, self.ln1, self.eps1))
         qk = rope(qkv[:, : (H + KV) * hd].view(t, H + KV, hd), cos, sin)  # q and k rotated in one go
@@ -226,6 +232,45 @@ class Block:
         x = x + self.o(att[0].transpose(0, 1).reshape(t, H * hd))
         gu = self.gate_up(rms_norm(x, self.ln2, self.eps2))
         return x + self.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
+
+
+    def plain_weights(self):
+        """(ln1, ln2, and each product's weight as an (in, out) view) for the compiled step."""
+        return (self.ln1, self.ln2, *(p.weight if p.storage == "t" else p.weight.t()
+                                      for p in (self.qkv, self.o, self.gate_up, self.down)))
+
+
+def plain_step(x, weights, keys, values, start, cos, sin, mask, sizes):
+    """The same step as Block.__call__ as one pure function of tensors, for torch.compile (plain `x @ W` products:
+    the compiler picks their kernels). keys/values are the layer's whole (kv_heads, capacity, head_dim) buffers."""
+    ln1, ln2, qkv_w, o_w, gate_up_w, down_w = weights
+    eps1, eps2, H, KV, scaling, inter = sizes
+    t, hd = x.shape[0], keys.shape[-1]
+    end = start + t
+    qkv = rms_norm(x, ln1, eps1) @ qkv_w
+    qk = rope(qkv[:, : (H + KV) * hd].reshape(t, H + KV, hd), cos, sin)
+    keys[:, start:end] = qk[:, H:].transpose(0, 1)
+    values[:, start:end] = qkv[:, (H + KV) * hd:].reshape(t, KV, hd).transpose(0, 1)
+    att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0),
+                                         values[:, :end].unsqueeze(0), attn_mask=mask, scale=scaling,
+                                         enable_gqa=KV != H)
+    x = x + att[0].transpose(0, 1).reshape(t, H * hd) @ o_w
+    gu = rms_norm(x, ln2, eps2) @ gate_up_w
+    return x + (F.silu(gu[:, :inter]) * gu[:, inter:]) @ down_w
+
+
+_COMPILED = {"step": None, "fn": None}
+
+
+def compile_steps(engine=None, on=True):
+    """Run every lean block through torch.compile(plain_step) (on=True) or eagerly (on=False). One compiled function
+    serves every layer (weights are arguments); shapes are dynamic, so the growing cache does not recompile.
+    On CUDA the compiled step uses mode "max-autotune-no-cudagraphs" (the cache is static, but its length is not)."""
+    if on and _COMPILED["fn"] is None:
+        cuda = engine is not None and engine.device.type == "cuda"
+        _COMPILED["fn"] = torch.compile(plain_step, dynamic=True,
+                                        mode="max-autotune-no-cudagraphs" if cuda else None)
+    _COMPILED["step"] = _COMPILED["fn"] if on else None
 
 
 def rms_norm(x, weight, eps):

@@ -43,7 +43,7 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data_utils import DataError, Parser, UsageError, int_at_least, sample_blocks
-from truncated_llama import DEFAULT_MODEL, ModelLoadError
+from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
 from tuned_llama import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,10 +275,10 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
 RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
 LAYER_SWEEP = "layer_sweep"
 DATASETS = ("sharegpt", "xsum", "slimpajama")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
-                 "draft_step_ms", "full_step_ms", "c", "predicted_speedup")
+                 "draft_step_ms", "full_step_ms", "c", "predicted_speedup",
+                 "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
 
 
 @dataclass(frozen=True)
@@ -392,13 +392,22 @@ def run_baseline(model, prompts, policy, max_new_tokens, seed, eos):
     return {"tokens": tokens, "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0}
 
 
+def first_difference(a, b):
+    """The first position where token sequences a and b differ (a length difference counts); None if equal."""
+    n = min(len(a), len(b))
+    where = (a[:n] != b[:n]).nonzero()
+    if len(where):
+        return int(where[0])
+    return None if len(a) == len(b) else n
+
+
 def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts)."""
     keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
     total = dict.fromkeys(keys, 0)
     rejected = 0
     hist, len_hist = [0] * (cell.gamma + 1), [0] * (cell.gamma + 1)
-    matches = True
+    same, first_diffs = 0, []
     for i, p in enumerate(prompts):
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
@@ -408,7 +417,9 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         rejected += judged_drafts(s["per_cycle"], s["per_cycle_drafted"])[1]
         hist = [a + b for a, b in zip(hist, s["accept_hist"])]
         len_hist = [a + b for a, b in zip(len_hist, s["draft_len_hist"])]
-        matches = matches and torch.equal(out, baseline["tokens"][i])
+        diff = first_difference(out, baseline["tokens"][i])
+        same += diff is None
+        first_diffs += [] if diff is None else [diff]
     drafted, calls = total["drafted"], total["target_calls"]
     overlap = total["overlap_sum"] / drafted if drafted else None
     rate = total["accepted"] / drafted if drafted else None
@@ -423,7 +434,9 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate, "alpha": alpha,
         "avg_overlap": overlap, "avg_tv": 1.0 - overlap if overlap is not None else None, "accept_hist": hist,
         "avg_draft_len": drafted / calls if calls else 0.0, "draft_len_hist": len_hist,
-        "matches_baseline": matches if cell.temperature == 0 else None,
+        "matches_baseline": same == len(prompts) if cell.temperature == 0 else None,
+        "greedy_match": f"{same}/{len(prompts)}" if cell.temperature == 0 else None,
+        "first_diff_mean": statistics.fmean(first_diffs) if cell.temperature == 0 and first_diffs else None,
         "baseline_new_tokens": baseline["new_tokens"],
         "seconds": total["seconds"], "tokens_per_s": tps,
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
@@ -541,17 +554,25 @@ def _gamma_label(row):
     return f"{row['gamma']}" + (f", stop {stop:g}" if stop else "")
 
 
+def _greedy_label(r):
+    """'8/8' for a greedy cell (with the mean first-difference position when some prompts part); '-' otherwise."""
+    if r.get("greedy_match") is None:
+        return _fmt(r.get("matches_baseline"))
+    diff = r.get("first_diff_mean")
+    return r["greedy_match"] + (f" (at {diff:.0f})" if diff is not None else "")
+
+
 def markdown_table(rows):
     """The summary as a Markdown table."""
     head = ["exit", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
-            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline"]
+            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline (first diff)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [exit_label(r), _gamma_label(r), _policy_name((r["temperature"], r["top_p"], r["top_k"])),
                  _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
                  _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
                  _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), _fmt(r["c"], 2),
-                 _fmt(r["predicted_speedup"], 2), _fmt(r["matches_baseline"])]
+                 _fmt(r["predicted_speedup"], 2), _greedy_label(r)]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -559,7 +580,7 @@ def markdown_table(rows):
 SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "prompts",
                    "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
                    "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
-                   "seconds", "tokens_per_s", "baseline_new_tokens",
+                   "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
                    "predicted_speedup", "cell_id")
 
@@ -991,7 +1012,10 @@ def build_parser():
                    help="continue the sweep in --out_dir, skipping every finished cell (needed when it holds results)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weights and activations; auto: bfloat16 on a GPU or CPU with native bf16, else float32")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="generation steps: lean (decode_engine.py), hf (transformers' layers), auto: lean if it can")
     g.add_argument("--stop_after", type=int_at_least(0), default=0,
                    help="stop after this many cells, unmerged, as if killed (for testing --resume; 0: off)")
     g.add_argument("--best_line", default=None, metavar="DIR",
@@ -1069,7 +1093,8 @@ def run(args):
     """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process."""
     from accelerate import PartialState
     from tqdm import tqdm
-    from truncated_llama import TruncatedLlama, load_base_model, model_fingerprint
+    from truncated_llama import (TruncatedLlama, dtype_line, load_base_model, machine_info, model_fingerprint,
+                                 resolve_dtype)
     from tuned_llama import CONFIG_FILE, WEIGHTS_FILE, load_exit
 
     t_start = time.perf_counter()
@@ -1081,7 +1106,9 @@ def run(args):
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
 
     # --- everything is loaded and checked before anything is written
-    base, tok = load_base_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    dtype, dtype_name = resolve_dtype(args.dtype, device)
+    machine = machine_info(device)
+    base, tok = load_base_model(args.model, dtype=dtype, device=device)
     n = base.config.num_hidden_layers
     layers = parse_layers(args.exit_layers, n)
     fingerprint = model_fingerprint(base)
@@ -1096,7 +1123,7 @@ def run(args):
     prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
     cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop)
-    context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": args.dtype, "exit_ids": exit_ids,
+    context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
                "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
                "seed": args.seed}
     ids = [cell_id(c, context) for c in cells]
@@ -1106,6 +1133,7 @@ def run(args):
     mine = todo[rank::world]
     state.wait_for_everyone()  # every process has read the same finished cells before any process writes
     stops = len(set(args.draft_stop))
+    say(dtype_line(args.dtype, dtype_name, machine))  # after every check: an error stays the only line
     say(f"{len(cells)} cells ({len(exits)} exits x {len(set(args.gammas))} gammas x "
         f"{len(cells) // (len(exits) * len(set(args.gammas)) * stops)} policies"
         f"{f' x {stops} draft stops' if stops > 1 else ''}) on {len(prompts)} prompts "
@@ -1117,12 +1145,12 @@ def run(args):
     repair_tail(own)
     eos = tok.eos_token_id
     meta = {"model": args.model, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-            "dtype": args.dtype, "device": device.type}
+            "dtype": dtype_name, "device": device.type, **machine}
 
     # --- the teacher-forced layer sweep (main process; cheap next to the generation grid)
     tf_rows = None
     if main and blocks:
-        tf_id = hashlib.sha256(json.dumps([fingerprint, args.dtype, [exit_ids[p] for p, _ in checkpoints],
+        tf_id = hashlib.sha256(json.dumps([fingerprint, dtype_name, [exit_ids[p] for p, _ in checkpoints],
                                            _tensor_hash([b["input_ids"] for b in blocks]),
                                            sorted(args.temperatures)]).encode()).hexdigest()[:16]
         tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
@@ -1141,7 +1169,7 @@ def run(args):
     # --- the generation grid: this process's share of the unfinished cells
     trained = dict(checkpoints)
     if mine:
-        warm = TruncatedLlama(base, exits[0][1], trained.get(exits[0][0]))
+        warm = TruncatedLlama(base, exits[0][1], trained.get(exits[0][0]), engine=args.engine)
         speculative_generate(warm, prompts[0]["input_ids"], 8, gamma=2)  # first calls allocate; keep them untimed
         autoregressive_generate(warm, prompts[0]["input_ids"], 8)
     long_prompt = max((p["input_ids"] for p in prompts), key=lambda x: x.shape[1])
@@ -1152,14 +1180,15 @@ def run(args):
         cell = cells[i]
         key = (cell.exit, cell.exit_layer)
         if key != model_key:  # cells come grouped by exit; the baselines are re-timed for each exit (see below)
-            model, model_key, baselines = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit)), key, {}
+            model, model_key, baselines = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit),
+                                                         engine=args.engine), key, {}
         if key not in times:
             times[key] = step_times(model, timing_ids)
         pkey = tuple(cell.policy.values())
         if pkey not in baselines:  # once per exit and policy, just before its cells: slow drifts in speed cancel
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
         row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines[pkey], times[key])
-        append_row(own, {"cell_id": ids[i], "index": i, **meta, **row})
+        append_row(own, {"cell_id": ids[i], "index": i, **meta, "engine": model.describe_engine(), **row})
         bar.update()
         bar.set_postfix(exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,
                         speedup=f"{row['speedup']:.2f}")

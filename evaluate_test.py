@@ -320,7 +320,7 @@ def sweep_argv(root, out_dir, *extra):
     return ["--model", str(root / "model"), "--dataset", str(root / "prompts.jsonl"), "--exit_layers", "1", "3",
             "--exit_ckpt", str(root / "exit_L2"), "--gammas", "1", "3", "--temperatures", "0", "1.0",
             "--num_prompts", "2", "--max_new_tokens", "10", "--tf_blocks", "2", "--tf_seq_len", "32",
-            "--out_dir", str(out_dir), *extra]
+            "--dtype", "float32", "--out_dir", str(out_dir), *extra]  # float32: greedy must equal the baseline
 
 
 def without_timings(rows):
@@ -542,7 +542,7 @@ def test_sweep_with_a_pruned_head_and_adaptive_draft_length(assets, tmp_path, ca
     evaluate.main(["--model", str(assets / "model"), "--dataset", str(assets / "prompts.jsonl"), "--exit_layers",
                    "--exit_ckpt", str(assets / "pruned_L2"), "--gammas", "3", "--temperatures", "0", "1.0",
                    "--draft_stop", "0", "0.12", "--num_prompts", "2", "--max_new_tokens", "12", "--tf_blocks", "2",
-                   "--tf_seq_len", "32", "--out_dir", str(out)])
+                   "--tf_seq_len", "32", "--dtype", "float32", "--out_dir", str(out)])
     assert capsys.readouterr().out.splitlines()[-1].startswith("best lossless speedup: ")
     rows = read_rows(out / "results.jsonl")
     assert [(r["temperature"], r["draft_stop"]) for r in rows] == [(0.0, 0.0), (0.0, 0.12), (1.0, 0.0), (1.0, 0.12)]

@@ -1044,7 +1044,7 @@ def run(args):
                 f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
                 f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
         exit = build_exit(base, args, train, vocab).to(device)
-    model = TruncatedLlama(base, args.exit_layer, exit)  # freezes the base
+    model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
     val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
     # the base states of the blocks the lstsq fit ran on, handed to the training steps that see them first
     # (--cache_states keeps every training block's states anyway)
@@ -1217,7 +1217,7 @@ def benchmark(args, repeats=5):
                          f"got {args.draft_vocab}.")
     vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None  # any K tokens: the cost is the same
     exit = set_trainable(EarlyExit(base, args.exit_layer, vocab=vocab).to(base.device), ["head"])
-    model = TruncatedLlama(base, args.exit_layer, exit)
+    model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")
     ef = ExitForward(exit)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), device=base.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}

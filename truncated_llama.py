@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,54 @@ from tuned_llama import EarlyExit
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "SELF_SPEC_CACHE"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 matrix instructions
+SPEED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def cpu_info():
+    """(model name, set of flags) of this machine's CPU, from /proc/cpuinfo (empty where it is not readable)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first core's lines
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return name, set((fields.get("flags") or fields.get("Features") or "").split())
+
+
+def machine_info(device="cpu"):
+    """What a speed figure depends on: CPU model and its relevant flags, threads, torch version, and the GPU if any."""
+    name, flags = cpu_info()
+    info = {"cpu": name, "cpu_flags": " ".join(f for f in SPEED_CPU_FLAGS if f in flags),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def dtype_line(flag, name, machine):
+    """The line every script prints at start: the dtype in use (and whether --dtype auto chose it) and the machine."""
+    where = machine.get("gpu") or f"{machine['cpu']} [{machine['cpu_flags']}], {machine['threads']} threads"
+    return f"dtype {name}{' (--dtype auto)' if flag == 'auto' else ''} on {where}"
+
+
+def resolve_dtype(name, device="cpu"):
+    """The dtype for --dtype NAME: `auto` is bfloat16 on a CUDA GPU with bf16 and on a CPU with native bf16 matrix
+    instructions (avx512_bf16 or AMX), float32 elsewhere. Returns (torch dtype, its name)."""
+    if name != "auto":
+        return DTYPES[name], name
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = any(f in cpu_info()[1] for f in BF16_CPU_FLAGS)
+    return (torch.bfloat16, "bfloat16") if native else (torch.float32, "float32")
 
 
 class ModelLoadError(ValueError):
@@ -208,6 +257,8 @@ class TruncatedLlama(nn.Module):
         self.config = base_model.config
         self.num_layers = n
         self.lean = engine == "lean" or (engine == "auto" and decode_engine.supports(base_model))
+        if self.lean:  # built (and its products timed) now, not inside the first timed generation
+            self._engines()
 
     # --- parts of the base model, used as they are
     @property
@@ -222,11 +273,16 @@ class TruncatedLlama(nn.Module):
         """An empty generation cache; `capacity` positions are reserved up front by the lean engine (it grows)."""
         if not self.lean:
             return SpecCache(self.config, self.exit.num_cache_slots)
-        engine = decode_engine.engine_for(self.base)
-        self._engine, self._exit_engine = engine, decode_engine.exit_engine_for(self.exit)
+        engine = self._engines()
         slots = self.exit.num_cache_slots
         return LeanCache(engine.new_cache(self.num_layers, capacity),
                          engine.new_cache(slots, capacity) if slots else None)
+
+    def _engines(self):
+        """The lean engines of the base and of the exit (re-built if their weights were replaced since)."""
+        self._engine = decode_engine.engine_for(self.base)
+        self._exit_engine = decode_engine.exit_engine_for(self.exit)
+        return self._engine
 
     def describe_engine(self):
         """How generation runs: the engine and, for the lean one, each product's storage and forms by row count."""
