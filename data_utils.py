@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -186,16 +187,23 @@ def _close_progress_bars():
 
 
 def resume_command(script, argv, resume=True):
-    """The command line that runs `script` with `argv` again (with --resume): `python`, or `torchrun` with the same
-    number of processes when the run had several."""
+    """The command line that runs `script` with `argv` again (with --resume): this Python, or torchrun beside it with
+    the same number of processes when the run had several."""
     args = [a for a in argv if a != "--resume"] + (["--resume"] if resume else [])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    launcher = ["python"]
+    launcher = [_program(sys.executable, "python")]
     if world > 1:
-        launcher = ["torchrun"] + (["--nnodes", str(world // local)] if local < world else []) + [
+        launcher = [_program(os.path.join(os.path.dirname(sys.executable), "torchrun"), "torchrun")]
+        launcher += (["--nnodes", str(world // local)] if local < world else ["--standalone"]) + [
             "--nproc_per_node", str(local)]
     return shlex.join(launcher + [script] + args)
+
+
+def _program(path, name):
+    """`name` when that is what the shell finds (a venv is active), else the full `path`."""
+    found = shutil.which(name)
+    return name if found and os.path.abspath(found) == os.path.abspath(path) else path
 
 
 # -----------------------------------------------------------------------------

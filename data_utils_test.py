@@ -348,6 +348,8 @@ def _stopped(stop, capsys, body):
 def test_a_signal_stops_at_once_with_one_line_and_exit_status_130_or_143(capsys, monkeypatch):
     import os
     import signal
+    import sys
+    monkeypatch.setattr(data_utils.shutil, "which", lambda name: sys.executable if name == "python" else None)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     old = signal.getsignal(signal.SIGINT)
@@ -384,8 +386,19 @@ def test_a_signal_stops_at_once_with_one_line_and_exit_status_130_or_143(capsys,
             raise RuntimeError("boom")
 
 
-def test_resume_command_under_torchrun(monkeypatch):
+def test_resume_command_names_this_python_or_torchrun(monkeypatch):
+    import os
+    import sys
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    found = {"python": sys.executable, "torchrun": torchrun}
+    monkeypatch.setattr(data_utils.shutil, "which", lambda name: found.get(name))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == "python train.py --lr 1e-3 --resume"
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == (
         "torchrun --nnodes 2 --nproc_per_node 2 train.py --lr 1e-3 --resume")
+    found.clear()  # not on the PATH (no active venv): the full path
+    assert data_utils.resume_command("train.py", [], resume=False).startswith(f"{torchrun} --nnodes 2")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert data_utils.resume_command("train.py", []) == f"{sys.executable} train.py --resume"

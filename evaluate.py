@@ -571,12 +571,14 @@ def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, s
     return prompts, pack_sequences(seqs, seq_len)
 
 
-def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source):
+def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="prompt"):
     """A run uses the number of prompts asked for, or stops here saying why not."""
     if len(prompts) < num_prompts:
-        raise DataError(f"--num_prompts {num_prompts}: {source} has only {len(prompts)} prompt"
-                        f"{'' if len(prompts) == 1 else 's'} of at most {max_prompt_tokens} tokens "
-                        "(--max_prompt_tokens); ask for fewer or allow longer ones.")
+        which = f"{kind}{'' if len(prompts) == 1 else 's'} of at most {max_prompt_tokens} tokens"
+        if kind == "document":  # SlimPajama: a prompt is the start of a longer document
+            which = f"document{'' if len(prompts) == 1 else 's'} longer than {max_prompt_tokens} tokens"
+        raise DataError(f"--num_prompts {num_prompts}: {source} has only {len(prompts)} {which} "
+                        "(--max_prompt_tokens); ask for fewer prompts or change --max_prompt_tokens.")
 
 
 def load_eval_data(args, tokenizer):
@@ -608,7 +610,8 @@ def load_eval_data(args, tokenizer):
             items = ds.load_texts(dataset_id=args.dataset_id, split="test", max_docs=2000)
         make = lambda texts: ds.training_sequences(tokenizer, texts, seq_len)
     prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
-    check_prompt_count(prompts, n, mpt, f"the {args.dataset} test split")
+    check_prompt_count(prompts, n, mpt, f"the {args.dataset} test split",
+                       "document" if args.dataset == "slimpajama" else "prompt")
     return prompts, sample_blocks(items, make, blocks) if blocks else []
 
 

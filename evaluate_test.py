@@ -468,7 +468,8 @@ def test_prompt_file_is_read_strictly_and_gives_the_prompts_asked_for(tmp_path, 
     assert [p["text"] for p in prompts] == [render("a"), render("b")]
     assert f"skipped 1 bad entry (--skip_bad_lines): line 2 of {path}" in caplog.text
     with pytest.raises(evaluate.DataError, match=r"^--num_prompts 3: .*p\.jsonl has only 2 prompts of at most 100 "
-                                                 r"tokens \(--max_prompt_tokens\); ask for fewer or allow longer ones\.$"):
+                                                 r"tokens \(--max_prompt_tokens\); ask for fewer prompts or change "
+                                                 r"--max_prompt_tokens\.$"):
         evaluate.load_prompt_file(path, tok, 3, 100, 8, skip_bad_lines=True)
 
 
@@ -479,6 +480,8 @@ def test_sigterm_mid_sweep_keeps_the_finished_cells_and_resumes_each_cell_once(a
     import os
     import shlex
     import signal
+
+    import data_utils
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = assets / "sigterm"
@@ -494,12 +497,13 @@ def test_sigterm_mid_sweep_keeps_the_finished_cells_and_resumes_each_cell_once(a
         evaluate.main(sweep_argv(assets, out))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 143
+    python = data_utils._program(sys.executable, "python")
     assert line.startswith(f"evaluate.py: stopped by SIGTERM; kept 5 of 12 cells in {out} (the cell in progress is "
-                           "dropped); continue with: python evaluate.py --model "), line
+                           f"dropped); continue with: {python} evaluate.py --model "), line
     assert len(read_rows(out / "results.jsonl")) == 5
     monkeypatch.setattr(evaluate, "run_cell", real_run_cell)
     argv = shlex.split(line.split("continue with: ", 1)[1])
-    assert argv[:2] == ["python", "evaluate.py"] and argv[-1] == "--resume"
+    assert argv[:2] == [python, "evaluate.py"] and argv[-1] == "--resume"
     evaluate.main(argv[2:])
     rows = read_rows(out / "results.jsonl")
     assert len((out / "results.jsonl").read_text().splitlines()) == len({r["cell_id"] for r in rows}) == 12

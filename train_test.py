@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import data_utils
 import train
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from truncated_llama import TruncatedLlama, load_base_model
@@ -496,7 +497,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_command_that_resumes(ti
     line = err.strip().splitlines()[-1]
     assert code == 130 and "Traceback" not in err, err
     assert line == (f"train.py: stopped by SIGINT; kept the checkpoint of step {kept} in {out}; continue with: "
-                    f"python train.py {shlex.join(flags)} --resume")
+                    f"{shlex.quote(data_utils._program(PY, 'python'))} train.py {shlex.join(flags)} --resume")
     assert 4 <= kept < 40 and exit_state(out).keys() == long_run.keys()
     resumed = train.main(shlex.split(line.split("continue with: ", 1)[1])[2:])
     assert resumed["step"] == 40 and max_diff(exit_state(resumed), long_run) <= 1e-6
@@ -520,7 +521,8 @@ def test_sigterm_stops_both_processes_of_a_two_process_run(tiny_dir, chat_file, 
     assert "Traceback" not in err0 + err1 and "stopped by" not in err1
     assert err0.strip().splitlines()[-1] == (
         f"train.py: stopped by SIGTERM; kept the checkpoint of step {kept['step']} in {out}; continue with: "
-        f"torchrun --nproc_per_node 2 train.py {shlex.join(flags)} --resume")
+        f"{shlex.quote(data_utils._program(str(Path(PY).with_name('torchrun')), 'torchrun'))} --standalone "
+        f"--nproc_per_node 2 train.py {shlex.join(flags)} --resume")
     assert exit_state(out) and not list(tmp_path.glob(".ddp.*"))  # a whole checkpoint, no half-written one
 
 
