@@ -3,7 +3,10 @@ Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scr
 
 - DataError: the one exception for bad data input (the CLIs print it and exit 2)
 - UsageError, Parser, int_at_least, positive: bad flag values as one sentence and exit status 2 (train.py, evaluate.py)
-- read_json_records: JSON array / JSONL reader that survives a file cut off mid-record
+- check_context: a length (--seq_len, prompt + --max_new_tokens, ...) held to the model's number of positions
+- SignalStop, Interrupted: SIGINT / SIGTERM as a clean stop that says what was kept and how to resume
+- read_json_records: JSON array / JSONL reader that survives a file cut off mid-record, or (BadEntries) reads a
+  user's file strictly, naming the line of the first bad entry
 - chat_tokens_with_mask: chat template + a mask over the assistant's tokens
 - pack_sequences / blocks_from_prefix / collate: fixed-length training blocks (from as few items as needed), batches
 - split_by_id: deterministic train/validation/test split by a stable hash of an id
@@ -11,15 +14,19 @@ Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scr
 - iter_rows: rows of a `datasets` dataset (local JSON/Parquet files or a hub id), errors as DataError
 """
 import argparse
+import contextlib
 import glob
 import hashlib
-import itertools
 import json
 import logging
 import os
 import random
 import re
+import shlex
+import shutil
+import signal
 import sys
+import threading
 
 import torch
 
@@ -69,6 +76,30 @@ def positive(kind):
     return conv
 
 
+def context_limit(config):
+    """(positions, name): the most positions the model takes, from its config (max_position_embeddings, or the
+    config's own name for it); (None, None) when the config states none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None, None
+
+
+def check_context(config, flag, value, *, prompt=0, prompt_name="the prompt", whose="this model's"):
+    """Raise UsageError (a ValueError) when `value` positions, after a prompt of `prompt` tokens, do not fit the
+    model's context: one sentence naming the flag, the numbers, the limit and the most that fits."""
+    limit, name = context_limit(config)
+    if limit is None or prompt + value <= limit:
+        return
+    if prompt:
+        need = f"{flag} {value} plus {prompt_name}'s {prompt} tokens needs {prompt + value} positions, more than"
+    else:
+        need = f"{flag} {value} is more than"
+    fix = f"use {flag} {limit - prompt} or less" if prompt < limit else f"{prompt_name} alone fills it"
+    raise UsageError(f"{need} {whose} limit of {limit} positions ({name}); {fix}.")
+
+
 def where(path, flag=None):
     """'--flag: path' when a flag is known, else just the path; the subject of a DataError sentence."""
     return f"{flag}: {path}" if flag else str(path)
@@ -79,6 +110,100 @@ def report(msg):
     logger.info(msg)
     if not logging.getLogger().hasHandlers():
         print(msg, file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# SIGINT / SIGTERM: stop cleanly, keep what is on disk, say how to continue
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalStop:
+    """SIGINT and SIGTERM as a clean stop, for train.py and evaluate.py: a context manager around a script's work.
+
+    The first signal raises Interrupted at once, wherever the program is, so the step or cell in progress is dropped
+    (every file the scripts write is written atomically, or appended as whole lines); inside `held()` (a checkpoint
+    being written) it waits for the end of the block. Later signals are ignored: torchrun passes a terminal's Ctrl-C
+    on to its workers a second time. On the way out, one line (from process 0) says what was kept (`kept`, set by the
+    script as it goes) and the command that continues the run (with --resume once `resumable` is set), and the
+    process exits with status 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+
+    Under torchrun every process gets the signal. One that stops while the others wait for it in a collective
+    operation makes theirs fail, so any error raised after a signal is taken as that same stop.
+    """
+
+    def __init__(self, prog="", argv=()):
+        self.prog, self.argv = prog, list(argv)
+        self.signum, self.kept, self.resumable = None, "nothing was kept", False
+        self._held, self._old = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, kind, error, tb):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        if self.signum is None or kind is None or not issubclass(kind, (Interrupted, Exception)):
+            return False
+        _close_progress_bars()
+        if int(os.environ.get("RANK", "0")) == 0:
+            kept = self.kept() if callable(self.kept) else self.kept
+            again = "continue with" if self.resumable else "start again with"
+            print(f"{self.prog}: stopped by {signal.Signals(self.signum).name}; {kept}; {again}: "
+                  f"{resume_command(self.prog, self.argv, self.resumable)}", file=sys.stderr, flush=True)
+        sys.exit(128 + self.signum)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            if not self._held:
+                raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        """A block that a signal does not cut short: the stop comes at its end."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if self.signum is not None and not self._held:
+            raise Interrupted(self.signum)
+
+
+def _close_progress_bars():
+    """Close open tqdm bars, so that the last line printed is the stop's."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def resume_command(script, argv, resume=True):
+    """The command line that runs `script` with `argv` again (with --resume): this Python, or torchrun beside it with
+    the same number of processes when the run had several."""
+    args = [a for a in argv if a != "--resume"] + (["--resume"] if resume else [])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    launcher = [_program(sys.executable, "python")]
+    if world > 1:
+        launcher = [_program(os.path.join(os.path.dirname(sys.executable), "torchrun"), "torchrun")]
+        launcher += (["--nnodes", str(world // local)] if local < world else ["--standalone"]) + [
+            "--nproc_per_node", str(local)]
+    return shlex.join(launcher + [script] + args)
+
+
+def _program(path, name):
+    """`name` when that is what the shell finds (a venv is active), else the full `path`."""
+    found = shutil.which(name)
+    return name if found and os.path.abspath(found) == os.path.abspath(path) else path
 
 
 # -----------------------------------------------------------------------------
@@ -103,20 +228,72 @@ def _read_text(path, flag):
         return data[:e.start].decode("utf-8")
 
 
-def read_json_records(path, *, flag=None):
+class BadEntries:
+    """What becomes of a bad entry in a user's data file (a line that is not valid JSON or not an object, a file cut
+    off in the middle of a record, a record without what the loader needs): by default a DataError naming the file
+    and the line; with skip=True (--skip_bad_lines) it is skipped and counted, and `report` says how many."""
+
+    def __init__(self, flag=None, skip=False):
+        self.flag, self.skip, self.places = flag, skip, []
+
+    def found(self, path, place, problem):
+        """A bad entry at `place` ("line 3", "row 3") of `path`; `problem` completes the sentence ("is not ...")."""
+        if not self.skip:
+            raise DataError(f"{self.flag + ': ' if self.flag else ''}{place} of {path} {problem}; fix it, or pass "
+                            "--skip_bad_lines to skip such entries.")
+        self.places.append(f"{place} of {path}")
+
+    def report(self):
+        n = len(self.places)
+        if n:
+            more = "; ..." if n > 3 else ""
+            report(f"skipped {n} bad entr{'y' if n == 1 else 'ies'} (--skip_bad_lines): {'; '.join(self.places[:3])}"
+                   f"{more}")
+
+
+def _line_counter(text):
+    """line_at(i): the line number (from 1) of character offset i, for offsets that never decrease."""
+    pos, line = 0, 1
+
+    def line_at(i):
+        nonlocal pos, line
+        line += text.count("\n", pos, i)
+        pos = i
+        return line
+    return line_at
+
+
+def read_json_records(path, *, flag=None, bad=None):
     """
     Read the objects of a JSON array file, or of a JSONL file (also when it is named .json).
-    Returns (records, info) with info = {"kept": n, "truncated": bool, "bad_lines": k}.
+    Returns (records, info) with info = {"kept": n, "truncated": bool, "bad_lines": k, "lines": [the line each
+    record starts on]}.
 
-    A JSON array that stops early (a download cut off mid-record) keeps every complete top-level
-    record before the break and sets truncated=True. The text is decoded in one streaming pass with
-    JSONDecoder.raw_decode, so a 125 MB file takes about a second. Entries that are not JSON objects,
-    and JSONL lines that don't parse, are skipped and counted in bad_lines.
+    Without `bad` the reader is lenient: a JSON array that stops early (a download cut off mid-record) keeps every
+    complete top-level record before the break and sets truncated=True; entries that are not JSON objects, and JSONL
+    lines that don't parse, are skipped and counted in bad_lines. With `bad` (a BadEntries: a user's file) each of
+    these is passed to it, which raises a DataError naming the line, or skips it under --skip_bad_lines.
+    The text is decoded in one streaming pass with JSONDecoder.raw_decode, so a 125 MB file takes about a second.
     Raises DataError for a missing/unreadable file or one without a single complete record.
     """
     text = _read_text(path, flag)
     decoder = json.JSONDecoder()
-    records, truncated, bad = [], False, 0
+    line_at = _line_counter(text)
+    records, lines, truncated, bad_count = [], [], False, 0
+
+    def skip(i, problem):
+        nonlocal bad_count
+        bad_count += 1
+        if bad is not None:
+            bad.found(path, f"line {line_at(i)}", problem)
+
+    def keep(obj, i):
+        if isinstance(obj, dict):
+            records.append(obj)
+            lines.append(line_at(i))
+        else:
+            skip(i, "is not a JSON object")
+
     i = _WS.match(text, 0).end()
     if text.startswith("[", i):  # a JSON array: walk its elements one by one
         i += 1
@@ -125,15 +302,12 @@ def read_json_records(path, *, flag=None):
             if text.startswith("]", i):
                 break  # empty array (or a lenient trailing comma)
             try:
-                obj, i = decoder.raw_decode(text, i)
+                obj, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError:
                 truncated = True  # cut off (or corrupt) here; everything before is kept
                 break
-            if isinstance(obj, dict):
-                records.append(obj)
-            else:
-                bad += 1
-            i = _WS.match(text, i).end()
+            keep(obj, i)
+            i = _WS.match(text, end).end()
             if text.startswith(",", i):
                 i += 1
             elif text.startswith("]", i):
@@ -143,25 +317,28 @@ def read_json_records(path, *, flag=None):
                 break
         if truncated:
             logger.info("%s: JSON array stops early at character %d of %d", path, i, len(text))
+            if bad is not None:
+                bad.found(path, f"line {line_at(i)}", "is where the JSON array breaks off in the middle of a record "
+                                                      "(a cut-off file?)")
     else:  # JSONL (or a single object): one value after another, resyncing at the next line on errors
         while i < len(text):
             try:
-                obj, i = decoder.raw_decode(text, i)
-            except json.JSONDecodeError:
+                obj, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as e:
                 nl = text.find("\n", i)
                 if nl < 0:  # the last line is incomplete
                     truncated = True
+                    if bad is not None:
+                        bad.found(path, f"line {line_at(i)}", f"is not valid JSON ({e.msg}; a cut-off file?)")
                     break
-                bad, i = bad + 1, nl + 1
+                skip(i, f"is not valid JSON ({e.msg})")
+                end = nl + 1
             else:
-                if isinstance(obj, dict):
-                    records.append(obj)
-                else:
-                    bad += 1
-            i = _WS.match(text, i).end()
+                keep(obj, i)
+            i = _WS.match(text, end).end()
     if not records:
         raise DataError(f"{where(path, flag)} contains no complete JSON record.")
-    return records, {"kept": len(records), "truncated": truncated, "bad_lines": bad}
+    return records, {"kept": len(records), "truncated": truncated, "bad_lines": bad_count, "lines": lines}
 
 
 # -----------------------------------------------------------------------------
@@ -401,41 +578,62 @@ def _first_line(e):
 
 
 def iter_rows(dataset_id=None, data_files=None, *, split="train", streaming=False, columns=(), cache_dir=None,
-              max_rows=None, id_flag="--dataset_id", files_flag="--data_files"):
+              max_rows=None, id_flag="--dataset_id", files_flag="--data_files", check=None, bad=None):
     """
-    Yield the rows (dicts) of a dataset loaded with datasets.load_dataset: from local JSON/JSONL/Parquet
-    `data_files` (a path, glob or list; together they form one split, so `split` is not used), or else
-    from the hub `dataset_id`'s `split`. Stops after max_rows rows. Raises DataError, naming the flag,
-    when loading or reading fails or a required column in `columns` is missing.
+    Yield the rows (dicts) of a dataset: from local JSON/JSONL/Parquet `data_files` (a path, glob or list; together
+    they form one split, so `split` is not used), or else from the hub `dataset_id`'s `split`. Stops after max_rows
+    rows. Raises DataError, naming the flag, when loading or reading fails or a required column in `columns` is
+    missing from the first row.
+
+    Uncompressed JSON/JSONL files are read with read_json_records, the rest (Parquet, compressed files, hub ids) with
+    datasets.load_dataset. `check(row)` says what is wrong with a row ("has an empty 'text'"; None: nothing). Such
+    rows, and malformed lines of the JSON files, go to `bad` (a BadEntries; by default each is an error naming the
+    file and the line or row).
     """
-    import datasets  # imported here: slow, and only needed by these loaders
+    flag = files_flag if data_files else id_flag
+    bad = bad if bad is not None else BadEntries(flag)
     if data_files:
         files = [data_files] if isinstance(data_files, str) else list(data_files)
         for f in files:
             if not (glob.glob(f) if glob.has_magic(f) else os.path.isfile(f)):
                 raise DataError(f"{files_flag}: {f} does not exist.")
-        flag, what = files_flag, ", ".join(files)
-        args = dict(path=builder_for(files, files_flag), data_files=files, split="train")
+        what, builder = ", ".join(files), builder_for(files, files_flag)
+        if builder == "json" and not any(f.endswith(_COMPRESSION) for f in files):
+            rows = _json_file_rows(files, files_flag, bad)
+        else:
+            rows = _dataset_rows(dict(path=builder, data_files=files, split="train"), what, flag, streaming, cache_dir)
     else:
-        flag, what = id_flag, repr(dataset_id)
-        args = dict(path=dataset_id, split=split)
-    try:
-        ds = datasets.load_dataset(**args, streaming=streaming, cache_dir=cache_dir)
-        rows = iter(ds)
-        for n in itertools.count():
-            if max_rows is not None and n >= max_rows:
-                return
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            if n == 0:
-                missing = [c for c in columns if c not in row]
-                if missing:
-                    raise DataError(f"{flag}: {what} has no {', '.join(map(repr, missing))} column "
-                                    f"(it has {', '.join(map(repr, row))}).")
+        what = repr(dataset_id)
+        rows = _dataset_rows(dict(path=dataset_id, split=split), what, flag, streaming, cache_dir)
+    for n, (path, place, row) in enumerate(rows):
+        if max_rows is not None and n >= max_rows:
+            return
+        missing = [c for c in columns if c not in row] if n == 0 else []
+        if missing:
+            raise DataError(f"{flag}: {what} has no {', '.join(map(repr, missing))} column "
+                            f"(it has {', '.join(map(repr, row))}).")
+        problem = check(row) if check is not None else None
+        if problem is None:
             yield row
-    except DataError:
-        raise
+        else:
+            bad.found(path, place, problem)
+
+
+def _json_file_rows(files, flag, bad):
+    """(file, "line N", record) for the records of local JSON/JSONL files, read strictly through `bad`."""
+    for pattern in files:
+        for path in sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]:
+            records, info = read_json_records(path, flag=flag, bad=bad)
+            for record, line in zip(records, info["lines"]):
+                yield path, f"line {line}", record
+
+
+def _dataset_rows(load_args, what, flag, streaming, cache_dir):
+    """(what, "row N", row) for the rows of datasets.load_dataset(**load_args); its errors as DataError."""
+    import datasets  # imported here: slow, and only needed by these loaders
+    try:
+        ds = datasets.load_dataset(**load_args, streaming=streaming, cache_dir=cache_dir)
+        for n, row in enumerate(ds):
+            yield what, f"row {n + 1}", row
     except Exception as e:  # load_dataset raises many kinds (hub, network, builder, parsing)
         raise DataError(f"{flag}: could not load {what} with datasets.load_dataset ({_first_line(e)}).") from e

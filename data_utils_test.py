@@ -1,5 +1,7 @@
 """Tests for data_utils: JSON reading, the assistant mask, packing, splits, and `datasets` loading errors."""
+import gzip
 import json
+import logging
 import random
 
 import pytest
@@ -42,7 +44,7 @@ def test_truncated_array_keeps_complete_records(tmp_path):
     write_truncated_array(p, RECORDS, keep=4)
     records, info = read_json_records(str(p))
     assert records == RECORDS[:4]
-    assert info == {"kept": 4, "truncated": True, "bad_lines": 0}
+    assert info == {"kept": 4, "truncated": True, "bad_lines": 0, "lines": [2, 6, 10, 14]}
 
 
 def test_array_cut_inside_a_multibyte_character(tmp_path):
@@ -58,7 +60,7 @@ def test_complete_array_and_non_object_entries(tmp_path):
     p.write_text(json.dumps(RECORDS[:3] + [7, "x"] + RECORDS[3:]))
     records, info = read_json_records(str(p))
     assert records == RECORDS
-    assert info == {"kept": 6, "truncated": False, "bad_lines": 2}
+    assert info == {"kept": 6, "truncated": False, "bad_lines": 2, "lines": [1] * 6}
 
 
 @pytest.mark.parametrize("name", ["data.jsonl", "data.json"])
@@ -69,7 +71,7 @@ def test_jsonl_with_a_bad_line_and_a_cut_last_line(tmp_path, name):
     p.write_text("\n".join(lines[:5]) + "\n\n" + lines[5][:-4], encoding="utf-8")
     records, info = read_json_records(str(p))
     assert records == RECORDS[:2] + RECORDS[3:5]
-    assert info == {"kept": 4, "truncated": True, "bad_lines": 1}
+    assert info == {"kept": 4, "truncated": True, "bad_lines": 1, "lines": [1, 2, 4, 5]}
 
 
 def test_no_complete_record_is_a_data_error(tmp_path):
@@ -258,5 +260,145 @@ def test_iter_rows_file_errors(tmp_path, hf_offline):
         list(iter_rows(data_files=str(p), cache_dir=hf_offline))
     p = tmp_path / "broken.jsonl"
     p.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(DataError, match=r"^--data_files: could not load .*broken\.jsonl with datasets\.load_dataset"):
+    with pytest.raises(DataError, match=r"^--data_files: line 2 of .*broken\.jsonl is not valid JSON \(Expecting value\); "
+                                        r"fix it, or pass --skip_bad_lines to skip such entries\.$"):
         list(iter_rows(data_files=str(p), cache_dir=hf_offline))
+    p = tmp_path / "broken.jsonl.gz"  # compressed files go through datasets.load_dataset
+    p.write_bytes(gzip.compress(b'{"text": "a"}\n{"text": \n'))
+    with pytest.raises(DataError, match=r"^--data_files: could not load .*broken\.jsonl\.gz with datasets\.load_dataset"):
+        list(iter_rows(data_files=str(p), cache_dir=hf_offline))
+
+
+def test_iter_rows_checks_rows_strictly_or_skips_them(tmp_path, hf_offline, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"text": "a"}, {"text": ""}, {"text": "b"}]
+    check = lambda row: None if row["text"] else "has an empty 'text'"  # noqa: E731
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"^--data_files: line 2 of .*d\.jsonl has an empty 'text'; fix it"):
+        list(iter_rows(data_files=str(p), check=check))
+    p.write_text(p.read_text() + "[1]\n")
+    bad = data_utils.BadEntries("--data_files", skip=True)
+    assert list(iter_rows(data_files=str(p), check=check, bad=bad)) == [rows[0], rows[2]]
+    with caplog.at_level(logging.INFO, logger="data_utils"):
+        bad.report()  # the file's malformed lines are found as it is read, before the rows are checked
+    assert caplog.text.strip().endswith(
+        f"skipped 2 bad entries (--skip_bad_lines): line 4 of {p}; line 2 of {p}")
+    q = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), q)
+    with pytest.raises(DataError, match=r"^--data_files: row 2 of .*d\.parquet has an empty 'text'; fix it"):
+        list(iter_rows(data_files=str(q), check=check, cache_dir=hf_offline))
+
+
+# -----------------------------------------------------------------------------
+# strict reading of a user's file (BadEntries)
+
+def test_a_users_file_is_read_strictly_or_its_bad_lines_skipped(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"a": 1}\n{bad json\n[2]\n{"a": 3}\n')
+    with pytest.raises(DataError, match=r"^--dataset: line 2 of .*p\.jsonl is not valid JSON \(Expecting property name "
+                                        r"enclosed in double quotes\); fix it, or pass --skip_bad_lines to skip such "
+                                        r"entries\.$"):
+        read_json_records(str(p), flag="--dataset", bad=data_utils.BadEntries("--dataset"))
+    bad = data_utils.BadEntries("--dataset", skip=True)
+    records, info = read_json_records(str(p), bad=bad)
+    assert records == [{"a": 1}, {"a": 3}] and info["lines"] == [1, 4] and info["bad_lines"] == 2
+    assert bad.places == [f"line 2 of {p}", f"line 3 of {p}"]
+    p.write_text('{"a": 1}\n{"a": 2')  # cut off in the last line
+    with pytest.raises(DataError, match=r"line 2 of .*p\.jsonl is not valid JSON \(.*; a cut-off file\?\)"):
+        read_json_records(str(p), bad=data_utils.BadEntries())
+    write_truncated_array(p, RECORDS, keep=4)
+    with pytest.raises(DataError, match=r"line 18 of .*p\.jsonl is where the JSON array breaks off in the middle of a "
+                                        r"record \(a cut-off file\?\)"):
+        read_json_records(str(p), bad=data_utils.BadEntries())
+
+
+# -----------------------------------------------------------------------------
+# lengths held to the model's context
+
+def test_check_context_names_the_flag_the_numbers_and_the_limit():
+    from transformers import LlamaConfig
+    config = LlamaConfig(max_position_embeddings=8192)
+    data_utils.check_context(config, "--seq_len", 8192)
+    with pytest.raises(ValueError, match=r"^--seq_len 100000 is more than this model's limit of 8192 positions "
+                                         r"\(max_position_embeddings\); use --seq_len 8192 or less\.$"):
+        data_utils.check_context(config, "--seq_len", 100000)
+    data_utils.check_context(config, "--max_new_tokens", 8000, prompt=192)
+    with pytest.raises(data_utils.UsageError, match=r"^--max_new_tokens 9000 plus the longest prompt's 212 tokens needs "
+                                                    r"9212 positions, more than this model's limit of 8192 positions "
+                                                    r"\(max_position_embeddings\); use --max_new_tokens 7980 or less\.$"):
+        data_utils.check_context(config, "--max_new_tokens", 9000, prompt=212, prompt_name="the longest prompt")
+    with pytest.raises(ValueError, match=r"the prompt alone fills it\.$"):
+        data_utils.check_context(config, "--max_new_tokens", 1, prompt=8192)
+    data_utils.check_context(object(), "--seq_len", 10**9)  # a config without a limit: nothing to check
+
+
+# -----------------------------------------------------------------------------
+# SIGINT / SIGTERM
+
+def _stopped(stop, capsys, body):
+    """Run body() inside `stop` (entered); return (exit status, the last line printed to stderr)."""
+    with pytest.raises(SystemExit) as e:
+        with stop:
+            body()
+    return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_signal_stops_at_once_with_one_line_and_exit_status_130_or_143(capsys, monkeypatch):
+    import os
+    import signal
+    import sys
+    monkeypatch.setattr(data_utils.shutil, "which", lambda name: sys.executable if name == "python" else None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    old = signal.getsignal(signal.SIGINT)
+    done = []
+
+    def work():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("after the signal")  # never reached
+    stop = data_utils.SignalStop("x.py", ["--out_dir", "o d", "--resume"])
+    assert _stopped(stop, capsys, work) == (
+        130, "x.py: stopped by SIGINT; nothing was kept; start again with: python x.py --out_dir 'o d'")
+    assert done == [] and signal.getsignal(signal.SIGINT) is old  # the old handler is back
+
+    def held_work():  # a held block finishes first; a second signal is ignored
+        with stop.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("held")
+            stop.kept, stop.resumable = "kept step 2", True
+        done.append("after the block")  # never reached
+    stop = data_utils.SignalStop("x.py", ["--out_dir", "o"])
+    assert _stopped(stop, capsys, held_work) == (
+        143, "x.py: stopped by SIGTERM; kept step 2; continue with: python x.py --out_dir o --resume")
+    assert done == ["held"]
+
+    def failing_after_a_signal():  # e.g. a collective operation whose peer process stopped
+        with stop.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("Connection closed by peer")
+    stop = data_utils.SignalStop("x.py", [])
+    assert _stopped(stop, capsys, failing_after_a_signal)[0] == 143
+    with pytest.raises(RuntimeError):  # without a signal, an error is an error
+        with data_utils.SignalStop("x.py", []):
+            raise RuntimeError("boom")
+
+
+def test_resume_command_names_this_python_or_torchrun(monkeypatch):
+    import os
+    import sys
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    found = {"python": sys.executable, "torchrun": torchrun}
+    monkeypatch.setattr(data_utils.shutil, "which", lambda name: found.get(name))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == "python train.py --lr 1e-3 --resume"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == (
+        "torchrun --nnodes 2 --nproc_per_node 2 train.py --lr 1e-3 --resume")
+    found.clear()  # not on the PATH (no active venv): the full path
+    assert data_utils.resume_command("train.py", [], resume=False).startswith(f"{torchrun} --nnodes 2")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert data_utils.resume_command("train.py", []) == f"{sys.executable} train.py --resume"

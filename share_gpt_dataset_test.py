@@ -54,15 +54,35 @@ def test_normalise_roles_and_dropping():
 
 def test_load_truncated_file_reports_counts(sharegpt_file, caplog):
     with caplog.at_level(logging.INFO, logger="data_utils"):
-        convs = sg.load_conversations(sharegpt_file)
+        convs = sg.load_conversations(sharegpt_file, skip_bad_lines=True)
     assert [c["id"] for c in convs][:4] == ["a_0", "a_1", "b", "c"] and len(convs) == 6
     assert "kept 6 of 10 conversations" in caplog.text and "truncated" in caplog.text
+    assert "skipped 5 bad entries (--skip_bad_lines): line 140 of" in caplog.text  # the cut-off, 4 records
+
+
+def test_a_users_file_is_read_strictly(sharegpt_file, tmp_path):
+    with pytest.raises(DataError, match=r"^--data_files: line 140 of .*sharegpt\.json is where the JSON array breaks off "
+                                        r"in the middle of a record \(a cut-off file\?\); fix it, or pass "
+                                        r"--skip_bad_lines to skip such entries\.$"):
+        sg.load_conversations(sharegpt_file)
+    p = tmp_path / "conv.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in RAW[:5]))
+    with pytest.raises(DataError, match=r"^--data_files: line 5 of .*conv\.jsonl has no user turn answered by an "
+                                        r"assistant turn; fix it"):
+        sg.load_conversations(str(p))
+    p.write_text(json.dumps(RAW[0]) + "\n{bad json\n" + json.dumps(RAW[1]) + "\n")
+    with pytest.raises(DataError, match=r"^--data_files: line 2 of .*conv\.jsonl is not valid JSON \(Expecting"):
+        sg.load_conversations(str(p))
+    assert len(sg.load_conversations(str(p), skip_bad_lines=True)) == 2
+    p.write_text(json.dumps([RAW[0], RAW[1]], indent=1)[:-20])
+    with pytest.raises(DataError, match=r"^--data_files: line 15 of .*conv\.jsonl is where the JSON array breaks"):
+        sg.load_conversations(str(p))
 
 
 def test_load_jsonl(tmp_path):
     p = tmp_path / "conv.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in RAW) + "\n")
-    assert len(sg.load_conversations(str(p))) == 6
+    assert len(sg.load_conversations(str(p), skip_bad_lines=True)) == 6
 
 
 def test_load_errors(tmp_path, monkeypatch, hf_offline):  # noqa: F811
@@ -71,7 +91,7 @@ def test_load_errors(tmp_path, monkeypatch, hf_offline):  # noqa: F811
     p = tmp_path / "nothing.json"
     p.write_text(json.dumps(RAW[4:8]))
     with pytest.raises(DataError, match=r"^--train_file: .*nothing\.json has no conversation with both a user and an assistant turn\.$"):
-        sg.load_conversations(str(p), flag="--train_file")
+        sg.load_conversations(str(p), flag="--train_file", skip_bad_lines=True)
     with pytest.raises(DataError, match=r"^--dataset_id: could not load 'no-such-org/no-such-sharegpt'"):
         sg.load_conversations("no-such-org/no-such-sharegpt")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
@@ -80,15 +100,15 @@ def test_load_errors(tmp_path, monkeypatch, hf_offline):  # noqa: F811
 
 
 def test_load_splits_keeps_chat_parts_together(sharegpt_file):
-    splits = sg.load_splits(sharegpt_file, fractions=(0.5, 0.25, 0.25))
+    splits = sg.load_splits(sharegpt_file, fractions=(0.5, 0.25, 0.25), skip_bad_lines=True)
     assert sum(len(v) for v in splits.values()) == 6
     where = {c["id"]: name for name, convs in splits.items() for c in convs}
     assert where["a_0"] == where["a_1"]  # parts of one ShareGPT chat never straddle splits
-    assert splits == sg.load_splits(sharegpt_file, fractions=(0.5, 0.25, 0.25))
+    assert splits == sg.load_splits(sharegpt_file, fractions=(0.5, 0.25, 0.25), skip_bad_lines=True)
 
 
 def test_training_sequences(tiny_tokenizer, sharegpt_file):
-    convs = sg.load_conversations(sharegpt_file)
+    convs = sg.load_conversations(sharegpt_file, skip_bad_lines=True)
     blocks = sg.training_sequences(tiny_tokenizer, convs, seq_len=32)
     assert len(blocks) > 3 and all(b["input_ids"].shape == (32,) == b["loss_mask"].shape for b in blocks)
     masked = torch.cat([b["input_ids"][b["loss_mask"].bool()] for b in blocks]).tolist()
@@ -102,7 +122,7 @@ def test_training_sequences(tiny_tokenizer, sharegpt_file):
 
 
 def test_evaluation_prompts(tiny_tokenizer, sharegpt_file):
-    convs = sg.load_conversations(sharegpt_file)
+    convs = sg.load_conversations(sharegpt_file, skip_bad_lines=True)
     prompts = sg.evaluation_prompts(tiny_tokenizer, convs, num_prompts=4, seed=1)
     again = sg.evaluation_prompts(tiny_tokenizer, convs, num_prompts=4, seed=1)
     assert len(prompts) == 4 and [p["text"] for p in prompts] == [p["text"] for p in again]

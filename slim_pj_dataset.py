@@ -3,37 +3,44 @@ SlimPajama plain text: documents {"text": str, "meta": {"redpajama_set_name": ..
 JSON/JSONL/Parquet files or the hub (cerebras/SlimPajama-627B, DKYoon/SlimPajama-6B), turned into
 packed training blocks and text-continuation evaluation prompts.
 """
-from data_utils import DataError, encode, iter_rows, pack_sequences, prompt_dict, report, sample_prompts
+from data_utils import BadEntries, DataError, encode, iter_rows, pack_sequences, prompt_dict, report, sample_prompts
 
 FULL_ID = "cerebras/SlimPajama-627B"  # ~900 GB: streamed by default
 SMALL_ID = "DKYoon/SlimPajama-6B"
 
 
-def load_texts(dataset_id=None, data_files=None, *, split="train", streaming=None, max_docs=None, cache_dir=None):
+def load_texts(dataset_id=None, data_files=None, *, split="train", streaming=None, max_docs=None, cache_dir=None,
+               skip_bad_lines=False):
     """
     The non-empty `text` fields of SlimPajama documents, at most max_docs of them.
     Local `data_files` take precedence; otherwise `dataset_id` (default DKYoon/SlimPajama-6B) is loaded
     from the hub. streaming=None streams cerebras/SlimPajama-627B, and any hub dataset when only max_docs
     documents are wanted, so nothing is downloaded in full by accident.
+    A document with an empty text is skipped in hub data; in a local file it is an error naming the line
+    (data_utils.BadEntries), unless skip_bad_lines.
     """
     if not data_files:
         dataset_id = dataset_id or SMALL_ID
     if streaming is None:
         streaming = not data_files and (dataset_id == FULL_ID or max_docs is not None)
+    bad = BadEntries("--data_files", skip=skip_bad_lines or not data_files)
     rows = iter_rows(dataset_id, data_files, split=split, streaming=streaming, columns=("text",),
-                     cache_dir=cache_dir, max_rows=max_docs)
-    texts, skipped = [], 0
-    for row in rows:
-        if isinstance(row["text"], str) and row["text"].strip():
-            texts.append(row["text"])
-        else:
-            skipped += 1
+                     cache_dir=cache_dir, max_rows=max_docs, check=_problem, bad=bad)
+    texts = [row["text"] for row in rows]
     source = data_files or dataset_id
-    report(f"SlimPajama: {len(texts)} documents from {source}" + (f" ({skipped} empty skipped)" if skipped else ""))
+    skipped = len(bad.places)
+    report(f"SlimPajama: {len(texts)} documents from {source}" + (f" ({skipped} skipped)" if skipped else ""))
+    if data_files:
+        bad.report()
     if not texts:
         flag = "--data_files" if data_files else "--dataset_id"
         raise DataError(f"{flag}: {source} has no non-empty 'text' documents.")
     return texts
+
+
+def _problem(row):
+    """What makes a row unusable, or None."""
+    return None if isinstance(row.get("text"), str) and row["text"].strip() else "has an empty or missing 'text'"
 
 
 def encode_documents(tokenizer, texts):

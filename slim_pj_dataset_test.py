@@ -35,10 +35,15 @@ def parquet_file(tmp_path):
 
 
 def test_load_jsonl_and_parquet(jsonl_file, parquet_file, hf_offline):  # noqa: F811
-    assert spj.load_texts(data_files=jsonl_file, cache_dir=hf_offline) == TEXTS
-    assert spj.load_texts(data_files=[parquet_file], cache_dir=hf_offline) == TEXTS
+    skip = dict(cache_dir=hf_offline, skip_bad_lines=True)  # DOCS has an empty text: a user's file is read strictly
+    assert spj.load_texts(data_files=jsonl_file, **skip) == TEXTS
+    assert spj.load_texts(data_files=[parquet_file], **skip) == TEXTS
     assert spj.load_texts(data_files=jsonl_file, max_docs=2, cache_dir=hf_offline) == TEXTS[:2]
     assert spj.load_texts(data_files=jsonl_file, streaming=True, max_docs=2, cache_dir=hf_offline) == TEXTS[:2]
+    with pytest.raises(DataError, match=r"^--data_files: line 3 of .*chunk_0\.jsonl has an empty or missing 'text'"):
+        spj.load_texts(data_files=jsonl_file, cache_dir=hf_offline)
+    with pytest.raises(DataError, match=r"^--data_files: row 3 of .*\.parquet has an empty or missing 'text'"):
+        spj.load_texts(data_files=[parquet_file], cache_dir=hf_offline)
 
 
 def test_load_errors(tmp_path, jsonl_file, parquet_file, hf_offline):  # noqa: F811
@@ -51,7 +56,7 @@ def test_load_errors(tmp_path, jsonl_file, parquet_file, hf_offline):  # noqa: F
     p = tmp_path / "empty.jsonl"
     p.write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(DataError, match=r"has no non-empty 'text' documents"):
-        spj.load_texts(data_files=str(p), cache_dir=hf_offline)
+        spj.load_texts(data_files=str(p), cache_dir=hf_offline, skip_bad_lines=True)
     with pytest.raises(DataError, match=r"^--dataset_id: could not load 'no-such-org/no-such-slimpajama'"):
         spj.load_texts("no-such-org/no-such-slimpajama", max_docs=3, cache_dir=hf_offline)
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils import (DataError, Parser, UsageError, blocks_from_prefix, collate, has_targets, int_at_least, positive,
-                        sample_blocks, split_by_id)
+from data_utils import (DataError, Parser, SignalStop, UsageError, blocks_from_prefix, check_context, collate,
+                        has_targets, int_at_least, positive, sample_blocks, split_by_id)
 from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
 from tuned_llama import (ADAPTER_INITS, HEAD_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
@@ -590,13 +590,14 @@ def load_data(args, tokenizer, train_needed, val_needed):
     fractions = (1.0 - 2 * vf, vf, vf)
     if args.dataset == "sharegpt":
         import share_gpt_dataset as ds
-        splits = ds.load_splits(source, fractions=fractions, flag=flag)
+        splits = ds.load_splits(source, fractions=fractions, flag=flag, skip_bad_lines=args.skip_bad_lines)
         make = lambda convs: ds.training_sequences(tokenizer, convs, args.seq_len, assistant_only=args.assistant_only)
         train_items, val_items = splits["train"], splits["validation"]
     elif args.dataset == "xsum":
         import xsum_dataset as ds
         if args.data_files:
-            splits = split_by_id(ds.load_records(data_files=args.data_files), "id", fractions)
+            records = ds.load_records(data_files=args.data_files, skip_bad_lines=args.skip_bad_lines)
+            splits = split_by_id(records, "id", fractions)
             train_items, val_items = splits["train"], splits["validation"]
         else:
             dataset_id = args.dataset_id or "EdinburghNLP/xsum"
@@ -606,7 +607,7 @@ def load_data(args, tokenizer, train_needed, val_needed):
     elif args.dataset == "slimpajama":
         import slim_pj_dataset as ds
         if args.data_files:
-            texts = ds.load_texts(data_files=args.data_files)
+            texts = ds.load_texts(data_files=args.data_files, skip_bad_lines=args.skip_bad_lines)
             splits = split_by_id(texts, lambda text: text, fractions)
             train_items, val_items = splits["train"], splits["validation"]
         else:
@@ -984,10 +985,12 @@ def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, acce
     return summarize_metrics(dict(zip(keys, vec.tolist())))
 
 
-def run(args):
+def run(args, stop=None):
     """Train an exit as the flags say. Returns a dict with the trained `exit`, the `base` model, `step`, `metrics`,
-    `rank` and `world_size` (used by the tests)."""
+    `rank` and `world_size` (used by the tests). `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM
+    would keep: the last checkpoint."""
     t_start = time.perf_counter()
+    stop = stop if stop is not None else SignalStop()
     from accelerate.utils import set_seed
     out_dir = Path(args.out_dir)
     if args.resume:
@@ -1003,8 +1006,11 @@ def run(args):
     base, tokenizer = load_base_model(args.model, dtype=dtype, device=device,
                                       attn_implementation=args.attn_implementation)
     train = check_args(args, len(base.model.layers), base.lm_head.out_features)
+    check_context(base.config, "--seq_len", args.seq_len)
     fingerprint = model_fingerprint(base)
     teacher = load_teacher(args, tokenizer, base, device, dtype) if args.teacher_model_path else None
+    if teacher is not None:
+        check_context(teacher.config, "--seq_len", args.seq_len, whose="the teacher's")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # data: tokenise what max_steps needs (or everything, for --epochs) plus a fixed validation subset
@@ -1082,8 +1088,10 @@ def run(args):
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(load_file(str(r / "rng.safetensors")), state["rng"])
         start_step, metrics = state["step"], state.get("metrics")
-        if main:
-            truncate_log(out_dir, start_step)
+        with stop.held():
+            if main:
+                truncate_log(out_dir, start_step)
+            stop.kept, stop.resumable = f"kept the checkpoint of step {start_step} in {out_dir}", True
         say(f"resumed from {out_dir} at step {start_step}")
     elif main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1118,11 +1126,13 @@ def run(args):
         return m
 
     def checkpoint(step):
-        if main:
-            save_checkpoint(out_dir, exit, optimizer, scheduler, step=step, args=args, base_name=args.model,
-                            fingerprint=fingerprint, train=train, metrics=metrics, data_info=data_info,
-                            data_position=dict(zip(("epoch", "step_in_epoch"), order.position(step))),
-                            world_size=world, keep=args.keep_checkpoints)
+        with stop.held():  # a signal waits for the checkpoint
+            if main:
+                save_checkpoint(out_dir, exit, optimizer, scheduler, step=step, args=args, base_name=args.model,
+                                fingerprint=fingerprint, train=train, metrics=metrics, data_info=data_info,
+                                data_position=dict(zip(("epoch", "step_in_epoch"), order.position(step))),
+                                world_size=world, keep=args.keep_checkpoints)
+            stop.kept, stop.resumable = f"kept the checkpoint of step {step} in {out_dir}", True
         accelerator.wait_for_everyone()
 
     if start_step == 0 and args.eval_every > 0:
@@ -1212,6 +1222,7 @@ def benchmark(args, repeats=5):
                               attn_implementation=args.attn_implementation)
     if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
         raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
+    check_context(base.config, "--seq_len", args.seq_len)
     if not 0 <= args.draft_vocab <= base.lm_head.out_features:
         raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{base.lm_head.out_features}, "
                          f"got {args.draft_vocab}.")
@@ -1300,7 +1311,11 @@ def build_parser():
                    help="fraction of the items (by a stable hash of their id) held out for validation; as much again is "
                         "left out as the test split (the default 0.01 gives the 98/1/1 split evaluate.py uses)")
     g.add_argument("--max_documents", type=positive(int), default=20000, help="slimpajama from the hub: documents to read")
-    g.add_argument("--seq_len", type=positive(int), default=256, help="tokens per training block")
+    g.add_argument("--skip_bad_lines", action="store_true",
+                   help="skip (and count) malformed lines and unusable records in --data_files instead of stopping at "
+                        "the first one")
+    g.add_argument("--seq_len", type=positive(int), default=256,
+                   help="tokens per training block (at most the model's max_position_embeddings)")
     g.add_argument("--train_blocks", type=int_at_least(0), default=0,
                    help="use only this many training blocks (0: as many as --max_steps takes, or all for --epochs); "
                         "steps beyond them start another epoch")
@@ -1344,16 +1359,18 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # no "Loading weights" bars around our own messages
     if not 0 < args.val_fraction < 0.5:
         build_parser().error(f"argument --val_fraction: must be in (0, 0.5), got {args.val_fraction}")
     try:
-        parse_train(args.train)
-        if args.benchmark:
-            return benchmark(args)
-        return run(args)
+        with SignalStop("train.py", argv) as stop:  # SIGINT / SIGTERM: one line, exit status 130 / 143
+            parse_train(args.train)
+            if args.benchmark:
+                return benchmark(args)
+            return run(args, stop)
     except (UsageError, DataError, CheckpointError, ModelLoadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import data_utils
 import train
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from truncated_llama import TruncatedLlama, load_base_model
@@ -543,29 +545,88 @@ def test_lstsq_run_resumed_inside_the_handover_equals_uninterrupted(tiny_dir, ch
     assert resumed["step"] == 5 and max_diff(exit_state(full), exit_state(resumed)) <= 1e-6
 
 
-def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path):
-    """kill -9 in the middle of a run (after a checkpoint), then --resume: the same weights as without the kill."""
-    flags = cli(tiny_dir, chat_file, tmp_path / "killed", "--max_steps", "40", "--eval_every", "0",
-                "--save_every", "2")
-    proc = subprocess.Popen([PY, "train.py", *flags], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed" / "resume" / "trainer_state.json"
+LONG_RUN = ("--max_steps", "40", "--eval_every", "0", "--save_every", "2")
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny_dir, chat_file, tmp_path_factory):
+    """The exit weights of an uninterrupted 40-step run."""
+    full = train.main(cli(tiny_dir, chat_file, tmp_path_factory.mktemp("long") / "full", *LONG_RUN))
+    assert full["step"] == 40
+    return exit_state(full)
+
+
+def signal_after_a_checkpoint(out_dir, sig, *envs):
+    """Run train.py in one process per (flags, env) in `envs`,
+    send each `sig` once out_dir holds a checkpoint of step >= 4, and return [(return code, stderr)] per process."""
+    procs = [subprocess.Popen([PY, "train.py", *flags], cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for flags, env in envs]
+    state = Path(out_dir) / "resume" / "trainer_state.json"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and all(p.poll() is None for p in procs):
             if state.is_file() and json.loads(state.read_text())["step"] >= 4:
                 break
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
+        for p in procs:
+            p.send_signal(sig)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = json.loads(state.read_text())["step"]
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_kill_9_then_resume(tiny_dir, chat_file, tmp_path, long_run):
+    """kill -9 in the middle of a run (after a checkpoint), then --resume: the same weights as without the kill."""
+    flags = cli(tiny_dir, chat_file, tmp_path / "killed", *LONG_RUN)
+    [(code, _)] = signal_after_a_checkpoint(tmp_path / "killed", signal.SIGKILL, (flags, None))
+    assert code == -signal.SIGKILL
+    killed_at = json.loads((tmp_path / "killed" / "resume" / "trainer_state.json").read_text())["step"]
     assert 4 <= killed_at < 40
     resumed = train.main([*flags, "--resume"])
-    full = train.main(cli(tiny_dir, chat_file, tmp_path / "full", "--max_steps", "40", "--eval_every", "0",
-                          "--save_every", "2"))
-    assert resumed["step"] == full["step"] == 40
-    assert max_diff(exit_state(resumed), exit_state(full)) <= 1e-6
+    assert resumed["step"] == 40
+    assert max_diff(exit_state(resumed), long_run) <= 1e-6
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_command_that_resumes(tiny_dir, chat_file, tmp_path, long_run):
+    """SIGINT in the middle of a run: the step in progress is dropped, the last checkpoint stays, one line says so and
+    gives the command that continues; exit status 130. That command ends with the uninterrupted run's weights."""
+    out = tmp_path / "stopped"
+    flags = cli(tiny_dir, chat_file, out, *LONG_RUN)
+    [(code, err)] = signal_after_a_checkpoint(out, signal.SIGINT, (flags, None))
+    kept = json.loads((out / "resume" / "trainer_state.json").read_text())["step"]
+    line = err.strip().splitlines()[-1]
+    assert code == 130 and "Traceback" not in err, err
+    assert line == (f"train.py: stopped by SIGINT; kept the checkpoint of step {kept} in {out}; continue with: "
+                    f"{shlex.quote(data_utils._program(PY, 'python'))} train.py {shlex.join(flags)} --resume")
+    assert 4 <= kept < 40 and exit_state(out).keys() == long_run.keys()
+    resumed = train.main(shlex.split(line.split("continue with: ", 1)[1])[2:])
+    assert resumed["step"] == 40 and max_diff(exit_state(resumed), long_run) <= 1e-6
+
+
+def test_sigterm_stops_both_processes_of_a_two_process_run(tiny_dir, chat_file, tmp_path):
+    """Two processes as torchrun starts them, each sent SIGTERM (as torchrun or a job scheduler does): both exit with
+    status 143, process 0 prints the one line with the torchrun command, and the checkpoint on disk is whole."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    out = tmp_path / "ddp"
+    flags = cli(tiny_dir, chat_file, out, *LONG_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+           "LOCAL_WORLD_SIZE": "2"}
+    ranks = [(flags, {**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    (code0, err0), (code1, err1) = signal_after_a_checkpoint(out, signal.SIGTERM, *ranks)
+    kept = json.loads((out / "resume" / "trainer_state.json").read_text())
+    assert (code0, code1) == (143, 143) and kept["world_size"] == 2 and 4 <= kept["step"] < 40, err0 + err1
+    assert "Traceback" not in err0 + err1 and "stopped by" not in err1
+    assert err0.strip().splitlines()[-1] == (
+        f"train.py: stopped by SIGTERM; kept the checkpoint of step {kept['step']} in {out}; continue with: "
+        f"{shlex.quote(data_utils._program(str(Path(PY).with_name('torchrun')), 'torchrun'))} --standalone "
+        f"--nproc_per_node 2 train.py {shlex.join(flags)} --resume")
+    assert exit_state(out) and not list(tmp_path.glob(".ddp.*"))  # a whole checkpoint, no half-written one
 
 
 def test_other_datasets_from_files(tiny_dir, tmp_path):
@@ -608,6 +669,8 @@ def _other_vocab_teacher(tmp_path):
     ("resume_nothing", "--resume"), ("bad_train", "--train"), ("adapter_untrained", "--adapter"),
     ("next_needs_block", "--adapter_init"), ("cache_with_teacher", "--cache_states"), ("vocab_big", "--draft_vocab"),
     ("vocab_negative", "--draft_vocab"),
+    ("seq_len_past_the_model", "--seq_len 513 is more than this model's limit of 512 positions"),
+    ("malformed_line", "--data_files: line 2 of"),
 ])
 def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -625,7 +688,10 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
         "cache_with_teacher": cli(tiny_dir, chat_file, out, "--cache_states", "--teacher_model_path", str(tiny_dir)),
         "vocab_big": cli(tiny_dir, chat_file, out, "--draft_vocab", "260"),
         "vocab_negative": cli(tiny_dir, chat_file, out, "--draft_vocab", "-1"),
+        "seq_len_past_the_model": cli(tiny_dir, chat_file, out, "--seq_len", "513"),
+        "malformed_line": cli(tiny_dir, tmp_path / "bad.jsonl", out),
     }[case]
+    (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n{bad json\n')
     (tmp_path / "empty.json").write_text("")
     if case == "teacher_vocab":
         _other_vocab_teacher(tmp_path)
@@ -636,6 +702,7 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     lines = [line for line in err.strip().splitlines() if line.startswith("train.py")]
     assert len(lines) == 1 and lines[0] == err.strip().splitlines()[-1], err
     assert lines[0].startswith(f"train.py: error: {flag}") or f"argument {flag}" in lines[0], err
+    assert not out.exists()  # nothing written
 
 
 @pytest.mark.parametrize("vocab", ["0", "100"])

@@ -2,33 +2,42 @@
 XSum one-sentence news summarisation ({"document", "summary", "id"} records) as a chat task: the user
 asks for a one-sentence summary of the article, the assistant answers with the reference summary.
 """
-from data_utils import (DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
+from data_utils import (BadEntries, DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
                         render_chat, report, sample_prompts)
 
 INSTRUCTION = "Summarize the following article in one sentence.\n\n"
 COLUMNS = ("document", "summary", "id")
 
 
-def load_records(dataset_id="EdinburghNLP/xsum", data_files=None, *, split="validation", cache_dir=None):
+def load_records(dataset_id="EdinburghNLP/xsum", data_files=None, *, split="validation", cache_dir=None,
+                 skip_bad_lines=False):
     """
     XSum records [{"id", "document", "summary"}] (all str) from local JSON/JSONL/Parquet `data_files`
     (which form one split; `split` is then unused) or from the hub `dataset_id`'s `split`.
-    Records with an empty document or summary are dropped.
+    A record with an empty document or summary is skipped in hub data; in a local file it is an error naming the
+    line (data_utils.BadEntries), unless skip_bad_lines.
     """
-    rows = iter_rows(dataset_id, data_files, split=split, columns=COLUMNS, cache_dir=cache_dir)
-    records, skipped = [], 0
-    for row in rows:
-        doc, summary = row["document"], row["summary"]
-        if isinstance(doc, str) and isinstance(summary, str) and doc.strip() and summary.strip():
-            records.append({"id": str(row["id"]), "document": doc.strip(), "summary": summary.strip()})
-        else:
-            skipped += 1
+    bad = BadEntries("--data_files", skip=skip_bad_lines or not data_files)
+    rows = iter_rows(dataset_id, data_files, split=split, columns=COLUMNS, cache_dir=cache_dir, check=_problem, bad=bad)
+    records = [{"id": str(row["id"]), "document": row["document"].strip(), "summary": row["summary"].strip()}
+               for row in rows]
     source = data_files or dataset_id
-    report(f"XSum: {len(records)} records from {source}" + (f" ({skipped} empty skipped)" if skipped else ""))
+    skipped = len(bad.places)
+    report(f"XSum: {len(records)} records from {source}" + (f" ({skipped} skipped)" if skipped else ""))
+    if data_files:
+        bad.report()
     if not records:
         flag = "--data_files" if data_files else "--dataset_id"
         raise DataError(f"{flag}: {source} has no record with a non-empty document and summary.")
     return records
+
+
+def _problem(row):
+    """What makes a row unusable, or None."""
+    for key in ("document", "summary"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            return f"has an empty or missing '{key}'"
+    return None
 
 
 def to_messages(record):

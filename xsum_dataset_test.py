@@ -25,10 +25,15 @@ def json_file(tmp_path):
 
 
 def test_load_records_json_and_jsonl(tmp_path, json_file, hf_offline):  # noqa: F811
-    assert xs.load_records(data_files=json_file, cache_dir=hf_offline) == KEPT
+    with pytest.raises(DataError, match=r"^--data_files: line 1 of .*validation\.json has an empty or missing "
+                                        r"'document'; fix it, or pass --skip_bad_lines"):
+        xs.load_records(data_files=json_file, cache_dir=hf_offline)  # a user's file is read strictly
+    assert xs.load_records(data_files=json_file, cache_dir=hf_offline, skip_bad_lines=True) == KEPT
     p = tmp_path / "validation.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
-    assert xs.load_records(data_files=[str(p)], cache_dir=hf_offline) == KEPT
+    with pytest.raises(DataError, match=r"line 3 of .*validation\.jsonl has an empty or missing 'document'"):
+        xs.load_records(data_files=[str(p)], cache_dir=hf_offline)
+    assert xs.load_records(data_files=[str(p)], cache_dir=hf_offline, skip_bad_lines=True) == KEPT
 
 
 def test_load_errors(tmp_path, hf_offline):  # noqa: F811
