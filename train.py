@@ -578,9 +578,9 @@ def parse_train(value):
 
 
 def resolve_adapter(args):
-    """Fill in --adapter when it was not given: block when the adapter is trained (adapter in --train) or asked for
-    as a copy of the next block (--adapter_init next), else none. An adapter given explicitly is kept as is."""
-    if args.adapter is None:
+    """Resolve --adapter auto (the default): block when the adapter is trained (adapter in --train) or asked for as a
+    copy of the next block (--adapter_init next), else none. An adapter given explicitly is kept as is."""
+    if args.adapter == "auto":
         wanted = "adapter" in parse_train(args.train) or args.adapter_init == "next"
         args.adapter = "block" if wanted else "none"
     return args
@@ -1122,9 +1122,9 @@ def build_parser():
     g.add_argument("--train", default="head,norm,adapter",
                    help=f"comma list of the exit parts to train: {', '.join(TRAINABLE)} (last_block: a private copy "
                         "of block L-1 used only by the draft)")
-    g.add_argument("--adapter", choices=("none", "block", "mlp"), default=None,
-                   help="adapter before the exit norm: a decoder block, or a residual MLP (default: block when adapter "
-                        "is in --train or --adapter_init is next, else none)")
+    g.add_argument("--adapter", choices=("auto", "none", "block", "mlp"), default="auto",
+                   help="adapter before the exit norm: a decoder block, or a residual MLP; auto: block when adapter is "
+                        "in --train or --adapter_init is next, else none")
     g.add_argument("--adapter_init", choices=ADAPTER_INITS, default="identity",
                    help="identity: the adapter starts as the identity (block: a copy of block L-1 with its output "
                         "projections zeroed); next (block only): an exact copy of the base's block L, so the untrained "

@@ -310,11 +310,11 @@ def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):
     ([], "block"), (["--train", "head"], "none"), (["--train", "head,norm"], "none"),
     (["--train", "norm,adapter"], "block"), (["--train", "head,adapter", "--adapter", "mlp"], "mlp"),
     (["--train", "head", "--adapter_init", "next"], "block"),  # an untrained copy of the next block is no identity
-    (["--train", "head", "--adapter", "none"], "none"),
+    (["--train", "head", "--adapter", "none"], "none"), (["--train", "head", "--adapter", "auto"], "none"),
 ])
 def test_adapter_follows_train(flags, adapter):
     args = train.build_parser().parse_args(flags)
-    assert args.adapter is None or "--adapter" in flags
+    assert args.adapter == "auto" or "--adapter" in flags
     train.check_args(args, num_layers=30)
     assert args.adapter == adapter
 
