@@ -694,10 +694,19 @@ def parse_train(value):
     return sorted(set(parts), key=TRAINABLE.index)
 
 
+def resolve_adapter(args):
+    """Resolve --adapter auto (the default): block when the adapter is trained (adapter in --train) or asked for as a
+    copy of the next block (--adapter_init next), else none. An adapter given explicitly is kept as is."""
+    if args.adapter == "auto":
+        wanted = "adapter" in parse_train(args.train) or args.adapter_init == "next"
+        args.adapter = "block" if wanted else "none"
+    return args
+
+
 def check_args(args, num_layers, vocab_size=None):
     """Raise UsageError for flag values that cannot work with a base model of `num_layers` layers (and
     `vocab_size` tokens)."""
-    train = parse_train(args.train)
+    train = parse_train(resolve_adapter(args).train)
     if not 1 <= args.exit_layer <= num_layers - 1:
         raise UsageError(f"--exit_layer must be in 1..{num_layers - 1} for this {num_layers}-layer model, "
                          f"got {args.exit_layer}.")
@@ -707,7 +716,8 @@ def check_args(args, num_layers, vocab_size=None):
     if "adapter" in train and args.adapter == "none":
         raise UsageError("--train adapter needs --adapter block or --adapter mlp.")
     if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
-        raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train.")
+        raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train, "
+                         "or drop --adapter.")
     if args.adapter_init == "next" and args.adapter != "block":
         raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), "
                          f"got --adapter {args.adapter}.")
@@ -992,6 +1002,7 @@ def run(args, stop=None):
     t_start = time.perf_counter()
     stop = stop if stop is not None else SignalStop()
     from accelerate.utils import set_seed
+    resolve_adapter(args)  # before the resume check: the saved arguments hold the resolved --adapter
     out_dir = Path(args.out_dir)
     if args.resume:
         state = read_resume_state(out_dir)  # fail before any slow loading
@@ -1275,8 +1286,9 @@ def build_parser():
     g.add_argument("--train", default="head,norm,adapter",
                    help=f"comma list of the exit parts to train: {', '.join(TRAINABLE)} (last_block: a private copy "
                         "of block L-1 used only by the draft)")
-    g.add_argument("--adapter", choices=("none", "block", "mlp"), default="block",
-                   help="adapter before the exit norm: a decoder block, or a residual MLP")
+    g.add_argument("--adapter", choices=("auto", "none", "block", "mlp"), default="auto",
+                   help="adapter before the exit norm: a decoder block, or a residual MLP; auto: block when adapter is "
+                        "in --train or --adapter_init is next, else none")
     g.add_argument("--adapter_init", choices=ADAPTER_INITS, default="identity",
                    help="identity: the adapter starts as the identity (block: a copy of block L-1 with its output "
                         "projections zeroed); next (block only): an exact copy of the base's block L, so the untrained "

@@ -367,7 +367,8 @@ def test_sticky_batch_order_keeps_each_ranks_blocks():
 
 def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):
     out = tmp_path / "out"
-    r = train.main(cli(tiny_dir, chat_file, out, "--train", "head", "--adapter", "none", "--max_steps", "4"))
+    r = train.main(cli(tiny_dir, chat_file, out, "--train", "head", "--max_steps", "4"))  # no adapter: none trained
+    assert json.loads((out / "exit_config.json").read_text())["adapter"] is None
     fresh_base, _ = load_base_model(str(tiny_dir))
     # the base model used for training is bit-identical to the one on disk
     assert all(torch.equal(v, fresh_base.state_dict()[k]) for k, v in r["base"].state_dict().items())
@@ -376,6 +377,31 @@ def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):
     assert not torch.equal(trained["head.weight"], fresh["head.weight"])
     assert torch.equal(trained["norm.weight"], fresh["norm.weight"])
     assert max_diff(exit_state(r), trained) == 0
+
+
+@pytest.mark.parametrize("flags, adapter", [
+    ([], "block"), (["--train", "head"], "none"), (["--train", "head,norm"], "none"),
+    (["--train", "norm,adapter"], "block"), (["--train", "head,adapter", "--adapter", "mlp"], "mlp"),
+    (["--train", "head", "--adapter_init", "next"], "block"),  # an untrained copy of the next block is no identity
+    (["--train", "head", "--adapter", "none"], "none"), (["--train", "head", "--adapter", "auto"], "none"),
+])
+def test_adapter_follows_train(flags, adapter):
+    args = train.build_parser().parse_args(flags)
+    assert args.adapter == "auto" or "--adapter" in flags
+    train.check_args(args, num_layers=30)
+    assert args.adapter == adapter
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train", "head", "--adapter", "block"], "--adapter block is the identity until trained"),
+    (["--train", "head,norm", "--adapter", "mlp"], "--adapter mlp is the identity until trained"),
+    (["--train", "head,adapter", "--adapter", "none"], "--train adapter needs --adapter block"),
+    (["--adapter", "mlp", "--adapter_init", "next"], "--adapter_init next needs --adapter block"),
+    (["--train", "head", "--adapter", "none", "--adapter_init", "next"], "--adapter_init next needs --adapter block"),
+])
+def test_adapter_asked_for_explicitly_is_checked(flags, message):
+    with pytest.raises(train.UsageError, match=message):
+        train.check_args(train.build_parser().parse_args(flags), num_layers=30)
 
 
 def test_next_block_adapter_is_saved_and_reloaded(tiny_dir, chat_file, tmp_path):

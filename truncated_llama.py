@@ -169,15 +169,21 @@ def load_base_model(name_or_path=DEFAULT_MODEL, *, dtype=torch.float32, device="
 
 
 def model_fingerprint(model):
-    """A short hash of the model's config shape and a sample of every weight; identifies 'the same base model'."""
+    """A short hash that identifies 'the same base model' whatever its dtype and device.
+
+    It hashes the config's shape and, for every weight, its name, its shape and a sample of up to 1024 values rounded
+    to bfloat16 (about 3 significant digits) and hashed as float32. Rounding a bfloat16 value to bfloat16 changes
+    nothing, so a float32 model and its bfloat16 copy give the same digest, on any device; another model differs.
+    (A float16 copy may not match: float32 -> float16 -> bfloat16 rounds twice.)
+    """
     h = hashlib.sha256()
     c = model.config
     h.update(json.dumps([c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size]).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().round(4).tobytes())
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].to(torch.bfloat16).float().cpu()
+        h.update(json.dumps([name, list(p.shape)]).encode())
+        h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -82,6 +82,10 @@ def test_local_directory_loads_unchanged(tmp_path, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     model, tok = load_base_model(str(tmp_path / "m"))
     assert model_fingerprint(model) == model_fingerprint(base)
+    # the fingerprint names the model, not its dtype: a bfloat16 load is the same base, another model is not
+    half, _ = load_base_model(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert half.lm_head.weight.dtype == torch.bfloat16 and model_fingerprint(half) == model_fingerprint(base)
+    assert model_fingerprint(make_tiny_llama(seed=1)) != model_fingerprint(base)
     assert tok.eos_token == "<|im_end|>"
 
 

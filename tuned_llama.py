@@ -20,6 +20,7 @@ Every parameter here is a fresh tensor; the base model is never modified. Blocks
 key/value cache (the exit cache), indexed by `cache_index`.
 """
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -233,10 +234,26 @@ def read_exit_config(path):
         raise CheckpointError(f"--exit_ckpt: {cfg_file} is unreadable or corrupt ({e.__class__.__name__}).") from None
 
 
+def _dtype_bound_fingerprint(model):
+    """The base-model fingerprint that checkpoints written before truncated_llama.model_fingerprint became independent
+    of the dtype hold (it hashed float32 samples rounded to 4 decimals, so it depends on the dtype the base was loaded
+    in). Accepted by load_exit so that those checkpoints still load, and those runs still resume, on the same base."""
+    h = hashlib.sha256()
+    c = model.config
+    h.update(json.dumps([c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size]).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
     """Rebuild the EarlyExit saved at `path` on `base_model`; refuses a checkpoint made for another model or layer."""
     cfg = read_exit_config(path)
-    if base_fingerprint is not None and cfg.get("base_fingerprint") != base_fingerprint:
+    saved = cfg.get("base_fingerprint")
+    if base_fingerprint is not None and saved != base_fingerprint and saved != _dtype_bound_fingerprint(base_model):
         raise CheckpointError(f"--exit_ckpt: {path} was trained on base model {cfg.get('base_model')!r} "
                               f"(fingerprint {cfg.get('base_fingerprint')}), not on the model loaded with --model.")
     if exit_layer is not None and cfg.get("exit_layer") != exit_layer:

@@ -1,9 +1,12 @@
 """The exit modules (tuned_llama.py): own tensors, identity-initialised adapters, atomic safetensors checkpoints."""
+import copy
+
 import pytest
 import torch
 
 from conftest import make_tiny_llama
 from truncated_llama import TruncatedLlama, model_fingerprint
+import tuned_llama
 from tuned_llama import CheckpointError, EarlyExit, load_exit, save_exit, write_dir_atomically
 
 
@@ -83,6 +86,43 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         load_exit(tmp_path / "ck", base)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directories left behind
+
+
+@pytest.mark.parametrize("adapter", ["block", "mlp"])
+def test_exit_trained_in_one_dtype_loads_on_a_base_of_the_other(tmp_path, adapter):
+    fp32 = make_tiny_llama()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    other = {torch.float32: make_tiny_llama(seed=1)}
+    other[torch.bfloat16] = copy.deepcopy(other[torch.float32]).to(torch.bfloat16)
+    assert model_fingerprint(fp32) == model_fingerprint(bf16)
+    assert model_fingerprint(other[torch.float32]) == model_fingerprint(other[torch.bfloat16]) != model_fingerprint(fp32)
+    ids = torch.randint(0, 259, (1, 7), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    for src, dst in ((fp32, bf16), (bf16, fp32)):
+        exit = EarlyExit(src, 2, adapter=adapter, last_block=True)
+        with torch.no_grad():
+            for p in exit.parameters():
+                p.add_(0.01 * torch.randn_like(p))  # "trained": no longer a copy of the base
+        ck = tmp_path / f"{src.dtype}".replace("torch.", "")
+        save_exit(exit, ck, base_name="tiny", base_fingerprint=model_fingerprint(src), trained=["head", "adapter"])
+        loaded, _ = load_exit(ck, dst, base_fingerprint=model_fingerprint(dst))
+        dtype = dst.lm_head.weight.dtype
+        for k, v in exit.state_dict().items():  # the base's dtype, the saved values
+            assert loaded.state_dict()[k].dtype == dtype and torch.equal(loaded.state_dict()[k], v.to(dtype)), k
+        with torch.no_grad():
+            assert TruncatedLlama(dst, 2, loaded)(ids).exit_logits.dtype == dtype
+        with pytest.raises(CheckpointError, match="trained on base model 'tiny'"):
+            load_exit(ck, other[dtype], base_fingerprint=model_fingerprint(other[dtype]))
+
+
+def test_checkpoint_with_the_older_dtype_bound_fingerprint_still_loads_on_its_base(tmp_path):
+    base, other = make_tiny_llama(), make_tiny_llama(seed=1)
+    old = tuned_llama._dtype_bound_fingerprint(base)
+    assert old != model_fingerprint(base)
+    save_exit(EarlyExit(base, 2), tmp_path / "ck", base_name="tiny", base_fingerprint=old)
+    load_exit(tmp_path / "ck", base, base_fingerprint=model_fingerprint(base))
+    with pytest.raises(CheckpointError, match="trained on base model"):
+        load_exit(tmp_path / "ck", other, base_fingerprint=model_fingerprint(other))
 
 
 def test_atomic_write_keeps_the_old_directory_when_writing_fails(tmp_path):
