@@ -35,14 +35,14 @@ from torch import nn
 
 from data_utils import (DataError, Parser, SignalStop, UsageError, blocks_from_prefix, check_context, collate,
                         has_targets, int_at_least, positive, sample_blocks, split_by_id)
-from truncated_llama import DEFAULT_MODEL, ModelLoadError, TruncatedLlama, load_base_model, model_fingerprint
+from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
+                             machine_info, model_fingerprint, resolve_dtype)
 from tuned_llama import (ADAPTER_INITS, HEAD_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
 LOSSES = ("kl", "ce", "kl+ce", "tv")
 DATASETS = ("sharegpt", "slimpajama", "xsum")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESUME_DIR = "resume"
 LOG_FILE = "log.jsonl"
 CURVE_FILE = "train_curve.png"
@@ -456,6 +456,7 @@ class ExitForward(nn.Module):
 
     def forward(self, shared, ctx, rows, teacher=None, labels=None, loss=None):
         mask, position_ids, pos = ctx
+        shared = shared.to(self.exit.norm.weight.dtype)  # a bfloat16 base hands its states to a float32 exit
         h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
         x = self.exit.norm(h[:, :-1][rows])
         if loss is None:
@@ -524,7 +525,8 @@ def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, pi
             mask, position_ids, pos = exit_context(model, shared, batch["attention_mask"])
         else:
             shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
-        h = exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
+        h = exit.hidden(shared.to(exit.norm.weight.dtype), mask=mask, position_ids=position_ids,
+                        position_embeddings=pos)
         x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
         A += x.t() @ x
         B += x.t() @ y
@@ -860,7 +862,7 @@ def save_checkpoint(out_dir, exit, optimizer, scheduler, *, step, args, base_nam
     checkpoints/step_NNNNNN/ with --keep_checkpoints)."""
     from safetensors.torch import save_file
     extra = {"step": step, "metrics": metrics, "adapter_config": adapter_config(exit), "train_args": vars(args),
-             "world_size": world_size}
+             "world_size": world_size, "dtype": args.dtype, "machine": machine_info(exit.head.weight.device)}
 
     def write(tmp):
         write_exit_files(exit, tmp, exit_config(exit, base_name=base_name, base_fingerprint=fingerprint,
@@ -1003,16 +1005,16 @@ def run(args, stop=None):
     stop = stop if stop is not None else SignalStop()
     from accelerate.utils import set_seed
     resolve_adapter(args)  # before the resume check: the saved arguments hold the resolved --adapter
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    dtype, args.dtype = resolve_dtype(args.dtype, device)  # saved (and checked on --resume) as resolved
     out_dir = Path(args.out_dir)
     if args.resume:
         state = read_resume_state(out_dir)  # fail before any slow loading
         check_resume_args(state, args, out_dir)
-    accelerator = make_accelerator(args)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
     set_seed(args.seed)
-    dtype = DTYPES[args.dtype]
-    device = accelerator.device
 
     base, tokenizer = load_base_model(args.model, dtype=dtype, device=device,
                                       attn_implementation=args.attn_implementation)
@@ -1045,7 +1047,8 @@ def run(args, stop=None):
     # the exit, its optimizer and schedule; on --resume, their saved state
     start_step, metrics = 0, None
     if args.resume:
-        exit, _ = load_exit(out_dir, base, base_fingerprint=fingerprint, exit_layer=args.exit_layer)
+        exit, _ = load_exit(out_dir, base, base_fingerprint=fingerprint, exit_layer=args.exit_layer,
+                            dtype=torch.float32)
         exit = set_trainable(exit.to(device), train)
         if state["data"] != data_info or state.get("world_size") != world:
             raise CheckpointError(f"--resume: the data or the number of processes differ from the run in {out_dir}; "
@@ -1060,7 +1063,8 @@ def run(args, stop=None):
             say(f"--draft_vocab {args.draft_vocab}: the head keeps the most frequent of the "
                 f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
                 f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
-        exit = build_exit(base, args, train, vocab).to(device)
+        exit = build_exit(base, args, train, vocab).to(device).float()  # float32 weights, whatever the base's dtype
+    say(dtype_line(args.dtype, args.dtype, machine_info(device)) + "; the exit trains in float32")
     model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
     val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
     # the base states of the blocks the lstsq fit ran on, handed to the training steps that see them first
@@ -1229,7 +1233,7 @@ def benchmark(args, repeats=5):
     pruned head of K rows)."""
     torch.manual_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    base, _ = load_base_model(args.model, dtype=DTYPES[args.dtype], device=device,
+    base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype, device)[0], device=device,
                               attn_implementation=args.attn_implementation)
     if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
         raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
@@ -1360,7 +1364,9 @@ def build_parser():
     g.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also log through accelerate's trackers (log.jsonl is always written)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and activations")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="the base model's weights and activations (the exit always trains in float32); auto: "
+                        "bfloat16 on a GPU or CPU with native bf16, else float32")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (accelerate picks it per process), else CPU")
     g.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")

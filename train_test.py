@@ -68,7 +68,7 @@ def cli(model_dir, data_file, out_dir, *extra):
     return ["--model", str(model_dir), "--data_files", str(data_file), "--out_dir", str(out_dir),
             "--exit_layer", "3", "--seq_len", "32", "--batch_size", "4", "--val_fraction", "0.2",
             "--eval_batches", "1", "--eval_every", "3", "--save_every", "3", "--warmup", "2", "--lr", "3e-3",
-            *extra]
+            *(() if "--dtype" in extra else ("--dtype", "float32")), *extra]  # float32: exact comparisons
 
 
 def exit_state(result_or_dir):
@@ -363,6 +363,19 @@ def test_sticky_batch_order_keeps_each_ranks_blocks():
 
 # ----------------------------------------------------------------------------------------------------------------
 # train.py end to end on the tiny model
+
+
+def test_bfloat16_base_trains_a_float32_exit_that_resumes_exactly(tiny_dir, chat_file, tmp_path):
+    """--dtype bfloat16 (what auto picks on a CPU with native bf16): the base runs in bf16, the exit trains in
+    float32 and is saved so; a resumed run ends with the same weights; the dtype and machine are recorded."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    r = train.main(cli(tiny_dir, chat_file, ref, "--max_steps", "6", "--dtype", "bfloat16"))
+    assert r["base"].dtype == torch.bfloat16 and all(v.dtype == torch.float32 for v in exit_state(ref).values())
+    train.main(cli(tiny_dir, chat_file, out, "--max_steps", "6", "--dtype", "bfloat16", "--stop_after", "3"))
+    train.main(cli(tiny_dir, chat_file, out, "--max_steps", "6", "--dtype", "bfloat16", "--resume"))
+    assert max_diff(exit_state(out), exit_state(ref)) == 0
+    cfg = json.loads((out / "exit_config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["machine"]["cpu"] and "threads" in cfg["machine"]
 
 
 def test_train_head_only_changes_head(tiny_dir, chat_file, tmp_path):

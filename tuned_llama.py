@@ -249,7 +249,7 @@ def _dtype_bound_fingerprint(model):
     return h.hexdigest()[:16]
 
 
-def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
+def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None, dtype=None):
     """Rebuild the EarlyExit saved at `path` on `base_model`; refuses a checkpoint made for another model or layer."""
     cfg = read_exit_config(path)
     saved = cfg.get("base_fingerprint")
@@ -274,6 +274,8 @@ def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None):
         raise CheckpointError(f"--exit_ckpt: {path} has an exit configuration this code cannot build ({e})") from None
     try:
         state = load_file(str(Path(path) / WEIGHTS_FILE))
+        if dtype is not None:  # e.g. float32 master weights for training on a bfloat16 base: load without rounding
+            exit.to(dtype)
         exit.load_state_dict(state, strict=True)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"--exit_ckpt: the weights in {path} are corrupt or do not fit this model "
