@@ -278,7 +278,7 @@ LAYER_SWEEP = "layer_sweep"
 DATASETS = ("sharegpt", "xsum", "slimpajama")
 # Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
-                 "draft_step_ms", "full_step_ms", "c", "predicted_speedup",
+                 "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup",
                  "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
 
 
@@ -365,20 +365,25 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def step_times(model, input_ids, repeats=7):
-    """(seconds of one draft step, seconds of one autoregressive step): medians of warm one-token calls of
-    `draft_step` and `full_step` on a cache holding `input_ids`, interleaved so that load affects both alike."""
+def step_times(model, input_ids, verify_sizes=(), repeats=7):
+    """(seconds of one draft step, seconds of one autoregressive step, {k: seconds of a k-token full step}): medians
+    of warm calls of `draft_step` and `full_step` on a cache holding `input_ids`, interleaved so that load affects
+    them alike. A k-token full step costs what verifying k - 1 drafts does."""
     cache, n, last = _prefill(model, input_ids, with_exit=True)
-    times = {"draft": [], "full": []}
+    steps = {"draft": lambda: model.draft_step(last, cache, n), 1: lambda: model.full_step(last, cache, n)}
+    for k in verify_sizes:
+        steps[k] = (lambda k=k: model.full_step(input_ids[:, n - k + 1:n + 1], cache, n))  # positions n..n+k-1
+    times = {kind: [] for kind in steps}
     for r in range(repeats + 1):
-        for kind, step in (("draft", model.draft_step), ("full", model.full_step)):
+        for kind, step in steps.items():
             t = time.perf_counter()
-            step(last, cache, n)
+            step()
             _sync(input_ids.device)
             if r:  # the first round warms up
                 times[kind].append(time.perf_counter() - t)
             cache.crop(n)
-    return statistics.median(times["draft"]), statistics.median(times["full"])
+    med = {kind: statistics.median(v) for kind, v in times.items()}
+    return med["draft"], med[1], {k: med[k] for k in verify_sizes}
 
 
 def run_baseline(model, prompts, policy, max_new_tokens, seed, eos):
@@ -427,8 +432,10 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     judged = total["accepted"] + rejected
     alpha = total["accepted"] / judged if judged else None  # the formula's a: P(accept | the drafts before were)
     tps = total["new_tokens"] / total["seconds"] if total["seconds"] else 0.0
-    draft_s, full_s = times
+    draft_s, full_s, verify_s = times
     c = draft_s / full_s
+    # v: a cycle's verification (d drafts: d + 1 tokens) over a one-token step, averaged over the realised lengths
+    v = sum(n * verify_s.get(d + 1, full_s) for d, n in enumerate(len_hist)) / max(sum(len_hist), 1) / full_s
     return {
         **asdict(cell), "prompts": len(prompts),
         "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
@@ -442,8 +449,8 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "seconds": total["seconds"], "tokens_per_s": tps,
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
-        "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c,
-        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist),
+        "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c, "v": v,
+        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist, v),
     }
 
 
@@ -588,7 +595,7 @@ SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k
                    "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
                    "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
-                   "predicted_speedup", "cell_id")
+                   "v", "predicted_speedup", "cell_id")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1225,7 +1232,7 @@ def run(args, stop=None):
             model, model_key, baselines = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit),
                                                          engine=args.engine), key, {}
         if key not in times:
-            times[key] = step_times(model, timing_ids)
+            times[key] = step_times(model, timing_ids, range(2, max(args.gammas) + 2))
         pkey = tuple(cell.policy.values())
         if pkey not in baselines:  # once per exit and policy, just before its cells: slow drifts in speed cancel
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)

@@ -370,8 +370,8 @@ def test_sweep_rows_are_consistent(full_sweep):
         assert r["draft_stop"] == 0.0 and sum(r["draft_len_hist"]) == r["target_calls"]
         assert sum(d * n for d, n in enumerate(r["draft_len_hist"])) == r["drafted"]
         assert r["avg_draft_len"] == pytest.approx(r["drafted"] / r["target_calls"])
-        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], r["gamma"], r["c"],
-                                                                         r["draft_len_hist"]))
+        assert r["v"] > 0 and r["predicted_speedup"] == pytest.approx(
+            predicted_speedup(r["alpha"], r["gamma"], r["c"], r["draft_len_hist"], r["v"]))
         assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
         if r["temperature"] == 0:
             assert r["matches_baseline"] is True and r["top_p"] == 1.0
@@ -565,7 +565,8 @@ def test_sweep_with_a_pruned_head_and_adaptive_draft_length(assets, tmp_path, ca
     for r in rows:
         assert sum(r["draft_len_hist"]) == r["target_calls"] and r["drafted"] <= 3 * r["target_calls"]
         assert r["accepted"] + r["target_calls"] == r["new_tokens"] == 2 * 12
-        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], 3, r["c"], r["draft_len_hist"]))
+        assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], 3, r["c"], r["draft_len_hist"],
+                                                                         r["v"]))
         assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)
     assert rows[1]["avg_draft_len"] < rows[0]["avg_draft_len"] and rows[3]["avg_draft_len"] < rows[2]["avg_draft_len"]
     assert len({r["cell_id"] for r in rows}) == 4
