@@ -196,13 +196,14 @@ def compare(model, ref, prompts, layer, gamma, new, device, roof):
     tps = {k: tokens[k] / seconds[k] for k in methods}
     ref_out = outputs["hf_generate"]
     same = {k: f"{sum(torch.equal(a, b) for a, b in zip(outputs[k], ref_out))}/{len(prompts)}" for k in methods}
+    spec_same = sum(torch.equal(a, b) for a, b in zip(outputs["ours_spec"], outputs["ours_ar"]))
     return {"exit_layer": layer, "gamma": gamma, "tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
             "ours_ar_vs_hf_generate": round(tps["ours_ar"] / tps["hf_generate"], 3),
             "ours_spec_vs_hf_early_exit": round(tps["ours_spec"] / tps["hf_early_exit"], 3),
             "ours_spec_vs_ours_ar": round(tps["ours_spec"] / tps["ours_ar"], 3),
             "fraction_of_physical_roofline": {k: round(v / roof["physical_tok_s"], 3) for k, v in tps.items()},
             "fraction_of_products_roofline": {k: round(v / roof["products_tok_s"], 3) for k, v in tps.items()},
-            "greedy_equal_to_hf_generate": same}
+            "greedy_equal_to_hf_generate": same, "ours_spec_equal_to_ours_ar": f"{spec_same}/{len(prompts)}"}
 
 
 @torch.inference_mode()
