@@ -39,10 +39,10 @@ run: setup
 SPEEDUP        := out/speedup
 SPEEDUP_LAYER  ?= 3
 SPEEDUP_VOCAB  ?= 8192
-SPEEDUP_STEPS  ?= 360
+SPEEDUP_STEPS  ?= 1000
 SPEEDUP_TRAIN  ?= --train head,norm,adapter --adapter_init next --draft_vocab $(SPEEDUP_VOCAB) --head_init lstsq \
 	--lstsq_blocks 48 --lr 4e-3 --head_lr 3e-3 --max_steps $(SPEEDUP_STEPS) --batch_size 2 --seq_len 256 \
-	--warmup 20 --eval_every 180 --eval_batches 12 --save_every 60 --dtype float32
+	--warmup 20 --eval_every 250 --eval_batches 12 --save_every 100 --dtype float32
 SPEEDUP_GAMMAS ?= 1 2 3
 SPEEDUP_STOPS  ?= 0 0.4
 SPEEDUP_EXIT   := $(SPEEDUP)/exit_L$(SPEEDUP_LAYER)

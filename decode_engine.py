@@ -120,7 +120,6 @@ class Product:
         self.weight = stored
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.out_features = stored.shape[1 if self.storage == "t" else 0]
         self.fns = {m: FORMS[name][1] for m, name in self.forms.items()}
         self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
 
@@ -143,7 +142,7 @@ class StaticCache:
     """Keys and values of `slots` attention layers, (slots, kv_heads, capacity, head_dim) each, written by position.
 
     `lengths[i]` is how many positions layer i holds; `crop(n)` only shortens lengths. Capacity doubles when a write
-    would pass it (rare: callers size it for prompt + new tokens)."""
+    would pass it (rare: the generate functions size it for the prompt, the new tokens and one cycle's drafts)."""
 
     def __init__(self, slots, kv_heads, head_dim, capacity, dtype, device):
         shape = (slots, kv_heads, max(16, capacity), head_dim)

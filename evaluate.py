@@ -125,9 +125,10 @@ def _check_prompt(model, input_ids, max_new_tokens):
     check_context(model.config, "--max_new_tokens", max_new_tokens, prompt=input_ids.shape[1])  # a ValueError
 
 
-def _prefill(model, input_ids, with_exit):
-    """All prompt tokens but the last go into every layer's cache; the last one is fed by the first step."""
-    cache = model.new_cache()
+def _prefill(model, input_ids, with_exit, room=0):
+    """All prompt tokens but the last go into every layer's cache; the last one is fed by the first step.
+    `room`: positions the generation will add (the lean engine reserves them up front)."""
+    cache = model.new_cache(input_ids.shape[1] + room)
     if input_ids.shape[1] > 1:
         model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
     return cache, input_ids.shape[1] - 1, input_ids[:, -1:]
@@ -149,7 +150,7 @@ def autoregressive_generate(model, input_ids, max_new_tokens, *, temperature=0.0
     _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k)
     t0 = time.perf_counter()
-    cache, n, last = _prefill(model, input_ids, with_exit=False)
+    cache, n, last = _prefill(model, input_ids, with_exit=False, room=max_new_tokens)
     tokens = []
     while len(tokens) < max_new_tokens:
         logits = model.full_step(last, cache, n)[0, -1:]
@@ -197,7 +198,7 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
     device = input_ids.device
     t0 = time.perf_counter()
-    cache, n, last = _prefill(model, input_ids, with_exit=True)
+    cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + gamma + 1)
     tokens, from_draft, per_cycle, per_cycle_drafted = [], [], [], []
     overlap_sum, drafted = 0.0, 0
     hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)

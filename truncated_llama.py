@@ -276,7 +276,8 @@ class TruncatedLlama(nn.Module):
         return self.exit.shared_layers
 
     def new_cache(self, capacity=256):
-        """An empty generation cache; `capacity` positions are reserved up front by the lean engine (it grows)."""
+        """An empty generation cache; the lean engine reserves `capacity` positions up front (and grows past them);
+        transformers' DynamicCache grows by itself."""
         if not self.lean:
             return SpecCache(self.config, self.exit.num_cache_slots)
         engine = self._engines()
