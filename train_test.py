@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data_utils
+import losses
 import train
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from truncated_llama import TruncatedLlama, load_base_model
@@ -90,7 +91,7 @@ def test_metrics_by_hand():
     # two-token vocab: p = (0.5, 0.5), q = (0.75, 0.25)
     p = torch.log(torch.tensor([[0.5, 0.5]]))
     q = torch.log(torch.tensor([[0.75, 0.25]]))
-    m = train.exit_metrics(p, q, labels=torch.tensor([1]))
+    m = losses.exit_metrics(p, q, labels=torch.tensor([1]))
     assert m["overlap_t1"] == pytest.approx(0.75)
     assert m["kl"] == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
     assert m["exit_ppl"] == pytest.approx(4.0)
@@ -98,7 +99,7 @@ def test_metrics_by_hand():
     # T = 0.7 sharpens both: compare with the formula
     p7, q7 = torch.softmax(p / 0.7, -1), torch.softmax(q / 0.7, -1)
     assert m["overlap_t07"] == pytest.approx(float(torch.minimum(p7, q7).sum()))
-    same = train.exit_metrics(q, q)
+    same = losses.exit_metrics(q, q)
     assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0 and same["overlap_t1"] == pytest.approx(1.0)
     assert "exit_ppl" not in same
 
@@ -110,13 +111,13 @@ def test_metrics_mask_and_top1():
     e[0, 1] = -t[0, 1]  # disagree at one position
     mask = torch.zeros(2, 5, dtype=torch.bool)
     mask[0, :2] = True  # count positions (0,0) and (0,1) only
-    m = train.exit_metrics(t, e, mask)
+    m = losses.exit_metrics(t, e, mask)
     assert m["tokens"] == 2 and m["top1"] == 0.5
-    assert train.exit_metrics(t, e)["top1"] == pytest.approx(9 / 10)
+    assert losses.exit_metrics(t, e)["top1"] == pytest.approx(9 / 10)
     # sums over pieces equal the whole
-    s1, s2 = train.exit_metric_sums(t[:1], e[:1]), train.exit_metric_sums(t[1:], e[1:])
-    whole = train.exit_metrics(t, e)
-    merged = train.summarize_metrics({k: s1[k] + s2[k] for k in s1})
+    s1, s2 = losses.exit_metric_sums(t[:1], e[:1]), losses.exit_metric_sums(t[1:], e[1:])
+    whole = losses.exit_metrics(t, e)
+    merged = losses.summarize_metrics({k: s1[k] + s2[k] for k in s1})
     assert merged == pytest.approx(whole)
 
 
@@ -124,19 +125,19 @@ def test_losses():
     torch.manual_seed(0)
     t, e, y = torch.randn(7, 13), torch.randn(7, 13), torch.randint(0, 13, (7,))
     kl1 = F.kl_div(F.log_softmax(e, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-    assert torch.allclose(train.token_losses(t, e, kind="kl"), kl1, atol=1e-6)
+    assert torch.allclose(losses.token_losses(t, e, kind="kl"), kl1, atol=1e-6)
     kl2 = F.kl_div(F.log_softmax(e / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1)
-    assert torch.allclose(train.token_losses(t, e, kind="kl", temperature=2.0), 4 * kl2, atol=1e-6)
+    assert torch.allclose(losses.token_losses(t, e, kind="kl", temperature=2.0), 4 * kl2, atol=1e-6)
     ce = F.cross_entropy(e, y, reduction="none")
-    assert torch.allclose(train.token_losses(t, e, y, kind="ce"), ce, atol=1e-6)
-    assert torch.allclose(train.token_losses(t, e, y, kind="kl+ce", ce_weight=0.3), kl1 + 0.3 * ce, atol=1e-6)
-    tv = train.token_losses(t, e, kind="tv")
-    overlap = train.exit_metric_sums(t, e)["overlap_t1"]
+    assert torch.allclose(losses.token_losses(t, e, y, kind="ce"), ce, atol=1e-6)
+    assert torch.allclose(losses.token_losses(t, e, y, kind="kl+ce", ce_weight=0.3), kl1 + 0.3 * ce, atol=1e-6)
+    tv = losses.token_losses(t, e, kind="tv")
+    overlap = losses.exit_metric_sums(t, e)["overlap_t1"]
     assert float(tv.sum()) == pytest.approx(7 - overlap, abs=1e-5)
-    assert float(train.token_losses(t, t, kind="tv").abs().max()) < 1e-6
+    assert float(losses.token_losses(t, t, kind="tv").abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("kind", train.LOSSES)
+@pytest.mark.parametrize("kind", losses.LOSSES)
 @pytest.mark.parametrize("teacher_as_logits", [False, True])
 @pytest.mark.parametrize("pruned", [False, True])
 def test_fused_head_loss_matches_autograd(kind, teacher_as_logits, pruned):
@@ -147,10 +148,10 @@ def test_fused_head_loss_matches_autograd(kind, teacher_as_logits, pruned):
     W = torch.randn(V if vocab is None else 11, D, requires_grad=True)
     tx, tW = torch.randn(M, D), torch.randn(V, D)
     y = torch.randint(0, V, (M,))
-    ref = train.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3, vocab=vocab)
+    ref = losses.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3, vocab=vocab)
     gx, gW = torch.autograd.grad(ref.sum() * 0.5, (x, W))
     teacher = tx @ tW.t() if teacher_as_logits else (tx, tW)
-    total, rows = train.fused_head_loss(x, W, teacher, y, kind=kind, temperature=1.7, ce_weight=0.3,
+    total, rows = losses.fused_head_loss(x, W, teacher, y, kind=kind, temperature=1.7, ce_weight=0.3,
                                          block=16, chunk=3, vocab=vocab)
     assert torch.allclose(rows, ref, atol=1e-5) and torch.allclose(total, ref.sum(), atol=1e-4)
     fx, fW = torch.autograd.grad(total * 0.5, (x, W))
@@ -172,29 +173,29 @@ def test_pruned_head_losses_and_metrics_by_hand():
         log_q = F.log_softmax(full_q / temp, -1)
         inside = (log_p.exp() * (log_p - log_q))[:, vocab].sum(-1)  # the finite terms of the forward KL
         mass = log_p.exp()[:, vocab].sum(-1)
-        kl = train.token_losses(t, full_q, kind="kl", temperature=temp, vocab=vocab)
+        kl = losses.token_losses(t, full_q, kind="kl", temperature=temp, vocab=vocab)
         assert torch.allclose(kl, temp ** 2 * (inside - mass * mass.log()), atol=1e-5)
-        assert torch.allclose(kl, train.token_losses(t, z[:, vocab], kind="kl", temperature=temp, vocab=vocab))
+        assert torch.allclose(kl, losses.token_losses(t, z[:, vocab], kind="kl", temperature=temp, vocab=vocab))
     # a "pruned" head over every token (in any order) is the full head
     every = torch.randperm(V)
     for kind in ("kl", "tv"):
-        assert torch.allclose(train.token_losses(t, z[:, every], kind=kind, vocab=every),
-                              train.token_losses(t, z, kind=kind), atol=1e-5)
-    tv = train.token_losses(t, full_q, kind="tv", vocab=vocab)
-    sums = train.exit_metric_sums(t, full_q, labels=y)
+        assert torch.allclose(losses.token_losses(t, z[:, every], kind=kind, vocab=every),
+                              losses.token_losses(t, z, kind=kind), atol=1e-5)
+    tv = losses.token_losses(t, full_q, kind="tv", vocab=vocab)
+    sums = losses.exit_metric_sums(t, full_q, labels=y)
     assert float(tv.sum()) == pytest.approx(M - sums["overlap_t1"], abs=1e-5)
-    ce = train.token_losses(t, full_q, y, kind="ce", vocab=vocab)
+    ce = losses.token_losses(t, full_q, y, kind="ce", vocab=vocab)
     covered = torch.isin(y, vocab)
     assert torch.all(ce[~covered] == 0)
     assert torch.allclose(ce[covered], F.cross_entropy(full_q[covered], y[covered], reduction="none"))
     # metrics: finite, kl is the training loss, perplexity over the covered labels, top-1 against the full teacher
-    assert sums["kl"] == pytest.approx(float(train.token_losses(t, full_q, kind="kl", vocab=vocab).sum()), abs=1e-4)
+    assert sums["kl"] == pytest.approx(float(losses.token_losses(t, full_q, kind="kl", vocab=vocab).sum()), abs=1e-4)
     assert sums["vocab_mass"] == pytest.approx(float(F.softmax(t, -1)[:, vocab].sum()), abs=1e-5)
     assert sums["exit_nll_tokens"] == int(covered.sum()) and math.isfinite(sums["exit_nll"])
     assert sums["top1"] == float((t.argmax(-1) == full_q.argmax(-1)).sum())
-    m = train.summarize_metrics(sums)
+    m = losses.summarize_metrics(sums)
     assert m["exit_ppl"] == pytest.approx(math.exp(float(ce[covered].mean())), rel=1e-5)
-    assert train.exit_metrics(t, z)["vocab_mass"] == 1.0  # a full head
+    assert losses.exit_metrics(t, z)["vocab_mass"] == 1.0  # a full head
 
 
 def test_lr_schedules():
@@ -238,7 +239,7 @@ def test_one_base_pass_and_no_base_graph(parts):
     assert torch.allclose(e, full.exit_logits[:, :-1][rows], atol=1e-5)
     assert torch.equal(y, batch["input_ids"][:, 1:][rows])
     assert not t.requires_grad and e.requires_grad
-    train.token_losses(t, e, kind="kl").mean().backward()
+    losses.token_losses(t, e, kind="kl").mean().backward()
     assert all(p.grad is None for p in base.parameters())
     reference_grads = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
     exit.zero_grad(set_to_none=True)
@@ -266,7 +267,7 @@ def test_pruned_head_one_pass_fused_equals_autograd():
     for kind in ("kl", "kl+ce", "tv", "ce"):
         t, e, y = train.distill_forward(model, ef, batch)
         assert e.shape == t.shape and torch.isneginf(e[:, 1::2]).all() and torch.isfinite(e[:, vocab]).all()
-        train.token_losses(t, e, y, kind=kind, temperature=1.5, vocab=vocab).sum().backward()
+        losses.token_losses(t, e, y, kind=kind, temperature=1.5, vocab=vocab).sum().backward()
         want = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
         exit.zero_grad(set_to_none=True)
         train.distill_forward(model, ef, batch, loss={"kind": kind, "temperature": 1.5})[0].backward()
@@ -292,8 +293,8 @@ def test_calibrate_scale_lowers_kl():
     tau = train.calibrate_scale(model, ef, batch)
     t, e, _ = train.distill_forward(model, ef, batch)
     assert 0.2 < tau < 20
-    assert train.exit_metrics(t, e / tau)["kl"] <= train.exit_metrics(t, e)["kl"] + 1e-6
-    assert train.exit_metrics(t, e / tau)["kl"] <= min(train.exit_metrics(t, e / s)["kl"] for s in (0.5, 2, 4)) + 1e-6
+    assert losses.exit_metrics(t, e / tau)["kl"] <= losses.exit_metrics(t, e)["kl"] + 1e-6
+    assert losses.exit_metrics(t, e / tau)["kl"] <= min(losses.exit_metrics(t, e / s)["kl"] for s in (0.5, 2, 4)) + 1e-6
 
 
 class _OneProcess:
@@ -314,12 +315,12 @@ def test_lstsq_head():
     fitted = EarlyExit(base, 2, head_init="lstsq")
     assert torch.equal(fitted.head.weight, copied.head.weight)  # lstsq starts as the copy
     train.fit_head_lstsq(TruncatedLlama(base, 2, fitted), fitted, batches, _OneProcess())
-    kl = lambda e: sum(train.exit_metrics(*train.distill_forward(TruncatedLlama(base, 2, e), train.ExitForward(e),
+    kl = lambda e: sum(losses.exit_metrics(*train.distill_forward(TruncatedLlama(base, 2, e), train.ExitForward(e),
                                                                  b)[:2])["kl"] for b in batches)
     assert kl(fitted) < 0.8 * kl(copied)
 
 
-@pytest.mark.parametrize("kind", train.LOSSES)
+@pytest.mark.parametrize("kind", losses.LOSSES)
 def test_loss_decreases_on_fixed_batch(kind):
     torch.manual_seed(0)
     base = make_tiny_llama(layers=4, seed=2, init_std=0.3)
