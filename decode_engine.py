@@ -348,14 +348,19 @@ def weights_key(module):
     return tuple(p.data_ptr() for p in module.parameters())
 
 
-def engine_for(model):
-    """The model's Engine, built once (re-built if its weights were replaced, e.g. by .to(dtype))."""
-    engine = model.__dict__.get("_lean_engine")
-    if engine is None or engine.key != weights_key(model):
-        engine = Engine(model)
-        model.__dict__["_lean_engine"] = engine  # a plain attribute: not a submodule, not in the state dict
-        engine.key = weights_key(model)
+def _built_for(module, build):
+    """build(module), kept on the module and made once (again if its weights were replaced, e.g. by .to(dtype))."""
+    engine = module.__dict__.get("_lean_engine")
+    if engine is None or engine.key != weights_key(module):
+        engine = build(module)
+        module.__dict__["_lean_engine"] = engine  # a plain attribute: not a submodule, not in the state dict
+        engine.key = weights_key(module)  # after building: the fused views are the weights' new home
     return engine
+
+
+def engine_for(model):
+    """The base model's Engine, built once."""
+    return _built_for(model, Engine)
 
 
 class ExitEngine:
@@ -386,9 +391,5 @@ class ExitEngine:
 
 
 def exit_engine_for(exit):
-    engine = exit.__dict__.get("_lean_engine")
-    if engine is None or engine.key != weights_key(exit):
-        engine = ExitEngine(exit)
-        exit.__dict__["_lean_engine"] = engine
-        engine.key = weights_key(exit)
-    return engine
+    """The EarlyExit's ExitEngine, built once."""
+    return _built_for(exit, ExitEngine)
