@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
-# The study in small (about 12 min on 2 idle CPU cores): a short distillation of the exit at layer 15, then the sweep
+# The study in small (about 6 min on 2 idle CPU cores at bf16, 2026-11-29): a short distillation of the exit at layer 15, then the sweep
 # of untrained exits at layers 8, 15, 22 and the trained one against autoregressive decoding. Output: out/study/.
 # The sweep decodes on one thread: batch-1 steps of a 135M model gain little from a second one, and single-threaded
 # timings are not thrown off by anything else running on the machine.
