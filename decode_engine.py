@@ -314,7 +314,6 @@ class Engine:
 
     def __init__(self, model):
         d = model.model
-        self.config = model.config
         self.embed = d.embed_tokens
         choices = Block.choices(d.layers)
         self.blocks = [Block(layer, choices) for layer in d.layers]
