@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 from scipy.stats import chisquare
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import evaluate
 import plots
@@ -267,6 +268,34 @@ def test_policy_matches_transformers_sampling_order():
         remove[:, -1] = False
         ref = ref.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
         assert torch.allclose(ours, ref.softmax(-1), atol=1e-6), (t, p, k)
+
+
+def test_policy_equals_transformers_warpers_on_a_large_vocabulary():
+    """The candidates-first top-p keeps the same tokens as transformers' sorting warpers, also when the first
+    candidates hold too little mass (flat rows: the 1,024-candidate look and the full sort)."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.cat([torch.randn(2, 49152, generator=gen) * s for s in (8.0, 1.0, 0.05)])  # peaked .. flat
+    for t, p, k in [(0.7, 0.95, 0), (1.0, 0.5, 0), (1.3, 0.99, 0), (0.7, 0.9, 40), (1.0, 1.0, 3000)]:
+        ref = logits.clone()
+        for w in ([TemperatureLogitsWarper(t)] + ([TopKLogitsWarper(k)] if k else [])
+                  + ([TopPLogitsWarper(p)] if p < 1 else [])):
+            ref = w(None, ref)
+        ours, ref = Policy(t, p, k).probs(logits), ref.softmax(-1)
+        # the same kept set, but for at most one token per row at the boundary of a flat row, where summing 49,152
+        # masses from the top (ours) or from the bottom (transformers) rounds the boundary differently
+        differ = (ours > 0) != (ref > 0)
+        assert differ.sum(-1).max() <= 1 and torch.where(differ, ours + ref, 0).max() < 1e-4, (t, p, k)
+        assert torch.allclose(ours[~differ.any(-1)], ref[~differ.any(-1)], atol=1e-6, rtol=1e-4), (t, p, k)
+
+
+def test_sample_draws_from_its_row():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # any positive total
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.stack([evaluate.sample(probs, gen) for _ in range(20000)])
+    assert draws[:, 1].eq(4).all()
+    counts = torch.bincount(draws[:, 0], minlength=5).double()
+    assert counts[1] == counts[4] == 0
+    assert chisquare(counts[[0, 2, 3]].numpy(), (probs[0, [0, 2, 3]].double() * 20000).numpy()).pvalue > 1e-3
 
 
 @pytest.mark.slow
