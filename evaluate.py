@@ -471,10 +471,11 @@ def step_times(model, input_ids, verify_sizes=(), repeats=7):
     return med["draft"], med[1], {k: med[k] for k in verify_sizes}
 
 
-def run_baseline(model, prompts, policy, max_new_tokens, seed, eos):
-    """The autoregressive reference for one policy: every prompt's tokens and the total time."""
+def run_baseline(model, prompts, policy, max_new_tokens, seed, eos, first=0):
+    """The autoregressive reference for one policy: every prompt's tokens and the total time (`first`: the index
+    of prompts[0] in the sweep's prompts, which picks its sampling seed)."""
     tokens, seconds = [], 0.0
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts, start=first):
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = autoregressive_generate(model, p["input_ids"], max_new_tokens, eos_token_id=eos, generator=g, **policy)
         tokens.append(out)
@@ -493,13 +494,23 @@ def first_difference(a, b):
 
 
 def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
-    """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts)."""
+    """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts).
+    `baseline` None: the cell times its own baseline, each prompt's autoregressive run just before its speculative
+    one (paired, so that a drift in the machine's speed falls on both alike)."""
     keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
     total = dict.fromkeys(keys, 0)
     rejected = 0
     hist, len_hist = [0] * (cell.gamma + 1), [0] * (cell.gamma + 1)
     same, first_diffs = 0, []
+    paired = baseline is None
+    if paired:
+        baseline = {"tokens": [], "new_tokens": 0, "seconds": 0.0}
     for i, p in enumerate(prompts):
+        if paired:
+            one = run_baseline(model, [p], cell.policy, max_new_tokens, seed, eos, first=i)
+            baseline["tokens"] += one["tokens"]
+            baseline["new_tokens"] += one["new_tokens"]
+            baseline["seconds"] += one["seconds"]
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
                                       generator=g, draft_stop=cell.draft_stop, **cell.policy)
@@ -511,6 +522,8 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         diff = first_difference(out, baseline["tokens"][i])
         same += diff is None
         first_diffs += [] if diff is None else [diff]
+    if paired:
+        baseline["tokens_per_s"] = baseline["new_tokens"] / baseline["seconds"] if baseline["seconds"] else 0.0
     drafted, calls = total["drafted"], total["target_calls"]
     overlap = total["overlap_sum"] / drafted if drafted else None
     rate = total["accepted"] / drafted if drafted else None
@@ -535,7 +548,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c, "v": v,
-        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist, v),
+        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist, v), "paired_baseline": paired,
     }
 
 
@@ -898,6 +911,9 @@ def build_parser():
     g.add_argument("--out_dir", default="out/eval", help="where results, tables and plots go")
     g.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out_dir, skipping every finished cell (needed when it holds results)")
+    g.add_argument("--paired_baseline", action="store_true",
+                   help="every cell times its own autoregressive baseline, prompt by prompt in turns with its "
+                        "speculative runs (twice the time; immune to drifts in the machine's speed between cells)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -1020,7 +1036,7 @@ def load_sweep(args, device):
     cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop)
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
                "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
-               "seed": args.seed}
+               "seed": args.seed, **({"paired_baseline": True} if args.paired_baseline else {})}
     return Sweep(base, tok, checkpoints, exit_ids, prompts, blocks, exits, cells,
                  [cell_id(c, context) for c in cells], fingerprint, dtype_name, machine_info(device))
 
@@ -1072,9 +1088,9 @@ def run_grid(args, sw, mine, own, meta, main, say):
         if key not in times:
             times[key] = step_times(model, timing_ids, range(2, max(args.gammas) + 2))
         pkey = tuple(cell.policy.values())
-        if pkey not in baselines:  # once per exit and policy, just before its cells: slow drifts in speed cancel
+        if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
-        row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines[pkey], times[key])
+        row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines.get(pkey), times[key])
         append_row(own, {"cell_id": sw.ids[i], "index": i, **meta, "engine": model.describe_engine(), **row})
         bar.update()
         bar.set_postfix(exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,

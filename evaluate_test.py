@@ -608,6 +608,20 @@ def test_sweep_with_a_pruned_head_and_adaptive_draft_length(assets, tmp_path, ca
     assert (out / "where_it_pays.png").stat().st_size > 0 and "stop 0.12" in (out / "summary.md").read_text()
 
 
+def test_paired_baseline_gives_the_same_cells_with_their_own_baselines(assets, full_sweep, tmp_path):
+    """--paired_baseline: each cell times its own autoregressive runs, prompt by prompt in turns with its own; the
+    numbers that do not depend on time are those of the plain sweep, under other cell ids."""
+    out = tmp_path / "paired"
+    evaluate.main(sweep_argv(assets, out, "--paired_baseline"))
+    plain, paired = read_rows(full_sweep / "results.jsonl"), read_rows(out / "results.jsonl")
+    drop = ("cell_id", "paired_baseline", "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup")
+    assert_same_rows([{k: v for k, v in r.items() if k not in drop} for r in plain],
+                     [{k: v for k, v in r.items() if k not in drop} for r in paired])
+    assert all(r["paired_baseline"] for r in paired) and not any(r["paired_baseline"] for r in plain)
+    assert len({r["baseline_seconds"] for r in paired}) == len(paired)  # timed per cell, not shared
+    assert not {r["cell_id"] for r in plain} & {r["cell_id"] for r in paired}
+
+
 def test_merge_keeps_each_cell_once_in_cell_order(tmp_path):
     row = lambda cid, v: {"cell_id": cid, "v": v}
     (tmp_path / "results.jsonl").write_text(json.dumps(row("b", 1)) + "\n" + '{"cell_id": "c", "v"')
