@@ -35,17 +35,18 @@ run: setup
 # very model the sweep decodes with, and its forward is 2.2x faster (0.93 against 2.05 s a step on the AMX Xeon of
 # 2026-11-29); the exit always trains in float32), (b) measure it against our autoregressive loop on 16 ShareGPT test
 # prompts x 128 new tokens, greedy and T=0.7 / top_p 0.95, gamma 1-2, with and without an adaptive draft stop, at
-# --dtype auto on both threads, (c) print as the last line the best lossless speedup (evaluate.py --best_line: greedy
-# cells count only when every prompt's tokens equal the baseline's). The step count follows the dtype the machine
-# gets: 1800 steps in bf16, 800 in float32 (CPUs without native bf16), about 30 min of training either way.
+# --dtype auto on both threads, each cell against its own baseline timed prompt by prompt in turns with it
+# (--paired_baseline), (c) print as the last line the best lossless speedup (evaluate.py --best_line: greedy cells
+# count only when every prompt's tokens equal the baseline's). The step count follows the dtype the machine gets:
+# 1500 steps in bf16, 650 in float32 (CPUs without native bf16), about 25 min of training either way.
 # Override any part, e.g. `make speedup SPEEDUP_LAYER=6 SPEEDUP_STEPS=200`.
 SPEEDUP        := out/speedup
 SPEEDUP_LAYER  ?= 3
 SPEEDUP_VOCAB  ?= 8192
-SPEEDUP_STEPS  ?= $(shell $(PY) -c "from truncated_llama import resolve_dtype; print(1800 if resolve_dtype('auto')[1] == 'bfloat16' else 800)")
+SPEEDUP_STEPS  ?= $(shell $(PY) -c "from truncated_llama import resolve_dtype; print(1500 if resolve_dtype('auto')[1] == 'bfloat16' else 650)")
 SPEEDUP_TRAIN  ?= --train head,norm,adapter --adapter_init next --draft_vocab $(SPEEDUP_VOCAB) --head_init lstsq \
 	--lstsq_blocks 48 --lr 4e-3 --head_lr 3e-3 --max_steps $(SPEEDUP_STEPS) --batch_size 2 --seq_len 256 \
-	--warmup 20 --eval_every 300 --eval_batches 12 --save_every 100 --dtype auto
+	--warmup 20 --eval_every 250 --eval_batches 12 --save_every 100 --dtype auto
 SPEEDUP_GAMMAS ?= 1 2
 SPEEDUP_STOPS  ?= 0 0.4
 SPEEDUP_EXIT   := $(SPEEDUP)/exit_L$(SPEEDUP_LAYER)
@@ -56,7 +57,7 @@ speedup: setup
 		$(SPEEDUP_TRAIN) --out_dir $(SPEEDUP_EXIT)
 	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas $(SPEEDUP_GAMMAS) \
 		--temperatures 0 0.7 --top_p 0.95 --draft_stop $(SPEEDUP_STOPS) --num_prompts 16 --max_new_tokens 128 \
-		--tf_blocks 0 --out_dir $(SPEEDUP)/eval
+		--tf_blocks 0 --paired_baseline --out_dir $(SPEEDUP)/eval
 	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval
 
 test: setup
