@@ -33,7 +33,7 @@ import time
 import torch
 
 import decode_engine
-from evaluate import autoregressive_generate, speculative_generate
+from evaluate import autoregressive_generate, speculative_generate, step_times
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, resolve_dtype)
 
@@ -128,31 +128,13 @@ def rooflines(model, device):
 @torch.inference_mode()
 def step_costs(models, prompt, draft_layer=8, sizes=(2, 3, 5, 9), rounds=7):
     """Per engine ({engine: model}): a one-token full step (ms), k-token full steps over it, and c = draft step /
-    full step at `draft_layer`; medians of warm calls on a cache holding `prompt`, engines interleaved by round."""
-    engines = tuple(models)
-    tls = {e: TruncatedLlama(m, draft_layer, engine=e) for e, m in models.items()}
-    n = prompt.shape[1] - max(sizes)
-    caches = {}
-    for e, tl in tls.items():
-        caches[e] = tl.new_cache(prompt.shape[1] + 16)
-        tl.full_step(prompt[:, :n], caches[e], 0, with_exit=True)
-    times = {e: {k: [] for k in ("draft", 1, *sizes)} for e in engines}
-    for r in range(rounds + 1):
-        for e, tl in tls.items():
-            for k in times[e]:
-                cache = caches[e]
-                step = (lambda: tl.draft_step(prompt[:, n:n + 1], cache, n)) if k == "draft" else \
-                    (lambda: tl.full_step(prompt[:, n:n + k], cache, n))
-                _, s = timed(step, prompt.device)
-                cache.crop(n)
-                if r:  # round 0 warms up
-                    times[e][k].append(s)
+    full step at `draft_layer`, from evaluate.step_times (medians of warm calls, kinds interleaved)."""
     out = {}
-    for e in engines:
-        med = {k: statistics.median(v) for k, v in times[e].items()}
-        out[e] = {"full_1_ms": round(1e3 * med[1], 2), **{f"full_{k}_over_1": round(med[k] / med[1], 2)
-                                                         for k in sizes},
-                  f"c_L{draft_layer}": round(med["draft"] / med[1], 3)}
+    for engine, model in models.items():
+        draft, one, k_steps = step_times(TruncatedLlama(model, draft_layer, engine=engine), prompt, sizes, rounds)
+        out[engine] = {"full_1_ms": round(1e3 * one, 2), **{f"full_{k}_over_1": round(t / one, 2)
+                                                            for k, t in k_steps.items()},
+                       f"c_L{draft_layer}": round(draft / one, 3)}
     return out
 
 

@@ -2,7 +2,8 @@
 Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scripts' command lines:
 
 - DataError: the one exception for bad data input (the CLIs print it and exit 2)
-- UsageError, Parser, int_at_least, positive: bad flag values as one sentence and exit status 2 (train.py, evaluate.py)
+- UsageError, Parser, int_at_least, positive, run_command: bad flag values as one sentence and exit status 2
+  (train.py, evaluate.py)
 - check_context: a length (--seq_len, prompt + --max_new_tokens, ...) held to the model's number of positions
 - SignalStop, Interrupted: SIGINT / SIGTERM as a clean stop that says what was kept and how to resume
 - read_json_records: JSON array / JSONL reader that survives a file cut off mid-record, or (BadEntries) reads a
@@ -49,31 +50,52 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def int_at_least(lowest):
-    """An argparse type: an integer >= lowest."""
-    def conv(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {text}")
-        return value
-    return conv
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` (int or float) > 0."""
+def _bounded(kind, ok, bound):
+    """An argparse type: a number of `kind` (int or float) for which ok(value) holds; `bound` says which do."""
     def conv(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     conv.__name__ = kind.__name__
     return conv
+
+
+def int_at_least(lowest):
+    """An argparse type: an integer >= lowest."""
+    return _bounded(int, lambda v: v >= lowest, f">= {lowest}")
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` (int or float) > 0."""
+    return _bounded(kind, lambda v: v > 0, "> 0")
+
+
+def run_command(prog, argv, body, errors=()):
+    """A script's work, body(stop), under SignalStop (SIGINT / SIGTERM: one line, exit status 130 / 143); bad input
+    (UsageError, DataError or one of `errors`) becomes one line, `PROG: error: ...`, and exit status 2."""
+    try:
+        with SignalStop(prog, argv) as stop:
+            return body(stop)
+    except (UsageError, DataError) + tuple(errors) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def loaded(kind, items, source, bad, *, local, nothing):
+    """The end of a loader: report how many `kind` (e.g. "SlimPajama: 12 documents") came from `source` and how many
+    bad entries were skipped; raise DataError("<flag>: <source> <nothing>.") when there are none."""
+    skipped = len(bad.places)
+    report(f"{kind.format(n=len(items))} from {source}" + (f" ({skipped} skipped)" if skipped else ""))
+    if local:
+        bad.report()
+    if not items:
+        raise DataError(f"{'--data_files' if local else '--dataset_id'}: {source} {nothing}.")
+    return items
 
 
 def context_limit(config):

@@ -37,12 +37,13 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-
-from data_utils import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, sample_blocks
+from data_utils import (DataError, Parser, SignalStop, UsageError, check_context, int_at_least, run_command,
+                        sample_blocks)
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
 from tuned_llama import CheckpointError
@@ -1204,14 +1205,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        if args.best_line is not None:
-            return print_best_line(args.best_line)
-        with SignalStop("evaluate.py", argv) as stop:  # SIGINT / SIGTERM: one line, exit status 130 / 143
-            return run(args, stop)
-    except (UsageError, DataError, ModelLoadError, CheckpointError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    body = (lambda stop: print_best_line(args.best_line)) if args.best_line is not None else partial(run, args)
+    return run_command("evaluate.py", argv, body, errors=(ModelLoadError, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ SlimPajama plain text: documents {"text": str, "meta": {"redpajama_set_name": ..
 JSON/JSONL/Parquet files or the hub (cerebras/SlimPajama-627B, DKYoon/SlimPajama-6B), turned into
 packed training blocks and text-continuation evaluation prompts.
 """
-from data_utils import BadEntries, DataError, encode, iter_rows, pack_sequences, prompt_dict, report, sample_prompts
+from data_utils import BadEntries, encode, iter_rows, loaded, pack_sequences, prompt_dict, sample_prompts
 
 FULL_ID = "cerebras/SlimPajama-627B"  # ~900 GB: streamed by default
 SMALL_ID = "DKYoon/SlimPajama-6B"
@@ -26,16 +26,8 @@ def load_texts(dataset_id=None, data_files=None, *, split="train", streaming=Non
     bad = BadEntries("--data_files", skip=skip_bad_lines or not data_files)
     rows = iter_rows(dataset_id, data_files, split=split, streaming=streaming, columns=("text",),
                      cache_dir=cache_dir, max_rows=max_docs, check=_problem, bad=bad)
-    texts = [row["text"] for row in rows]
-    source = data_files or dataset_id
-    skipped = len(bad.places)
-    report(f"SlimPajama: {len(texts)} documents from {source}" + (f" ({skipped} skipped)" if skipped else ""))
-    if data_files:
-        bad.report()
-    if not texts:
-        flag = "--data_files" if data_files else "--dataset_id"
-        raise DataError(f"{flag}: {source} has no non-empty 'text' documents.")
-    return texts
+    return loaded("SlimPajama: {n} documents", [row["text"] for row in rows], data_files or dataset_id, bad,
+                  local=bool(data_files), nothing="has no non-empty 'text' documents")
 
 
 def _problem(row):

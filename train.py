@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_utils import (DataError, Parser, SignalStop, UsageError, blocks_from_prefix, check_context, collate,
-                        has_targets, int_at_least, positive, sample_blocks, split_by_id)
+                        has_targets, int_at_least, positive, run_command, sample_blocks, split_by_id)
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, model_fingerprint, resolve_dtype)
 from losses import LOSSES, exit_metric_sums, fused_head_loss, summarize_metrics, target_rows, token_losses
@@ -1185,15 +1185,11 @@ def main(argv=None):
     hf_logging.disable_progress_bar()  # no "Loading weights" bars around our own messages
     if not 0 < args.val_fraction < 0.5:
         build_parser().error(f"argument --val_fraction: must be in (0, 0.5), got {args.val_fraction}")
-    try:
-        with SignalStop("train.py", argv) as stop:  # SIGINT / SIGTERM: one line, exit status 130 / 143
-            parse_train(args.train)
-            if args.benchmark:
-                return benchmark(args)
-            return run(args, stop)
-    except (UsageError, DataError, CheckpointError, ModelLoadError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    def body(stop):
+        parse_train(args.train)
+        return benchmark(args) if args.benchmark else run(args, stop)
+    return run_command("train.py", argv, body, errors=(CheckpointError, ModelLoadError))
 
 
 if __name__ == "__main__":

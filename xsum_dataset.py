@@ -2,8 +2,8 @@
 XSum one-sentence news summarisation ({"document", "summary", "id"} records) as a chat task: the user
 asks for a one-sentence summary of the article, the assistant answers with the reference summary.
 """
-from data_utils import (BadEntries, DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
-                        render_chat, report, sample_prompts)
+from data_utils import (BadEntries, chat_tokens_with_mask, encode, iter_rows, loaded, pack_sequences, prompt_dict,
+                        render_chat, sample_prompts)
 
 INSTRUCTION = "Summarize the following article in one sentence.\n\n"
 COLUMNS = ("document", "summary", "id")
@@ -21,15 +21,8 @@ def load_records(dataset_id="EdinburghNLP/xsum", data_files=None, *, split="vali
     rows = iter_rows(dataset_id, data_files, split=split, columns=COLUMNS, cache_dir=cache_dir, check=_problem, bad=bad)
     records = [{"id": str(row["id"]), "document": row["document"].strip(), "summary": row["summary"].strip()}
                for row in rows]
-    source = data_files or dataset_id
-    skipped = len(bad.places)
-    report(f"XSum: {len(records)} records from {source}" + (f" ({skipped} skipped)" if skipped else ""))
-    if data_files:
-        bad.report()
-    if not records:
-        flag = "--data_files" if data_files else "--dataset_id"
-        raise DataError(f"{flag}: {source} has no record with a non-empty document and summary.")
-    return records
+    return loaded("XSum: {n} records", records, data_files or dataset_id, bad, local=bool(data_files),
+                  nothing="has no record with a non-empty document and summary")
 
 
 def _problem(row):
