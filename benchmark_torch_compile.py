@@ -5,6 +5,7 @@
     python benchmark_torch_compile.py --check_layers 8 15 22 --check_gammas 2 4 8   # + losslessness grid
     python benchmark_torch_compile.py --compile             # + the lean step under torch.compile vs eager
     python benchmark_torch_compile.py --random_weights --device cuda --dtype bfloat16   # timing on a GPU
+    python benchmark_torch_compile.py --train_step --exit_layer 15 --batch_size 8 --seq_len 256   # a training step
 
 For each dtype it prints, all measured in the same run:
   machine      CPU model and flags (or GPU), threads, dtype
@@ -22,6 +23,8 @@ For each dtype it prints, all measured in the same run:
                tokens/s, the ratios, each method's fraction of both rooflines, and whether greedy outputs equal
                generate's. transformers' methods run on their own pristine copy of the model (the lean engine lays
                our copy's weights out anew).
+With --train_step it times instead one `train.py --train head` step (distill.distill_forward, backward, AdamW)
+against a plain forward of the base model on the same random batch, side by side, and prints their ratio.
 Wall-clock figures are reported, never asserted.
 """
 import argparse
@@ -33,7 +36,8 @@ import time
 import torch
 
 import decode_engine
-from evaluate import autoregressive_generate, speculative_generate, step_times
+from cli import timed
+from generate import autoregressive_generate, speculative_generate, step_times
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, resolve_dtype)
 
@@ -54,19 +58,6 @@ def random_model(name, dtype, device):
     cfg = AutoConfig.from_pretrained(resolve_model_path(name))
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,33 +196,142 @@ def check_lossless(model, prompts, layers, gammas, new):
     return rows
 
 
+def plain_step(x, weights, keys, values, start, cos, sin, mask, sizes):
+    """decode_engine.Block's step as one pure function of tensors, for torch.compile (plain `x @ W` products: the
+    compiler picks their kernels). keys/values are the layer's whole (kv_heads, capacity, head_dim) buffers."""
+    ln1, ln2, qkv_w, o_w, gate_up_w, down_w = weights
+    eps1, eps2, H, KV, scaling, inter = sizes
+    t, hd = x.shape[0], keys.shape[-1]
+    end = start + t
+    qkv = decode_engine.rms_norm(x, ln1, eps1) @ qkv_w
+    qk = decode_engine.rope(qkv[:, : (H + KV) * hd].reshape(t, H + KV, hd), cos, sin)
+    keys[:, start:end] = qk[:, H:].transpose(0, 1)
+    values[:, start:end] = qkv[:, (H + KV) * hd:].reshape(t, KV, hd).transpose(0, 1)
+    att = torch.nn.functional.scaled_dot_product_attention(
+        qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0), values[:, :end].unsqueeze(0),
+        attn_mask=mask, scale=scaling, enable_gqa=KV != H)
+    x = x + att[0].transpose(0, 1).reshape(t, H * hd) @ o_w
+    gu = decode_engine.rms_norm(x, ln2, eps2) @ gate_up_w
+    return x + (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]) @ down_w
+
+
+_COMPILED_STEPS = {}  # device type -> torch.compile(plain_step)
+
+
+def compiled_step(device):
+    """torch.compile(plain_step), made once per device type. One compiled function serves every layer (weights are
+    arguments); shapes are dynamic, so the growing cache does not recompile. On CUDA the mode is
+    "max-autotune-no-cudagraphs" (the cache is static, but its length is not)."""
+    kind = torch.device(device).type
+    if kind not in _COMPILED_STEPS:
+        _COMPILED_STEPS[kind] = torch.compile(plain_step, dynamic=True,
+                                              mode="max-autotune-no-cudagraphs" if kind == "cuda" else None)
+    return _COMPILED_STEPS[kind]
+
+
+class CompiledBlock:
+    """A decode_engine.Block run through `step` (compiled_step, or plain_step itself): same call, same cache use."""
+
+    def __init__(self, block, step):
+        self.block, self.step = block, step
+        # each product's weight as an (in, out) view of the block's stored tensor (nothing is copied)
+        self.weights = (block.ln1, block.ln2, *(p.weight if p.storage == "t" else p.weight.t()
+                                                for p in (block.qkv, block.o, block.gate_up, block.down)))
+        self.sizes = (block.eps1, block.eps2, block.heads, block.kv_heads, block.scaling, block.inter)
+
+    def __call__(self, x, cache, slot, start, cos, sin, mask):
+        end = start + x.shape[0]
+        cache.reserve(end)  # plain_step writes into the buffers: make room and set the length first
+        cache.lengths[slot] = end
+        return self.step(x, self.weights, cache.k[slot], cache.v[slot], start, cos, sin, mask, self.sizes)
+
+
 @torch.inference_mode()
 def compile_comparison(model, prompts, layer, gamma, new, device):
-    """Our loops on the lean step, eager vs torch.compile'd (decode_engine.compile_steps), prompts in turns."""
+    """Our loops on the lean step, eager vs torch.compile'd (the engine's blocks swapped for CompiledBlocks and
+    back), prompts in turns. (The untrained exit has no private blocks: only the base's blocks are swapped.)"""
     tl = TruncatedLlama(model, layer)
     run = {"ours_ar": lambda ids: autoregressive_generate(tl, ids, new)[0],
            "ours_spec": lambda ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
     engine = decode_engine.engine_for(model)
-    t = time.perf_counter()
-    for compiled in (False, True):  # warm-up, and compilation (its time is reported apart)
-        decode_engine.compile_steps(engine, compiled)
-        for fn in run.values():
-            fn(prompts[0])
-    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
-    seconds = {f"{name}_{label}": 0.0 for name in run for label in ("eager", "compiled")}
-    tokens = dict.fromkeys(seconds, 0)
-    for ids in prompts:
-        for compiled, label in ((False, "eager"), (True, "compiled")):
-            decode_engine.compile_steps(engine, compiled)
-            for name, fn in run.items():
-                out, s = timed(lambda: fn(ids), device)
-                seconds[f"{name}_{label}"] += s
-                tokens[f"{name}_{label}"] += len(out)
-    decode_engine.compile_steps(engine, False)
+    eager = list(engine.blocks)
+    step = compiled_step(engine.device)
+    compiled_blocks = [CompiledBlock(b, step) for b in eager]
+
+    def use(compiled):
+        engine.blocks[:] = compiled_blocks if compiled else eager  # in place: the steps slice engine.blocks per call
+
+    try:
+        t = time.perf_counter()
+        for compiled in (False, True):  # warm-up, and compilation (its time is reported apart)
+            use(compiled)
+            for fn in run.values():
+                fn(prompts[0])
+        result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
+        seconds = {f"{name}_{label}": 0.0 for name in run for label in ("eager", "compiled")}
+        tokens = dict.fromkeys(seconds, 0)
+        for ids in prompts:
+            for compiled, label in ((False, "eager"), (True, "compiled")):
+                use(compiled)
+                for name, fn in run.items():
+                    out, s = timed(lambda: fn(ids), device)
+                    seconds[f"{name}_{label}"] += s
+                    tokens[f"{name}_{label}"] += len(out)
+    finally:
+        use(False)
     result.update({k: round(tokens[k] / seconds[k], 2) for k in seconds})
     for name in run:
         result[f"{name}_compiled_vs_eager"] = round(result[f"{name}_compiled"] / result[f"{name}_eager"], 3)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A training step
+
+
+def train_step_cost(args, repeats=5):
+    """Print the time of a plain forward of the base model and of one --train head step on one batch of
+    --batch_size x --seq_len random tokens (every position a target), and their ratio (with --draft_vocab K, of a
+    pruned head of K rows). Returns the ratio."""
+    from cli import UsageError, check_context
+    from distill import ExitForward, distill_forward
+    from train import set_trainable
+    from tuned_llama import EarlyExit
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype[0], device)[0], device=device)
+    if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
+        raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
+    check_context(base.config, "--seq_len", args.seq_len)
+    if not 0 <= args.draft_vocab <= base.lm_head.out_features:
+        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{base.lm_head.out_features}, "
+                         f"got {args.draft_vocab}.")
+    vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None  # any K tokens: the cost is the same
+    exit = set_trainable(EarlyExit(base, args.exit_layer, vocab=vocab).to(base.device), ["head"])
+    model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")
+    ef = ExitForward(exit)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), device=base.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    optimizer = torch.optim.AdamW([exit.head.weight], lr=1e-5, fused=base.device.type in ("cpu", "cuda"))
+
+    def forward():
+        with torch.no_grad():
+            base(input_ids=ids).logits
+
+    def head_step():
+        total, per_row, _ = distill_forward(model, ef, batch, loss={"kind": "kl"})
+        (total / per_row.numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    forward(), head_step()  # warm-up
+    pairs = [(timed(forward, device)[1], timed(head_step, device)[1]) for _ in range(repeats)]  # side by side
+    ratios = sorted(th / tf for tf, th in pairs)
+    tf, th = (sorted(x)[len(x) // 2] for x in zip(*pairs))
+    ratio = ratios[len(ratios) // 2]
+    print(f"batch {args.batch_size} x {args.seq_len}: plain forward {tf:.3f} s, --train head step {th:.3f} s, "
+          f"ratio {ratio:.2f} (median of {repeats} side-by-side pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    return ratio
 
 
 def main(argv=None):
@@ -252,7 +352,17 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
                     help="one run per dtype, in this order (auto: bfloat16 where the hardware has it, else float32)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    g = ap.add_argument_group("--train_step: a training step against a plain forward")
+    g.add_argument("--train_step", action="store_true",
+                   help="time one train.py --train head step against a plain forward on one batch, print the ratio, "
+                        "and exit")
+    g.add_argument("--exit_layer", type=int, default=15)
+    g.add_argument("--batch_size", type=int, default=8)
+    g.add_argument("--seq_len", type=int, default=256)
+    g.add_argument("--draft_vocab", type=int, default=0, help="a pruned head of this many rows (0: the full one)")
     args = ap.parse_args(argv)
+    if args.train_step:
+        return train_step_cost(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

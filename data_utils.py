@@ -1,11 +1,8 @@
 """
-Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scripts' command lines:
+Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum); errors are cli.DataError (one sentence):
 
-- DataError: the one exception for bad data input (the CLIs print it and exit 2)
-- UsageError, Parser, int_at_least, positive, run_command: bad flag values as one sentence and exit status 2
-  (train.py, evaluate.py)
-- check_context: a length (--seq_len, prompt + --max_new_tokens, ...) held to the model's number of positions
-- SignalStop, Interrupted: SIGINT / SIGTERM as a clean stop that says what was kept and how to resume
+- DATASETS, dataset_module: the one registry of datasets; each module has load_splits, training_sequences and
+  evaluation_prompts
 - read_json_records: JSON array / JSONL reader that survives a file cut off mid-record, or (BadEntries) reads a
   user's file strictly, naming the line of the first bad entry
 - chat_tokens_with_mask: chat template + a mask over the assistant's tokens
@@ -14,76 +11,34 @@ Shared plumbing for the dataset modules (ShareGPT, SlimPajama, XSum) and the scr
 - sample_prompts: deterministic pick of evaluation prompts
 - iter_rows: rows of a `datasets` dataset (local JSON/Parquet files or a hub id), errors as DataError
 """
-import argparse
-import contextlib
 import glob
 import hashlib
+import importlib
 import json
 import logging
 import os
 import random
 import re
-import shlex
-import shutil
-import signal
 import sys
-import threading
 
 import torch
+
+from cli import DataError
 
 logger = logging.getLogger(__name__)
 SPLIT_NAMES = ("train", "validation", "test")
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 
 
-class DataError(ValueError):
-    """Bad data input. The message is one plain sentence naming what was wrong (and which flag, if any)."""
+# The datasets, by --dataset name: each module has load_splits(data_files, dataset_id, *, fractions, skip_bad_lines,
+# max_docs), training_sequences(tokenizer, items, seq_len, assistant_only) and evaluation_prompts(tokenizer, items,
+# num_prompts, max_prompt_tokens=, seed=). Imported when asked for: they import this module.
+DATASETS = {"sharegpt": "share_gpt_dataset", "slimpajama": "slim_pj_dataset", "xsum": "xsum_dataset"}
 
 
-class UsageError(ValueError):
-    """A bad command-line value; the message is one sentence that names the flag."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One sentence and exit status 2, without the usage block."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _bounded(kind, ok, bound):
-    """An argparse type: a number of `kind` (int or float) for which ok(value) holds; `bound` says which do."""
-    def conv(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    conv.__name__ = kind.__name__
-    return conv
-
-
-def int_at_least(lowest):
-    """An argparse type: an integer >= lowest."""
-    return _bounded(int, lambda v: v >= lowest, f">= {lowest}")
-
-
-def positive(kind):
-    """An argparse type: a number of `kind` (int or float) > 0."""
-    return _bounded(kind, lambda v: v > 0, "> 0")
-
-
-def run_command(prog, argv, body, errors=()):
-    """A script's work, body(stop), under SignalStop (SIGINT / SIGTERM: one line, exit status 130 / 143); bad input
-    (UsageError, DataError or one of `errors`) becomes one line, `PROG: error: ...`, and exit status 2."""
-    try:
-        with SignalStop(prog, argv) as stop:
-            return body(stop)
-    except (UsageError, DataError) + tuple(errors) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def dataset_module(name):
+    """The module of the dataset called `name` in DATASETS."""
+    return importlib.import_module(DATASETS[name])
 
 
 def loaded(kind, items, source, bad, *, local, nothing):
@@ -98,30 +53,6 @@ def loaded(kind, items, source, bad, *, local, nothing):
     return items
 
 
-def context_limit(config):
-    """(positions, name): the most positions the model takes, from its config (max_position_embeddings, or the
-    config's own name for it); (None, None) when the config states none."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value, name
-    return None, None
-
-
-def check_context(config, flag, value, *, prompt=0, prompt_name="the prompt", whose="this model's"):
-    """Raise UsageError (a ValueError) when `value` positions, after a prompt of `prompt` tokens, do not fit the
-    model's context: one sentence naming the flag, the numbers, the limit and the most that fits."""
-    limit, name = context_limit(config)
-    if limit is None or prompt + value <= limit:
-        return
-    if prompt:
-        need = f"{flag} {value} plus {prompt_name}'s {prompt} tokens needs {prompt + value} positions, more than"
-    else:
-        need = f"{flag} {value} is more than"
-    fix = f"use {flag} {limit - prompt} or less" if prompt < limit else f"{prompt_name} alone fills it"
-    raise UsageError(f"{need} {whose} limit of {limit} positions ({name}); {fix}.")
-
-
 def where(path, flag=None):
     """'--flag: path' when a flag is known, else just the path; the subject of a DataError sentence."""
     return f"{flag}: {path}" if flag else str(path)
@@ -132,100 +63,6 @@ def report(msg):
     logger.info(msg)
     if not logging.getLogger().hasHandlers():
         print(msg, file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# SIGINT / SIGTERM: stop cleanly, keep what is on disk, say how to continue
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class SignalStop:
-    """SIGINT and SIGTERM as a clean stop, for train.py and evaluate.py: a context manager around a script's work.
-
-    The first signal raises Interrupted at once, wherever the program is, so the step or cell in progress is dropped
-    (every file the scripts write is written atomically, or appended as whole lines); inside `held()` (a checkpoint
-    being written) it waits for the end of the block. Later signals are ignored: torchrun passes a terminal's Ctrl-C
-    on to its workers a second time. On the way out, one line (from process 0) says what was kept (`kept`, set by the
-    script as it goes) and the command that continues the run (with --resume once `resumable` is set), and the
-    process exits with status 128 + the signal (130 for SIGINT, 143 for SIGTERM).
-
-    Under torchrun every process gets the signal. One that stops while the others wait for it in a collective
-    operation makes theirs fail, so any error raised after a signal is taken as that same stop.
-    """
-
-    def __init__(self, prog="", argv=()):
-        self.prog, self.argv = prog, list(argv)
-        self.signum, self.kept, self.resumable = None, "nothing was kept", False
-        self._held, self._old = 0, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, kind, error, tb):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        if self.signum is None or kind is None or not issubclass(kind, (Interrupted, Exception)):
-            return False
-        _close_progress_bars()
-        if int(os.environ.get("RANK", "0")) == 0:
-            kept = self.kept() if callable(self.kept) else self.kept
-            again = "continue with" if self.resumable else "start again with"
-            print(f"{self.prog}: stopped by {signal.Signals(self.signum).name}; {kept}; {again}: "
-                  f"{resume_command(self.prog, self.argv, self.resumable)}", file=sys.stderr, flush=True)
-        sys.exit(128 + self.signum)
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            self.signum = signum
-            if not self._held:
-                raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def held(self):
-        """A block that a signal does not cut short: the stop comes at its end."""
-        self._held += 1
-        try:
-            yield
-        finally:
-            self._held -= 1
-        if self.signum is not None and not self._held:
-            raise Interrupted(self.signum)
-
-
-def _close_progress_bars():
-    """Close open tqdm bars, so that the last line printed is the stop's."""
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-def resume_command(script, argv, resume=True):
-    """The command line that runs `script` with `argv` again (with --resume): this Python, or torchrun beside it with
-    the same number of processes when the run had several."""
-    args = [a for a in argv if a != "--resume"] + (["--resume"] if resume else [])
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    launcher = [_program(sys.executable, "python")]
-    if world > 1:
-        launcher = [_program(os.path.join(os.path.dirname(sys.executable), "torchrun"), "torchrun")]
-        launcher += (["--nnodes", str(world // local)] if local < world else ["--standalone"]) + [
-            "--nproc_per_node", str(local)]
-    return shlex.join(launcher + [script] + args)
-
-
-def _program(path, name):
-    """`name` when that is what the shell finds (a venv is active), else the full `path`."""
-    found = shutil.which(name)
-    return name if found and os.path.abspath(found) == os.path.abspath(path) else path
 
 
 # -----------------------------------------------------------------------------
@@ -659,3 +496,54 @@ def _dataset_rows(load_args, what, flag, streaming, cache_dir):
             yield what, f"row {n + 1}", row
     except Exception as e:  # load_dataset raises many kinds (hub, network, builder, parsing)
         raise DataError(f"{flag}: could not load {what} with datasets.load_dataset ({_first_line(e)}).") from e
+
+
+def data_hash(blocks):
+    """A short hash of the training blocks, stored with the resume state to catch a change of data."""
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(b["input_ids"].numpy().tobytes())
+        h.update(b["loss_mask"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class BatchOrder:
+    """Which training blocks each micro-batch of each step gets: a pure function of the step.
+
+    Epoch e visits the blocks in a permutation drawn from a generator seeded with (seed, e). A step takes
+    G = batch_size * grad_accum * world_size blocks; micro-batch k of rank r takes the slice (k * world + r)
+    of them. The incomplete tail of an epoch is skipped. So the data position of a run is just its step.
+
+    With `sticky` (for --cache_states), each rank keeps the blocks it got in epoch 0 and later epochs only reorder
+    them within the rank, so every rank finds its blocks' cached base states.
+    """
+
+    def __init__(self, num_blocks, batch_size, grad_accum, world_size, seed, sticky=False):
+        self.n, self.b, self.accum, self.world, self.seed = num_blocks, batch_size, grad_accum, world_size, seed
+        self.per_step = batch_size * grad_accum * world_size
+        self.steps_per_epoch = num_blocks // self.per_step
+        self.sticky = sticky
+        self._perm = (None, None)
+
+    def position(self, step):
+        """(epoch, step within the epoch) of a step."""
+        return divmod(step, self.steps_per_epoch)
+
+    def _permutation(self, epoch):
+        if not self.sticky or epoch == 0:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            return torch.randperm(self.n, generator=g)
+        perm = self._permutation(0)[:self.steps_per_epoch * self.per_step].clone()
+        owner = (torch.arange(len(perm)) % self.per_step) // self.b % self.world  # the rank of each slot
+        for r in range(self.world):
+            slots = (owner == r).nonzero().squeeze(1)
+            g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + r)
+            perm[slots] = perm[slots][torch.randperm(len(slots), generator=g)]
+        return perm
+
+    def indices(self, step, micro, rank):
+        epoch, i = self.position(step)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, self._permutation(epoch))
+        start = i * self.per_step + (micro * self.world + rank) * self.b
+        return self._perm[1][start:start + self.b].tolist()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data_utils
-from data_utils import (DataError, blocks_from_prefix, chat_tokens_with_mask, collate, iter_rows, pack_sequences,
+from cli import DataError
+from data_utils import (blocks_from_prefix, chat_tokens_with_mask, collate, iter_rows, pack_sequences,
                         read_json_records, sample_blocks, sample_prompts, split_by_id)
 
 RECORDS = [{"id": f"r{i}", "text": f"record number {i} with a \"quote\" and ünïcödé"} for i in range(6)]
@@ -314,91 +315,23 @@ def test_a_users_file_is_read_strictly_or_its_bad_lines_skipped(tmp_path):
         read_json_records(str(p), bad=data_utils.BadEntries())
 
 
-# -----------------------------------------------------------------------------
-# lengths held to the model's context
-
-def test_check_context_names_the_flag_the_numbers_and_the_limit():
-    from transformers import LlamaConfig
-    config = LlamaConfig(max_position_embeddings=8192)
-    data_utils.check_context(config, "--seq_len", 8192)
-    with pytest.raises(ValueError, match=r"^--seq_len 100000 is more than this model's limit of 8192 positions "
-                                         r"\(max_position_embeddings\); use --seq_len 8192 or less\.$"):
-        data_utils.check_context(config, "--seq_len", 100000)
-    data_utils.check_context(config, "--max_new_tokens", 8000, prompt=192)
-    with pytest.raises(data_utils.UsageError, match=r"^--max_new_tokens 9000 plus the longest prompt's 212 tokens needs "
-                                                    r"9212 positions, more than this model's limit of 8192 positions "
-                                                    r"\(max_position_embeddings\); use --max_new_tokens 7980 or less\.$"):
-        data_utils.check_context(config, "--max_new_tokens", 9000, prompt=212, prompt_name="the longest prompt")
-    with pytest.raises(ValueError, match=r"the prompt alone fills it\.$"):
-        data_utils.check_context(config, "--max_new_tokens", 1, prompt=8192)
-    data_utils.check_context(object(), "--seq_len", 10**9)  # a config without a limit: nothing to check
+def test_batch_order_is_a_function_of_the_step():
+    order = data_utils.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5)
+    assert order.steps_per_epoch == 2  # 8 blocks a step; the tail of 7 is skipped
+    seen = [i for step in (0, 1) for m in range(2) for r in range(2) for i in order.indices(step, m, r)]
+    assert len(set(seen)) == 16  # one epoch never repeats a block
+    again = data_utils.BatchOrder(23, 2, 2, 2, 5)
+    assert again.indices(3, 1, 1) == order.indices(3, 1, 1)
+    assert order.indices(2, 0, 0) != order.indices(0, 0, 0) or order.indices(2, 0, 1) != order.indices(0, 0, 1)
 
 
-# -----------------------------------------------------------------------------
-# SIGINT / SIGTERM
-
-def _stopped(stop, capsys, body):
-    """Run body() inside `stop` (entered); return (exit status, the last line printed to stderr)."""
-    with pytest.raises(SystemExit) as e:
-        with stop:
-            body()
-    return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
-
-
-def test_a_signal_stops_at_once_with_one_line_and_exit_status_130_or_143(capsys, monkeypatch):
-    import os
-    import signal
-    import sys
-    monkeypatch.setattr(data_utils.shutil, "which", lambda name: sys.executable if name == "python" else None)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("RANK", raising=False)
-    old = signal.getsignal(signal.SIGINT)
-    done = []
-
-    def work():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("after the signal")  # never reached
-    stop = data_utils.SignalStop("x.py", ["--out_dir", "o d", "--resume"])
-    assert _stopped(stop, capsys, work) == (
-        130, "x.py: stopped by SIGINT; nothing was kept; start again with: python x.py --out_dir 'o d'")
-    assert done == [] and signal.getsignal(signal.SIGINT) is old  # the old handler is back
-
-    def held_work():  # a held block finishes first; a second signal is ignored
-        with stop.held():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("held")
-            stop.kept, stop.resumable = "kept step 2", True
-        done.append("after the block")  # never reached
-    stop = data_utils.SignalStop("x.py", ["--out_dir", "o"])
-    assert _stopped(stop, capsys, held_work) == (
-        143, "x.py: stopped by SIGTERM; kept step 2; continue with: python x.py --out_dir o --resume")
-    assert done == ["held"]
-
-    def failing_after_a_signal():  # e.g. a collective operation whose peer process stopped
-        with stop.held():
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RuntimeError("Connection closed by peer")
-    stop = data_utils.SignalStop("x.py", [])
-    assert _stopped(stop, capsys, failing_after_a_signal)[0] == 143
-    with pytest.raises(RuntimeError):  # without a signal, an error is an error
-        with data_utils.SignalStop("x.py", []):
-            raise RuntimeError("boom")
-
-
-def test_resume_command_names_this_python_or_torchrun(monkeypatch):
-    import os
-    import sys
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    found = {"python": sys.executable, "torchrun": torchrun}
-    monkeypatch.setattr(data_utils.shutil, "which", lambda name: found.get(name))
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == "python train.py --lr 1e-3 --resume"
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert data_utils.resume_command("train.py", ["--lr", "1e-3"]) == (
-        "torchrun --nnodes 2 --nproc_per_node 2 train.py --lr 1e-3 --resume")
-    found.clear()  # not on the PATH (no active venv): the full path
-    assert data_utils.resume_command("train.py", [], resume=False).startswith(f"{torchrun} --nnodes 2")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert data_utils.resume_command("train.py", []) == f"{sys.executable} train.py --resume"
+def test_sticky_batch_order_keeps_each_ranks_blocks():
+    order = data_utils.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5, sticky=True)
+    blocks = lambda epoch, r: [i for s in range(2) for m in range(2) for i in order.indices(2 * epoch + s, m, r)]
+    for r in range(2):
+        assert sorted(blocks(1, r)) == sorted(blocks(0, r)) == sorted(blocks(2, r))  # the same blocks every epoch
+        assert blocks(1, r) != blocks(0, r)  # in a new order
+    assert not set(blocks(0, 0)) & set(blocks(0, 1))
+    # epoch 0 is the plain order
+    plain = data_utils.BatchOrder(23, 2, 2, 2, 5)
+    assert all(plain.indices(s, m, r) == order.indices(s, m, r) for s in range(2) for m in range(2) for r in range(2))

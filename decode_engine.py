@@ -14,21 +14,27 @@ gpt-fast does:
 - Each product is computed in the form measured fastest on this machine for its shape and row count (`Products`):
   F.linear, W @ x^T, or x @ W^T with W stored transposed. Which storage is kept is chosen per shape by measurement.
 - The KV cache (`StaticCache`) is written by position; rejecting drafts is a change of length, nothing is freed.
+  One cache serves a whole generation: the base model's layers in slots 0..N-1, the exit's private attention
+  blocks after them.
+- `LeanSteps` is TruncatedLlama's generation steps (extend / verify / exit logits) on this engine.
 
+The step runs eagerly: benchmark_torch_compile.py --compile times it under torch.compile, slower on our CPU.
 `supports(model)` says whether a model's layers have the Llama structure this step reproduces; other models keep
-transformers' forward (TruncatedLlama falls back to it). The test compares this step with transformers' forward.
+transformers' layers (TruncatedLlama's HFSteps). The tests compare this step with transformers' forward.
 """
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Products in their fastest measured form
 
 
-def _forms():
+def _forms() -> dict[str, tuple[str, Callable]]:
     """name -> (storage, fn(x, stored)): x is (M, in); 'w' storage is (out, in) as nn.Linear keeps it, 't' is its
     transpose made contiguous. `mv` is for one row only."""
     return {
@@ -45,11 +51,11 @@ ROW_BUCKETS = (1, 5)  # rows timed: one-token steps; short verifies (2-16 rows);
 _CHOICES = {}  # (out, in, dtype, device, threads) -> (storage, {bucket: form})
 
 
-def _bucket(m):
+def _bucket(m: int) -> int | None:
     return 1 if m == 1 else 5 if m <= 16 else None
 
 
-def measure_forms(weights, passes=2):
+def measure_forms(weights: Sequence[torch.Tensor], passes: int = 2) -> dict[str, dict[int, float]]:
     """Seconds per product of every form at each row bucket, {form: {rows: s}}, timed on the model's own weights.
 
     Each timing runs the product over every weight given (e.g. all layers' q/k/v), in order, as a decode step does:
@@ -77,7 +83,7 @@ def measure_forms(weights, passes=2):
     return times
 
 
-def choose_forms(weights):
+def choose_forms(weights: Sequence[torch.Tensor]) -> tuple[str, dict[int, str]]:
     """(storage, {rows bucket: form}) for weights of one shape, measured once per shape, dtype and thread count.
 
     The storage is the one whose best forms cost least, weighting one-token steps (most of decoding) 3:1."""
@@ -96,7 +102,7 @@ def choose_forms(weights):
     return _CHOICES[key]
 
 
-def fused_weight(linears):
+def fused_weight(linears: Sequence[nn.Linear]) -> torch.Tensor:
     """The weights of nn.Linear modules that share an input, stacked into one (out, in) tensor."""
     ws = [lin.weight.detach() for lin in linears]
     return torch.cat(ws) if len(ws) > 1 else ws[0]
@@ -107,7 +113,7 @@ class Product:
 
     The modules' weights become views of the fused, re-laid-out tensor (no copy is kept)."""
 
-    def __init__(self, linears, choice):
+    def __init__(self, linears: Sequence[nn.Linear], choice: tuple[str, dict[int, str]]):
         self.storage, self.forms = choice
         with torch.no_grad():
             fused = fused_weight(linears)
@@ -123,14 +129,14 @@ class Product:
         self.fns = {m: FORMS[name][1] for m, name in self.forms.items()}
         self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
 
-    def __call__(self, x):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (k, in) -> (k, out), contiguous."""
         y = self.fns.get(_bucket(x.shape[0]), self.default)(x, self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y if y.is_contiguous() else y.contiguous()
 
-    def describe(self):
+    def describe(self) -> str:
         return f"{self.storage}:" + "/".join(self.forms[m] for m in ROW_BUCKETS)
 
 
@@ -144,17 +150,22 @@ class StaticCache:
     `lengths[i]` is how many positions layer i holds; `crop(n)` only shortens lengths. Capacity doubles when a write
     would pass it (rare: the generate functions size it for the prompt, the new tokens and one cycle's drafts)."""
 
-    def __init__(self, slots, kv_heads, head_dim, capacity, dtype, device):
+    def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device):
         shape = (slots, kv_heads, max(16, capacity), head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.lengths = [0] * slots
 
     @property
-    def capacity(self):
+    def capacity(self) -> int:
         return self.k.shape[2]
 
-    def reserve(self, n):
+    def length(self, layer: int = 0) -> int:
+        """How many positions slot `layer` holds."""
+        return self.lengths[layer]
+
+    def reserve(self, n: int) -> None:
         if n > self.capacity:
             cap = max(n, 2 * self.capacity)
             for name in ("k", "v"):
@@ -163,7 +174,7 @@ class StaticCache:
                 new[:, :, : old.shape[2]] = old
                 setattr(self, name, new)
 
-    def write(self, slot, start, k, v):
+    def write(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (kv_heads, t, head_dim) keys/values at positions start..start+t-1; return the layer's whole prefix."""
         end = start + k.shape[1]
         self.reserve(end)
@@ -172,7 +183,8 @@ class StaticCache:
         self.lengths[slot] = end
         return self.k[slot, :, :end], self.v[slot, :, :end]
 
-    def crop(self, n):
+    def crop(self, n: int) -> None:
+        """Drop every position >= n from every slot (rejected drafts): only the lengths change."""
         self.lengths = [min(length, n) for length in self.lengths]
 
 
@@ -180,7 +192,7 @@ class StaticCache:
 # The step
 
 
-def supports(model):
+def supports(model: nn.Module) -> bool:
     """True when every decoder layer is a plain Llama layer with SiLU MLP and no sliding window."""
     c = model.config
     return (all(type(layer) is LlamaDecoderLayer for layer in model.model.layers)
@@ -194,16 +206,16 @@ class Block:
              "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
 
     @classmethod
-    def linears(cls, layer, role):
+    def linears(cls, layer: nn.Module, role: str) -> list[nn.Linear]:
         parent, names = cls.ROLES[role]
         return [getattr(getattr(layer, parent), n) for n in names]
 
     @classmethod
-    def choices(cls, layers):
+    def choices(cls, layers: Sequence[nn.Module]) -> dict[str, tuple[str, dict[int, str]]]:
         """The measured storage and forms of each product role, timed over these layers' weights."""
         return {role: choose_forms([fused_weight(cls.linears(layer, role)) for layer in layers]) for role in cls.ROLES}
 
-    def __init__(self, layer, choices):
+    def __init__(self, layer: nn.Module, choices: dict[str, tuple[str, dict[int, str]]]):
         a, m = layer.self_attn, layer.mlp
         self.heads, self.kv_heads = a.config.num_attention_heads, a.config.num_key_value_heads
         self.head_dim, self.scaling = a.head_dim, a.scaling
@@ -212,14 +224,9 @@ class Block:
         self.qkv, self.o, self.gate_up, self.down = (Product(self.linears(layer, r), choices[r]) for r in self.ROLES)
         self.inter = m.gate_proj.weight.shape[0]
 
-    def __call__(self, x, cache, slot, start, cos, sin, mask):
+    def __call__(self, x: torch.Tensor, cache: StaticCache, slot: int, start: int, cos: torch.Tensor,
+                 sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x (t, hidden) at positions start..start+t-1 -> (t, hidden); writes the layer's keys/values."""
-        if _COMPILED["step"] is not None:
-            end = start + x.shape[0]
-            cache.reserve(end)
-            cache.lengths[slot] = end
-            return _COMPILED["step"](x, self.plain_weights(), cache.k[slot], cache.v[slot], start, cos, sin, mask,
-                                     (self.eps1, self.eps2, self.heads, self.kv_heads, self.scaling, self.inter))
         t, hd, H, KV = x.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv(rms_norm(x, self.ln1, self.eps1))
         qk = rope(qkv[:, : (H + KV) * hd].view(t, H + KV, hd), cos, sin)  # q and k rotated in one go
@@ -233,51 +240,12 @@ class Block:
         return x + self.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
 
 
-    def plain_weights(self):
-        """(ln1, ln2, and each product's weight as an (in, out) view) for the compiled step."""
-        return (self.ln1, self.ln2, *(p.weight if p.storage == "t" else p.weight.t()
-                                      for p in (self.qkv, self.o, self.gate_up, self.down)))
-
-
-def plain_step(x, weights, keys, values, start, cos, sin, mask, sizes):
-    """The same step as Block.__call__ as one pure function of tensors, for torch.compile (plain `x @ W` products:
-    the compiler picks their kernels). keys/values are the layer's whole (kv_heads, capacity, head_dim) buffers."""
-    ln1, ln2, qkv_w, o_w, gate_up_w, down_w = weights
-    eps1, eps2, H, KV, scaling, inter = sizes
-    t, hd = x.shape[0], keys.shape[-1]
-    end = start + t
-    qkv = rms_norm(x, ln1, eps1) @ qkv_w
-    qk = rope(qkv[:, : (H + KV) * hd].reshape(t, H + KV, hd), cos, sin)
-    keys[:, start:end] = qk[:, H:].transpose(0, 1)
-    values[:, start:end] = qkv[:, (H + KV) * hd:].reshape(t, KV, hd).transpose(0, 1)
-    att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0),
-                                         values[:, :end].unsqueeze(0), attn_mask=mask, scale=scaling,
-                                         enable_gqa=KV != H)
-    x = x + att[0].transpose(0, 1).reshape(t, H * hd) @ o_w
-    gu = rms_norm(x, ln2, eps2) @ gate_up_w
-    return x + (F.silu(gu[:, :inter]) * gu[:, inter:]) @ down_w
-
-
-_COMPILED = {"step": None, "fn": None}
-
-
-def compile_steps(engine=None, on=True):
-    """Run every lean block through torch.compile(plain_step) (on=True) or eagerly (on=False). One compiled function
-    serves every layer (weights are arguments); shapes are dynamic, so the growing cache does not recompile.
-    On CUDA the compiled step uses mode "max-autotune-no-cudagraphs" (the cache is static, but its length is not)."""
-    if on and _COMPILED["fn"] is None:
-        cuda = engine is not None and engine.device.type == "cuda"
-        _COMPILED["fn"] = torch.compile(plain_step, dynamic=True,
-                                        mode="max-autotune-no-cudagraphs" if cuda else None)
-    _COMPILED["step"] = _COMPILED["fn"] if on else None
-
-
-def rms_norm(x, weight, eps):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm as one fused call (it accumulates in float32 like transformers', and rounds once, at the end)."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def rope(x, cos, sin):
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of (t, heads, head_dim): x cos + rotate_half(x) sin, with rotate_half(x) = roll(x) * sign
     and the sign folded into the precomputed `sin` table (see Tables)."""
     return torch.addcmul(x * cos.unsqueeze(1), torch.roll(x, x.shape[-1] // 2, -1), sin.unsqueeze(1))
@@ -287,12 +255,12 @@ class Tables:
     """RoPE cos/sin rows for positions 0..n-1 (from the model's own rotary module, so scaled RoPE variants match) and
     a causal mask, both grown by doubling and sliced per step."""
 
-    def __init__(self, rotary, dtype, device):
+    def __init__(self, rotary: nn.Module, dtype: torch.dtype, device: torch.device):
         self.rotary, self.dtype, self.device = rotary, dtype, device
         self.cos = self.sin = torch.empty(0, device=device)
         self.causal = torch.empty(0, 0, dtype=torch.bool, device=device)
 
-    def _grow(self, n):
+    def _grow(self, n: int) -> None:
         if n > self.cos.shape[0]:
             size = max(n, 2 * self.cos.shape[0], 256)
             probe = torch.empty(1, 1, dtype=self.dtype, device=self.device)
@@ -302,7 +270,7 @@ class Tables:
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # rotate_half's sign
             self.causal = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
 
-    def at(self, start, t):
+    def at(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(cos, sin, mask) for t queries at positions start..start+t-1 over keys 0..start+t-1 (mask None if t=1)."""
         self._grow(start + t)
         mask = None if t == 1 else self.causal[start:start + t, : start + t]
@@ -312,7 +280,7 @@ class Tables:
 class Engine:
     """The lean step for one base model: its blocks, final norm and LM head, and the RoPE/mask tables."""
 
-    def __init__(self, model):
+    def __init__(self, model: nn.Module):
         d = model.model
         self.embed = d.embed_tokens
         choices = Block.choices(d.layers)
@@ -324,25 +292,27 @@ class Engine:
         first = self.blocks[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
 
-    def new_cache(self, slots, capacity):
+    def new_cache(self, slots: int, capacity: int) -> StaticCache:
         return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
-    def run(self, blocks, x, cache, first_slot, start):
+    def run(self, blocks: Sequence[Block], x: torch.Tensor, cache: StaticCache, first_slot: int,
+            start: int) -> torch.Tensor:
+        """The blocks on x (t, hidden) at positions start.., block i in cache slot first_slot + i."""
         cos, sin, mask = self.tables.at(start, x.shape[0])
         for i, block in enumerate(blocks):
             x = block(x, cache, first_slot + i, start, cos, sin, mask)
         return x
 
-    def logits(self, x):
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(rms_norm(x, self.norm, self.norm_eps))
 
-    def describe(self):
+    def describe(self) -> str:
         b = self.blocks[0]
         return (f"qkv {b.qkv.describe()}, o {b.o.describe()}, gate_up {b.gate_up.describe()}, "
                 f"down {b.down.describe()}, lm_head {self.head.describe()}")
 
 
-def weights_key(module):
+def weights_key(module: nn.Module) -> tuple:
     """Where a module's weights live: a lean step built for them is stale once any parameter is replaced."""
     return tuple(p.data_ptr() for p in module.parameters())
 
@@ -357,15 +327,15 @@ def _built_for(module, build):
     return engine
 
 
-def engine_for(model):
+def engine_for(model: nn.Module) -> Engine:
     """The base model's Engine, built once."""
     return _built_for(model, Engine)
 
 
 class ExitEngine:
-    """The lean step for an EarlyExit's private blocks, norm and head (their own cache slots, 0..)."""
+    """The lean step for an EarlyExit's private blocks, norm and head (their cache slots follow the base's)."""
 
-    def __init__(self, exit):
+    def __init__(self, exit: nn.Module):
         attention = [b for b in exit.blocks() if type(b) is LlamaDecoderLayer]
         choices = Block.choices(attention) if attention else None
         self.blocks = [Block(b, choices) if type(b) is LlamaDecoderLayer else b for b in exit.blocks()]
@@ -373,10 +343,11 @@ class ExitEngine:
         self.head = Product([exit.head], choose_forms([exit.head.weight.detach()]))
         self.expand = exit.expand  # a pruned head's K logits -> full vocabulary, -inf elsewhere
 
-    def hidden(self, x, cache, start, tables):
-        """The exit's private blocks on shared states x (t, hidden); an MLP adapter has no attention, no cache."""
+    def hidden(self, x: torch.Tensor, cache: StaticCache, first_slot: int, start: int, tables: Tables) -> torch.Tensor:
+        """The exit's private blocks on shared states x (t, hidden), attention blocks in cache slots first_slot..;
+        an MLP adapter has no attention, no cache slot."""
         cos, sin, mask = tables.at(start, x.shape[0])
-        slot = 0
+        slot = first_slot
         for block in self.blocks:
             if isinstance(block, Block):
                 x = block(x, cache, slot, start, cos, sin, mask)
@@ -385,10 +356,54 @@ class ExitEngine:
                 x = block(x)
         return x
 
-    def logits(self, x):
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.head(rms_norm(x, self.norm, self.norm_eps)))
 
 
-def exit_engine_for(exit):
+def exit_engine_for(exit: nn.Module) -> ExitEngine:
     """The EarlyExit's ExitEngine, built once."""
     return _built_for(exit, ExitEngine)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TruncatedLlama's generation steps on the lean engine
+
+
+class LeanSteps:
+    """Generation steps for a base model and its EarlyExit on the lean engine; every tensor is (1, k, ...) at
+    positions start..start+k-1. One StaticCache holds the base's layers (slots 0..N-1) and the exit's private
+    attention blocks (slots N..). The other implementation is truncated_llama.HFSteps (same methods)."""
+
+    def __init__(self, base: nn.Module, exit: nn.Module):
+        self.base, self.exit = base, exit
+        self._build()  # now (its products timed), not inside the first timed generation
+
+    def _build(self) -> None:
+        """The engines of the base and of the exit: re-built if their weights were replaced since (e.g. .to())."""
+        self.engine = engine_for(self.base)
+        self.exit_engine = exit_engine_for(self.exit)
+
+    def new_cache(self, capacity: int = 256) -> StaticCache:
+        """An empty cache for every base layer and the exit's attention blocks, `capacity` positions reserved."""
+        self._build()
+        return self.engine.new_cache(len(self.engine.blocks) + self.exit.num_cache_slots, capacity)
+
+    def extend(self, input_ids: torch.Tensor, cache: StaticCache, start: int, *,
+               with_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed + shared layers (+ the exit's private blocks): (shared states, the state entering the exit norm)."""
+        eng = self.engine
+        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start)
+        e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables) if with_exit else None
+        return h.unsqueeze(0), None if e is None else e.unsqueeze(0)
+
+    def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int) -> torch.Tensor:
+        """The remaining layers + final norm + LM head on shared states: the target's logits."""
+        eng, s = self.engine, self.exit.shared_layers
+        return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start)).unsqueeze(0)
+
+    def exit_logits(self, e: torch.Tensor) -> torch.Tensor:
+        """The exit norm + head on the exit's states: the draft's full-vocabulary logits."""
+        return self.exit_engine.logits(e[0]).unsqueeze(0)
+
+    def describe(self) -> str:
+        return "lean (" + engine_for(self.base).describe() + ")"

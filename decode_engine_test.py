@@ -4,7 +4,7 @@ import torch
 
 import decode_engine
 from conftest import make_tiny_llama
-from truncated_llama import TruncatedLlama
+from truncated_llama import HFSteps, SpecCache, TruncatedLlama
 from tuned_llama import EarlyExit
 
 
@@ -49,6 +49,27 @@ def test_lean_and_hf_engines_agree_on_every_piece_with_an_adapter_exit():
             assert a == b == [9] * 5
         else:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_one_cache_per_engine_and_the_exit_blocks_after_the_base_layers():
+    """The engine is chosen once: the lean steps keep one StaticCache (base layers, then the exit's attention blocks),
+    transformers' keep a SpecCache; both crop every layer at once."""
+    base = make_tiny_llama(layers=4)
+    lean, hf = lean_and_hf(base, 2, EarlyExit(base, 2, adapter="block", last_block=True))
+    assert lean.lean and not hf.lean
+    assert isinstance(lean.steps, decode_engine.LeanSteps) and isinstance(hf.steps, HFSteps)
+    ids = torch.randint(0, 259, (1, 6), generator=torch.Generator().manual_seed(1))
+    cache = lean.new_cache(capacity=32)
+    assert isinstance(cache, decode_engine.StaticCache) and cache.capacity == 32 and len(cache.lengths) == 4 + 2
+    assert isinstance(hf.new_cache(), SpecCache)
+    with torch.no_grad():
+        lean.full_step(ids[:, :5], cache, 0, with_exit=True)
+        assert cache.lengths == [5] * 6
+        lean.full_step(ids[:, 5:], cache, 5)  # without the exit: its slots keep their length
+    assert cache.lengths == [6, 6, 6, 6, 5, 5]
+    cache.crop(3)
+    assert [cache.length(i) for i in range(6)] == [3] * 6
+    assert lean.describe_engine().startswith("lean (qkv ") and hf.describe_engine() == "hf"
 
 
 def test_weights_are_shared_not_copied():

@@ -1,19 +1,8 @@
-"""Self-speculative decoding: a KV-cached draft/verify loop on one shared model, and the sweep that measures it.
+"""The self-speculation sweep: the loop of generate.py over a grid of cells, each against an autoregressive baseline.
 
-The loop (batch size 1, like gpt-fast's):
-
-    cache holds positions [0, n) in every layer; `last` is the newest committed token, not yet in the cache
-    draft:   feed last, d1, .., d(g-1) through the shared layers + exit, one token at a time -> q1..qg, d1..dg
-             feed dg through the shared layers too (its layer-L state is all verification still needs)
-             (with draft_stop P: stop at the first q_j whose top probability is below P; g = j - 1 drafts)
-    verify:  the remaining layers on the g+1 saved layer-L states at positions n..n+g   -> p1..p(g+1)
-    accept:  k drafts by the speculative-sampling rule, then one token from the target (correction or bonus)
-    commit:  crop every layer back to n+k+1 positions; last = the target's token
-
-No layer ever recomputes a position, and after each cycle the cache holds exactly the committed tokens.
-
-The sweep (`python evaluate.py --help`) runs the loop over a grid of cells (exit, layer L, gamma, policy) on a set of
-prompts, each against an autoregressive baseline on the same prompts, policy and seeds, and writes to --out_dir:
+A cell is (exit, layer L, gamma, policy, draft stop) on one set of prompts; every cell runs
+`speculative_generate` and the baseline runs `autoregressive_generate` on the same prompts, policy and seeds. It
+writes to --out_dir (files and tables: results.py; plots: plots.py):
 
     results.jsonl        one line per cell: the loop's stats over all prompts, tokens/s, speedup, c, predicted speedup
     summary.csv/.md      the same as a table
@@ -26,337 +15,30 @@ prompts, each against an autoregressive baseline on the same prompts, policy and
     python evaluate.py --best_line OUT_DIR          # the best lossless speedup of a finished sweep (its last line)
 """
 import argparse
-import csv
 import hashlib
-import io
 import itertools
 import json
-import math
-import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from data_utils import (DataError, Parser, SignalStop, UsageError, check_context, int_at_least, run_command,
-                        sample_blocks)
+
+from checkpoints import CheckpointError, write_atomically
+from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, run_command
+from data_utils import DATASETS, dataset_module, sample_blocks
+from generate import autoregressive_generate, check_policy, judged_drafts, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
+from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
+                     finished_cells, markdown_table, merge_results, predicted_speedup, read_rows, repair_tail,
+                     results_files, write_table)
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
-from tuned_llama import CheckpointError
 
 # ----------------------------------------------------------------------------------------------------------------
-# The sampling policy
-
-
-SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k",
-               "draft_stop": "--draft_stop"}
-
-
-def check_policy(*, gamma=1, temperature=0.0, top_p=1.0, top_k=0, draft_stop=0.0, flags=SWEEP_FLAGS):
-    """Raise ValueError (one sentence, naming the command-line flag from `flags`) for values the loop cannot use."""
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"{flags['temperature']}: temperature must be a number >= 0 (0 means greedy), "
-                         f"got {temperature}.")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"{flags['top_p']}: top_p must be in (0, 1], got {top_p}.")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"{flags['top_k']}: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
-    if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
-        raise ValueError(f"{flags.get('draft_stop', '--draft_stop')}: draft_stop must be in [0, 1) (0 turns it off), "
-                         f"got {draft_stop}.")
-
-
-class Policy:
-    """How logits become a next-token distribution: temperature, then top-k, then top-p (transformers' order and
-    rules: top-k keeps every token tied with the k-th; top-p keeps the smallest set of most likely tokens whose mass
-    reaches top_p). Temperature 0 means greedy; its `probs` are the plain temperature-1 softmax.
-
-    Sorting a 49,152-token vocabulary for top-p costs 3 ms on a CPU, a tenth of a decode step, and the speculative
-    loop needs it for every draft and every verified position. So top-p looks at the most likely candidates first
-    (torch.topk) and sorts the whole vocabulary only when they hold less than top_p of the mass: the same set."""
-
-    CANDIDATES = (64, 1024)  # top-p's first looks; then the whole vocabulary
-
-    def __init__(self, temperature=0.0, top_p=1.0, top_k=0):
-        check_policy(temperature=temperature, top_p=top_p, top_k=top_k)
-        self.greedy = temperature == 0
-        self.temperature = float(temperature)
-        self.top_k = top_k if not self.greedy else 0
-        self.top_p = float(top_p) if not self.greedy else 1.0
-
-    def probs(self, logits):
-        """(k, V) logits -> (k, V) float32 probabilities under this policy."""
-        scores = logits.float()
-        if not self.greedy and self.temperature != 1.0:
-            scores = scores / self.temperature
-        if not self.top_k and self.top_p >= 1.0:
-            return torch.softmax(scores, dim=-1)
-        values, index = self._nucleus(scores)
-        return torch.zeros_like(scores).scatter_(-1, index, torch.softmax(values, dim=-1))
-
-    def _nucleus(self, scores):
-        """The kept tokens' scores (-inf where dropped) and their ids, most likely first."""
-        vocab = scores.shape[-1]
-        if self.top_k:
-            values, index = scores.topk(min(self.top_k, vocab), dim=-1)
-            if (scores >= values[:, -1:]).sum() > values.numel():  # ties with the k-th token: keep them all
-                values, index = scores.masked_fill(scores < values[:, -1:], float("-inf")).sort(-1, descending=True)
-            log_total = values.logsumexp(-1, keepdim=True)
-        else:
-            log_total = scores.logsumexp(-1, keepdim=True)
-        if self.top_p >= 1.0:
-            return values, index
-        for n in self.CANDIDATES + (vocab,):
-            if not self.top_k:
-                values, index = scores.topk(n, dim=-1) if n < vocab else scores.sort(-1, descending=True)
-            mass = (values - log_total).exp()
-            if self.top_k or n >= vocab or bool((mass.sum(-1) >= self.top_p).all()):
-                break
-        above = mass.cumsum(-1) - mass  # the mass of the tokens more likely than each
-        drop = above >= self.top_p
-        drop[:, 0] = False
-        return values.masked_fill(drop, float("-inf")), index
-
-    def pick(self, logits, generator=None):
-        """One token id per row: argmax when greedy, else a sample from `probs`."""
-        if self.greedy:
-            return logits.argmax(-1)
-        return sample(self.probs(logits), generator)
-
-    def draft_token(self, logits, q, generator=None):
-        """The draft's token from its (1, V) logits and their probabilities q: argmax, or a sample from q."""
-        return int(logits.argmax(-1) if self.greedy else sample(q, generator))
-
-    def accepted(self, p_logits, p, q, drafts, generator=None):
-        """How many drafts the target accepts, in order: while each equals argmax p (greedy), or by the
-        speculative-sampling rule (one uniform draw per judged draft, stopping at the first rejection)."""
-        target = p_logits[: len(drafts)].argmax(-1).tolist() if self.greedy else None
-        for j, x in enumerate(drafts):
-            ok = x == target[j] if self.greedy else accept_draft(p[j, x], q[j, x], generator)
-            if not ok:
-                return j
-        return len(drafts)
-
-    def target_token(self, p_logits, p, q, k, generator=None):
-        """The target's own token after k accepted drafts: argmax p (greedy); else the correction from
-        normalise(max(0, p - q)) at a rejection, or the bonus token from p when every draft was accepted."""
-        if self.greedy:
-            return int(p_logits[k].argmax())
-        rejected = q is not None and k < q.shape[0]
-        return int(sample(residual_distribution(p[k], q[k]) if rejected else p[k], generator))
-
-
-def sample(probs, generator=None):
-    """One token id per row of `probs` (rows summing to 1, or to any positive total), drawn by inverting the
-    cumulative distribution with one uniform number: what torch.multinomial does for one draw, at a twentieth of its
-    cost on a 49,152-token row. A token of probability 0 is never drawn."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype)
-    picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
-    last = probs.shape[-1] - 1
-    if bool((picked > last).any()):  # u * total rounded up to the total: the last token with mass
-        top = last - (probs.flip(-1) > 0).int().argmax(-1)
-        picked = torch.where(picked > last, top, picked)
-    return picked
-
-
-def accept_draft(p_x, q_x, generator=None):
-    """Accept a draft token x (sampled from q) with probability min(1, p(x) / q(x))."""
-    u = torch.rand((), generator=generator, device=q_x.device)
-    return bool(u * q_x < p_x)
-
-
-def residual_distribution(p, q):
-    """Where to sample after a rejection: normalise(max(0, p - q)); p itself if q covers p everywhere."""
-    r = torch.clamp(p - q, min=0)
-    total = r.sum()
-    return r / total if total > 0 else p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loops
-
-
-def _check_prompt(model, input_ids, max_new_tokens):
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-        raise ValueError(f"input_ids must have shape (1, T) with T >= 1, got {tuple(input_ids.shape)}.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be an integer >= 1, got {max_new_tokens}.")
-    check_context(model.config, "--max_new_tokens", max_new_tokens, prompt=input_ids.shape[1])  # a ValueError
-
-
-def _prefill(model, input_ids, with_exit, room=0):
-    """All prompt tokens but the last go into every layer's cache; the last one is fed by the first step.
-    `room`: positions the generation will add (the lean engine reserves them up front)."""
-    cache = model.new_cache(input_ids.shape[1] + room)
-    if input_ids.shape[1] > 1:
-        model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
-    return cache, input_ids.shape[1] - 1, input_ids[:, -1:]
-
-
-def _finish(tokens, stats, t0, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stats["seconds"] = time.perf_counter() - t0
-    stats["new_tokens"] = len(tokens)
-    stats["tokens_per_s"] = len(tokens) / stats["seconds"] if stats["seconds"] > 0 else 0.0
-    return torch.tensor(tokens, dtype=torch.long), stats
-
-
-@torch.inference_mode()
-def autoregressive_generate(model, input_ids, max_new_tokens, *, temperature=0.0, top_p=1.0, top_k=0,
-                            eos_token_id=None, generator=None):
-    """The full model, one token per step, same cache and policy as the speculative loop. Returns (tokens, stats)."""
-    _check_prompt(model, input_ids, max_new_tokens)
-    policy = Policy(temperature, top_p, top_k)
-    t0 = time.perf_counter()
-    cache, n, last = _prefill(model, input_ids, with_exit=False, room=max_new_tokens)
-    tokens = []
-    while len(tokens) < max_new_tokens:
-        logits = model.full_step(last, cache, n)[0, -1:]
-        tok = policy.pick(logits, generator)
-        tokens.append(int(tok))
-        n += 1
-        last = tok.view(1, 1)
-        if eos_token_id is not None and tokens[-1] in _as_set(eos_token_id):
-            break
-    return _finish(tokens, {"target_calls": len(tokens)}, t0, input_ids.device)
-
-
-def _as_set(eos):
-    return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
-
-
-class Cycle(NamedTuple):
-    """One draft-verify cycle: the drafted tokens, how many the target accepted, the target's own token, and the
-    sum over drafted positions of sum_x min(p, q) (their expected acceptance)."""
-    drafts: list
-    accepted: int
-    token: int
-    overlap: float
-
-
-def draft(model, policy, cache, n, last, g, draft_stop=0.0, generator=None):
-    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit.
-    Returns (the layer-L states of `last` and of every draft, to verify; the drafts' q rows; the drafts). With
-    `draft_stop`, drafting ends when the draft's top probability falls below it."""
-    hidden, q_rows, drafts, tok = [], [], [], last
-    for j in range(g):
-        h, logits = model.draft_step(tok, cache, n + j)
-        hidden.append(h)
-        q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
-        if draft_stop and float(q_j.max()) < draft_stop:
-            return hidden, q_rows, drafts  # `tok` already went through the shared layers (h), as verify needs
-        q_rows.append(q_j)
-        drafts.append(policy.draft_token(logits[0, -1:], q_j, generator))
-        tok = torch.tensor([[drafts[-1]]], device=last.device)
-    h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
-    return hidden + [h], q_rows, drafts
-
-
-def speculate_cycle(model, policy, cache, n, last, g, draft_stop=0.0, generator=None):
-    """Draft up to g tokens, verify them with the remaining layers in one pass, accept some: one Cycle. The cache
-    then holds positions up to n + drafts; the caller crops it to what it commits."""
-    hidden, q_rows, drafts = draft(model, policy, cache, n, last, g, draft_stop, generator)
-    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
-    p = policy.probs(p_logits)
-    q = torch.cat(q_rows) if q_rows else None
-    overlap = torch.minimum(p[: len(drafts)], q).sum().item() if drafts else 0.0
-    k = policy.accepted(p_logits, p, q, drafts, generator)
-    return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap)
-
-
-@torch.inference_mode()
-def speculative_generate(model, input_ids, max_new_tokens, *, gamma, temperature=0.0, top_p=1.0, top_k=0,
-                         eos_token_id=None, generator=None, draft_stop=0.0):
-    """Self-speculative decoding with `model` (a TruncatedLlama). Returns (new tokens, stats).
-
-    Lossless: greedy returns exactly the autoregressive tokens; sampling returns exactly the target's distribution
-    under the policy (temperature, then top-k, then top-p, applied alike to target p and draft q). A draft token x is
-    accepted with probability min(1, p(x)/q(x)); the first rejection samples from normalise(max(0, p - q)); when all
-    are accepted a bonus token is sampled from the next p. Greedy accepts while the draft equals argmax p.
-
-    Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
-    as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
-    is not drafted and verification starts. q is the distribution the draft samples from and the rule compares with p:
-    the policy's (temperature, top-k, top-p) when sampling, the temperature-1 softmax when greedy. The stop depends
-    on q alone, never on p, so it is a choice the draft could have made by itself and the output stays exact (the
-    draft step that decided to stop already ran that token through the shared layers: verification reuses it).
-
-    stats: new_tokens, target_calls (verification passes), drafted, accepted, avg_accepted (accepted drafts per
-    target call), acceptance_rate (accepted / drafted), avg_overlap (mean over all drafted positions, accepted or
-    not, of sum_x min(p, q), the expected acceptance probability; for greedy, p and q are the temperature-1
-    softmaxes), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0..gamma drafts), draft_len_hist (cycles
-    that drafted 0..gamma tokens), avg_draft_len (drafted / target calls), rejected (cycles that rejected a draft),
-    seconds, tokens_per_s, and per_cycle (accepted count of each cycle), per_cycle_drafted (drafted count of each
-    cycle) and from_draft (per new token: came from the draft).
-    """
-    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop)
-    _check_prompt(model, input_ids, max_new_tokens)
-    policy = Policy(temperature, top_p, top_k)
-    eos = _as_set(eos_token_id) if eos_token_id is not None else set()
-    t0 = time.perf_counter()
-    cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + gamma + 1)
-    tokens, from_draft, per_cycle, per_cycle_drafted = [], [], [], []
-    overlap_sum = 0.0
-    done = False
-    while not done and len(tokens) < max_new_tokens:
-        g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
-        cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
-        k = cycle.accepted
-        per_cycle.append(k)
-        per_cycle_drafted.append(len(cycle.drafts))
-        overlap_sum += cycle.overlap
-        for i, t in enumerate(cycle.drafts[:k] + [cycle.token]):
-            tokens.append(t)
-            from_draft.append(i < k)
-            if t in eos:
-                done = True
-                break
-        n += k + 1
-        cache.crop(n)  # rejected drafts' positions go
-        last = torch.tensor([[cycle.token]], device=input_ids.device)
-    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum, gamma)
-    stats.update(from_draft=from_draft[: len(tokens)],
-                 cache_positions=[cache.length(i) for i in range(model.num_layers)])
-    return _finish(tokens, stats, t0, input_ids.device)
-
-
-def cycle_stats(per_cycle, per_cycle_drafted, overlap_sum, gamma):
-    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate)."""
-    cycles, drafted = len(per_cycle), sum(per_cycle_drafted)
-    accepted, rejected = judged_drafts(per_cycle, per_cycle_drafted)
-    avg_overlap = overlap_sum / drafted if drafted else float("nan")
-    hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)
-    for k, d in zip(per_cycle, per_cycle_drafted):
-        hist[k] += 1
-        len_hist[d] += 1
-    return {
-        "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
-        "avg_accepted": accepted / cycles if cycles else 0.0,
-        "acceptance_rate": accepted / drafted if drafted else float("nan"),
-        "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
-        "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
-        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
-    }
-
-
-# ================================================================================================================
-# The sweep. A cell is (exit, L, gamma, temperature, top_p, top_k) on one prompt set; see the module docstring.
-
-RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
-LAYER_SWEEP = "layer_sweep"
-DATASETS = ("sharegpt", "xsum", "slimpajama")
-# Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
-TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
-                 "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup",
-                 "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
+# Cells
 
 
 @dataclass(frozen=True)
@@ -399,77 +81,6 @@ def cell_id(cell, context):
 def prompt_seed(seed, index):
     """The sampling seed of prompt `index`: the same for the speculative and the baseline run of every cell."""
     return int(hashlib.sha256(f"{seed}/{index}".encode()).hexdigest()[:15], 16)
-
-
-def judged_drafts(per_cycle, per_cycle_drafted):
-    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted and drafted counts
-    (stats per_cycle, per_cycle_drafted): a cycle that drafted d tokens and accepted k < d rejected one; drafts
-    after a rejection are never judged. (The drafted counts come from the loop: with draft_stop they are not a
-    function of gamma.)"""
-    if len(per_cycle) != len(per_cycle_drafted) or any(not 0 <= k <= d for k, d in zip(per_cycle, per_cycle_drafted)):
-        raise ValueError("per_cycle and per_cycle_drafted must be equally long, with 0 <= accepted <= drafted.")
-    return sum(per_cycle), sum(k < d for k, d in zip(per_cycle, per_cycle_drafted))
-
-
-def tokens_per_cycle(a, d):
-    """Expected tokens of a cycle that drafts d tokens, each accepted with probability a given the ones before it:
-    the accepted drafts plus the target's own token, (1 - a^(d+1)) / (1 - a)."""
-    return d + 1 if a >= 1 else (1 - a ** (d + 1)) / (1 - a)
-
-
-def predicted_speedup(a, gamma, c, draft_len_hist=None, v=1.0):
-    """The standard estimate (Leviathan et al., 2023): a cycle yields (1 - a^(g+1)) / (1 - a) tokens, on average,
-    when each draft is accepted with probability a given the ones before it, and costs g c + v autoregressive steps
-    (g draft steps of cost c, and one verification of cost v, 1 by default).
-
-    With `draft_len_hist` (cycles that drafted 0, 1, .. tokens: the realised lengths, which --draft_stop and the
-    last cycles of a generation make shorter than gamma), the tokens per cycle are averaged over those lengths and
-    the cost is d c + v with d their mean."""
-    if a is None or not math.isfinite(a):
-        return None
-    lengths = {gamma: 1} if draft_len_hist is None else {d: n for d, n in enumerate(draft_len_hist) if n}
-    cycles = sum(lengths.values())
-    if not cycles:
-        return None
-    tokens = sum(n * tokens_per_cycle(a, d) for d, n in lengths.items()) / cycles
-    mean_d = sum(n * d for d, n in lengths.items()) / cycles
-    return tokens / (mean_d * c + v)
-
-
-BREAK_EVEN_GAMMAS = (1, 2, 4)
-
-
-def break_even_c(a, gamma, v=1.0):
-    """The draft cost c (draft step / full step) at which the predicted speedup of a cycle of gamma drafts, each
-    accepted with probability a, is exactly 1: tokens_per_cycle(a, gamma) = gamma c + v. Below it, drafting pays."""
-    return (tokens_per_cycle(a, gamma) - v) / gamma
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def step_times(model, input_ids, verify_sizes=(), repeats=7):
-    """(seconds of one draft step, seconds of one autoregressive step, {k: seconds of a k-token full step}): medians
-    of warm calls of `draft_step` and `full_step` on a cache holding `input_ids`, interleaved so that load affects
-    them alike. A k-token full step costs what verifying k - 1 drafts does."""
-    cache, n, last = _prefill(model, input_ids, with_exit=True)
-    steps = {"draft": lambda: model.draft_step(last, cache, n), 1: lambda: model.full_step(last, cache, n)}
-    for k in verify_sizes:
-        steps[k] = (lambda k=k: model.full_step(input_ids[:, n - k + 1:n + 1], cache, n))  # positions n..n+k-1
-    times = {kind: [] for kind in steps}
-    for r in range(repeats + 1):
-        for kind, step in steps.items():
-            t = time.perf_counter()
-            step()
-            _sync(input_ids.device)
-            if r:  # the first round warms up
-                times[kind].append(time.perf_counter() - t)
-            cache.crop(n)
-    med = {kind: statistics.median(v) for kind, v in times.items()}
-    return med["draft"], med[1], {k: med[k] for k in verify_sizes}
 
 
 def run_baseline(model, prompts, policy, max_new_tokens, seed, eos, first=0):
@@ -557,151 +168,6 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
 # Results files: one JSON line per cell, appended in one write; merged (and sorted) by rank 0 at the end.
 
 
-def read_rows(path):
-    """The complete rows of a results file; a line cut off by a kill (or otherwise unreadable) is ignored."""
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "cell_id" in row:
-                rows.append(row)
-    return rows
-
-
-def read_rows_plain(path):
-    """The JSON objects of a JSONL file written atomically by this module (none if it is missing)."""
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def finished_cells(out_dir, ids):
-    """The cells among `ids` with a row in out_dir's results files."""
-    return {r["cell_id"] for path in results_files(out_dir) for r in read_rows(path)} & set(ids)
-
-
-def results_files(out_dir):
-    """results.jsonl and any per-process results.rank*.jsonl of an interrupted multi-process run."""
-    out_dir = Path(out_dir)
-    return [p for p in [out_dir / RESULTS, *sorted(out_dir.glob("results.rank*.jsonl"))] if p.is_file()]
-
-
-def append_row(path, row):
-    """Append one complete line with a single write, flushed to disk: a kill leaves whole lines, or a partial last
-    line that `read_rows` skips and `repair_tail` removes before the next append."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def repair_tail(path):
-    """Cut a partial last line (left by a kill in the middle of a write) off a results file."""
-    path = Path(path)
-    if path.is_file() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-
-
-def write_atomically(path, text):
-    """Write a file through a temporary file and os.replace: readers see the old file or the new one, whole."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def merge_results(out_dir, ids):
-    """Merge results.jsonl and the per-process files into results.jsonl: each cell once, this sweep's cells first in
-    cell order (rows of other sweeps kept after them). Returns this sweep's rows."""
-    out_dir = Path(out_dir)
-    files = results_files(out_dir)
-    rows = {}
-    for path in files:
-        for row in read_rows(path):
-            rows.setdefault(row["cell_id"], row)
-    order = {cid: i for i, cid in enumerate(ids)}
-    merged = sorted(rows.values(), key=lambda r: order.get(r["cell_id"], len(order)))
-    write_atomically(out_dir / RESULTS, "".join(json.dumps(r) + "\n" for r in merged))
-    for path in files:
-        if path.name != RESULTS:
-            path.unlink()
-    return [r for r in merged if r["cell_id"] in order]
-
-
-def write_table(path, rows, columns):
-    """A CSV file of `columns` of `rows` (lists as space-separated values), written atomically."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([" ".join(map(str, r[c])) if isinstance(r.get(c), list) else r.get(c, "") for c in columns])
-    write_atomically(path, buf.getvalue())
-
-
-def _fmt(x, digits=3):
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "NO"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def exit_label(row):
-    name = "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
-    return f"{name} L{row['exit_layer']}"
-
-
-def _gamma_label(row):
-    """γ, and the adaptive stop when the cell has one: `4` or `4, stop 0.3`."""
-    stop = row.get("draft_stop") or 0
-    return f"{row['gamma']}" + (f", stop {stop:g}" if stop else "")
-
-
-def _policy_name(policy):
-    t, p, k = policy
-    return "greedy" if t == 0 else f"T={t:g}, top_p={p:g}" + (f", top_k={k}" if k else "")
-
-
-def _greedy_label(r):
-    """'8/8' for a greedy cell (with the mean first-difference position when some prompts part); '-' otherwise."""
-    if r.get("greedy_match") is None:
-        return _fmt(r.get("matches_baseline"))
-    diff = r.get("first_diff_mean")
-    return r["greedy_match"] + (f" (at {diff:.0f})" if diff is not None else "")
-
-
-def markdown_table(rows):
-    """The summary as a Markdown table."""
-    head = ["exit", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
-            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline (first diff)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [exit_label(r), _gamma_label(r), _policy_name((r["temperature"], r["top_p"], r["top_k"])),
-                 _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
-                 _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
-                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), _fmt(r["c"], 2),
-                 _fmt(r["predicted_speedup"], 2), _greedy_label(r)]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
-
-
-SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "prompts",
-                   "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
-                   "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
-                   "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
-                   "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
-                   "v", "predicted_speedup", "cell_id")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and held-out text
 
@@ -769,33 +235,15 @@ def load_eval_data(args, tokenizer):
     """(prompts, held-out blocks for the teacher-forced sweep) from --dataset: the test split of ShareGPT, XSum or
     SlimPajama (the same 98/1/1 split by id as train.py's default), or a prompts.jsonl file."""
     n, mpt, seed, seq_len, blocks = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len, args.tf_blocks
-    skip = args.skip_bad_lines
     if args.dataset not in DATASETS:
-        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len, skip)
-    from data_utils import split_by_id
-    if args.dataset == "sharegpt":
-        import share_gpt_dataset as ds
-        flag = "--data_files" if args.data_files else "--dataset_id"
-        items = ds.load_splits(args.data_files or args.dataset_id, flag=flag, skip_bad_lines=skip)["test"]
-        make = lambda convs: ds.training_sequences(tokenizer, convs, seq_len)
-    elif args.dataset == "xsum":
-        import xsum_dataset as ds
-        if args.data_files:
-            items = split_by_id(ds.load_records(data_files=args.data_files, skip_bad_lines=skip), "id")["test"]
-        else:
-            items = ds.load_records(dataset_id=args.dataset_id or "EdinburghNLP/xsum", split="test")
-        make = lambda records: ds.training_sequences(tokenizer, records, seq_len)
-    else:
-        import slim_pj_dataset as ds
-        if args.data_files:
-            texts = ds.load_texts(data_files=args.data_files, skip_bad_lines=skip)
-            items = split_by_id(texts, lambda text: text)["test"]
-        else:
-            items = ds.load_texts(dataset_id=args.dataset_id, split="test", max_docs=2000)
-        make = lambda texts: ds.training_sequences(tokenizer, texts, seq_len)
+        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len, args.skip_bad_lines)
+    ds = dataset_module(args.dataset)
+    items = ds.load_splits(args.data_files, args.dataset_id, skip_bad_lines=args.skip_bad_lines, max_docs=2000,
+                           splits=("test",))["test"]
     prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
     check_prompt_count(prompts, n, mpt, f"the {args.dataset} test split",
                        "document" if args.dataset == "slimpajama" else "prompt")
+    make = lambda items: ds.training_sequences(tokenizer, items, seq_len)
     return prompts, sample_blocks(items, make, blocks) if blocks else []
 
 
@@ -1014,7 +462,7 @@ class Sweep:
 def load_sweep(args, device):
     """The model, the exits, the prompts and the cells; raises UsageError & co for anything that does not fit."""
     from truncated_llama import load_base_model, machine_info, model_fingerprint, resolve_dtype
-    from tuned_llama import CONFIG_FILE, WEIGHTS_FILE, load_exit
+    from checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_exit
 
     dtype, dtype_name = resolve_dtype(args.dtype, device)
     base, tok = load_base_model(args.model, dtype=dtype, device=device)
@@ -1048,7 +496,7 @@ def teacher_forced(args, sw, out_dir, say):
     tf_id = hashlib.sha256(json.dumps([sw.fingerprint, sw.dtype_name, [sw.exit_ids[p] for p, _ in sw.checkpoints],
                                        _tensor_hash([b["input_ids"] for b in sw.blocks]),
                                        sorted(args.temperatures)]).encode()).hexdigest()[:16]
-    tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+    tf_rows = read_rows(out_dir / f"{LAYER_SWEEP}.jsonl", key=None)
     if len(tf_rows) == sw.base.config.num_hidden_layers - 1 + len(sw.checkpoints) and \
             all(r.get("sweep_id") == tf_id for r in tf_rows):
         say(f"teacher-forced sweep: kept the {len(tf_rows)} rows already in {LAYER_SWEEP}.jsonl")
@@ -1112,7 +560,7 @@ def write_summary(args, sw, out_dir, tf_rows, say):
     command = " ".join(["python evaluate.py", *getattr(args, "argv", [])])
     write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
     if tf_rows is None:
-        tf_rows = read_rows_plain(out_dir / f"{LAYER_SWEEP}.jsonl")
+        tf_rows = read_rows(out_dir / f"{LAYER_SWEEP}.jsonl", key=None)
     from plots import make_plots
     plots = make_plots(rows, tf_rows, out_dir, Path(args.model).name)
     print(table)
@@ -1168,26 +616,6 @@ def run(args, stop=None):
     state.wait_for_everyone()
     state.destroy_process_group()
     return rows
-
-
-def best_line(rows):
-    """One line naming the cell with the best measured speedup that is lossless: every sampling cell (exact by
-    construction; the chi-square tests check it), and a greedy cell only if its tokens equal the autoregressive
-    baseline's on every prompt (matches_baseline).
-
-        best lossless speedup: X.XXx (<exit>, L <l>, gamma <g>, <policy>, <n> prompts x <m> tokens)
-    """
-    ok = [r for r in rows if r.get("speedup") is not None
-          and (r["temperature"] > 0 or r.get("matches_baseline") is True)]
-    if not ok:
-        return "best lossless speedup: none (no sampling cell, and no greedy cell whose tokens match the baseline)"
-    r = max(ok, key=lambda r: r["speedup"])
-    name = "untrained" if r["exit"] == "untrained" else Path(r["exit"]).name
-    policy = _policy_name((r["temperature"], r["top_p"], r["top_k"]))
-    if r.get("draft_stop"):
-        policy += f", draft_stop {r['draft_stop']:g}"
-    return (f"best lossless speedup: {r['speedup']:.2f}x ({name}, L {r['exit_layer']}, gamma {r['gamma']}, {policy}, "
-            f"{r['prompts']} prompts x {r['max_new_tokens']} tokens)")
 
 
 def print_best_line(out_dir):

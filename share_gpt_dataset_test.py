@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import share_gpt_dataset as sg
-from data_utils import DataError
+from cli import DataError
 from data_utils_test import hf_offline  # noqa: F401  (fixture)
 
 

@@ -3,7 +3,8 @@ SlimPajama plain text: documents {"text": str, "meta": {"redpajama_set_name": ..
 JSON/JSONL/Parquet files or the hub (cerebras/SlimPajama-627B, DKYoon/SlimPajama-6B), turned into
 packed training blocks and text-continuation evaluation prompts.
 """
-from data_utils import BadEntries, encode, iter_rows, loaded, pack_sequences, prompt_dict, sample_prompts
+from data_utils import (SPLIT_NAMES, BadEntries, encode, iter_rows, loaded, pack_sequences, prompt_dict, sample_prompts,
+                        split_by_id)
 
 FULL_ID = "cerebras/SlimPajama-627B"  # ~900 GB: streamed by default
 SMALL_ID = "DKYoon/SlimPajama-6B"
@@ -30,6 +31,16 @@ def load_texts(dataset_id=None, data_files=None, *, split="train", streaming=Non
                   local=bool(data_files), nothing="has no non-empty 'text' documents")
 
 
+def load_splits(data_files=None, dataset_id=None, *, fractions=(0.98, 0.01, 0.01), skip_bad_lines=False,
+                max_docs=None, splits=SPLIT_NAMES):
+    """{split: texts}: local `data_files` split by a stable hash of the text (`fractions`), else the hub dataset's own
+    `splits`, at most `max_docs` documents each. The registry's common signature (data_utils.DATASETS)."""
+    if data_files:
+        return split_by_id(load_texts(data_files=data_files, skip_bad_lines=skip_bad_lines), lambda text: text,
+                           fractions)
+    return {s: load_texts(dataset_id=dataset_id, split=s, max_docs=max_docs) for s in splits}
+
+
 def _problem(row):
     """What makes a row unusable, or None."""
     return None if isinstance(row.get("text"), str) and row["text"].strip() else "has an empty or missing 'text'"
@@ -43,8 +54,9 @@ def encode_documents(tokenizer, texts):
     return encode(tokenizer, list(texts), add_special_tokens=True)
 
 
-def training_sequences(tokenizer, texts, seq_len):
-    """Packed blocks [{"input_ids", "loss_mask"}] of seq_len tokens: documents joined by EOS, loss on every token."""
+def training_sequences(tokenizer, texts, seq_len, assistant_only=True):
+    """Packed blocks [{"input_ids", "loss_mask"}] of seq_len tokens: documents joined by EOS, loss on every token
+    (plain text has no assistant turns: `assistant_only` is unused)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id to separate documents")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slim_pj_dataset as spj
-from data_utils import DataError
+from cli import DataError
 from data_utils_test import hf_offline  # noqa: F401  (fixture)
 
 DOCS = [

@@ -16,13 +16,13 @@ base layers and the teacher is never run twice. The base model is never modified
 `evaluate.py --exit_ckpt OUT_DIR`), the resume state in resume/, log.jsonl (one JSON record per train step and per
 validation), and train_curve.png. Each checkpoint replaces the top level in one atomic rename.
 
-The loss functions and validation metrics below are plain functions that evaluate.py imports.
+Reading order: `run` (the loop: set up, data, exit, then step / update / validate / checkpoint) and the phases it
+calls, in the order it calls them. The distillation pieces are in distill.py, the losses in losses.py, the
+checkpoint and resume files in checkpoints.py, the batch order in data_utils.py.
 """
 import argparse
 import contextlib
-import hashlib
 import importlib.util
-import json
 import math
 import random
 import sys
@@ -31,222 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from data_utils import (DataError, Parser, SignalStop, UsageError, blocks_from_prefix, check_context, collate,
-                        has_targets, int_at_least, positive, run_command, sample_blocks, split_by_id)
+from checkpoints import (LOG_FILE, CheckpointError, adapter_config, append_log, check_resume_args, exit_config,
+                         load_exit, load_resume_state, read_resume_state, save_checkpoint, truncate_log)
+from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, positive, run_command
+from data_utils import DATASETS, BatchOrder, blocks_from_prefix, data_hash, dataset_module, has_targets, sample_blocks
+from distill import ExitForward, StateCache, batch_of, calibrate_scale, distill_forward, evaluate_exit, fit_head_lstsq
+from losses import LOSSES, target_rows
+from plots import plot_curve
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, model_fingerprint, resolve_dtype)
-from losses import LOSSES, exit_metric_sums, fused_head_loss, summarize_metrics, target_rows, token_losses
-from tuned_llama import (ADAPTER_INITS, HEAD_INITS, CheckpointError, EarlyExit, exit_config, load_exit, save_exit,
-                         write_dir_atomically, write_exit_files)
-
-TRAINABLE = ("head", "norm", "adapter", "last_block")
-DATASETS = ("sharegpt", "slimpajama", "xsum")
-RESUME_DIR = "resume"
-LOG_FILE = "log.jsonl"
-CURVE_FILE = "train_curve.png"
-# Settings that must be the same when a run is resumed (anything else, e.g. --eval_every, may change).
-RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", "head_init", "draft_vocab",
-                     "calibrate", "loss", "kl_temperature", "ce_weight", "teacher_model_path", "dataset",
-                     "data_files", "dataset_id", "assistant_only", "val_fraction", "seq_len", "train_blocks",
-                     "cache_states", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip",
-                     "schedule", "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
-# The values of settings added later, in the resume state of runs saved before they existed.
-RESUME_ADDED_LATER = {"draft_vocab": 0}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One forward pass: the frozen base (no graph) gives the layer-L state and the teacher; the exit keeps its graph.
-
-
-@torch.no_grad()
-def base_pass(model, input_ids, attention_mask=None, *, full_depth=True):
-    """Run the frozen base model once, without autograd.
-
-    Returns (shared, final, ctx): the hidden state the draft starts from (after `model.shared_layers` layers),
-    the full model's normed last hidden state (None when full_depth=False: we then stop at the shared layers),
-    and ctx = (causal mask, position_ids, rotary embeddings) for the exit's own attention blocks.
-    """
-    d = model.decoder
-    h = d.embed_tokens(input_ids)
-    mask, position_ids, pos = exit_context(model, h, attention_mask)
-    s = model.shared_layers
-    stop = len(d.layers) if full_depth else s
-    shared = None
-    for i, layer in enumerate(d.layers[:stop]):
-        if i == s:
-            shared = h
-        h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
-    if shared is None:
-        shared = h
-    final = d.norm(h) if full_depth else None
-    return shared, final, (mask, position_ids, pos)
-
-
-@torch.no_grad()
-def exit_context(model, h, attention_mask=None):
-    """(causal mask, position_ids, rotary embeddings) for hidden states h (B, T, D) of blocks starting at 0."""
-    from transformers.masking_utils import create_causal_mask
-    position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # packed blocks have no padding: a plain causal mask
-    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
-    return mask, position_ids, model.decoder.rotary_emb(h, position_ids=position_ids)
-
-
-class StateCache:
-    """The frozen base model's output on fixed blocks: the shared state the exit starts from and the full model's
-    normed last state (which gives the teacher's logits), kept in memory after a block's first pass. Exact: these
-    are the tensors a fresh pass computes. Used for the validation blocks (every validation after the first skips the
-    base model) and, with --cache_states, for the training blocks (epochs after the first skip it)."""
-
-    def __init__(self):
-        self.states = {}
-
-    def get(self, model, indices, batch):
-        """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
-        hit = self.lookup(indices, batch["input_ids"].shape[1])
-        if hit is not None:
-            return hit
-        shared, final, _ = base_pass(model, batch["input_ids"], batch["attention_mask"])
-        for j, i in enumerate(indices):
-            self.states[i] = (shared[j], final[j])
-        return shared, final
-
-    def lookup(self, indices, T, remove=False):
-        """(shared, final) for the blocks `indices` if all are cached (with T positions), else None; never runs the
-        base model. remove=True drops them from the cache."""
-        if not all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
-            return None
-        shared, final = zip(*((self.states.pop if remove else self.states.get)(i) for i in indices))
-        return torch.stack(shared), torch.stack(final)
-
-
-class ExitForward(nn.Module):
-    """The trainable part of the draft as one module (what DistributedDataParallel wraps): the exit blocks on the
-    shared hidden state, then the exit norm and head on the selected positions only.
-
-    forward(shared, ctx, rows) returns the exit's full-vocabulary logits (M, V) (-inf outside a pruned head's
-    tokens); with `loss` (a dict of fused_head_loss keywords) and `teacher`, it returns (loss sum, per-row losses)
-    from the fused head + loss instead.
-    """
-
-    def __init__(self, exit):
-        super().__init__()
-        self.exit = exit
-
-    def forward(self, shared, ctx, rows, teacher=None, labels=None, loss=None):
-        mask, position_ids, pos = ctx
-        shared = shared.to(self.exit.norm.weight.dtype)  # a bfloat16 base hands its states to a float32 exit
-        h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
-        x = self.exit.norm(h[:, :-1][rows])
-        if loss is None:
-            return self.exit.expand(self.exit.head(x))
-        return fused_head_loss(x, self.exit.head.weight, teacher, labels, vocab=self.exit.vocab, **loss)
-
-
-def batch_of(blocks, indices, pad_id, device):
-    """The blocks `indices` of `blocks`, collated into one batch on `device`."""
-    return {k: v.to(device) for k, v in collate([blocks[i] for i in indices], pad_id).items()}
-
-
-def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
-    """One pass of the base model (no graph) and the exit (with its graph) on the positions that count.
-
-    Position t predicts token t+1, so it counts when loss_mask[t+1] is 1. The teacher is the base model at full
-    depth from the same pass, or the separate `teacher` model when one is given. `states`: the base pass's
-    (shared, final) states when already known (StateCache), so the base model is not run.
-    Without `loss`: returns (teacher_logits (M, V), exit_logits (M, V), labels (M,)).
-    With `loss` (fused_head_loss keywords, e.g. {"kind": "kl"}): returns (loss sum, per-row losses (M,), labels),
-    computed without materialising any (M, V) tensor.
-    """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    rows = target_rows(batch)
-    labels = input_ids[:, 1:][rows]
-    if states is not None and teacher is None:
-        shared, final = states
-        ctx = exit_context(model, shared, attention_mask)
-    else:
-        shared, final, ctx = base_pass(model, input_ids, attention_mask, full_depth=teacher is None)
-    with torch.no_grad():
-        if teacher is None:
-            target = (final[:, :-1][rows], model.base.lm_head.weight)
-        else:
-            target = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][rows]
-    if loss is not None:
-        total, per_row = exit_forward(shared, ctx, rows, target, labels, loss)
-        return total, per_row, labels
-    with torch.no_grad():
-        teacher_logits = target if torch.is_tensor(target) else target[0] @ target[1].t()
-    return teacher_logits, exit_forward(shared, ctx, rows), labels
-
-
-@torch.no_grad()
-def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, picks=None):
-    """--head_init lstsq: set the exit head to W M^T, where W is the LM head and M the least-squares map from the
-    exit norm's output x to the full model's normed last state y over the target positions of `batches` (x M ~ y),
-    so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T (a pruned head: W's rows of its
-    tokens, so its logits approximate the teacher's on those tokens). The sums are reduced over ranks, so
-    every rank gets the same head. With a StateCache `cache` (and `picks`, each batch's block indices), the base
-    model's states are kept there, so the first training steps, which see the same blocks, need not run it again.
-    Returns the number of positions fitted."""
-    D = exit.head.in_features
-    A = torch.zeros(D, D, dtype=torch.float64, device=exit.head.weight.device)
-    B = torch.zeros_like(A)
-    n = torch.zeros((), dtype=torch.float64, device=A.device)
-    for k, batch in enumerate(batches):
-        rows = target_rows(batch)
-        if cache is not None:
-            shared, final = cache.get(model, picks[k], batch)
-            mask, position_ids, pos = exit_context(model, shared, batch["attention_mask"])
-        else:
-            shared, final, (mask, position_ids, pos) = base_pass(model, batch["input_ids"], batch["attention_mask"])
-        h = exit.hidden(shared.to(exit.norm.weight.dtype), mask=mask, position_ids=position_ids,
-                        position_embeddings=pos)
-        x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
-        A += x.t() @ x
-        B += x.t() @ y
-        n += x.shape[0]
-    if accelerator.num_processes > 1:
-        A, B, n = (accelerator.reduce(t, reduction="sum") for t in (A, B, n))
-    scale = float(A.diagonal().mean()) * ridge
-    M = torch.linalg.solve(A + scale * torch.eye(D, dtype=A.dtype, device=A.device), B)
-    W = model.base.lm_head.weight
-    if exit.vocab is not None:
-        W = W[exit.vocab]
-    exit.head.weight.copy_((W.double() @ M.t()).to(exit.head.weight.dtype))
-    return int(n.item())
-
-
-@torch.no_grad()
-def calibrate_scale(model, exit_forward, batch, teacher=None, max_rows=256, states=None):
-    """The temperature tau in [1/4, 16] that minimises KL(teacher || softmax(exit_logits / tau)) on one batch.
-
-    The untrained exit of a middle layer is badly over-confident (SmolLM2, layer 15: KL 13 at tau = 1, under 5 at
-    tau = 4): dividing the exit norm's gain by tau at the start lets training begin from calibrated logits,
-    which an optimiser moving the gain by ~lr per step would take hundreds of steps to reach.
-    A pruned head is calibrated on its training loss, p(S) KL(p_S || q) (see token_losses).
-    """
-    t, e, _ = distill_forward(model, exit_forward, batch, teacher, states=states)
-    t, e = t[:max_rows].float(), e[:max_rows].float()
-    if t.shape[0] == 0:
-        return 1.0
-    vocab = exit_forward.exit.vocab
-    if vocab is not None:
-        e = e[:, vocab]
-        kl = lambda tau: float(token_losses(t, e / tau, kind="kl", vocab=vocab).mean())
-    else:
-        log_p = F.log_softmax(t, -1)
-        p = log_p.exp()
-        kl = lambda tau: float((p * (log_p - F.log_softmax(e / tau, -1))).sum(-1).mean())
-    coarse = [2.0 ** (k / 2) for k in range(-4, 9)]  # 1/4 .. 16 in steps of sqrt(2), then refine around the best
-    best = min(coarse, key=kl)
-    fine = [best * 2.0 ** (k / 8) for k in range(-3, 4)]
-    return min(fine, key=kl)
-
+from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE, EarlyExit, parse_train
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -268,35 +64,12 @@ def load_data(args, tokenizer, train_needed, val_needed):
     """
     source, flag = _dataset_source(args)
     vf = args.val_fraction  # the same fraction is left out as the test split, which evaluate.py uses
-    fractions = (1.0 - 2 * vf, vf, vf)
-    if args.dataset == "sharegpt":
-        import share_gpt_dataset as ds
-        splits = ds.load_splits(source, fractions=fractions, flag=flag, skip_bad_lines=args.skip_bad_lines)
-        make = lambda convs: ds.training_sequences(tokenizer, convs, args.seq_len, assistant_only=args.assistant_only)
-        train_items, val_items = splits["train"], splits["validation"]
-    elif args.dataset == "xsum":
-        import xsum_dataset as ds
-        if args.data_files:
-            records = ds.load_records(data_files=args.data_files, skip_bad_lines=args.skip_bad_lines)
-            splits = split_by_id(records, "id", fractions)
-            train_items, val_items = splits["train"], splits["validation"]
-        else:
-            dataset_id = args.dataset_id or "EdinburghNLP/xsum"
-            train_items = ds.load_records(dataset_id=dataset_id, split="train")
-            val_items = ds.load_records(dataset_id=dataset_id, split="validation")
-        make = lambda recs: ds.training_sequences(tokenizer, recs, args.seq_len, assistant_only=args.assistant_only)
-    elif args.dataset == "slimpajama":
-        import slim_pj_dataset as ds
-        if args.data_files:
-            texts = ds.load_texts(data_files=args.data_files, skip_bad_lines=args.skip_bad_lines)
-            splits = split_by_id(texts, lambda text: text, fractions)
-            train_items, val_items = splits["train"], splits["validation"]
-        else:
-            train_items = ds.load_texts(dataset_id=args.dataset_id, split="train", max_docs=args.max_documents)
-            val_items = ds.load_texts(dataset_id=args.dataset_id, split="validation", max_docs=args.max_documents)
-        make = lambda texts: ds.training_sequences(tokenizer, texts, args.seq_len)
-    else:
-        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {args.dataset!r}.")
+    ds = dataset_module(args.dataset)
+    splits = ds.load_splits(args.data_files, args.dataset_id, fractions=(1.0 - 2 * vf, vf, vf),
+                            skip_bad_lines=args.skip_bad_lines, max_docs=args.max_documents,
+                            splits=("train", "validation"))
+    train_items, val_items = splits["train"], splits["validation"]
+    make = lambda items: ds.training_sequences(tokenizer, items, args.seq_len, assistant_only=args.assistant_only)
     train_items = list(train_items)
     random.Random(args.seed).shuffle(train_items)
     # blocks without a target token (e.g. inside a long user turn with --assistant_only) would cost a forward pass
@@ -312,67 +85,8 @@ def load_data(args, tokenizer, train_needed, val_needed):
     return train, val
 
 
-def data_hash(blocks):
-    """A short hash of the training blocks, stored with the resume state to catch a change of data."""
-    h = hashlib.sha256()
-    for b in blocks:
-        h.update(b["input_ids"].numpy().tobytes())
-        h.update(b["loss_mask"].numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-class BatchOrder:
-    """Which training blocks each micro-batch of each step gets: a pure function of the step.
-
-    Epoch e visits the blocks in a permutation drawn from a generator seeded with (seed, e). A step takes
-    G = batch_size * grad_accum * world_size blocks; micro-batch k of rank r takes the slice (k * world + r)
-    of them. The incomplete tail of an epoch is skipped. So the data position of a run is just its step.
-
-    With `sticky` (for --cache_states), each rank keeps the blocks it got in epoch 0 and later epochs only reorder
-    them within the rank, so every rank finds its blocks' cached base states.
-    """
-
-    def __init__(self, num_blocks, batch_size, grad_accum, world_size, seed, sticky=False):
-        self.n, self.b, self.accum, self.world, self.seed = num_blocks, batch_size, grad_accum, world_size, seed
-        self.per_step = batch_size * grad_accum * world_size
-        self.steps_per_epoch = num_blocks // self.per_step
-        self.sticky = sticky
-        self._perm = (None, None)
-
-    def position(self, step):
-        """(epoch, step within the epoch) of a step."""
-        return divmod(step, self.steps_per_epoch)
-
-    def _permutation(self, epoch):
-        if not self.sticky or epoch == 0:
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            return torch.randperm(self.n, generator=g)
-        perm = self._permutation(0)[:self.steps_per_epoch * self.per_step].clone()
-        owner = (torch.arange(len(perm)) % self.per_step) // self.b % self.world  # the rank of each slot
-        for r in range(self.world):
-            slots = (owner == r).nonzero().squeeze(1)
-            g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + r)
-            perm[slots] = perm[slots][torch.randperm(len(slots), generator=g)]
-        return perm
-
-    def indices(self, step, micro, rank):
-        epoch, i = self.position(step)
-        if self._perm[0] != epoch:
-            self._perm = (epoch, self._permutation(epoch))
-        start = i * self.per_step + (micro * self.world + rank) * self.b
-        return self._perm[1][start:start + self.b].tolist()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Building the exit, the optimizer and the schedule
-
-
-def parse_train(value):
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    bad = [p for p in parts if p not in TRAINABLE]
-    if bad or not parts:
-        raise UsageError(f"--train must be a comma list of {', '.join(TRAINABLE)}, got {value!r}.")
-    return sorted(set(parts), key=TRAINABLE.index)
 
 
 def resolve_adapter(args):
@@ -443,19 +157,6 @@ def set_trainable(exit, train):
     return exit
 
 
-def adapter_config(exit):
-    """A description of the adapter saved in exit_config.json."""
-    c = exit.head.weight.shape
-    if exit.adapter_kind == "block" and exit.adapter_init == "next":
-        return {"kind": "block", "init": f"copy of block {exit.exit_layer} (the base's next block)"}
-    if exit.adapter_kind == "block":
-        return {"kind": "block", "init": f"copy of block {exit.exit_layer - 1} with o_proj and down_proj zeroed"}
-    if exit.adapter_kind == "mlp":
-        return {"kind": "mlp", "hidden_size": c[1], "intermediate_size": exit.adapter.mlp.up_proj.out_features,
-                "init": "residual MLP, down_proj zeroed"}
-    return None
-
-
 def make_optimizer(exit, args):
     """AdamW over the trainable exit parameters: the head at --head_lr (default --lr), the rest at --lr."""
     head = [p for p in exit.head.parameters() if p.requires_grad]
@@ -481,149 +182,7 @@ def lr_factor(step, total, warmup, schedule, min_ratio):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: the exit at the top of --out_dir, the resume state in resume/. No pickles: tensors in safetensors,
-# the rest in JSON.
-
-
-def optimizer_to_files(optimizer):
-    """(tensors, json-able rest) of an optimizer's state_dict."""
-    sd = optimizer.state_dict()
-    tensors, other = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                other.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "other_state": other}
-
-
-def optimizer_from_files(optimizer, tensors, meta):
-    state = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, rest in meta["other_state"].items():
-        state.setdefault(int(idx), {}).update(rest)
-    groups = meta["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def rng_state():
-    """(tensors, json-able rest) of every random number generator in play."""
-    import numpy as np
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    other = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, other
-
-
-def set_rng_state(tensors, other):
-    import numpy as np
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    v, state, gauss = other["python"]
-    random.setstate((v, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = other["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_checkpoint(out_dir, exit, optimizer, scheduler, *, step, args, base_name, fingerprint, train, metrics,
-                    data_info, data_position=None, world_size, keep=False):
-    """Write the exit and the resume state at the top of out_dir in one atomic swap (and a copy of the exit in
-    checkpoints/step_NNNNNN/ with --keep_checkpoints)."""
-    from safetensors.torch import save_file
-    extra = {"step": step, "metrics": metrics, "adapter_config": adapter_config(exit), "train_args": vars(args),
-             "world_size": world_size, "dtype": args.dtype, "machine": machine_info(exit.head.weight.device)}
-
-    def write(tmp):
-        write_exit_files(exit, tmp, exit_config(exit, base_name=base_name, base_fingerprint=fingerprint,
-                                                trained=train, extra=extra))
-        r = tmp / RESUME_DIR
-        r.mkdir()
-        opt_tensors, opt_meta = optimizer_to_files(optimizer)
-        save_file(opt_tensors, str(r / "optimizer.safetensors"))
-        rng_tensors, rng_other = rng_state()
-        save_file(rng_tensors, str(r / "rng.safetensors"))
-        state = {"step": step, "scheduler": scheduler.state_dict(), "optimizer": opt_meta, "rng": rng_other,
-                 "data": data_info, "data_position": data_position, "args": vars(args), "world_size": world_size,
-                 "metrics": metrics}
-        (r / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-
-    write_dir_atomically(out_dir, write)
-    if keep:
-        snap = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
-        save_exit(exit, snap, base_name=base_name, base_fingerprint=fingerprint, trained=train, extra=extra)
-
-
-def read_resume_state(out_dir):
-    path = Path(out_dir) / RESUME_DIR / "trainer_state.json"
-    if not path.is_file():
-        raise CheckpointError(f"--resume: there is no checkpoint to resume in {out_dir} (no {RESUME_DIR}/trainer_state.json).")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"--resume: {path} is unreadable or corrupt.") from None
-
-
-def check_resume_args(state, args, out_dir):
-    saved = {**RESUME_ADDED_LATER, **state.get("args", {})}
-    for key in RESUME_MUST_MATCH:
-        if key == "train" and isinstance(saved.get(key), str) and parse_train(saved[key]) == parse_train(args.train):
-            continue  # the same parts, maybe listed in another order
-        if saved.get(key) != getattr(args, key):
-            raise CheckpointError(f"--resume: the run in {out_dir} used --{key} {saved.get(key)!r}, not "
-                                  f"{getattr(args, key)!r}; resume with the same settings.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Logging and the training curve
-
-
-def append_log(out_dir, record):
-    with open(Path(out_dir) / LOG_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_log(out_dir, step):
-    """Drop log records after `step` (written by an interrupted run after its last checkpoint)."""
-    path = Path(out_dir) / LOG_FILE
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def plot_curve(out_dir):
-    """train_curve.png from log.jsonl: train loss, and validation agreement and overlap, against step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    records = [json.loads(line) for line in (Path(out_dir) / LOG_FILE).read_text().splitlines() if line.strip()]
-    train = [r for r in records if "train/loss" in r]
-    val = [r for r in records if "val/top1" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax1.plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=0.8)
-    ax1.set(xlabel="step", ylabel="train loss", title="train loss")
-    for key, label in (("val/top1", "top-1 agreement"), ("val/overlap_t1", "overlap T=1.0"),
-                       ("val/overlap_t07", "overlap T=0.7")):
-        ax2.plot([r["step"] for r in val], [r[key] for r in val], marker="o", ms=3, label=label)
-    before = [r for r in records if "untrained/top1" in r]
-    if before:
-        ax2.plot([0], [before[0]["untrained/top1"]], "kx", label="top-1 before the lstsq head fit")
-    ax2.set(xlabel="step", ylabel="validation", title="exit vs full model (validation)", ylim=(0, 1))
-    ax2.grid(alpha=0.3)
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(Path(out_dir) / CURVE_FILE, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -652,28 +211,6 @@ def load_teacher(args, tokenizer, base, device, dtype):
                          f"({len(teacher_tok)} tokens, {teacher.lm_head.out_features} logits) than --model "
                          f"({len(tokenizer)} tokens, {base.lm_head.out_features} logits).")
     return teacher.requires_grad_(False)
-
-
-def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, accelerator, cache=None):
-    """Validation metrics over `blocks` (each rank takes every world_size-th block; the sums are reduced).
-    `cache`: a StateCache for these blocks, so that only the first validation runs the base model on them."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(blocks), world))
-    keys = ("tokens", "kl", "top1", "overlap_t1", "overlap_t07", "vocab_mass", "exit_nll", "teacher_nll",
-            "exit_nll_tokens")
-    total = dict.fromkeys(keys, 0.0)
-    with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            idx = mine[i:i + batch_size]
-            batch = batch_of(blocks, idx, pad_id, accelerator.device)
-            states = cache.get(model, idx, batch) if cache is not None and teacher is None else None
-            t, e, y = distill_forward(model, exit_forward, batch, teacher, states=states)
-            for k, v in exit_metric_sums(t, e, None, y).items():
-                total[k] += v
-    vec = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    if world > 1:
-        vec = accelerator.reduce(vec, reduction="sum")
-    return summarize_metrics(dict(zip(keys, vec.tolist())))
 
 
 @dataclass
@@ -819,11 +356,7 @@ def optimizer_and_start(args, su, data, exit, stop, logged):
             for record in logged:
                 append_log(su.out_dir, {"step": 0, **record})
         return optimizer, scheduler, 0, None
-    from safetensors.torch import load_file
-    state, r = su.resume_state, su.out_dir / RESUME_DIR
-    optimizer_from_files(optimizer, load_file(str(r / "optimizer.safetensors")), state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(str(r / "rng.safetensors")), state["rng"])
+    state = load_resume_state(su.out_dir, optimizer, scheduler)
     with stop.held():
         if su.main:
             truncate_log(su.out_dir, state["step"])
@@ -923,11 +456,15 @@ def checkpoint(args, su, data, tr, stop):
     """The exit and the resume state at step tr.step, in one atomic swap; a signal waits until it is written."""
     with stop.held():
         if su.main:
-            save_checkpoint(su.out_dir, tr.exit, tr.optimizer, tr.scheduler, step=tr.step, args=args,
-                            base_name=args.model, fingerprint=su.fingerprint, train=su.train, metrics=tr.metrics,
-                            data_info=data.info,
-                            data_position=dict(zip(("epoch", "step_in_epoch"), data.order.position(tr.step))),
-                            world_size=su.world, keep=args.keep_checkpoints)
+            extra = {"step": tr.step, "metrics": tr.metrics, "adapter_config": adapter_config(tr.exit),
+                     "train_args": vars(args), "world_size": su.world, "dtype": args.dtype,
+                     "machine": machine_info(tr.exit.head.weight.device)}
+            config = exit_config(tr.exit, base_name=args.model, base_fingerprint=su.fingerprint, trained=su.train,
+                                 extra=extra)
+            state = {"step": tr.step, "data": data.info,
+                     "data_position": dict(zip(("epoch", "step_in_epoch"), data.order.position(tr.step))),
+                     "args": vars(args), "world_size": su.world, "metrics": tr.metrics}
+            save_checkpoint(su.out_dir, tr.exit, tr.optimizer, tr.scheduler, config, state, keep=args.keep_checkpoints)
         stop.kept, stop.resumable = f"kept the checkpoint of step {tr.step} in {su.out_dir}", True
     su.accelerator.wait_for_everyone()
 
@@ -996,59 +533,6 @@ def run(args, stop=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark: one `--train head` step against a plain forward of the base model on the same batch
-
-
-def benchmark(args, repeats=5):
-    """Print the time of a plain forward of the base model and of one --train head step on one batch of
-    --batch_size x --seq_len random tokens (every position a target), and their ratio (with --draft_vocab K, of a
-    pruned head of K rows)."""
-    torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype, device)[0], device=device,
-                              attn_implementation=args.attn_implementation)
-    if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
-        raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
-    check_context(base.config, "--seq_len", args.seq_len)
-    if not 0 <= args.draft_vocab <= base.lm_head.out_features:
-        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{base.lm_head.out_features}, "
-                         f"got {args.draft_vocab}.")
-    vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None  # any K tokens: the cost is the same
-    exit = set_trainable(EarlyExit(base, args.exit_layer, vocab=vocab).to(base.device), ["head"])
-    model = TruncatedLlama(base, args.exit_layer, exit, engine="hf")
-    ef = ExitForward(exit)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), device=base.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
-    optimizer = torch.optim.AdamW([exit.head.weight], lr=1e-5, fused=base.device.type in ("cpu", "cuda"))
-
-    def forward():
-        with torch.no_grad():
-            base(input_ids=ids).logits
-
-    def head_step():
-        total, per_row, _ = distill_forward(model, ef, batch, loss={"kind": "kl"})
-        (total / per_row.numel()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        if base.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    forward(), head_step()  # warm-up
-    pairs = [(timed(forward), timed(head_step)) for _ in range(repeats)]  # side by side, so drift hits both
-    ratios = sorted(th / tf for tf, th in pairs)
-    tf, th = (sorted(x)[len(x) // 2] for x in zip(*pairs))
-    ratio = ratios[len(ratios) // 2]
-    print(f"batch {args.batch_size} x {args.seq_len}: plain forward {tf:.3f} s, --train head step {th:.3f} s, "
-          f"ratio {ratio:.2f} (median of {repeats} side-by-side pairs; range {ratios[0]:.2f}-{ratios[-1]:.2f})")
-    return ratio
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1096,7 +580,7 @@ def _flags_loss_and_teacher(p):
 def _flags_data(p):
     """The data flags."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="sharegpt", help="training data")
+    g.add_argument("--dataset", choices=tuple(DATASETS), default="sharegpt", help="training data")
     g.add_argument("--data_files", default=None, help="a local JSON/JSONL (or Parquet, for xsum/slimpajama) file instead "
                                                      "of the default data; split into train/validation by --val_fraction")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id instead of the default data")
@@ -1162,8 +646,6 @@ def _flags_runtime(p):
                    help="auto: the GPU when there is one (accelerate picks it per process), else CPU")
     g.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the decoder layers and the exit")
-    g.add_argument("--benchmark", action="store_true",
-                   help="time one --train head step against a plain forward on one batch, print the ratio, and exit")
 
 
 def build_parser():
@@ -1188,7 +670,7 @@ def main(argv=None):
 
     def body(stop):
         parse_train(args.train)
-        return benchmark(args) if args.benchmark else run(args, stop)
+        return run(args, stop)
     return run_command("train.py", argv, body, errors=(CheckpointError, ModelLoadError))
 
 

@@ -1,5 +1,5 @@
-"""Tests for train.py: losses and metrics by hand, the one-pass forward, the training mechanics on tiny models
-built in code (and saved to tmp_path so train.py loads them like any model), resume, torchrun, bad input."""
+"""Tests for train.py: the training mechanics on tiny models built in code (and saved to tmp_path so train.py loads
+them like any model), resume, torchrun, bad input."""
 import json
 import math
 import os
@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import data_utils
-import losses
+import distill
 import train
+from cli import _program
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from truncated_llama import TruncatedLlama, load_base_model
-from tuned_llama import CheckpointError, EarlyExit, load_exit
+from checkpoints import CheckpointError, load_exit
+from tuned_llama import EarlyExit
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -87,117 +87,6 @@ def max_diff(a, b):
 # losses and metrics
 
 
-def test_metrics_by_hand():
-    # two-token vocab: p = (0.5, 0.5), q = (0.75, 0.25)
-    p = torch.log(torch.tensor([[0.5, 0.5]]))
-    q = torch.log(torch.tensor([[0.75, 0.25]]))
-    m = losses.exit_metrics(p, q, labels=torch.tensor([1]))
-    assert m["overlap_t1"] == pytest.approx(0.75)
-    assert m["kl"] == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25))
-    assert m["exit_ppl"] == pytest.approx(4.0)
-    assert m["teacher_ppl"] == pytest.approx(2.0)
-    # T = 0.7 sharpens both: compare with the formula
-    p7, q7 = torch.softmax(p / 0.7, -1), torch.softmax(q / 0.7, -1)
-    assert m["overlap_t07"] == pytest.approx(float(torch.minimum(p7, q7).sum()))
-    same = losses.exit_metrics(q, q)
-    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0 and same["overlap_t1"] == pytest.approx(1.0)
-    assert "exit_ppl" not in same
-
-
-def test_metrics_mask_and_top1():
-    torch.manual_seed(0)
-    t = torch.randn(2, 5, 11)
-    e = t.clone()
-    e[0, 1] = -t[0, 1]  # disagree at one position
-    mask = torch.zeros(2, 5, dtype=torch.bool)
-    mask[0, :2] = True  # count positions (0,0) and (0,1) only
-    m = losses.exit_metrics(t, e, mask)
-    assert m["tokens"] == 2 and m["top1"] == 0.5
-    assert losses.exit_metrics(t, e)["top1"] == pytest.approx(9 / 10)
-    # sums over pieces equal the whole
-    s1, s2 = losses.exit_metric_sums(t[:1], e[:1]), losses.exit_metric_sums(t[1:], e[1:])
-    whole = losses.exit_metrics(t, e)
-    merged = losses.summarize_metrics({k: s1[k] + s2[k] for k in s1})
-    assert merged == pytest.approx(whole)
-
-
-def test_losses():
-    torch.manual_seed(0)
-    t, e, y = torch.randn(7, 13), torch.randn(7, 13), torch.randint(0, 13, (7,))
-    kl1 = F.kl_div(F.log_softmax(e, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
-    assert torch.allclose(losses.token_losses(t, e, kind="kl"), kl1, atol=1e-6)
-    kl2 = F.kl_div(F.log_softmax(e / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1)
-    assert torch.allclose(losses.token_losses(t, e, kind="kl", temperature=2.0), 4 * kl2, atol=1e-6)
-    ce = F.cross_entropy(e, y, reduction="none")
-    assert torch.allclose(losses.token_losses(t, e, y, kind="ce"), ce, atol=1e-6)
-    assert torch.allclose(losses.token_losses(t, e, y, kind="kl+ce", ce_weight=0.3), kl1 + 0.3 * ce, atol=1e-6)
-    tv = losses.token_losses(t, e, kind="tv")
-    overlap = losses.exit_metric_sums(t, e)["overlap_t1"]
-    assert float(tv.sum()) == pytest.approx(7 - overlap, abs=1e-5)
-    assert float(losses.token_losses(t, t, kind="tv").abs().max()) < 1e-6
-
-
-@pytest.mark.parametrize("kind", losses.LOSSES)
-@pytest.mark.parametrize("teacher_as_logits", [False, True])
-@pytest.mark.parametrize("pruned", [False, True])
-def test_fused_head_loss_matches_autograd(kind, teacher_as_logits, pruned):
-    torch.manual_seed(0)
-    M, D, V = 37, 8, 29
-    vocab = torch.randperm(V)[:11].sort().values if pruned else None  # a pruned head: 11 rows
-    x = torch.randn(M, D, requires_grad=True)
-    W = torch.randn(V if vocab is None else 11, D, requires_grad=True)
-    tx, tW = torch.randn(M, D), torch.randn(V, D)
-    y = torch.randint(0, V, (M,))
-    ref = losses.token_losses(tx @ tW.t(), x @ W.t(), y, kind=kind, temperature=1.7, ce_weight=0.3, vocab=vocab)
-    gx, gW = torch.autograd.grad(ref.sum() * 0.5, (x, W))
-    teacher = tx @ tW.t() if teacher_as_logits else (tx, tW)
-    total, rows = losses.fused_head_loss(x, W, teacher, y, kind=kind, temperature=1.7, ce_weight=0.3,
-                                         block=16, chunk=3, vocab=vocab)
-    assert torch.allclose(rows, ref, atol=1e-5) and torch.allclose(total, ref.sum(), atol=1e-4)
-    fx, fW = torch.autograd.grad(total * 0.5, (x, W))
-    assert torch.allclose(fx, gx, atol=1e-5) and torch.allclose(fW, gW, atol=1e-5)
-
-
-def test_pruned_head_losses_and_metrics_by_hand():
-    """A pruned head (q = 0 outside its tokens S): kl is p(S) KL(p_S || q), i.e. the full KL's terms inside S;
-    tv is 1 - the overlap with the full teacher; ce skips labels outside S. Metrics stay against the full teacher."""
-    torch.manual_seed(1)
-    M, V = 9, 13
-    t, z = torch.randn(M, V) * 2, torch.randn(M, V) * 2
-    vocab = torch.tensor([0, 3, 4, 8, 12])
-    full_q = torch.full((M, V), float("-inf"))
-    full_q[:, vocab] = z[:, vocab]  # what EarlyExit.logits returns for this head
-    y = torch.tensor([0, 1, 3, 4, 5, 8, 12, 2, 3])
-    for temp in (1.0, 0.6):
-        log_p = F.log_softmax(t / temp, -1)
-        log_q = F.log_softmax(full_q / temp, -1)
-        inside = (log_p.exp() * (log_p - log_q))[:, vocab].sum(-1)  # the finite terms of the forward KL
-        mass = log_p.exp()[:, vocab].sum(-1)
-        kl = losses.token_losses(t, full_q, kind="kl", temperature=temp, vocab=vocab)
-        assert torch.allclose(kl, temp ** 2 * (inside - mass * mass.log()), atol=1e-5)
-        assert torch.allclose(kl, losses.token_losses(t, z[:, vocab], kind="kl", temperature=temp, vocab=vocab))
-    # a "pruned" head over every token (in any order) is the full head
-    every = torch.randperm(V)
-    for kind in ("kl", "tv"):
-        assert torch.allclose(losses.token_losses(t, z[:, every], kind=kind, vocab=every),
-                              losses.token_losses(t, z, kind=kind), atol=1e-5)
-    tv = losses.token_losses(t, full_q, kind="tv", vocab=vocab)
-    sums = losses.exit_metric_sums(t, full_q, labels=y)
-    assert float(tv.sum()) == pytest.approx(M - sums["overlap_t1"], abs=1e-5)
-    ce = losses.token_losses(t, full_q, y, kind="ce", vocab=vocab)
-    covered = torch.isin(y, vocab)
-    assert torch.all(ce[~covered] == 0)
-    assert torch.allclose(ce[covered], F.cross_entropy(full_q[covered], y[covered], reduction="none"))
-    # metrics: finite, kl is the training loss, perplexity over the covered labels, top-1 against the full teacher
-    assert sums["kl"] == pytest.approx(float(losses.token_losses(t, full_q, kind="kl", vocab=vocab).sum()), abs=1e-4)
-    assert sums["vocab_mass"] == pytest.approx(float(F.softmax(t, -1)[:, vocab].sum()), abs=1e-5)
-    assert sums["exit_nll_tokens"] == int(covered.sum()) and math.isfinite(sums["exit_nll"])
-    assert sums["top1"] == float((t.argmax(-1) == full_q.argmax(-1)).sum())
-    m = losses.summarize_metrics(sums)
-    assert m["exit_ppl"] == pytest.approx(math.exp(float(ce[covered].mean())), rel=1e-5)
-    assert losses.exit_metrics(t, z)["vocab_mass"] == 1.0  # a full head
-
-
 def test_lr_schedules():
     assert [train.lr_factor(s, 10, 2, "constant", 0.1) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
     assert train.lr_factor(2, 10, 2, "cosine", 0.1) == pytest.approx(1.0)
@@ -207,159 +96,6 @@ def test_lr_schedules():
 
 # ----------------------------------------------------------------------------------------------------------------
 # the one-pass forward
-
-
-def _tiny_batch(B=2, T=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 259, (B, T), generator=g)
-    loss_mask = torch.ones(B, T, dtype=torch.long)
-    loss_mask[:, :4] = 0
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
-
-
-@pytest.mark.parametrize("parts", [["head"], ["head", "norm", "adapter"], ["norm", "last_block"]])
-def test_one_base_pass_and_no_base_graph(parts):
-    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
-    reference = {k: v.clone() for k, v in base.state_dict().items()}
-    exit = train.set_trainable(EarlyExit(base, 2, adapter="block" if "adapter" in parts else None,
-                                         last_block="last_block" in parts), parts)
-    model = TruncatedLlama(base, 2, exit)
-    calls = []
-    for i, layer in enumerate(base.model.layers):
-        layer.register_forward_hook(lambda *_, i=i: calls.append(i))
-    batch = _tiny_batch()
-    t, e, y = train.distill_forward(model, train.ExitForward(exit), batch)
-    # one pass: each base layer ran exactly once (the exit's private blocks are copies, not base layers)
-    assert sorted(calls) == [0, 1, 2, 3]
-    # the teacher is the full model, the draft the exit, at the positions whose next token is a target
-    rows = batch["loss_mask"][:, 1:].bool()
-    with torch.no_grad():
-        full = model(batch["input_ids"])
-    assert torch.allclose(t, full.logits[:, :-1][rows], atol=1e-5)
-    assert torch.allclose(e, full.exit_logits[:, :-1][rows], atol=1e-5)
-    assert torch.equal(y, batch["input_ids"][:, 1:][rows])
-    assert not t.requires_grad and e.requires_grad
-    losses.token_losses(t, e, kind="kl").mean().backward()
-    assert all(p.grad is None for p in base.parameters())
-    reference_grads = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
-    exit.zero_grad(set_to_none=True)
-    calls.clear()
-    total, per_row, _ = train.distill_forward(model, train.ExitForward(exit), batch, loss={"kind": "kl"})
-    (total / per_row.numel()).backward()
-    assert sorted(calls) == [0, 1, 2, 3] and all(p.grad is None for p in base.parameters())
-    fused_grads = {n: p.grad for n, p in exit.named_parameters() if p.grad is not None}
-    assert fused_grads.keys() == reference_grads.keys()
-    assert all(torch.allclose(fused_grads[n], g, atol=1e-5) for n, g in reference_grads.items())
-    trained = {n for n, p in exit.named_parameters() if p.grad is not None}
-    prefixes = {"head": "head.", "norm": "norm.", "adapter": "adapter.", "last_block": "last_block."}
-    assert trained == {n for n, _ in exit.named_parameters() if any(n.startswith(prefixes[q]) for q in parts)}
-    assert all(torch.equal(v, reference[k]) for k, v in base.state_dict().items())
-
-
-def test_pruned_head_one_pass_fused_equals_autograd():
-    """A pruned exit through distill_forward: full-vocabulary logits (-inf outside), and the fused loss's gradients
-    equal autograd's through token_losses; the calibration and the lstsq fit work on its K rows."""
-    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
-    vocab = torch.arange(0, 259, 2)
-    exit = train.set_trainable(EarlyExit(base, 2, adapter="block", vocab=vocab), ["head", "norm", "adapter"])
-    model, ef = TruncatedLlama(base, 2, exit), train.ExitForward(exit)
-    batch = _tiny_batch()
-    for kind in ("kl", "kl+ce", "tv", "ce"):
-        t, e, y = train.distill_forward(model, ef, batch)
-        assert e.shape == t.shape and torch.isneginf(e[:, 1::2]).all() and torch.isfinite(e[:, vocab]).all()
-        losses.token_losses(t, e, y, kind=kind, temperature=1.5, vocab=vocab).sum().backward()
-        want = {n: p.grad.clone() for n, p in exit.named_parameters() if p.grad is not None}
-        exit.zero_grad(set_to_none=True)
-        train.distill_forward(model, ef, batch, loss={"kind": kind, "temperature": 1.5})[0].backward()
-        got = {n: p.grad for n, p in exit.named_parameters() if p.grad is not None}
-        assert got.keys() == want.keys() and exit.head.weight.grad.shape == (130, 32)
-        assert all(torch.allclose(got[n], g, atol=1e-5) for n, g in want.items()), kind
-        exit.zero_grad(set_to_none=True)
-    tau = train.calibrate_scale(model, ef, _tiny_batch(B=2, T=24))
-    assert 0.2 < tau < 20
-    # lstsq: the pruned head is the full fitted head's rows
-    batches = [_tiny_batch(B=2, T=24, seed=s) for s in range(2)]
-    full, pruned = EarlyExit(base, 2, head_init="lstsq"), EarlyExit(base, 2, head_init="lstsq", vocab=vocab)
-    train.fit_head_lstsq(TruncatedLlama(base, 2, full), full, batches, _OneProcess())
-    train.fit_head_lstsq(TruncatedLlama(base, 2, pruned), pruned, batches, _OneProcess())
-    assert torch.allclose(pruned.head.weight, full.head.weight[vocab], atol=1e-6)
-
-
-def test_calibrate_scale_lowers_kl():
-    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
-    exit = EarlyExit(base, 2)
-    model, ef = TruncatedLlama(base, 2, exit), train.ExitForward(exit)
-    batch = _tiny_batch(B=2, T=24)
-    tau = train.calibrate_scale(model, ef, batch)
-    t, e, _ = train.distill_forward(model, ef, batch)
-    assert 0.2 < tau < 20
-    assert losses.exit_metrics(t, e / tau)["kl"] <= losses.exit_metrics(t, e)["kl"] + 1e-6
-    assert losses.exit_metrics(t, e / tau)["kl"] <= min(losses.exit_metrics(t, e / s)["kl"] for s in (0.5, 2, 4)) + 1e-6
-
-
-class _OneProcess:
-    num_processes = 1
-
-
-def test_lstsq_head():
-    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
-    batches = [_tiny_batch(B=2, T=24, seed=s) for s in range(3)]
-    # an exit whose normed state IS the full model's (layer 3 + a copy of block 3): the map is the identity
-    exit = EarlyExit(base, 3, adapter="block", adapter_init="next")
-    n = train.fit_head_lstsq(TruncatedLlama(base, 3, exit), exit, batches, _OneProcess())
-    assert n == 3 * 2 * 20  # 24 positions, the first 4 tokens are not targets
-    W = base.lm_head.weight
-    assert float((exit.head.weight - W).detach().abs().max()) < 0.02 * float(W.detach().abs().max())
-    # a middle exit: the fitted head agrees with the full model better than the copied one on the fitted data
-    copied = EarlyExit(base, 2)
-    fitted = EarlyExit(base, 2, head_init="lstsq")
-    assert torch.equal(fitted.head.weight, copied.head.weight)  # lstsq starts as the copy
-    train.fit_head_lstsq(TruncatedLlama(base, 2, fitted), fitted, batches, _OneProcess())
-    kl = lambda e: sum(losses.exit_metrics(*train.distill_forward(TruncatedLlama(base, 2, e), train.ExitForward(e),
-                                                                 b)[:2])["kl"] for b in batches)
-    assert kl(fitted) < 0.8 * kl(copied)
-
-
-@pytest.mark.parametrize("kind", losses.LOSSES)
-def test_loss_decreases_on_fixed_batch(kind):
-    torch.manual_seed(0)
-    base = make_tiny_llama(layers=4, seed=2, init_std=0.3)
-    exit = train.set_trainable(EarlyExit(base, 2, adapter="block"), ["head", "norm", "adapter"])
-    model = TruncatedLlama(base, 2, exit)
-    ef = train.ExitForward(exit)
-    opt = torch.optim.AdamW([p for p in exit.parameters() if p.requires_grad], lr=3e-3)
-    batch = _tiny_batch(B=4, T=24)
-    losses = []
-    for _ in range(40):
-        total, per_row, _ = train.distill_forward(model, ef, batch, loss={"kind": kind})
-        loss = total / per_row.numel()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0], losses
-
-
-def test_batch_order_is_a_function_of_the_step():
-    order = train.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5)
-    assert order.steps_per_epoch == 2  # 8 blocks a step; the tail of 7 is skipped
-    seen = [i for step in (0, 1) for m in range(2) for r in range(2) for i in order.indices(step, m, r)]
-    assert len(set(seen)) == 16  # one epoch never repeats a block
-    again = train.BatchOrder(23, 2, 2, 2, 5)
-    assert again.indices(3, 1, 1) == order.indices(3, 1, 1)
-    assert order.indices(2, 0, 0) != order.indices(0, 0, 0) or order.indices(2, 0, 1) != order.indices(0, 0, 1)
-
-
-def test_sticky_batch_order_keeps_each_ranks_blocks():
-    order = train.BatchOrder(num_blocks=23, batch_size=2, grad_accum=2, world_size=2, seed=5, sticky=True)
-    blocks = lambda epoch, r: [i for s in range(2) for m in range(2) for i in order.indices(2 * epoch + s, m, r)]
-    for r in range(2):
-        assert sorted(blocks(1, r)) == sorted(blocks(0, r)) == sorted(blocks(2, r))  # the same blocks every epoch
-        assert blocks(1, r) != blocks(0, r)  # in a new order
-    assert not set(blocks(0, 0)) & set(blocks(0, 1))
-    # epoch 0 is the plain order
-    plain = train.BatchOrder(23, 2, 2, 2, 5)
-    assert all(plain.indices(s, m, r) == order.indices(s, m, r) for s in range(2) for m in range(2) for r in range(2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,15 +187,15 @@ def test_lstsq_fit_hands_its_base_states_to_the_first_steps(tiny_dir, chat_file,
     flags = ("--train", "head,norm", "--adapter", "none", "--head_init", "lstsq", "--lstsq_blocks", "8",
              "--max_steps", "4", "--eval_every", "0")
     passes = []
-    base_pass = train.base_pass
-    monkeypatch.setattr(train, "base_pass", lambda model, ids, *a, **k: passes.append(ids.shape[0]) or
+    base_pass = TruncatedLlama.base_pass
+    monkeypatch.setattr(TruncatedLlama, "base_pass", lambda model, ids, *a, **k: passes.append(ids.shape[0]) or
                         base_pass(model, ids, *a, **k))
     handed = train.main(cli(tiny_dir, chat_file, tmp_path / "a", *flags))
     # 8 blocks fitted (2 steps of 4; calibration and the first 2 steps reuse them), 2 more steps, one validation
     # batch: the fitted blocks' base pass runs once
     assert passes == [4, 4, 4, 4, 4]
     passes.clear()
-    monkeypatch.setattr(train.StateCache, "lookup", lambda *a, **k: None)  # no handover: recompute
+    monkeypatch.setattr(distill.StateCache, "lookup", lambda *a, **k: None)  # no handover: recompute
     fresh = train.main(cli(tiny_dir, chat_file, tmp_path / "b", *flags))
     assert passes == [4, 4, 4, 4, 4, 4, 4, 4]
     assert max_diff(exit_state(handed), exit_state(fresh)) == 0  # the handed-over states are exact
@@ -554,16 +290,16 @@ def test_cache_states_is_exact_and_skips_the_base(tiny_dir, chat_file, tmp_path,
     flags = ["--train", "head,norm,adapter", "--adapter", "block", "--adapter_init", "next", "--train_blocks", "8",
              "--max_steps", "6", "--cache_states", "--eval_every", "3", "--save_every", "0"]
     calls = []
-    real_base_pass = train.base_pass
-    monkeypatch.setattr(train, "base_pass", lambda *a, **k: calls.append(1) or real_base_pass(*a, **k))
+    real_base_pass = TruncatedLlama.base_pass
+    monkeypatch.setattr(TruncatedLlama, "base_pass", lambda *a, **k: calls.append(1) or real_base_pass(*a, **k))
     cached = train.main(cli(tiny_dir, chat_file, tmp_path / "cached", *flags))
     base_passes = len(calls)  # calibration + the first validation's 1 batch + epoch 1's 2 steps
     calls.clear()
     part = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--stop_after", "3"))
     resumed = train.main(cli(tiny_dir, chat_file, tmp_path / "part", *flags, "--resume"))
     assert part["step"] == 3 and resumed["step"] == 6
-    monkeypatch.setattr(train.StateCache, "get",
-                        lambda self, model, indices, batch: train.base_pass(model, batch["input_ids"])[:2])
+    monkeypatch.setattr(distill.StateCache, "get",
+                        lambda self, model, indices, batch: model.base_pass(batch["input_ids"])[:2])
     calls.clear()
     fresh = train.main(cli(tiny_dir, chat_file, tmp_path / "fresh", *flags))
     # without the caches, epochs 2 and 3 run the base 4 more times, and the validations at steps 3 and 6 twice more
@@ -640,7 +376,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_prints_the_command_that_resumes(ti
     line = err.strip().splitlines()[-1]
     assert code == 130 and "Traceback" not in err, err
     assert line == (f"train.py: stopped by SIGINT; kept the checkpoint of step {kept} in {out}; continue with: "
-                    f"{shlex.quote(data_utils._program(PY, 'python'))} train.py {shlex.join(flags)} --resume")
+                    f"{shlex.quote(_program(PY, 'python'))} train.py {shlex.join(flags)} --resume")
     assert 4 <= kept < 40 and exit_state(out).keys() == long_run.keys()
     resumed = train.main(shlex.split(line.split("continue with: ", 1)[1])[2:])
     assert resumed["step"] == 40 and max_diff(exit_state(resumed), long_run) <= 1e-6
@@ -664,7 +400,7 @@ def test_sigterm_stops_both_processes_of_a_two_process_run(tiny_dir, chat_file, 
     assert "Traceback" not in err0 + err1 and "stopped by" not in err1
     assert err0.strip().splitlines()[-1] == (
         f"train.py: stopped by SIGTERM; kept the checkpoint of step {kept['step']} in {out}; continue with: "
-        f"{shlex.quote(data_utils._program(str(Path(PY).with_name('torchrun')), 'torchrun'))} --standalone "
+        f"{shlex.quote(_program(str(Path(PY).with_name('torchrun')), 'torchrun'))} --standalone "
         f"--nproc_per_node 2 train.py {shlex.join(flags)} --resume")
     assert exit_state(out) and not list(tmp_path.glob(".ddp.*"))  # a whole checkpoint, no half-written one
 
@@ -744,13 +480,6 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     assert lines[0].startswith(f"train.py: error: {flag}") or f"argument {flag}" in lines[0], err
     assert not out.exists()  # nothing written
 
-
-@pytest.mark.parametrize("vocab", ["0", "100"])
-def test_benchmark_prints_a_side_by_side_ratio(tiny_dir, capsys, vocab):
-    ratio = train.main(["--model", str(tiny_dir), "--exit_layer", "3", "--batch_size", "2", "--seq_len", "16",
-                        "--benchmark", "--draft_vocab", vocab])
-    out = capsys.readouterr().out
-    assert ratio > 0 and f"ratio {ratio:.2f} (median of 5 side-by-side pairs" in out
 
 
 def test_bad_input_in_a_real_process(tiny_dir, chat_file, tmp_path):

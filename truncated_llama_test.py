@@ -32,6 +32,27 @@ def test_padding_mask_matches_base_forward():
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=0, atol=1e-6)
 
 
+def test_base_pass_is_the_one_pass_forward_without_the_exit():
+    """base_pass gives the states the forward builds on: the shared state, the final norm, every residual state."""
+    base = make_tiny_llama(init_std=0.1)
+    tl = TruncatedLlama(base, 3, EarlyExit(base, 3, last_block=True))
+    ids = torch.randint(0, 259, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = tl(ids, all_hidden_states=True)
+        p = tl.base_pass(ids)
+        every = tl.base_pass(ids, torch.ones_like(ids), all_hidden_states=True)  # no padding: a plain causal mask
+        shared = tl.base_pass(ids, stop_at_shared=True, all_hidden_states=True)
+        assert torch.equal(tl(ids, torch.ones_like(ids)).logits, out.logits)
+    assert torch.equal(p.shared, out.exit_hidden) and torch.equal(base.lm_head(p.final), out.logits)
+    assert p.hidden_states is None and len(every.hidden_states) == 5 and torch.equal(every.shared, p.shared)
+    assert all(torch.equal(a, b) for a, b in zip(every.hidden_states, out.hidden_states))
+    assert shared.final is None and len(shared.hidden_states) == tl.shared_layers + 1 == 3
+    assert torch.equal(shared.shared, p.shared) and torch.equal(shared.hidden_states[-1], p.shared)
+    mask, position_ids, _ = p.ctx
+    assert torch.equal(position_ids, torch.arange(9).unsqueeze(0))
+    assert (mask is None) == (tl.context(p.shared, torch.ones_like(ids))[0] is None)
+
+
 @pytest.mark.parametrize("layer", [0, 4, -1, 2.0])
 def test_exit_layer_out_of_range_names_the_range(layer):
     base = make_tiny_llama(layers=4)

@@ -20,18 +20,12 @@ Every parameter here is a fresh tensor; the base model is never modified. Blocks
 key/value cache (the exit cache), indexed by `cache_index`.
 """
 import copy
-import hashlib
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from cli import UsageError
 
 ADAPTERS = (None, "block", "mlp")
 ADAPTER_INITS = ("identity", "next")
@@ -61,6 +55,19 @@ class ResidualMLP(nn.Module):
 
     def forward(self, h, **_):
         return h + self.mlp(self.norm(h))
+
+
+def run_layers(layers, h: torch.Tensor, ctx: tuple, cache=None) -> torch.Tensor:
+    """Run transformers decoder layers (or ResidualMLPs, which ignore the context) on hidden states h (B, T, D).
+
+    ctx = (attention mask, position_ids, rotary (cos, sin)) for h's positions; with `cache` (a transformers Cache)
+    each attention layer also appends its keys and values there, at its own `layer_idx`. The one loop over layers
+    that the one-pass forward, the exit and the transformers-layers generation steps share."""
+    mask, position_ids, position_embeddings = ctx
+    for layer in layers:
+        h = layer(h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings,
+                  past_key_values=cache, use_cache=cache is not None)
+    return h
 
 
 class EarlyExit(nn.Module):
@@ -144,11 +151,9 @@ class EarlyExit(nn.Module):
         return [b for b in (self.last_block, self.adapter) if b is not None]
 
     def hidden(self, h, *, mask=None, position_ids=None, position_embeddings=None, cache=None):
-        """Run the private blocks on the shared hidden state; returns the state that enters the exit norm."""
-        for block in self.blocks():
-            h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings,
-                      past_key_values=cache, use_cache=cache is not None)
-        return h
+        """Run the private blocks on the shared hidden state; returns the state that enters the exit norm.
+        An MLP adapter ignores the attention context (and keeps no cache)."""
+        return run_layers(self.blocks(), h, (mask, position_ids, position_embeddings), cache)
 
     def logits(self, h):
         """Full-vocabulary draft logits (..., V) of the state h; -inf outside a pruned head's vocabulary."""
@@ -163,125 +168,13 @@ class EarlyExit(nn.Module):
         return out.index_copy_(-1, self.vocab, z)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: a directory with exit.safetensors + exit_config.json, written atomically.
-
-WEIGHTS_FILE = "exit.safetensors"
-CONFIG_FILE = "exit_config.json"
+TRAINABLE = ("head", "norm", "adapter", "last_block")  # the exit's parts, as train.py --train names them
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or made for another model or layer (one sentence for the user)."""
-
-
-def write_dir_atomically(out_dir, write):
-    """Call write(tmp_dir) on a fresh temporary directory beside out_dir, then swap it into place.
-
-    A crash at any point leaves either the old out_dir or the new one, never a half-written one. Subdirectories of an
-    existing out_dir whose names are not written anew (older step checkpoints, logs) are carried over.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            for child in out_dir.iterdir():
-                if not (tmp / child.name).exists():
-                    os.replace(child, tmp / child.name)
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def exit_config(exit, *, base_name, base_fingerprint, trained=(), extra=None):
-    """What exit_config.json holds: the base model's name and weight fingerprint, the exit's shape, what was trained,
-    and `extra` (training arguments, step, last validation metrics, ...)."""
-    return {"base_model": base_name, "base_fingerprint": base_fingerprint, **exit.config_dict(),
-            "trained": sorted(trained), **(extra or {})}
-
-
-def write_exit_files(exit, directory, config):
-    """Write the exit's weights (safetensors) and `config` (JSON) into an existing directory; not atomic by itself:
-    callers write into a fresh temporary directory and swap it into place (see write_dir_atomically)."""
-    directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in exit.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-
-
-def save_exit(exit, out_dir, *, base_name, base_fingerprint, trained=(), extra=None):
-    """Save an EarlyExit's weights (safetensors) and exit_config.json into out_dir, atomically."""
-    config = exit_config(exit, base_name=base_name, base_fingerprint=base_fingerprint, trained=trained, extra=extra)
-    write_dir_atomically(out_dir, lambda tmp: write_exit_files(exit, tmp, config))
-    return config
-
-
-def read_exit_config(path):
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    if not path.is_dir() or not cfg_file.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"--exit_ckpt: {path} is not an exit checkpoint (needs {CONFIG_FILE} and {WEIGHTS_FILE}).")
-    try:
-        return json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--exit_ckpt: {cfg_file} is unreadable or corrupt ({e.__class__.__name__}).") from None
-
-
-def _dtype_bound_fingerprint(model):
-    """The base-model fingerprint that checkpoints written before truncated_llama.model_fingerprint became independent
-    of the dtype hold (it hashed float32 samples rounded to 4 decimals, so it depends on the dtype the base was loaded
-    in). Accepted by load_exit so that those checkpoints still load, and those runs still resume, on the same base."""
-    h = hashlib.sha256()
-    c = model.config
-    h.update(json.dumps([c.vocab_size, c.hidden_size, c.num_hidden_layers, c.intermediate_size]).encode())
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().round(4).tobytes())
-    return h.hexdigest()[:16]
-
-
-def load_exit(path, base_model, *, base_fingerprint=None, exit_layer=None, dtype=None):
-    """Rebuild the EarlyExit saved at `path` on `base_model`; refuses a checkpoint made for another model or layer."""
-    cfg = read_exit_config(path)
-    saved = cfg.get("base_fingerprint")
-    if base_fingerprint is not None and saved != base_fingerprint and saved != _dtype_bound_fingerprint(base_model):
-        raise CheckpointError(f"--exit_ckpt: {path} was trained on base model {cfg.get('base_model')!r} "
-                              f"(fingerprint {cfg.get('base_fingerprint')}), not on the model loaded with --model.")
-    if exit_layer is not None and cfg.get("exit_layer") != exit_layer:
-        raise CheckpointError(f"--exit_ckpt: {path} is for exit layer {cfg.get('exit_layer')}, not {exit_layer}.")
-    n = len(base_model.model.layers)
-    if not isinstance(cfg.get("exit_layer"), int) or not 1 <= cfg["exit_layer"] <= n - 1:
-        raise CheckpointError(f"--exit_ckpt: {path} has exit layer {cfg.get('exit_layer')}, outside 1..{n - 1} "
-                              f"for the loaded {n}-layer model.")
-    k = cfg.get("draft_vocab")
-    try:
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
-            raise ValueError(f"draft_vocab {k!r} is not an integer")
-        # a pruned head: any K distinct ids to build it; the saved `vocab` buffer replaces them below
-        exit = EarlyExit(base_model, cfg["exit_layer"], adapter=cfg.get("adapter"),
-                         adapter_init=cfg.get("adapter_init", "identity"), last_block=bool(cfg.get("last_block")),
-                         head_init=cfg.get("head_init", "copy"), vocab=None if k is None else torch.arange(k))
-    except ValueError as e:
-        raise CheckpointError(f"--exit_ckpt: {path} has an exit configuration this code cannot build ({e})") from None
-    try:
-        state = load_file(str(Path(path) / WEIGHTS_FILE))
-        if dtype is not None:  # e.g. float32 master weights for training on a bfloat16 base: load without rounding
-            exit.to(dtype)
-        exit.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"--exit_ckpt: the weights in {path} are corrupt or do not fit this model "
-                              f"({str(e).splitlines()[0][:120]}).") from None
-    v = exit.vocab
-    if v is not None and (int(v.min()) < 0 or int(v.max()) >= exit.vocab_size or v.unique().numel() != v.numel()):
-        raise CheckpointError(f"--exit_ckpt: the pruned head's vocabulary in {path} is not {v.numel()} distinct "
-                              f"token ids of this model's {exit.vocab_size}.")
-    return exit.to(base_model.device), cfg
+def parse_train(value: str) -> list:
+    """--train's comma list -> the exit's parts in TRAINABLE order; UsageError for anything else."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if p not in TRAINABLE]
+    if bad or not parts:
+        raise UsageError(f"--train must be a comma list of {', '.join(TRAINABLE)}, got {value!r}.")
+    return sorted(set(parts), key=TRAINABLE.index)

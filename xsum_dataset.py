@@ -2,9 +2,10 @@
 XSum one-sentence news summarisation ({"document", "summary", "id"} records) as a chat task: the user
 asks for a one-sentence summary of the article, the assistant answers with the reference summary.
 """
-from data_utils import (BadEntries, chat_tokens_with_mask, encode, iter_rows, loaded, pack_sequences, prompt_dict,
-                        render_chat, sample_prompts)
+from data_utils import (SPLIT_NAMES, BadEntries, chat_tokens_with_mask, encode, iter_rows, loaded, pack_sequences,
+                        prompt_dict, render_chat, sample_prompts, split_by_id)
 
+DEFAULT_ID = "EdinburghNLP/xsum"
 INSTRUCTION = "Summarize the following article in one sentence.\n\n"
 COLUMNS = ("document", "summary", "id")
 
@@ -23,6 +24,15 @@ def load_records(dataset_id="EdinburghNLP/xsum", data_files=None, *, split="vali
                for row in rows]
     return loaded("XSum: {n} records", records, data_files or dataset_id, bad, local=bool(data_files),
                   nothing="has no record with a non-empty document and summary")
+
+
+def load_splits(data_files=None, dataset_id=None, *, fractions=(0.98, 0.01, 0.01), skip_bad_lines=False,
+                max_docs=None, splits=SPLIT_NAMES):
+    """{split: records}: local `data_files` split by a stable hash of the id (`fractions`), else the hub dataset's own
+    `splits` (`max_docs` is unused). The registry's common signature (data_utils.DATASETS)."""
+    if data_files:
+        return split_by_id(load_records(data_files=data_files, skip_bad_lines=skip_bad_lines), "id", fractions)
+    return {s: load_records(dataset_id=dataset_id or DEFAULT_ID, split=s) for s in splits}
 
 
 def _problem(row):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import xsum_dataset as xs
-from data_utils import DataError
+from cli import DataError
 from data_utils_test import hf_offline  # noqa: F401  (fixture)
 
 RECORDS = [

@@ -1,0 +1,192 @@
+"""Distillation: the frozen base model's one pass feeds the exit, and the teacher is the same pass at full depth.
+
+One forward of the frozen base under torch.no_grad() (TruncatedLlama.base_pass) gives the hidden state the draft
+starts from and the teacher's logits; only the exit (ExitForward) keeps an autograd graph, so no backward pass goes
+through the base and the teacher is never run twice. With --teacher_model_path the teacher is another model, run on
+the same batch.
+
+    distill_forward   one step's forward: (loss sum, per-row losses, labels), or (teacher, exit logits, labels)
+    StateCache        the base pass's states on fixed blocks, kept (validation blocks; --cache_states)
+    fit_head_lstsq    --head_init lstsq: the head from a closed-form fit
+    calibrate_scale   --calibrate: the logit temperature that best fits the teacher on one batch
+    evaluate_exit     the validation metrics, reduced over processes
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_utils import collate
+from losses import exit_metric_sums, fused_head_loss, summarize_metrics, target_rows, token_losses
+
+
+class StateCache:
+    """The frozen base model's output on fixed blocks: the shared state the exit starts from and the full model's
+    normed last state (which gives the teacher's logits), kept in memory after a block's first pass. Exact: these
+    are the tensors a fresh pass computes. Used for the validation blocks (every validation after the first skips the
+    base model) and, with --cache_states, for the training blocks (epochs after the first skip it)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def get(self, model, indices, batch):
+        """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
+        hit = self.lookup(indices, batch["input_ids"].shape[1])
+        if hit is not None:
+            return hit
+        shared, final, _, _ = model.base_pass(batch["input_ids"], batch["attention_mask"])
+        for j, i in enumerate(indices):
+            self.states[i] = (shared[j], final[j])
+        return shared, final
+
+    def lookup(self, indices, T, remove=False):
+        """(shared, final) for the blocks `indices` if all are cached (with T positions), else None; never runs the
+        base model. remove=True drops them from the cache."""
+        if not all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
+            return None
+        shared, final = zip(*((self.states.pop if remove else self.states.get)(i) for i in indices))
+        return torch.stack(shared), torch.stack(final)
+
+
+class ExitForward(nn.Module):
+    """The trainable part of the draft as one module (what DistributedDataParallel wraps): the exit blocks on the
+    shared hidden state, then the exit norm and head on the selected positions only.
+
+    forward(shared, ctx, rows) returns the exit's full-vocabulary logits (M, V) (-inf outside a pruned head's
+    tokens); with `loss` (a dict of fused_head_loss keywords) and `teacher`, it returns (loss sum, per-row losses)
+    from the fused head + loss instead.
+    """
+
+    def __init__(self, exit):
+        super().__init__()
+        self.exit = exit
+
+    def forward(self, shared, ctx, rows, teacher=None, labels=None, loss=None):
+        mask, position_ids, pos = ctx
+        shared = shared.to(self.exit.norm.weight.dtype)  # a bfloat16 base hands its states to a float32 exit
+        h = self.exit.hidden(shared, mask=mask, position_ids=position_ids, position_embeddings=pos)
+        x = self.exit.norm(h[:, :-1][rows])
+        if loss is None:
+            return self.exit.expand(self.exit.head(x))
+        return fused_head_loss(x, self.exit.head.weight, teacher, labels, vocab=self.exit.vocab, **loss)
+
+
+def batch_of(blocks, indices, pad_id, device):
+    """The blocks `indices` of `blocks`, collated into one batch on `device`."""
+    return {k: v.to(device) for k, v in collate([blocks[i] for i in indices], pad_id).items()}
+
+
+def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
+    """One pass of the base model (no graph) and the exit (with its graph) on the positions that count.
+
+    Position t predicts token t+1, so it counts when loss_mask[t+1] is 1. The teacher is the base model at full
+    depth from the same pass, or the separate `teacher` model when one is given. `states`: the base pass's
+    (shared, final) states when already known (StateCache), so the base model is not run.
+    Without `loss`: returns (teacher_logits (M, V), exit_logits (M, V), labels (M,)).
+    With `loss` (fused_head_loss keywords, e.g. {"kind": "kl"}): returns (loss sum, per-row losses (M,), labels),
+    computed without materialising any (M, V) tensor.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    rows = target_rows(batch)
+    labels = input_ids[:, 1:][rows]
+    if states is not None and teacher is None:
+        shared, final = states
+        ctx = model.context(shared, attention_mask)
+    else:
+        shared, final, ctx, _ = model.base_pass(input_ids, attention_mask, stop_at_shared=teacher is not None)
+    with torch.no_grad():
+        if teacher is None:
+            target = (final[:, :-1][rows], model.base.lm_head.weight)
+        else:
+            target = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][rows]
+    if loss is not None:
+        total, per_row = exit_forward(shared, ctx, rows, target, labels, loss)
+        return total, per_row, labels
+    with torch.no_grad():
+        teacher_logits = target if torch.is_tensor(target) else target[0] @ target[1].t()
+    return teacher_logits, exit_forward(shared, ctx, rows), labels
+
+
+@torch.no_grad()
+def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, picks=None):
+    """--head_init lstsq: set the exit head to W M^T, where W is the LM head and M the least-squares map from the
+    exit norm's output x to the full model's normed last state y over the target positions of `batches` (x M ~ y),
+    so the untrained exit's logits x (W M^T)^T approximate the teacher's y W^T (a pruned head: W's rows of its
+    tokens, so its logits approximate the teacher's on those tokens). The sums are reduced over ranks, so
+    every rank gets the same head. With a StateCache `cache` (and `picks`, each batch's block indices), the base
+    model's states are kept there, so the first training steps, which see the same blocks, need not run it again.
+    Returns the number of positions fitted."""
+    D = exit.head.in_features
+    A = torch.zeros(D, D, dtype=torch.float64, device=exit.head.weight.device)
+    B = torch.zeros_like(A)
+    n = torch.zeros((), dtype=torch.float64, device=A.device)
+    for k, batch in enumerate(batches):
+        rows = target_rows(batch)
+        if cache is not None:
+            shared, final = cache.get(model, picks[k], batch)
+            mask, position_ids, pos = model.context(shared, batch["attention_mask"])
+        else:
+            shared, final, (mask, position_ids, pos), _ = model.base_pass(batch["input_ids"], batch["attention_mask"])
+        h = exit.hidden(shared.to(exit.norm.weight.dtype), mask=mask, position_ids=position_ids,
+                        position_embeddings=pos)
+        x, y = exit.norm(h[:, :-1][rows]).double(), final[:, :-1][rows].double()
+        A += x.t() @ x
+        B += x.t() @ y
+        n += x.shape[0]
+    if accelerator.num_processes > 1:
+        A, B, n = (accelerator.reduce(t, reduction="sum") for t in (A, B, n))
+    scale = float(A.diagonal().mean()) * ridge
+    M = torch.linalg.solve(A + scale * torch.eye(D, dtype=A.dtype, device=A.device), B)
+    W = model.base.lm_head.weight
+    if exit.vocab is not None:
+        W = W[exit.vocab]
+    exit.head.weight.copy_((W.double() @ M.t()).to(exit.head.weight.dtype))
+    return int(n.item())
+
+
+@torch.no_grad()
+def calibrate_scale(model, exit_forward, batch, teacher=None, max_rows=256, states=None):
+    """The temperature tau in [1/4, 16] that minimises KL(teacher || softmax(exit_logits / tau)) on one batch.
+
+    The untrained exit of a middle layer is badly over-confident (SmolLM2, layer 15: KL 13 at tau = 1, under 5 at
+    tau = 4): dividing the exit norm's gain by tau at the start lets training begin from calibrated logits,
+    which an optimiser moving the gain by ~lr per step would take hundreds of steps to reach.
+    A pruned head is calibrated on its training loss, p(S) KL(p_S || q) (see token_losses).
+    """
+    t, e, _ = distill_forward(model, exit_forward, batch, teacher, states=states)
+    t, e = t[:max_rows].float(), e[:max_rows].float()
+    if t.shape[0] == 0:
+        return 1.0
+    vocab = exit_forward.exit.vocab
+    if vocab is not None:
+        e = e[:, vocab]
+        kl = lambda tau: float(token_losses(t, e / tau, kind="kl", vocab=vocab).mean())
+    else:
+        log_p = F.log_softmax(t, -1)
+        p = log_p.exp()
+        kl = lambda tau: float((p * (log_p - F.log_softmax(e / tau, -1))).sum(-1).mean())
+    coarse = [2.0 ** (k / 2) for k in range(-4, 9)]  # 1/4 .. 16 in steps of sqrt(2), then refine around the best
+    best = min(coarse, key=kl)
+    fine = [best * 2.0 ** (k / 8) for k in range(-3, 4)]
+    return min(fine, key=kl)
+
+
+def evaluate_exit(model, exit_forward, teacher, blocks, pad_id, batch_size, accelerator, cache=None):
+    """Validation metrics over `blocks` (each rank takes every world_size-th block; the sums are reduced).
+    `cache`: a StateCache for these blocks, so that only the first validation runs the base model on them."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(blocks), world))
+    keys = ("tokens", "kl", "top1", "overlap_t1", "overlap_t07", "vocab_mass", "exit_nll", "teacher_nll",
+            "exit_nll_tokens")
+    total = dict.fromkeys(keys, 0.0)
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i:i + batch_size]
+            batch = batch_of(blocks, idx, pad_id, accelerator.device)
+            states = cache.get(model, idx, batch) if cache is not None and teacher is None else None
+            t, e, y = distill_forward(model, exit_forward, batch, teacher, states=states)
+            for k, v in exit_metric_sums(t, e, None, y).items():
+                total[k] += v
+    vec = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    if world > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    return summarize_metrics(dict(zip(keys, vec.tolist())))
