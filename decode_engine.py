@@ -24,6 +24,7 @@ transformers' layers (TruncatedLlama's HFSteps). The tests compare this step wit
 """
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +188,16 @@ class StaticCache:
         """Drop every position >= n from every slot (rejected drafts): only the lengths change."""
         self.lengths = [min(length, n) for length in self.lengths]
 
+    def keep(self, n: int, positions: Sequence[int]) -> None:
+        """Move the keys and values at `positions` (a tree's accepted path, in order) to n, n+1, .. in every slot and
+        drop everything after them: the cache then holds the committed tokens only, none recomputed."""
+        m = len(positions)
+        if list(positions) != list(range(n, n + m)):
+            index = torch.as_tensor(positions, device=self.k.device)
+            for buf in (self.k, self.v):
+                buf[:, :, n:n + m] = buf.index_select(2, index)  # a gather first, then the write: no overlap
+        self.lengths = [min(length, n + m) for length in self.lengths]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step
@@ -270,11 +281,23 @@ class Tables:
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # rotate_half's sign
             self.causal = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
 
-    def at(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(cos, sin, mask) for t queries at positions start..start+t-1 over keys 0..start+t-1 (mask None if t=1)."""
+    def at(self, start: int, t: int, tree: "TreeRows | None" = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(cos, sin, mask) for t queries written at start..start+t-1 over keys 0..start+t-1: causal (mask None if
+        t=1), or for the rows of a draft tree, at their own RoPE positions and with their tree mask."""
+        if tree is not None:
+            self._grow(int(tree.positions.max()) + 1)
+            return self.cos[tree.positions], self.sin[tree.positions], tree.mask
         self._grow(start + t)
         mask = None if t == 1 else self.causal[start:start + t, : start + t]
         return self.cos[start:start + t], self.sin[start:start + t], mask
+
+
+class TreeRows(NamedTuple):
+    """Rows of a draft tree written at cache positions start..start+t-1: each row's RoPE position (n + its depth) and
+    the (t, start+t) attention mask that lets it see the committed prefix and its own ancestors only."""
+    positions: torch.Tensor
+    mask: torch.Tensor
 
 
 class Engine:
@@ -296,9 +319,9 @@ class Engine:
         return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
 
     def run(self, blocks: Sequence[Block], x: torch.Tensor, cache: StaticCache, first_slot: int,
-            start: int) -> torch.Tensor:
-        """The blocks on x (t, hidden) at positions start.., block i in cache slot first_slot + i."""
-        cos, sin, mask = self.tables.at(start, x.shape[0])
+            start: int, tree: TreeRows | None = None) -> torch.Tensor:
+        """The blocks on x (t, hidden) written at positions start.., block i in cache slot first_slot + i."""
+        cos, sin, mask = self.tables.at(start, x.shape[0], tree)
         for i, block in enumerate(blocks):
             x = block(x, cache, first_slot + i, start, cos, sin, mask)
         return x
@@ -343,10 +366,11 @@ class ExitEngine:
         self.head = Product([exit.head], choose_forms([exit.head.weight.detach()]))
         self.expand = exit.expand  # a pruned head's K logits -> full vocabulary, -inf elsewhere
 
-    def hidden(self, x: torch.Tensor, cache: StaticCache, first_slot: int, start: int, tables: Tables) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, cache: StaticCache, first_slot: int, start: int, tables: Tables,
+               tree: TreeRows | None = None) -> torch.Tensor:
         """The exit's private blocks on shared states x (t, hidden), attention blocks in cache slots first_slot..;
         an MLP adapter has no attention, no cache slot."""
-        cos, sin, mask = tables.at(start, x.shape[0])
+        cos, sin, mask = tables.at(start, x.shape[0], tree)
         slot = first_slot
         for block in self.blocks:
             if isinstance(block, Block):
@@ -388,18 +412,20 @@ class LeanSteps:
         self._build()
         return self.engine.new_cache(len(self.engine.blocks) + self.exit.num_cache_slots, capacity)
 
-    def extend(self, input_ids: torch.Tensor, cache: StaticCache, start: int, *,
-               with_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Embed + shared layers (+ the exit's private blocks): (shared states, the state entering the exit norm)."""
+    def extend(self, input_ids: torch.Tensor, cache: StaticCache, start: int, *, with_exit: bool = True,
+               tree: TreeRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embed + shared layers (+ the exit's private blocks): (shared states, the state entering the exit norm).
+        `tree`: the rows are nodes of a draft tree (their RoPE positions and tree mask)."""
         eng = self.engine
-        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start)
-        e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables) if with_exit else None
+        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start, tree)
+        e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
         return h.unsqueeze(0), None if e is None else e.unsqueeze(0)
 
-    def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int) -> torch.Tensor:
+    def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int,
+               tree: TreeRows | None = None) -> torch.Tensor:
         """The remaining layers + final norm + LM head on shared states: the target's logits."""
         eng, s = self.engine, self.exit.shared_layers
-        return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start)).unsqueeze(0)
+        return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start, tree)).unsqueeze(0)
 
     def exit_logits(self, e: torch.Tensor) -> torch.Tensor:
         """The exit norm + head on the exit's states: the draft's full-vocabulary logits."""

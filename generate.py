@@ -11,7 +11,8 @@
 No layer ever recomputes a position, and after each cycle the cache holds exactly the committed tokens.
 
 Reading order: `speculative_generate` (the loop) -> `speculate_cycle` (one cycle) -> `draft` and `Policy` (the
-sampling policy and the acceptance rule). The model is anything with the `Steps` methods (truncated_llama's
+sampling policy and the acceptance rule); then trees of drafts (`tree_cycle`: `draft_tree`, one verify over the
+tree, `accept_tree`), which the loop runs instead of a chain when tree_width > 1. The model is anything with the `Steps` methods (truncated_llama's
 TruncatedLlama); this module needs neither the sweep (evaluate.py) nor the trainer (train.py).
 """
 import math
@@ -22,6 +23,7 @@ from typing import NamedTuple, Optional, Protocol
 import torch
 
 from cli import check_context, device_sync
+from decode_engine import TreeRows
 
 
 class Cache(Protocol):
@@ -31,19 +33,25 @@ class Cache(Protocol):
 
     def crop(self, n: int) -> None: ...
 
+    def keep(self, n: int, positions: list) -> None: ...  # trees only: move `positions` to n.., drop the rest
+
 
 class Steps(Protocol):
-    """What the loop needs of a model: pieces of one forward pass, each on k new tokens at positions start.. ."""
+    """What the loop needs of a model: pieces of one forward pass, each on k new tokens at positions start.. (or, with
+    `tree`, the k nodes of a draft tree written there; see decode_engine.TreeRows)."""
     config: object
     num_layers: int
 
     def new_cache(self, capacity: int = 256) -> Cache: ...
 
-    def extend(self, input_ids: torch.Tensor, cache: Cache, start: int, *, with_exit: bool = True) -> tuple: ...
+    def extend(self, input_ids: torch.Tensor, cache: Cache, start: int, *, with_exit: bool = True,
+               tree: Optional[TreeRows] = None) -> tuple: ...
 
-    def draft_step(self, input_ids: torch.Tensor, cache: Cache, start: int) -> tuple: ...
+    def draft_step(self, input_ids: torch.Tensor, cache: Cache, start: int, *,
+                   tree: Optional[TreeRows] = None) -> tuple: ...
 
-    def verify(self, shared_hidden: torch.Tensor, cache: Cache, start: int) -> torch.Tensor: ...
+    def verify(self, shared_hidden: torch.Tensor, cache: Cache, start: int, *,
+               tree: Optional[TreeRows] = None) -> torch.Tensor: ...
 
     def full_step(self, input_ids: torch.Tensor, cache: Cache, start: int, *, with_exit: bool = False
                   ) -> torch.Tensor: ...
@@ -53,11 +61,11 @@ class Steps(Protocol):
 # The sampling policy and the acceptance rule
 
 SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k",
-               "draft_stop": "--draft_stop"}
+               "draft_stop": "--draft_stop", "tree_width": "--tree_widths", "tree_nodes": "--tree_nodes"}
 
 
 def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 draft_stop: float = 0.0, flags: dict = SWEEP_FLAGS) -> None:
+                 draft_stop: float = 0.0, tree_width: int = 1, tree_nodes: int = 0, flags: dict = SWEEP_FLAGS) -> None:
     """Raise ValueError (one sentence, naming the command-line flag from `flags`) for values the loop cannot use."""
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
@@ -71,6 +79,12 @@ def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0
     if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
         raise ValueError(f"{flags.get('draft_stop', '--draft_stop')}: draft_stop must be in [0, 1) (0 turns it off), "
                          f"got {draft_stop}.")
+    if not isinstance(tree_width, int) or isinstance(tree_width, bool) or tree_width < 1:
+        raise ValueError(f"{flags.get('tree_width', '--tree_widths')}: tree_width (candidates per expanded node) must "
+                         f"be an integer >= 1 (1: a chain), got {tree_width}.")
+    if not isinstance(tree_nodes, int) or isinstance(tree_nodes, bool) or tree_nodes < 0:
+        raise ValueError(f"{flags.get('tree_nodes', '--tree_nodes')}: tree_nodes (drafted nodes per cycle) must be an "
+                         f"integer >= 0 (0: tree_width x gamma), got {tree_nodes}.")
 
 
 class Policy:
@@ -190,7 +204,8 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: int, *, gamma: int,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-                         generator: Optional[torch.Generator] = None, draft_stop: float = 0.0) -> tuple:
+                         generator: Optional[torch.Generator] = None, draft_stop: float = 0.0, tree_width: int = 1,
+                         tree_nodes: int = 0, timings: Optional[dict] = None) -> tuple:
     """Self-speculative decoding with `model` (a Steps: truncated_llama's TruncatedLlama). Returns (new tokens, stats).
 
     Lossless: greedy returns exactly the autoregressive tokens; sampling returns exactly the target's distribution
@@ -211,47 +226,80 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     softmaxes), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0..gamma drafts), draft_len_hist (cycles
     that drafted 0..gamma tokens), avg_draft_len (drafted / target calls), rejected (cycles that rejected a draft),
     seconds, tokens_per_s, and per_cycle (accepted count of each cycle), per_cycle_drafted (drafted count of each
-    cycle) and from_draft (per new token: came from the draft).
+    cycle) and from_draft (per new token: came from the draft), accept_by_depth (per depth d: the cycles that
+    accepted a d-th token over those that judged one).
+
+    Trees (`tree_width` K > 1; see draft_tree and accept_tree): each cycle drafts a tree of depth at most gamma and at
+    most `tree_nodes` nodes (0: K x gamma), verifies all of it in one pass and walks it by an exact multi-candidate
+    rule. Their stats count nodes as drafted (draft_len_hist: cycles by nodes), add nodes_per_cycle and draft_rows_hist
+    (draft steps by rows), and avg_overlap is over the expanded nodes. `timings` (a dict, opt-in) collects the seconds
+    of each phase of a tree cycle: draft levels, verify, accept, cache moves.
     """
-    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop)
+    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop,
+                 tree_width=tree_width, tree_nodes=tree_nodes)
     _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k, checked=True)
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
     t0 = time.perf_counter()
-    cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + gamma + 1)
-    tokens, from_draft, per_cycle, per_cycle_drafted = [], [], [], []
+    budget = (tree_nodes or tree_width * gamma) if tree_width > 1 else gamma
+    cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + budget + 1)
+    tokens, from_draft, per_cycle, per_cycle_drafted, judged, rows, overlap_rows = [], [], [], [], [], [], 0
     # summed on the device in float64 (the same sums as Python floats), read once at the end: no sync per cycle
     overlap_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     done = False
     while not done and len(tokens) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
-        cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
+        if tree_width > 1 and g > 0:
+            cycle = tree_cycle(model, policy, cache, n, last, g, tree_width, budget, draft_stop, generator, timings)
+        else:
+            cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
         k = cycle.accepted
         per_cycle.append(k)
-        per_cycle_drafted.append(len(cycle.drafts))
+        per_cycle_drafted.append(cycle.nodes if cycle.nodes is not None else len(cycle.drafts))
+        judged.append(k + cycle.rejected)
+        rows += cycle.level_rows
         overlap_sum += cycle.overlap
+        overlap_rows += cycle.overlap_rows
         for i, t in enumerate(cycle.drafts[:k] + [cycle.token]):
             tokens.append(t)
             from_draft.append(i < k)
             if t in eos:
                 done = True
                 break
+        if cycle.path is not None:  # a tree: the accepted path's keys and values move to n.., the rest goes
+            t0 = _lap(timings, None, input_ids.device)
+            cache.keep(n, [n + i for i in cycle.path])
+            _lap(timings, "cache moves", input_ids.device, t0)
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
         last = torch.tensor([[cycle.token]], device=input_ids.device)
-    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum.item(), gamma)
+    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum.item(), gamma, judged, overlap_rows)
+    if tree_width > 1:
+        hist = [0] * (max(rows, default=0) + 1)
+        for r in rows:
+            hist[r] += 1
+        stats.update(nodes_per_cycle=stats["drafted"] / max(len(per_cycle), 1), draft_rows_hist=hist,
+                     tree_width=tree_width, tree_nodes=budget)
     stats.update(from_draft=from_draft[: len(tokens)],
                  cache_positions=[cache.length(i) for i in range(model.num_layers)])
     return _finish(tokens, stats, t0, input_ids.device)
 
 
 class Cycle(NamedTuple):
-    """One draft-verify cycle: the drafted tokens, how many the target accepted, the target's own token, and the
-    sum over drafted positions of sum_x min(p, q) (their expected acceptance; a 0-d tensor, or 0.0 with no draft)."""
+    """One draft-verify cycle: the drafted tokens (a tree's accepted path), how many the target accepted, the target's
+    own token, and the sum over drafted positions (a tree's expanded nodes) of sum_x min(p, q), their expected
+    acceptance (a 0-d tensor, or 0.0 with no draft), over `overlap_rows` rows. `rejected`: 1 when the last judged
+    draft (a tree: every candidate at the last node reached) was rejected. A tree's cycle also has its nodes, the
+    accepted path (node indices from 0, the root) and the rows of each draft step."""
     drafts: list
     accepted: int
     token: int
     overlap: object
+    overlap_rows: int = 0
+    rejected: int = 0
+    nodes: Optional[int] = None
+    path: Optional[list] = None
+    level_rows: tuple = ()
 
 
 def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int,
@@ -264,7 +312,8 @@ def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: 
     q = torch.cat(q_rows) if q_rows else None
     overlap = torch.minimum(p[: len(drafts)], q).sum() if drafts else 0.0
     k = policy.accepted(p_logits, p, q, drafts, generator)
-    return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap)
+    return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap, len(drafts),
+                 int(k < len(drafts)))
 
 
 def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
@@ -284,6 +333,141 @@ def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tens
         tok = torch.tensor([[drafts[-1]]], device=last.device)
     h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
     return hidden + [h], q_rows, drafts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trees of drafts: several candidates per position, verified in one pass
+
+
+class Tree:
+    """One cycle's draft tree. Node 0 is `last`, the newest committed token (not yet in the cache); node i is written at
+    cache position n + i (nodes are added level by level) and sits at RoPE position n + its depth. `logq`: the log of
+    the draft's probability of the path to it, which alone decides what is kept and expanded."""
+
+    def __init__(self, n: int, root: int, device: torch.device):
+        self.n, self.device = n, device
+        self.tokens, self.depth, self.logq, self.children = [root], [0], [0.0], [[]]
+        self.ancestors = [{0}]  # each node's ancestors and itself
+
+    def add(self, parent: int, token: int, logq: float) -> int:
+        i = len(self.tokens)
+        self.tokens.append(token)
+        self.depth.append(self.depth[parent] + 1)
+        self.logq.append(logq)
+        self.children.append([])
+        self.children[parent].append(i)
+        self.ancestors.append(self.ancestors[parent] | {i})
+        return i
+
+    def rows(self, nodes: list) -> TreeRows:
+        """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors."""
+        n, width = self.n, nodes[-1] + 1
+        mask = torch.zeros(len(nodes), n + width, dtype=torch.bool)
+        mask[:, :n] = True
+        for r, i in enumerate(nodes):
+            mask[r, [n + a for a in self.ancestors[i]]] = True
+        positions = torch.tensor([n + self.depth[i] for i in nodes])
+        return TreeRows(positions.to(self.device), mask.to(self.device))
+
+
+def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
+               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None) -> tuple:
+    """A tree of drafts after `last`, one draft step per level over all of its nodes as rows. Each expanded node
+    proposes its `width` most likely tokens under q; of all proposals the `width` with the most likely paths are kept
+    (EAGLE-2's rule), up to `budget` nodes; a node whose top probability is below `draft_stop` is not expanded. Only
+    the draft decides, so the output stays exact. The deepest level runs the shared layers (and exit blocks) only.
+    Returns (the tree, the layer-L states of every node in order, {node: its q row}, the rows of each draft step)."""
+    tree = Tree(n, int(last), last.device)
+    hidden, q_of, level, level_rows = [], {}, [0], []
+    t0 = _lap(timings, None, last.device)
+    for d in range(depth + 1):
+        ids = torch.tensor([[tree.tokens[i] for i in level]], device=last.device)
+        room = budget - (len(tree.tokens) - 1)
+        if d == depth or room <= 0:
+            h, _ = model.extend(ids, cache, n + level[0], tree=tree.rows(level))  # fills the exit blocks' cache too
+            hidden.append(h)
+            break
+        h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
+        hidden.append(h)
+        level_rows.append(len(level))
+        q = policy.probs(logits[0])
+        top_q, top_ids = q.topk(min(width, q.shape[-1]), dim=-1)
+        proposals = []
+        for r, i in enumerate(level):
+            if draft_stop and float(top_q[r, 0]) < draft_stop:
+                continue
+            q_of[i] = q[r:r + 1]
+            proposals += [(tree.logq[i] + math.log(v), i, tok)
+                          for v, tok in zip(top_q[r].tolist(), top_ids[r].tolist()) if v > 0]
+        if not proposals:
+            break
+        kept = sorted(proposals, key=lambda x: -x[0])[:min(width, room)]
+        kept.sort(key=lambda x: (x[1], -x[0]))  # by parent, each one's children most likely first
+        level = [tree.add(i, tok, logq) for logq, i, tok in kept]
+    _lap(timings, "draft levels", last.device, t0)
+    return tree, hidden, q_of, level_rows
+
+
+def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, p: Optional[torch.Tensor],
+                generator: Optional[torch.Generator] = None) -> tuple:
+    """Walk the tree from the root with the target's p at each node; returns (the accepted path of nodes, the
+    target's own token, 1 if the last node reached had candidates and all were rejected).
+
+    Greedy: follow the child equal to argmax p. Sampling, at a node with candidates c1..cK (its children, fixed by
+    the draft): r = p; accept c_i with probability r(c_i) / sum r, else set r(c_i) = 0 and go on; if every one is
+    rejected, the token is drawn from r normalised. Each token comes out with probability exactly p (a proof is in
+    docs/design.md), so the walk, node after node, samples the target's distribution."""
+    u, path = 0, [0]
+    while True:
+        kids = tree.children[u]
+        if policy.greedy:
+            best = int(p_logits[u].argmax())
+            nxt = next((c for c in kids if tree.tokens[c] == best), None)
+            if nxt is None:
+                return path, best, int(bool(kids))
+        else:
+            r, nxt = p[u], None
+            for c in kids:
+                if accept_draft(r[tree.tokens[c]], r.sum(), generator):
+                    nxt = c
+                    break
+                r = r.clone() if r is p[u] else r
+                r[tree.tokens[c]] = 0
+            if nxt is None:
+                return path, int(sample(r if float(r.sum()) > 0 else p[u], generator)), int(bool(kids))
+        path.append(nxt)
+        u = nxt
+
+
+def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
+               budget: int, draft_stop: float = 0.0, generator: Optional[torch.Generator] = None,
+               timings: Optional[dict] = None) -> Cycle:
+    """Draft a tree, verify every node in one pass of the remaining layers (tree mask, RoPE at n + depth), walk it:
+    one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep)."""
+    tree, hidden, q_of, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
+                                                timings)
+    t0 = _lap(timings, None, last.device)
+    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.rows(list(range(len(tree.tokens)))))[0]
+    t0 = _lap(timings, "verify", last.device, t0)
+    p = policy.probs(p_logits)
+    expanded = sorted(q_of)
+    overlap = torch.minimum(p[expanded], torch.cat([q_of[i] for i in expanded])).sum() if expanded else 0.0
+    path, token, rejected = accept_tree(policy, tree, p_logits, p, generator)
+    _lap(timings, "accept", last.device, t0)
+    return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(expanded), rejected,
+                 len(tree.tokens) - 1, path, tuple(level_rows))
+
+
+def _lap(timings: Optional[dict], phase: Optional[str], device: torch.device, t0: float = 0.0) -> float:
+    """Opt-in phase timing: with a `timings` dict, add the seconds since t0 to timings[phase] (device synchronised);
+    returns the time now. Without one, nothing is synchronised or measured."""
+    if timings is None:
+        return 0.0
+    device_sync(device)
+    now = time.perf_counter()
+    if phase is not None:
+        timings[phase] = timings.get(phase, 0.0) + now - t0
+    return now
 
 
 @torch.inference_mode()
@@ -340,12 +524,18 @@ def _as_set(eos):
 # The stats, and the step timer
 
 
-def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, gamma: int) -> dict:
-    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate)."""
+def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, gamma: int,
+                per_cycle_judged: Optional[list] = None, overlap_rows: Optional[int] = None) -> dict:
+    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate). `per_cycle_judged`:
+    the levels each cycle judged (accepted, plus one for a rejection; by default from the drafted counts, as for a
+    chain); `overlap_rows`: the rows overlap_sum is over (by default the drafted tokens)."""
     cycles, drafted = len(per_cycle), sum(per_cycle_drafted)
-    accepted, rejected = judged_drafts(per_cycle, per_cycle_drafted)
-    avg_overlap = overlap_sum / drafted if drafted else float("nan")
-    hist, len_hist = [0] * (gamma + 1), [0] * (gamma + 1)
+    if per_cycle_judged is None:
+        per_cycle_judged = [k + (k < d) for k, d in zip(per_cycle, per_cycle_drafted)]
+    accepted, rejected = judged_drafts(per_cycle, per_cycle_judged)
+    rows = drafted if overlap_rows is None else overlap_rows
+    avg_overlap = overlap_sum / rows if rows else float("nan")
+    hist, len_hist = [0] * (gamma + 1), [0] * (max([gamma] + per_cycle_drafted) + 1)
     for k, d in zip(per_cycle, per_cycle_drafted):
         hist[k] += 1
         len_hist[d] += 1
@@ -356,7 +546,18 @@ def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, ga
         "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
         "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
         "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
+        "accept_by_depth": accept_by_depth(per_cycle, per_cycle_judged, gamma),
     }
+
+
+def accept_by_depth(per_cycle: list, per_cycle_judged: list, gamma: int) -> list:
+    """Per depth d = 1..gamma: the cycles that accepted a d-th draft over those that judged one (None where none
+    did): the acceptance at each depth given the depths before it."""
+    out = []
+    for d in range(1, gamma + 1):
+        tried = sum(j >= d for j in per_cycle_judged)
+        out.append(sum(k >= d for k in per_cycle) / tried if tried else None)
+    return out
 
 
 def judged_drafts(per_cycle: list, per_cycle_drafted: list) -> tuple:

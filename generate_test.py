@@ -332,3 +332,138 @@ def test_judged_drafts_count_one_rejection_per_cycle_that_stops_early():
         assert rejected == sum(k < d for k, d in zip(s["per_cycle"], s["per_cycle_drafted"]))
         if stop:
             assert 0 in s["per_cycle_drafted"] and rejected < sum(k < c for k, c in zip(s["per_cycle"], caps))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trees of drafts: greedy equals autoregressive, sampling is exact, the cache keeps the accepted path only.
+
+TREES = ((1, 2, 0), (1, 4, 0), (2, 2, 0), (2, 3, 4), (3, 4, 0), (4, 2, 5))  # (gamma = depth, width, nodes)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_greedy_trees_equal_autoregressive_and_generate(tie):
+    base = make_tiny_llama(layers=6, init_std=0.2, tie=tie, seed=3)
+    prompt = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
+    new = 24
+    ref = base.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:]
+    for layer in (1, 3, 5):
+        tl = TruncatedLlama(base, layer)
+        for (gamma, width, nodes), stop in itertools.product(TREES, (0.0, 0.06)):
+            sp, stats = speculative_generate(tl, prompt, new, gamma=gamma, tree_width=width, tree_nodes=nodes,
+                                             draft_stop=stop)
+            assert torch.equal(sp, ref), (layer, gamma, width, nodes, stop)
+            assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6  # exactly the committed tokens
+            budget = nodes or width * gamma
+            assert max(stats["per_cycle_drafted"]) <= budget and max(stats["per_cycle"]) <= gamma
+            assert stats["tree_width"] == width and stats["tree_nodes"] == budget
+            assert sum(stats["draft_rows_hist"][width + 1:]) == 0  # a draft step runs at most `width` rows
+
+
+@pytest.mark.parametrize("kw", [dict(adapter="block"), dict(adapter="mlp"), dict(last_block=True),
+                                dict(last_block=True, adapter="block"), dict(adapter="block", vocab=PRUNED)])
+def test_greedy_trees_lossless_with_trained_looking_exits(kw):
+    base = make_tiny_llama(layers=5, init_std=0.2, seed=4)
+    prompt = torch.randint(0, 259, (1, 6), generator=torch.Generator().manual_seed(1))
+    tl = TruncatedLlama(base, 3, perturbed_exit(base, 3, **kw))
+    ar, _ = autoregressive_generate(tl, prompt, 30)
+    for gamma, width, nodes in TREES:
+        sp, stats = speculative_generate(tl, prompt, 30, gamma=gamma, tree_width=width, tree_nodes=nodes)
+        assert torch.equal(sp, ar), (kw, gamma, width)
+        assert stats["accepted"] > 0
+
+
+def test_tree_cache_holds_the_accepted_path_as_a_fresh_prefill_would():
+    """After tree cycles, every layer's keys and values (shared, remaining and the exit's own block) at 0..n-1 are
+    those of a plain prefill of the committed tokens: the accepted path was moved, nothing recomputed."""
+    base = make_tiny_llama(layers=5, init_std=0.2, seed=4)
+    tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block"))
+    prompt = torch.randint(0, 259, (1, 7), generator=torch.Generator().manual_seed(2))
+    policy = Policy(0.0)
+    with torch.inference_mode():
+        cache, n, last = generate._prefill(tl, prompt, with_exit=True, room=64)
+        committed = prompt[0].tolist()
+        for _ in range(6):
+            cycle = generate.tree_cycle(tl, policy, cache, n, last, 3, 3, 7)
+            cache.keep(n, [n + i for i in cycle.path])
+            n += cycle.accepted + 1
+            committed += cycle.drafts + [cycle.token]
+            last = torch.tensor([[cycle.token]])
+        assert [cache.length(i) for i in range(5 + 1)] == [n] * 6  # 5 base layers + the exit's block
+        fresh = tl.new_cache(64)
+        tl.full_step(torch.tensor([committed[:n]]), fresh, 0, with_exit=True)
+    torch.testing.assert_close(cache.k[:, :, :n], fresh.k[:, :, :n], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :n], fresh.v[:, :, :n], rtol=0, atol=1e-5)
+
+
+def test_tree_width_one_is_the_chain():
+    base = make_tiny_llama(layers=4, init_std=0.2, seed=5)
+    tl = TruncatedLlama(base, 2)
+    prompt = torch.tensor([[1, 2, 3]])
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, draft_stop=0.05)):
+        chain = speculative_generate(tl, prompt, 20, gamma=3, generator=torch.Generator().manual_seed(4), **kw)
+        tree = speculative_generate(tl, prompt, 20, gamma=3, tree_width=1, tree_nodes=9,
+                                    generator=torch.Generator().manual_seed(4), **kw)
+        assert torch.equal(chain[0], tree[0])
+        drop = ("seconds", "tokens_per_s")
+        assert {k: v for k, v in chain[1].items() if k not in drop} == {k: v for k, v in tree[1].items()
+                                                                          if k not in drop}
+
+
+def test_a_width_4_tree_at_depth_1_never_needs_more_target_calls_than_the_chain():
+    """Greedy, float32: the tree's candidates include the chain's draft, so it advances at least as far each cycle."""
+    base = make_tiny_llama(layers=6, init_std=0.2, seed=3)
+    more = 0
+    for layer, seed in itertools.product((1, 2, 3, 4), range(3)):
+        tl = TruncatedLlama(base, layer)
+        prompt = torch.randint(0, 259, (1, 8), generator=torch.Generator().manual_seed(seed))
+        chain_tokens, chain = speculative_generate(tl, prompt, 32, gamma=1)
+        tree_tokens, tree = speculative_generate(tl, prompt, 32, gamma=1, tree_width=4)
+        assert torch.equal(chain_tokens, tree_tokens)
+        assert tree["target_calls"] <= chain["target_calls"], (layer, seed)
+        more += tree["accepted"] > chain["accepted"]
+    assert more > 0  # the extra candidates do get accepted
+
+
+def test_trees_need_the_lean_engine_and_valid_sizes():
+    base = make_tiny_llama(layers=4)
+    with pytest.raises(ValueError, match=r"^--tree_widths: trees of drafts need the lean engine"):
+        speculative_generate(TruncatedLlama(base, 2, engine="hf"), torch.tensor([[1, 2]]), 4, gamma=2, tree_width=2)
+    tl = TruncatedLlama(base, 2)
+    for kw, flag in ((dict(tree_width=0), "--tree_widths"), (dict(tree_nodes=-1), "--tree_nodes")):
+        with pytest.raises(ValueError, match=f"^{flag}: "):
+            speculative_generate(tl, torch.tensor([[1, 2]]), 4, gamma=2, **kw)
+
+
+TREE_CASES = [  # (temperature, top_p, top_k, exit layer, gamma = depth, width, nodes, draft_stop, draft vocabulary)
+    (1.0, 1.0, 0, 1, 2, 2, 0, 0.0, None),
+    (0.7, 1.0, 0, 2, 1, 3, 0, 0.0, None),
+    (1.3, 0.8, 0, 1, 3, 2, 4, 0.0, None),
+    (1.0, 0.9, 3, 2, 2, 3, 0, 0.0, None),
+    (1.0, 1.0, 0, 2, 2, 2, 0, 0.5, None),  # a node whose draft is unsure is not expanded
+    (0.8, 0.9, 0, 2, 2, 2, 3, 0.4, (1, 3, 4)),  # that, and a pruned draft head
+]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k,layer,gamma,width,nodes,stop,vocab", TREE_CASES)
+def test_sampling_trees_match_target_distribution(small_vocab_model, temperature, top_p, top_k, layer, gamma, width,
+                                                  nodes, stop, vocab):
+    base, prompt = small_vocab_model
+    tl = TruncatedLlama(base, layer, EarlyExit(base, layer, vocab=vocab) if vocab else None)
+    exact = exact_distribution(base, prompt, Policy(temperature, top_p, top_k))
+    lengths = []
+    counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=gamma, temperature=temperature, top_p=top_p,
+                              top_k=top_k, draft_stop=stop, tree_width=width, tree_nodes=nodes, lengths=lengths)
+    assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    assert max(lengths) > 1  # cycles really drafted trees (per_cycle_drafted counts their nodes)
+
+
+def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
+    """Accepting each candidate with probability p(c) instead of r(c) / sum r (not renormalising after a rejection)
+    is the tree's classic bug; the test must catch it."""
+    base, prompt = small_vocab_model
+    tl = TruncatedLlama(base, 1)
+    exact = exact_distribution(base, prompt, Policy(1.0))
+    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, g=None: bool(torch.rand((), generator=g) < p_x))
+    counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=1, temperature=1.0, tree_width=3)
+    assert chi_square_pvalue(counts, exact) < 1e-6

@@ -20,9 +20,7 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging as hf_logging
 
 import decode_engine
+from checkpoints import write_dir_atomically
 from tuned_llama import EarlyExit, run_layers
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -125,9 +124,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+
+    def write(tmp):
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage, and from_pretrained re-ties
@@ -137,10 +135,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         config["_name_or_path"] = DEFAULT_MODEL
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save_pretrained(tmp)
-        os.replace(tmp, out_dir) if not out_dir.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomically(out_dir, write)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -390,20 +386,32 @@ class TruncatedLlama(nn.Module):
         positions up front (and grows past them), transformers' DynamicCache grows by itself."""
         return self.steps.new_cache(capacity)
 
-    def extend(self, input_ids: torch.Tensor, cache, start: int, *,
-               with_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # `tree` (decode_engine.TreeRows): the k tokens are nodes of a draft tree, written at start..start+k-1 but each
+    # at its own RoPE position and attending to the committed prefix and its own ancestors only (lean engine only).
+    def extend(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = True,
+               tree: "decode_engine.TreeRows | None" = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed + shared layers for k new tokens (+ the exit's private blocks, filling the exit's cache slots):
         (shared hidden states, the exit's state before its norm, or None without `with_exit`)."""
-        return self.steps.extend(input_ids, cache, start, with_exit=with_exit)
+        return self.steps.extend(input_ids, cache, start, with_exit=with_exit, **self._tree(tree))
 
-    def draft_step(self, input_ids: torch.Tensor, cache, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draft_step(self, input_ids: torch.Tensor, cache, start: int, *,
+                   tree: "decode_engine.TreeRows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The draft on k new tokens: returns (shared hidden states to hand to `verify`, exit logits)."""
-        h, e = self.steps.extend(input_ids, cache, start, with_exit=True)
+        h, e = self.steps.extend(input_ids, cache, start, with_exit=True, **self._tree(tree))
         return h, self.steps.exit_logits(e)
 
-    def verify(self, shared_hidden: torch.Tensor, cache, start: int) -> torch.Tensor:
+    def verify(self, shared_hidden: torch.Tensor, cache, start: int, *,
+               tree: "decode_engine.TreeRows | None" = None) -> torch.Tensor:
         """The remaining layers + final norm + LM head on saved shared hidden states: the target's logits."""
-        return self.steps.verify(shared_hidden, cache, start)
+        return self.steps.verify(shared_hidden, cache, start, **self._tree(tree))
+
+    def _tree(self, tree):
+        if tree is None:
+            return {}
+        if not self.lean:
+            raise ValueError("--tree_widths: trees of drafts need the lean engine (--engine lean or auto on a plain "
+                             "Llama model); transformers' layers verify chains only, use --tree_widths 1.")
+        return {"tree": tree}
 
     def full_step(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = False) -> torch.Tensor:
         """Every layer on k new tokens (prefill, autoregressive steps); `with_exit` also fills the exit's cache.
