@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run speedup test clean
+.PHONY: setup run speedup speedup-train speedup-sweep test clean
 
 $(STAMP): requirements.txt requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ run: setup
 # out/speedup/ (two processes x one thread; the base in --dtype auto, bf16 where the CPU has it: the teacher is then the
 # very model the sweep decodes with, and its forward is 2.2x faster (0.93 against 2.05 s a step on the AMX Xeon of
 # 2026-11-29); the exit always trains in float32), (b) measure it against our autoregressive loop on 16 ShareGPT test
-# prompts x 128 new tokens, greedy and T=0.7 / top_p 0.95, gamma 1-2, with and without an adaptive draft stop, at
+# prompts x 128 new tokens, greedy and T=0.7 / top_p 0.95, a chain and trees of drafts (see speedup-sweep), at
 # --dtype auto on both threads, each cell against its own baseline timed prompt by prompt in turns with it
 # (--paired_baseline), (c) print as the last line the best lossless speedup (evaluate.py --best_line: greedy cells
 # count only when every prompt's tokens equal the baseline's). The step count follows the dtype the machine gets:
@@ -47,17 +47,27 @@ SPEEDUP_STEPS  ?= $(shell $(PY) -c "from truncated_llama import resolve_dtype; p
 SPEEDUP_TRAIN  ?= --train head,norm,adapter --adapter_init next --draft_vocab $(SPEEDUP_VOCAB) --head_init lstsq \
 	--lstsq_blocks 48 --lr 4e-3 --head_lr 3e-3 --max_steps $(SPEEDUP_STEPS) --batch_size 2 --seq_len 256 \
 	--warmup 20 --eval_every 250 --eval_batches 12 --save_every 100 --dtype auto
-SPEEDUP_GAMMAS ?= 1 2
-SPEEDUP_STOPS  ?= 0 0.4
+SPEEDUP_WIDTHS ?= 1 2 4 8
+SPEEDUP_DEEP   ?= 2 3
+SPEEDUP_SWEEP  ?= --temperatures 0 0.7 --top_p 0.95 --num_prompts 16 --max_new_tokens 128 --tf_blocks 0 --paired_baseline
 SPEEDUP_EXIT   := $(SPEEDUP)/exit_L$(SPEEDUP_LAYER)
 
-speedup: setup
+speedup: speedup-train speedup-sweep
+
+speedup-train: setup
 	rm -rf $(SPEEDUP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --exit_layer $(SPEEDUP_LAYER) \
 		$(SPEEDUP_TRAIN) --out_dir $(SPEEDUP_EXIT)
-	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas $(SPEEDUP_GAMMAS) \
-		--temperatures 0 0.7 --top_p 0.95 --draft_stop $(SPEEDUP_STOPS) --num_prompts 16 --max_new_tokens 128 \
-		--tf_blocks 0 --paired_baseline --out_dir $(SPEEDUP)/eval
+
+# The measuring half alone, on the exit speedup-train left (run it again for a second measurement of the same exit):
+# chains and trees of depth 1 (gamma 1, widths 1 2 4 8), then two deeper trees (width 4, gamma 2 and 3) added to the
+# same results with --resume; the last line is the best lossless cell of both, naming its width and nodes.
+speedup-sweep: setup
+	rm -rf $(SPEEDUP)/eval
+	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas 1 --tree_widths $(SPEEDUP_WIDTHS) \
+		$(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
+	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas $(SPEEDUP_DEEP) --tree_widths 4 \
+		$(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval --resume
 	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval
 
 test: setup

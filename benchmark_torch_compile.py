@@ -122,7 +122,8 @@ def step_costs(models, prompt, draft_layer=8, sizes=(2, 3, 5, 9), rounds=7):
     full step at `draft_layer`, from evaluate.step_times (medians of warm calls, kinds interleaved)."""
     out = {}
     for engine, model in models.items():
-        draft, one, k_steps = step_times(TruncatedLlama(model, draft_layer, engine=engine), prompt, sizes, rounds)
+        draft, one, k_steps, _ = step_times(TruncatedLlama(model, draft_layer, engine=engine), prompt, sizes,
+                                            rounds)
         out[engine] = {"full_1_ms": round(1e3 * one, 2), **{f"full_{k}_over_1": round(t / one, 2)
                                                             for k, t in k_steps.items()},
                        f"c_L{draft_layer}": round(draft / one, 3)}

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
+import decode_engine
 from checkpoints import CheckpointError, write_atomically
 from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, run_command
 from data_utils import DATASETS, dataset_module, sample_blocks
-from generate import autoregressive_generate, check_policy, judged_drafts, speculative_generate, step_times
+from generate import autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
-                     finished_cells, markdown_table, merge_results, predicted_speedup, read_rows, repair_tail,
+                     finished_cells, markdown_table, merge_results, predicted_speedup, predicted_tree_speedup, read_rows, repair_tail,
                      results_files, write_table)
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
 
@@ -50,18 +51,23 @@ class Cell:
     top_p: float
     top_k: int
     draft_stop: float = 0.0  # adaptive draft length: stop when the draft's top probability is below this (0: off)
+    tree_width: int = 1      # candidates per expanded node of a draft tree of depth gamma (1: a chain)
+    tree_nodes: int = 0      # the tree's node budget (0: tree_width x gamma; always 0 for a chain)
 
     @property
     def policy(self):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
 
-def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,)):
-    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k, draft_stop. Greedy
-    ignores top_p and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0."""
+def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), tree_widths=(1,), tree_nodes=(0,)):
+    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k, draft_stop, tree width
+    and nodes. Greedy ignores top_p and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0; a chain
+    (width 1) has no node budget, and a budget of width x gamma is the default one (0)."""
     cells = []
-    for (name, layer), g, t, p, k, s in itertools.product(exits, gammas, temperatures, top_ps, top_ks, draft_stops):
-        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s))
+    for (name, layer), g, t, p, k, s, w, m in itertools.product(exits, gammas, temperatures, top_ps, top_ks,
+                                                                draft_stops, tree_widths, tree_nodes):
+        m = 0 if w == 1 or m == w * g else m
+        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s), w, m)
         if cell not in cells:
             cells.append(cell)
     return cells
@@ -69,11 +75,12 @@ def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,)):
 
 def cell_id(cell, context):
     """A stable id of a cell: a hash of its fields and everything its numbers depend on (model, exit weights, prompt
-    set, max_new_tokens, seed, dtype). draft_stop 0 is left out, so cells of sweeps made before it existed keep
-    their ids (and --resume finds them)."""
+    set, max_new_tokens, seed, dtype). draft_stop 0, tree_width 1 and tree_nodes 0 are left out, so cells of sweeps
+    made before they existed keep their ids (and --resume finds them)."""
     fields = asdict(cell)
-    if not fields["draft_stop"]:
-        del fields["draft_stop"]
+    for name, default in (("draft_stop", 0.0), ("tree_width", 1), ("tree_nodes", 0)):
+        if fields[name] == default:
+            del fields[name]
     key = json.dumps({**fields, **context, "exit_id": context["exit_ids"][cell.exit]}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -109,10 +116,10 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts).
     `baseline` None: the cell times its own baseline, each prompt's autoregressive run just before its speculative
     one (paired, so that a drift in the machine's speed falls on both alike)."""
-    keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "seconds")
+    keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "overlap_rows", "seconds", "rejected")
     total = dict.fromkeys(keys, 0)
-    rejected = 0
-    hist, len_hist = [0] * (cell.gamma + 1), [0] * (cell.gamma + 1)
+    lists = dict.fromkeys(("accept_hist", "draft_len_hist", "judged_by_depth", "accepted_by_depth",
+                           "draft_rows_hist"), [])
     same, first_diffs = 0, []
     paired = baseline is None
     if paired:
@@ -125,33 +132,44 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
             baseline["seconds"] += one["seconds"]
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
-                                      generator=g, draft_stop=cell.draft_stop, **cell.policy)
+                                      generator=g, draft_stop=cell.draft_stop, tree_width=cell.tree_width,
+                                      tree_nodes=cell.tree_nodes, **cell.policy)
         for k in keys:
             total[k] += s[k]
-        rejected += judged_drafts(s["per_cycle"], s["per_cycle_drafted"])[1]
-        hist = [a + b for a, b in zip(hist, s["accept_hist"])]
-        len_hist = [a + b for a, b in zip(len_hist, s["draft_len_hist"])]
+        for k in lists:
+            lists[k] = add_lists(lists[k], s.get(k, []))
         diff = first_difference(out, baseline["tokens"][i])
         same += diff is None
         first_diffs += [] if diff is None else [diff]
     if paired:
         baseline["tokens_per_s"] = baseline["new_tokens"] / baseline["seconds"] if baseline["seconds"] else 0.0
     drafted, calls = total["drafted"], total["target_calls"]
-    overlap = total["overlap_sum"] / drafted if drafted else None
+    hist, len_hist = lists["accept_hist"], lists["draft_len_hist"]
+    # over the drafted tokens (a chain) or the expanded nodes (a tree)
+    overlap = total["overlap_sum"] / total["overlap_rows"] if total["overlap_rows"] else None
     rate = total["accepted"] / drafted if drafted else None
-    judged = total["accepted"] + rejected
+    judged = total["accepted"] + total["rejected"]
     alpha = total["accepted"] / judged if judged else None  # the formula's a: P(accept | the drafts before were)
+    by_depth = [a / j if j else None for a, j in zip(lists["accepted_by_depth"], lists["judged_by_depth"])]
     tps = total["new_tokens"] / total["seconds"] if total["seconds"] else 0.0
-    draft_s, full_s, verify_s = times
+    draft_s, full_s, verify_s, draft_rows_s = times
     c = draft_s / full_s
-    # v: a cycle's verification (d drafts: d + 1 tokens) over a one-token step, averaged over the realised lengths
+    # v: a cycle's verification (d drafts or nodes: d + 1 tokens) over a one-token step, averaged over the cycles
     v = sum(n * verify_s.get(d + 1, full_s) for d, n in enumerate(len_hist)) / max(sum(len_hist), 1) / full_s
+    if cell.tree_width == 1:
+        predicted = predicted_speedup(alpha, cell.gamma, c, len_hist, v)
+    else:  # the draft steps by their rows, each at its measured cost
+        rows = lists["draft_rows_hist"]
+        draft_cost = sum(n * draft_rows_s.get(r, draft_s) for r, n in enumerate(rows)) / max(calls, 1) / full_s
+        predicted = predicted_tree_speedup(by_depth, draft_cost, v)
     return {
         **asdict(cell), "prompts": len(prompts),
         "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
         "avg_accepted": total["accepted"] / calls if calls else 0.0, "acceptance_rate": rate, "alpha": alpha,
         "avg_overlap": overlap, "avg_tv": 1.0 - overlap if overlap is not None else None, "accept_hist": hist,
         "avg_draft_len": drafted / calls if calls else 0.0, "draft_len_hist": len_hist,
+        "tokens_per_cycle": total["new_tokens"] / calls if calls else None, "accept_by_depth": by_depth,
+        "draft_rows_hist": lists["draft_rows_hist"] or None,
         "matches_baseline": same == len(prompts) if cell.temperature == 0 else None,
         "greedy_match": f"{same}/{len(prompts)}" if cell.temperature == 0 else None,
         "first_diff_mean": statistics.fmean(first_diffs) if cell.temperature == 0 and first_diffs else None,
@@ -160,8 +178,13 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "baseline_seconds": baseline["seconds"], "baseline_tokens_per_s": baseline["tokens_per_s"],
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c, "v": v,
-        "predicted_speedup": predicted_speedup(alpha, cell.gamma, c, len_hist, v), "paired_baseline": paired,
+        "predicted_speedup": predicted, "paired_baseline": paired,
     }
+
+
+def add_lists(a, b):
+    """Element-wise sum of two count lists of any lengths."""
+    return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,6 +359,11 @@ def build_parser():
                    help="adaptive draft length, each in [0, 1): a cycle stops drafting when the draft's top "
                         "probability (its policy's q; greedy: the temperature-1 softmax) is below P, gamma being the "
                         "cap (0: always gamma drafts)")
+    g.add_argument("--tree_widths", nargs="+", type=int, default=[1], metavar="K",
+                   help="draft trees: each expanded node proposes its K most likely tokens, the K likeliest paths are "
+                        "kept per level, to depth gamma; all verified in one pass (1: a chain; lean engine only)")
+    g.add_argument("--tree_nodes", nargs="+", type=int, default=[0], metavar="N",
+                   help="a tree's node budget per cycle (0: width x gamma)")
     g = p.add_argument_group("prompts and held-out text")
     g.add_argument("--dataset", default="sharegpt",
                    help="sharegpt | xsum | slimpajama (their test split) | a prompts.jsonl file whose lines are "
@@ -409,6 +437,8 @@ def check_args(args):
             check_policy(temperature=t, top_p=p, top_k=k)
         for s in args.draft_stop:
             check_policy(draft_stop=s)
+        for w, m in itertools.product(args.tree_widths, args.tree_nodes):
+            check_policy(tree_width=w, tree_nodes=m)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.dataset not in DATASETS and not Path(args.dataset).is_file():
@@ -482,7 +512,11 @@ def load_sweep(args, device):
                   prompt=max(p["input_ids"].shape[1] for p in prompts))
     prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
-    cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop)
+    if max(args.tree_widths) > 1 and (args.engine == "hf" or not decode_engine.supports(base)):
+        raise UsageError("--tree_widths: trees of drafts need the lean engine (--engine lean or auto on a plain Llama "
+                         "model); transformers' layers verify chains only, use --tree_widths 1.")
+    cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop,
+                       args.tree_widths, args.tree_nodes)
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
                "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
                "seed": args.seed, **({"paired_baseline": True} if args.paired_baseline else {})}
@@ -523,6 +557,8 @@ def run_grid(args, sw, mine, own, meta, main, say):
         warm = TruncatedLlama(sw.base, sw.exits[0][1], trained.get(sw.exits[0][0]), engine=args.engine)
         few = min(8, args.max_new_tokens)
         speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2)  # first calls allocate; keep them untimed
+        if max(args.tree_widths) > 1:
+            speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2, tree_width=max(args.tree_widths))
         autoregressive_generate(warm, prompts[0]["input_ids"], few)
     long_prompt = max((p["input_ids"] for p in prompts), key=lambda x: x.shape[1])
     timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)
@@ -535,7 +571,9 @@ def run_grid(args, sw, mine, own, meta, main, say):
             model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer, trained.get(cell.exit),
                                                          engine=args.engine), key, {}
         if key not in times:
-            times[key] = step_times(model, timing_ids, range(2, max(args.gammas) + 2))
+            biggest = max(c.tree_nodes or c.tree_width * c.gamma for c in sw.cells)  # drafts or nodes
+            times[key] = step_times(model, timing_ids, range(2, biggest + 2),
+                                    draft_sizes=range(2, max(args.tree_widths) + 1))
         pkey = tuple(cell.policy.values())
         if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
@@ -595,10 +633,11 @@ def run(args, stop=None):
     stop.resumable = True
     state.wait_for_everyone()  # every process has read the same finished cells before any process writes
     stops, gammas = len(set(args.draft_stop)), len(set(args.gammas))
+    trees = len({(c.tree_width, c.tree_nodes) for c in sw.cells})
     say(dtype_line(args.dtype, sw.dtype_name, sw.machine))  # after every check: an error stays the only line
     say(f"{len(sw.cells)} cells ({len(sw.exits)} exits x {gammas} gammas x "
-        f"{len(sw.cells) // (len(sw.exits) * gammas * stops)} policies"
-        f"{f' x {stops} draft stops' if stops > 1 else ''}) on {len(sw.prompts)} prompts "
+        f"{len({(c.temperature, c.top_p, c.top_k) for c in sw.cells})} policies"
+        f"{f' x {stops} draft stops' if stops > 1 else ''}{f' x {trees} trees' if trees > 1 else ''}) on {len(sw.prompts)} prompts "
         f"x {args.max_new_tokens} new tokens; {len(sw.cells) - len(todo)} already done, {len(todo)} to run on "
         f"{world} process(es)")
 

@@ -156,6 +156,8 @@ def test_two_processes_give_the_single_process_rows(assets, full_sweep):
     (["--max_new_tokens", "600"], "--max_new_tokens 600 plus the longest prompt's"),  # the tiny model has 512
     (["--tf_seq_len", "513"], "--tf_seq_len 513 is more than this model's limit of 512 positions"),
     (["--dataset", "BAD_LINES"], "--dataset: line 2 of"), (["--num_prompts", "5"], "--num_prompts 5: "),
+    (["--tree_widths", "0"], "--tree_widths"), (["--tree_nodes", "-1"], "--tree_nodes"),
+    (["--tree_widths", "2", "--engine", "hf"], "--tree_widths: trees of drafts need the lean engine"),
 ])
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(assets, tmp_path, capsys, extra, flag):
     extra = [{"MISSING": str(tmp_path / "missing"), "OTHER": str(assets / "other_exit"),
@@ -208,10 +210,10 @@ def test_best_line_counts_only_lossless_cells(tmp_path, capsys):
             fake_row("runs/speedup/exit_L6", 6, 2, 0.0, 1.31, True),
             fake_row("runs/speedup/exit_L6", 6, 4, 0.7, 1.254, None),
             fake_row("runs/speedup/exit_L6", 6, 4, 0.0, None, True)]
-    assert best_line(rows) == ("best lossless speedup: 1.31x (exit_L6, L 6, gamma 2, greedy, "
+    assert best_line(rows) == ("best lossless speedup: 1.31x (exit_L6, L 6, gamma 2, width 1 (chain), greedy, "
                                         "16 prompts x 128 tokens)")
     rows.append(fake_row("runs/speedup/exit_L6", 6, 4, 0.7, 1.456, None, draft_stop=0.3))
-    assert best_line(rows) == ("best lossless speedup: 1.46x (exit_L6, L 6, gamma 4, T=0.7, top_p=0.95, "
+    assert best_line(rows) == ("best lossless speedup: 1.46x (exit_L6, L 6, gamma 4, width 1 (chain), T=0.7, top_p=0.95, "
                                         "draft_stop 0.3, 16 prompts x 128 tokens)")
     assert best_line(rows[:1]).startswith("best lossless speedup: none")
     # from a results file, as `make speedup` prints it: one line, the last one
@@ -219,7 +221,10 @@ def test_best_line_counts_only_lossless_cells(tmp_path, capsys):
                                             + '{"cell_id": "cut')
     evaluate.main(["--best_line", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out == "best lossless speedup: 1.25x (exit_L6, L 6, gamma 4, T=0.7, top_p=0.95, 16 prompts x 128 tokens)\n"
+    assert out == ("best lossless speedup: 1.25x (exit_L6, L 6, gamma 4, width 1 (chain), T=0.7, top_p=0.95, 16 prompts "
+                   "x 128 tokens)\n")
+    rows.append(fake_row("runs/speedup/exit_L6", 6, 1, 0.7, 1.5, None, tree_width=4, tree_nodes=0))
+    assert best_line(rows).startswith("best lossless speedup: 1.50x (exit_L6, L 6, gamma 1, width 4, nodes 4, T=0.7")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--best_line", str(tmp_path / "nothing")])
     assert e.value.code == 2 and "--best_line" in capsys.readouterr().err
@@ -345,3 +350,34 @@ def test_sigterm_mid_sweep_keeps_the_finished_cells_and_resumes_each_cell_once(a
     rows = read_rows(out / "results.jsonl")
     assert len((out / "results.jsonl").read_text().splitlines()) == len({r["cell_id"] for r in rows}) == 12
     assert_same_rows(rows, read_rows(full_sweep / "results.jsonl"))
+
+
+def test_sweep_with_trees_of_drafts(assets, tmp_path, capsys):
+    """--tree_widths and --tree_nodes are grid dimensions; tree rows carry their width, nodes, tokens per cycle,
+    acceptance per depth, v for their size and the tree's predicted speedup; greedy trees match the baseline."""
+    out = tmp_path / "trees"
+    evaluate.main(["--model", str(assets / "model"), "--dataset", str(assets / "prompts.jsonl"), "--exit_layers", "2",
+                   "--gammas", "1", "2", "--temperatures", "0", "1.0", "--tree_widths", "1", "3", "--tree_nodes", "0",
+                   "4", "--num_prompts", "2", "--max_new_tokens", "12", "--tf_blocks", "0", "--dtype", "float32",
+                   "--out_dir", str(out)])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("best lossless speedup: ") and ", width " in last
+    rows = read_rows(out / "results.jsonl")
+    trees = sorted({(r["gamma"], r["tree_width"], r["tree_nodes"]) for r in rows})
+    # a chain has no budget; width 3 at gamma 1 has the default budget 3, so --tree_nodes 4 is a cell of its own
+    assert trees == [(1, 1, 0), (1, 3, 0), (1, 3, 4), (2, 1, 0), (2, 3, 0), (2, 3, 4)]
+    assert len({r["cell_id"] for r in rows}) == len(rows) == 12
+    for r in rows:
+        assert r["tokens_per_cycle"] == pytest.approx(r["new_tokens"] / r["target_calls"])
+        assert len(r["accept_by_depth"]) == r["gamma"] and r["accepted"] + r["target_calls"] == r["new_tokens"]
+        assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)
+        if r["tree_width"] > 1:
+            assert r["avg_draft_len"] <= (r["tree_nodes"] or 3 * r["gamma"]) and r["v"] >= 0.5
+            rows_hist = r["draft_rows_hist"]
+            assert sum(rows_hist) >= r["target_calls"] - 2 and len(rows_hist) <= 4  # a last cycle may draft nothing
+            assert r["predicted_speedup"] > 0 and "tree 3x" in (out / "summary.md").read_text()
+        else:
+            assert r["predicted_speedup"] == pytest.approx(predicted_speedup(r["alpha"], r["gamma"], r["c"],
+                                                                             r["draft_len_hist"], r["v"]))
+    assert (out / "speed_vs_width.png").stat().st_size > 10_000
+

@@ -267,9 +267,9 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
                 done = True
                 break
         if cycle.path is not None:  # a tree: the accepted path's keys and values move to n.., the rest goes
-            t0 = _lap(timings, None, input_ids.device)
+            lap = _lap(timings, None, input_ids.device)
             cache.keep(n, [n + i for i in cycle.path])
-            _lap(timings, "cache moves", input_ids.device, t0)
+            _lap(timings, "cache moves", input_ids.device, lap)
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
         last = torch.tensor([[cycle.token]], device=input_ids.device)
@@ -543,21 +543,21 @@ def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, ga
         "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
         "avg_accepted": accepted / cycles if cycles else 0.0,
         "acceptance_rate": accepted / drafted if drafted else float("nan"),
-        "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum,
+        "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum, "overlap_rows": rows,
         "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
         "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
-        "accept_by_depth": accept_by_depth(per_cycle, per_cycle_judged, gamma),
+        **depth_counts(per_cycle, per_cycle_judged, gamma),
     }
 
 
-def accept_by_depth(per_cycle: list, per_cycle_judged: list, gamma: int) -> list:
-    """Per depth d = 1..gamma: the cycles that accepted a d-th draft over those that judged one (None where none
-    did): the acceptance at each depth given the depths before it."""
-    out = []
-    for d in range(1, gamma + 1):
-        tried = sum(j >= d for j in per_cycle_judged)
-        out.append(sum(k >= d for k in per_cycle) / tried if tried else None)
-    return out
+def depth_counts(per_cycle: list, per_cycle_judged: list, gamma: int) -> dict:
+    """Per depth d = 1..gamma: `judged_by_depth` (cycles that judged a d-th draft), `accepted_by_depth` (cycles that
+    accepted one) and `accept_by_depth`, their ratio (None where none was judged): the acceptance at each depth given
+    the depths before it."""
+    judged = [sum(j >= d for j in per_cycle_judged) for d in range(1, gamma + 1)]
+    accepted = [sum(k >= d for k in per_cycle) for d in range(1, gamma + 1)]
+    return {"judged_by_depth": judged, "accepted_by_depth": accepted,
+            "accept_by_depth": [a / j if j else None for a, j in zip(accepted, judged)]}
 
 
 def judged_drafts(per_cycle: list, per_cycle_drafted: list) -> tuple:
@@ -571,14 +571,17 @@ def judged_drafts(per_cycle: list, per_cycle_drafted: list) -> tuple:
 
 
 @torch.inference_mode()
-def step_times(model: Steps, input_ids: torch.Tensor, verify_sizes=(), repeats: int = 7) -> tuple:
-    """(seconds of one draft step, seconds of one autoregressive step, {k: seconds of a k-token full step}): medians
-    of warm calls of `draft_step` and `full_step` on a cache holding `input_ids`, interleaved so that load affects
-    them alike. A k-token full step costs what verifying k - 1 drafts does."""
+def step_times(model: Steps, input_ids: torch.Tensor, verify_sizes=(), repeats: int = 7, draft_sizes=()) -> tuple:
+    """(seconds of one draft step, seconds of one autoregressive step, {k: seconds of a k-token full step},
+    {r: seconds of an r-token draft step}): medians of warm calls of `draft_step` and `full_step` on a cache holding
+    `input_ids`, interleaved so that load affects them alike. A k-token full step costs what verifying k - 1 drafts
+    (or a tree of k - 1 nodes) does; an r-token draft step what a tree level of r nodes does."""
     cache, n, last = _prefill(model, input_ids, with_exit=True)
     steps = {"draft": lambda: model.draft_step(last, cache, n), 1: lambda: model.full_step(last, cache, n)}
     for k in verify_sizes:
         steps[k] = (lambda k=k: model.full_step(input_ids[:, n - k + 1:n + 1], cache, n))  # positions n..n+k-1
+    for r in draft_sizes:
+        steps[("draft", r)] = (lambda r=r: model.draft_step(input_ids[:, n - r + 1:n + 1], cache, n))
     times = {kind: [] for kind in steps}
     for r in range(repeats + 1):
         for kind, step in steps.items():
@@ -589,4 +592,4 @@ def step_times(model: Steps, input_ids: torch.Tensor, verify_sizes=(), repeats: 
                 times[kind].append(time.perf_counter() - t)
             cache.crop(n)
     med = {kind: statistics.median(v) for kind, v in times.items()}
-    return med["draft"], med[1], {k: med[k] for k in verify_sizes}
+    return med["draft"], med[1], {k: med[k] for k in verify_sizes}, {r: med[("draft", r)] for r in draft_sizes}

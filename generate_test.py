@@ -310,6 +310,24 @@ def test_smollm2_greedy_self_speculation_is_lossless(smollm2):
     assert stats["accepted"] > 0  # the untrained exit at layer 22 agrees often enough to accept some drafts
 
 
+@pytest.mark.slow
+def test_smollm2_greedy_trees_equal_autoregressive_and_generate(smollm2):
+    model, tok = smollm2
+    msgs = [{"role": "user", "content": "Explain why the sky is blue, briefly."}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    new = 40
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, ids.shape[1]:]
+    for layer in (22,):
+        tl = TruncatedLlama(model, layer)
+        ar, _ = autoregressive_generate(tl, ids, new)
+        assert torch.equal(ar, ref), layer
+        for gamma, width, nodes in ((1, 4, 0), (2, 4, 8)):
+            sp, stats = speculative_generate(tl, ids, new, gamma=gamma, tree_width=width, tree_nodes=nodes)
+            assert torch.equal(sp, ar), (layer, gamma, width)
+    assert stats["accepted"] > 0
+
+
 def test_judged_drafts_count_one_rejection_per_cycle_that_stops_early():
     # gamma 3, 10 tokens: cycles draft 3, 3, 3 (4 + 1 + 3 tokens), then min(3, 10 - 8 - 1) = 1, then 0
     assert generate.judged_drafts([3, 0, 2, 0, 0], [3, 3, 3, 1, 0]) == (5, 3)
@@ -357,6 +375,7 @@ def test_greedy_trees_equal_autoregressive_and_generate(tie):
             assert max(stats["per_cycle_drafted"]) <= budget and max(stats["per_cycle"]) <= gamma
             assert stats["tree_width"] == width and stats["tree_nodes"] == budget
             assert sum(stats["draft_rows_hist"][width + 1:]) == 0  # a draft step runs at most `width` rows
+            assert 0 < stats["seconds"] < 60 and stats["tokens_per_s"] == pytest.approx(new / stats["seconds"])
 
 
 @pytest.mark.parametrize("kw", [dict(adapter="block"), dict(adapter="mlp"), dict(last_block=True),

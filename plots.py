@@ -4,6 +4,7 @@
     speed_vs_gamma.png, speedup_heatmap.png        measured speed against gamma, and speedup per exit x gamma
     measured_vs_predicted.png                      measured speedup against the cost model's prediction
     where_it_pays.png                              the (a, c) plane with break-even curves: where drafting pays
+    speed_vs_width.png                             speedup against the tree width (sweeps with --tree_widths)
     teacher_forced_layers.png                      teacher-forced agreement of every exit at every layer
     train_curve.png (plot_curve)                   a training run's loss and validation metrics against step
 
@@ -204,13 +205,15 @@ def plot_where_it_pays(rows, path, model_name):
     for g in BREAK_EVEN_GAMMAS:
         ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
     pts = [r for r in rows if r.get("alpha") is not None and r.get("c") is not None]
-    for greedy, marker in ((True, "o"), (False, "^")):
-        sel = [r for r in pts if (r["temperature"] == 0) == greedy]
+    kinds = ((True, False, "o", "greedy chains"), (False, False, "^", "sampling chains"),
+             (True, True, "*", "greedy trees (α per level)"), (False, True, "P", "sampling trees (α per level)"))
+    for greedy, tree, marker, label in kinds:
+        sel = [r for r in pts if (r["temperature"] == 0) == greedy and ((r.get("tree_width") or 1) > 1) == tree]
         if sel:
             ax.scatter([r["alpha"] for r in sel], [r["c"] for r in sel], c=[colour[r["gamma"]] for r in sel],
-                       marker=marker, edgecolors="k", linewidths=0.5, zorder=3)
+                       marker=marker, s=70 if tree else 36, edgecolors="k", linewidths=0.5, zorder=3)
             ax.scatter([], [], marker=marker, color="w", edgecolors="k", linewidths=0.5,
-                       label=f"{'greedy' if greedy else 'sampling'} cells (colour: γ)")
+                       label=f"{label} (colour: γ)")
     for r in pts:
         ax.annotate(f"{exit_label(r)} γ{gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
@@ -221,20 +224,51 @@ def plot_where_it_pays(rows, path, model_name):
     _save(fig, path)
 
 
+def plot_speed_vs_width(rows, path, model_name):
+    """(8) measured speedup against the tree width (1: the chain), one line per policy, gamma and node budget."""
+    fig, ax = _figure(size=(7.5, 4.8))
+    lines = {}
+    for r in rows:
+        if r.get("speedup") is not None:
+            budget = "" if (r.get("tree_width") or 1) == 1 or not r.get("tree_nodes") else f", {r['tree_nodes']} nodes"
+            key = (policy_name((r["temperature"], r["top_p"], r["top_k"])), r["gamma"], budget, exit_label(r))
+            lines.setdefault(key, []).append((r.get("tree_width") or 1, r["speedup"]))
+    widths = sorted({w for pts in lines.values() for w, _ in pts})
+    for (policy, gamma, budget, exit), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([w for w, _ in pts], [s for _, s in pts], "o-" if policy == "greedy" else "s--",
+                label=f"{exit}, {policy}, γ={gamma}{budget}")
+    ax.axhline(1.0, color="k", ls=":", label="autoregressive")
+    ax.set(title=f"Speedup against the tree width (candidates per node), {model_name}",
+           xlabel="tree width K (1: one chain of drafts)", ylabel="speedup over autoregressive")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
+    _save(fig, path)
+
+
 PLOTS = {"accepted_vs_layer.png": plot_accepted, "overlap_vs_layer.png": plot_overlap,
          "speed_vs_gamma.png": plot_speed, "speedup_heatmap.png": plot_heatmap,
-         "measured_vs_predicted.png": plot_predicted, "where_it_pays.png": plot_where_it_pays}
+         "measured_vs_predicted.png": plot_predicted, "where_it_pays.png": plot_where_it_pays,
+         "speed_vs_width.png": plot_speed_vs_width}
 # These draw every cell; the others draw one point per (exit, gamma, policy): the cells of the sweep's first
 # --draft_stop value.
 ALL_CELL_PLOTS = ("measured_vs_predicted.png", "where_it_pays.png")
+TREE_PLOTS = ("speed_vs_width.png",)  # drawn only when the sweep has trees; the others then draw its chains
 
 
 def make_plots(rows, tf_rows, out_dir, model_name):
     """Write the plots the rows have data for into out_dir; returns their paths."""
     paths = []
     stops = list(dict.fromkeys(r.get("draft_stop", 0.0) for r in rows))
+    trees = any((r.get("tree_width") or 1) > 1 for r in rows)
+    chains = [r for r in rows if (r.get("tree_width") or 1) == 1] or rows
     for name, plot in PLOTS.items() if rows else []:
-        some = rows if name in ALL_CELL_PLOTS else [r for r in rows if r.get("draft_stop", 0.0) == stops[0]]
+        if name in TREE_PLOTS and not trees:
+            continue
+        some = rows if name in ALL_CELL_PLOTS + TREE_PLOTS else chains
+        if name not in ALL_CELL_PLOTS:
+            some = [r for r in some if r.get("draft_stop", 0.0) == stops[0]]
         plot(some, Path(out_dir) / name, model_name)
         paths.append(Path(out_dir) / name)
     if tf_rows:

@@ -24,7 +24,8 @@ LAYER_SWEEP = "layer_sweep"
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
                  "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup",
                  "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
-SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "prompts",
+SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "tree_width",
+                   "tree_nodes", "tokens_per_cycle", "accept_by_depth", "prompts",
                    "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
                    "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
                    "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
@@ -129,9 +130,10 @@ def exit_label(row):
 
 
 def gamma_label(row):
-    """γ, and the adaptive stop when the cell has one: `4` or `4, stop 0.3`."""
-    stop = row.get("draft_stop") or 0
-    return f"{row['gamma']}" + (f", stop {stop:g}" if stop else "")
+    """γ, the tree (width x nodes) and the adaptive stop when the cell has them: `4`, `2, tree 4x8, stop 0.3`."""
+    stop, width = row.get("draft_stop") or 0, row.get("tree_width") or 1
+    tree = f", tree {width}x{row.get('tree_nodes') or width * row['gamma']}" if width > 1 else ""
+    return f"{row['gamma']}{tree}" + (f", stop {stop:g}" if stop else "")
 
 
 def policy_name(policy):
@@ -178,8 +180,10 @@ def best_line(rows):
     policy = policy_name((r["temperature"], r["top_p"], r["top_k"]))
     if r.get("draft_stop"):
         policy += f", draft_stop {r['draft_stop']:g}"
-    return (f"best lossless speedup: {r['speedup']:.2f}x ({name}, L {r['exit_layer']}, gamma {r['gamma']}, {policy}, "
-            f"{r['prompts']} prompts x {r['max_new_tokens']} tokens)")
+    width = r.get("tree_width") or 1
+    tree = f", width {width}, nodes {r.get('tree_nodes') or width * r['gamma']}" if width > 1 else ", width 1 (chain)"
+    return (f"best lossless speedup: {r['speedup']:.2f}x ({name}, L {r['exit_layer']}, gamma {r['gamma']}{tree}, "
+            f"{policy}, {r['prompts']} prompts x {r['max_new_tokens']} tokens)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,6 +213,19 @@ def predicted_speedup(a, gamma, c, draft_len_hist=None, v=1.0):
     tokens = sum(n * tokens_per_cycle(a, d) for d, n in lengths.items()) / cycles
     mean_d = sum(n * d for d, n in lengths.items()) / cycles
     return tokens / (mean_d * c + v)
+
+def predicted_tree_speedup(accept_by_depth, draft_cost, v=1.0):
+    """A tree's estimate from its measured acceptance at each depth (a_d: a d-th token accepted given d - 1 were):
+    a cycle yields 1 + a_1 + a_1 a_2 + ... tokens and costs draft_cost (its draft steps, each at its rows' measured
+    cost, in autoregressive steps) + v (the verification of its nodes)."""
+    if not accept_by_depth or accept_by_depth[0] is None:
+        return None
+    tokens, reach = 1.0, 1.0
+    for a in accept_by_depth:
+        reach *= a or 0.0
+        tokens += reach
+    return tokens / (draft_cost + v)
+
 
 BREAK_EVEN_GAMMAS = (1, 2, 4)
 

@@ -43,6 +43,11 @@ def parse_args(argv=None):
     ap.add_argument("--draft_stop", type=float, default=0.0,
                     help="stop a cycle's drafting when the draft's top probability is below this, in [0, 1) "
                          "(default 0: always gamma drafts)")
+    ap.add_argument("--tree_width", type=int, default=1,
+                    help="draft a tree: each expanded node proposes this many tokens (default 1: a chain)")
+    ap.add_argument("--tree_nodes", type=int, default=0, help="the tree's node budget (default 0: width x gamma)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where a cycle's time goes (draft levels, verify, accept, cache moves; trees)")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate (default 96)")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling and for the ShareGPT prompt choice")
     ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -55,8 +60,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_policy(gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                     draft_stop=args.draft_stop,
-                     flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k", "draft_stop")})
+                     draft_stop=args.draft_stop, tree_width=args.tree_width, tree_nodes=args.tree_nodes,
+                     flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k", "draft_stop",
+                                                  "tree_width", "tree_nodes")})
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
         dtype, dtype_name = resolve_dtype(args.dtype)
@@ -84,14 +90,20 @@ def main(argv=None):
 
     tl = TruncatedLlama(model, layer, exit)
     policy = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id)
+    if args.tree_width > 1 and not tl.lean:
+        print("error: --tree_width: trees of drafts need the lean engine (a plain Llama model).", file=sys.stderr)
+        sys.exit(2)
+    timings = {} if args.profile else None
     tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,
+                                         tree_width=args.tree_width, tree_nodes=args.tree_nodes, timings=timings,
                                          generator=torch.Generator().manual_seed(args.seed), **policy)
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
                                                 generator=torch.Generator().manual_seed(args.seed), **policy)
     tl_tokens = tokens.tolist()
     print(f"--- prompt ({ids.shape[1]} tokens)\n{text.strip()[:600]}\n")
     legend = "green" if not args.no_color else "[bracketed]"
-    print(f"--- reply: exit layer {layer}/{n}, gamma {args.gamma}, temperature {args.temperature} "
+    tree = f", tree width {args.tree_width}" if args.tree_width > 1 else ""
+    print(f"--- reply: exit layer {layer}/{n}, gamma {args.gamma}{tree}, temperature {args.temperature} "
           f"({legend} = drafted by the exit and accepted)")
     print(coloured(tok, tl_tokens, stats["from_draft"], colour=not args.no_color))
     print(f"\n--- accepted drafts per cycle\n{stats['per_cycle']}")
@@ -100,8 +112,14 @@ def main(argv=None):
         print(f"greedy output identical to autoregressive: {same}"
               + ("" if same or model.dtype == torch.float32 else
                  " (in bfloat16 a multi-token verify rounds differently from one-token steps; near-ties can part)"))
+    if timings:
+        cycles = stats["target_calls"]
+        total = sum(timings.values())
+        print("\n--- a cycle's time (ms per cycle, share)\n" + "\n".join(
+            f"{k:13s} {1e3 * v / cycles:7.2f}  {v / total:5.1%}" for k, v in timings.items()))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
-             if k not in ("per_cycle", "per_cycle_drafted", "from_draft", "cache_positions", "overlap_sum")}
+             if k not in ("per_cycle", "per_cycle_drafted", "from_draft", "cache_positions", "overlap_sum",
+                          "judged_by_depth", "accepted_by_depth")}
     shown["autoregressive_tokens_per_s"] = round(base["tokens_per_s"], 2)
     shown["speedup"] = round(stats["tokens_per_s"] / base["tokens_per_s"], 3)
     print(json.dumps(shown))
