@@ -373,12 +373,14 @@ class Tree:
 def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
                budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None) -> tuple:
     """A tree of drafts after `last`, one draft step per level over all of its nodes as rows. Each expanded node
-    proposes its `width` most likely tokens under q; of all proposals the `width` with the most likely paths are kept
-    (EAGLE-2's rule), up to `budget` nodes; a node whose top probability is below `draft_stop` is not expanded. Only
-    the draft decides, so the output stays exact. The deepest level runs the shared layers (and exit blocks) only.
-    Returns (the tree, the layer-L states of every node in order, {node: its q row}, the rows of each draft step)."""
+    proposes its `width` most likely tokens by the draft's logits (at the policy's temperature, before top-k / top-p:
+    a candidate outside q's nucleus can still be the target's token); of all proposals the `width` with the most
+    likely paths are kept (EAGLE-2's rule), up to `budget` nodes; a node whose top probability under the policy is
+    below `draft_stop` is not expanded. Only the draft decides, so the output stays exact. The deepest level runs the
+    shared layers (and exit blocks) only. Returns (the tree, the layer-L states of every node in order, {node: its
+    draft logits row}, the rows of each draft step)."""
     tree = Tree(n, int(last), last.device)
-    hidden, q_of, level, level_rows = [], {}, [0], []
+    hidden, q_logits, level, level_rows = [], {}, [0], []
     t0 = _lap(timings, None, last.device)
     for d in range(depth + 1):
         ids = torch.tensor([[tree.tokens[i] for i in level]], device=last.device)
@@ -390,28 +392,31 @@ def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
         h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
         hidden.append(h)
         level_rows.append(len(level))
-        q = policy.probs(logits[0])
-        top_q, top_ids = q.topk(min(width, q.shape[-1]), dim=-1)
+        scores = logits[0].float() / (policy.temperature if not policy.greedy else 1.0)
+        top, top_ids = scores.topk(min(width, scores.shape[-1]), dim=-1)
+        top_logq = (top - scores.logsumexp(-1, keepdim=True)).tolist()
+        confident = policy.probs(logits[0]).amax(-1).tolist() if draft_stop else None  # q under the policy
         proposals = []
         for r, i in enumerate(level):
-            if draft_stop and float(top_q[r, 0]) < draft_stop:
+            if draft_stop and confident[r] < draft_stop:
                 continue
-            q_of[i] = q[r:r + 1]
-            proposals += [(tree.logq[i] + math.log(v), i, tok)
-                          for v, tok in zip(top_q[r].tolist(), top_ids[r].tolist()) if v > 0]
+            q_logits[i] = logits[0, r:r + 1]
+            proposals += [(tree.logq[i] + lq, i, tok) for lq, tok in zip(top_logq[r], top_ids[r].tolist())
+                          if lq > float("-inf")]  # a pruned head's tokens only
         if not proposals:
             break
         kept = sorted(proposals, key=lambda x: -x[0])[:min(width, room)]
         kept.sort(key=lambda x: (x[1], -x[0]))  # by parent, each one's children most likely first
         level = [tree.add(i, tok, logq) for logq, i, tok in kept]
     _lap(timings, "draft levels", last.device, t0)
-    return tree, hidden, q_of, level_rows
+    return tree, hidden, q_logits, level_rows
 
 
-def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, p: Optional[torch.Tensor],
-                generator: Optional[torch.Generator] = None) -> tuple:
+def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+                visited: Optional[dict] = None) -> tuple:
     """Walk the tree from the root with the target's p at each node; returns (the accepted path of nodes, the
-    target's own token, 1 if the last node reached had candidates and all were rejected).
+    target's own token, 1 if the last node reached had candidates and all were rejected). p is computed for the nodes
+    the walk reaches only (into `visited`, {node: p row}, when given).
 
     Greedy: follow the child equal to argmax p. Sampling, at a node with candidates c1..cK (its children, fixed by
     the draft): r = p; accept c_i with probability r(c_i) / sum r, else set r(c_i) = 0 and go on; if every one is
@@ -420,21 +425,24 @@ def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, p: Optiona
     u, path = 0, [0]
     while True:
         kids = tree.children[u]
+        if visited is not None:
+            visited[u] = policy.probs(p_logits[u:u + 1])
         if policy.greedy:
             best = int(p_logits[u].argmax())
             nxt = next((c for c in kids if tree.tokens[c] == best), None)
             if nxt is None:
                 return path, best, int(bool(kids))
         else:
-            r, nxt = p[u], None
+            p_u = visited[u][0] if visited is not None else policy.probs(p_logits[u:u + 1])[0]
+            r, nxt = p_u, None
             for c in kids:
                 if accept_draft(r[tree.tokens[c]], r.sum(), generator):
                     nxt = c
                     break
-                r = r.clone() if r is p[u] else r
+                r = r.clone() if r is p_u else r
                 r[tree.tokens[c]] = 0
             if nxt is None:
-                return path, int(sample(r if float(r.sum()) > 0 else p[u], generator)), int(bool(kids))
+                return path, int(sample(r if float(r.sum()) > 0 else p_u, generator)), int(bool(kids))
         path.append(nxt)
         u = nxt
 
@@ -443,18 +451,19 @@ def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
                budget: int, draft_stop: float = 0.0, generator: Optional[torch.Generator] = None,
                timings: Optional[dict] = None) -> Cycle:
     """Draft a tree, verify every node in one pass of the remaining layers (tree mask, RoPE at n + depth), walk it:
-    one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep)."""
-    tree, hidden, q_of, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
-                                                timings)
+    one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep). The overlap stat is over the expanded
+    nodes the walk reached (where p is computed anyway)."""
+    tree, hidden, q_logits, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
+                                                    timings)
     t0 = _lap(timings, None, last.device)
     p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.rows(list(range(len(tree.tokens)))))[0]
     t0 = _lap(timings, "verify", last.device, t0)
-    p = policy.probs(p_logits)
-    expanded = sorted(q_of)
-    overlap = torch.minimum(p[expanded], torch.cat([q_of[i] for i in expanded])).sum() if expanded else 0.0
-    path, token, rejected = accept_tree(policy, tree, p_logits, p, generator)
+    visited = {}
+    path, token, rejected = accept_tree(policy, tree, p_logits, generator, visited)
     _lap(timings, "accept", last.device, t0)
-    return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(expanded), rejected,
+    seen = [u for u in visited if u in q_logits]
+    overlap = sum(torch.minimum(visited[u], policy.probs(q_logits[u])).sum() for u in seen) if seen else 0.0
+    return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
                  len(tree.tokens) - 1, path, tuple(level_rows))
 
 
