@@ -30,7 +30,8 @@ run: setup
 	OMP_NUM_THREADS=1 $(PY) evaluate.py --exit_layers 8 15 22 --exit_ckpt $(STUDY)/exit_L15 --gammas 1 2 4 --temperatures 0 0.7 \
 		--top_p 0.95 --num_prompts 2 --max_new_tokens 24 --tf_blocks 3 --tf_seq_len 256 --out_dir $(STUDY)/eval
 
-# The speedup check (at most 45 min on 2 idle CPU cores): (a) distil a shallow exit with a pruned head into
+# The speedup check (63 min on the 2 idle cores of an AMD EPYC without AMX, 2026-12-01; the training half took 24 min
+# on the AMX Xeon): (a) distil a shallow exit with a pruned head into
 # out/speedup/ (two processes x one thread; the base in --dtype auto, bf16 where the CPU has it: the teacher is then the
 # very model the sweep decodes with, and its forward is 2.2x faster (0.93 against 2.05 s a step on the AMX Xeon of
 # 2026-11-29); the exit always trains in float32), (b) measure it against our autoregressive loop on 16 ShareGPT test
@@ -38,7 +39,7 @@ run: setup
 # --dtype auto on both threads, each cell against its own baseline timed prompt by prompt in turns with it
 # (--paired_baseline), (c) print as the last line the best lossless speedup (evaluate.py --best_line: greedy cells
 # count only when every prompt's tokens equal the baseline's). The step count follows the dtype the machine gets:
-# 1500 steps in bf16, 650 in float32 (CPUs without native bf16), about 25 min of training either way.
+# 1500 steps in bf16, 650 in float32 (CPUs without native bf16): about 25 min of training on the AMX Xeon, 41 on the EPYC.
 # Override any part, e.g. `make speedup SPEEDUP_LAYER=6 SPEEDUP_STEPS=200`.
 SPEEDUP        := out/speedup
 SPEEDUP_LAYER  ?= 3
