@@ -34,9 +34,9 @@ from data_utils import DATASETS, dataset_module, sample_blocks
 from generate import autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
-                     finished_cells, markdown_table, merge_results, predicted_speedup, predicted_tree_speedup, read_rows, repair_tail,
-                     results_files, write_table)
-from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError
+                     finished_cells, markdown_table, merge_results, predicted_speedup, predicted_tree_speedup,
+                     read_rows, repair_tail, results_files, write_table)
+from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError, trees_need_lean
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cells
@@ -185,10 +185,6 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
 def add_lists(a, b):
     """Element-wise sum of two count lists of any lengths."""
     return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results files: one JSON line per cell, appended in one write; merged (and sorted) by rank 0 at the end.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,8 +509,7 @@ def load_sweep(args, device):
     prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
     if max(args.tree_widths) > 1 and (args.engine == "hf" or not decode_engine.supports(base)):
-        raise UsageError("--tree_widths: trees of drafts need the lean engine (--engine lean or auto on a plain Llama "
-                         "model); transformers' layers verify chains only, use --tree_widths 1.")
+        raise UsageError(trees_need_lean("--tree_widths"))
     cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop,
                        args.tree_widths, args.tree_nodes)
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
@@ -637,7 +632,8 @@ def run(args, stop=None):
     say(dtype_line(args.dtype, sw.dtype_name, sw.machine))  # after every check: an error stays the only line
     say(f"{len(sw.cells)} cells ({len(sw.exits)} exits x {gammas} gammas x "
         f"{len({(c.temperature, c.top_p, c.top_k) for c in sw.cells})} policies"
-        f"{f' x {stops} draft stops' if stops > 1 else ''}{f' x {trees} trees' if trees > 1 else ''}) on {len(sw.prompts)} prompts "
+        f"{f' x {stops} draft stops' if stops > 1 else ''}{f' x {trees} trees' if trees > 1 else ''}) on "
+        f"{len(sw.prompts)} prompts "
         f"x {args.max_new_tokens} new tokens; {len(sw.cells) - len(todo)} already done, {len(todo)} to run on "
         f"{world} process(es)")
 

@@ -12,8 +12,9 @@ No layer ever recomputes a position, and after each cycle the cache holds exactl
 
 Reading order: `speculative_generate` (the loop) -> `speculate_cycle` (one cycle) -> `draft` and `Policy` (the
 sampling policy and the acceptance rule); then trees of drafts (`tree_cycle`: `draft_tree`, one verify over the
-tree, `accept_tree`), which the loop runs instead of a chain when tree_width > 1. The model is anything with the `Steps` methods (truncated_llama's
-TruncatedLlama); this module needs neither the sweep (evaluate.py) nor the trainer (train.py).
+tree, `accept_tree`), which the loop runs instead of a chain when tree_width > 1. The model is anything with the
+`Steps` methods (truncated_llama's TruncatedLlama); this module needs neither the sweep (evaluate.py) nor the
+trainer (train.py).
 """
 import math
 import statistics
@@ -255,7 +256,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
             cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
         k = cycle.accepted
         per_cycle.append(k)
-        per_cycle_drafted.append(cycle.nodes if cycle.nodes is not None else len(cycle.drafts))
+        per_cycle_drafted.append(cycle.nodes)
         judged.append(k + cycle.rejected)
         rows += cycle.level_rows
         overlap_sum += cycle.overlap
@@ -289,15 +290,16 @@ class Cycle(NamedTuple):
     """One draft-verify cycle: the drafted tokens (a tree's accepted path), how many the target accepted, the target's
     own token, and the sum over drafted positions (a tree's expanded nodes) of sum_x min(p, q), their expected
     acceptance (a 0-d tensor, or 0.0 with no draft), over `overlap_rows` rows. `rejected`: 1 when the last judged
-    draft (a tree: every candidate at the last node reached) was rejected. A tree's cycle also has its nodes, the
-    accepted path (node indices from 0, the root) and the rows of each draft step."""
+    draft (a tree: every candidate at the last node reached) was rejected. `nodes`: the tokens drafted (a chain's
+    drafts, a tree's nodes). A tree's cycle also has the accepted path (node indices from 0, the root) and the rows of
+    each draft step."""
     drafts: list
     accepted: int
     token: int
     overlap: object
     overlap_rows: int = 0
     rejected: int = 0
-    nodes: Optional[int] = None
+    nodes: int = 0
     path: Optional[list] = None
     level_rows: tuple = ()
 
@@ -313,7 +315,7 @@ def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: 
     overlap = torch.minimum(p[: len(drafts)], q).sum() if drafts else 0.0
     k = policy.accepted(p_logits, p, q, drafts, generator)
     return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap, len(drafts),
-                 int(k < len(drafts)))
+                 int(k < len(drafts)), len(drafts))
 
 
 def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,

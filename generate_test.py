@@ -24,12 +24,17 @@ def perturbed_exit(base, layer, seed=1, **kw):
     return exit
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_greedy_equals_autoregressive_and_generate(tie):
+def greedy_reference(tie, new=24):
+    """A tiny 6-layer model, a 9-token prompt and `generate`'s greedy continuation of `new` tokens."""
     base = make_tiny_llama(layers=6, init_std=0.2, tie=tie, seed=3)
     prompt = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
-    new = 24
     ref = base.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:]
+    return base, prompt, new, ref
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_greedy_equals_autoregressive_and_generate(tie):
+    base, prompt, new, ref = greedy_reference(tie)
     stopped_early = 0
     for layer in (1, 3, 5):
         tl = TruncatedLlama(base, layer)
@@ -360,10 +365,7 @@ TREES = ((1, 2, 0), (1, 4, 0), (2, 2, 0), (2, 3, 4), (3, 4, 0), (4, 2, 5))  # (g
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_greedy_trees_equal_autoregressive_and_generate(tie):
-    base = make_tiny_llama(layers=6, init_std=0.2, tie=tie, seed=3)
-    prompt = torch.randint(0, 259, (1, 9), generator=torch.Generator().manual_seed(0))
-    new = 24
-    ref = base.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:]
+    base, prompt, new, ref = greedy_reference(tie)
     for layer in (1, 3, 5):
         tl = TruncatedLlama(base, layer)
         for (gamma, width, nodes), stop in itertools.product(TREES, (0.0, 0.06)):

@@ -14,7 +14,7 @@ import torch
 from cli import DataError
 from generate import autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
-                             load_base_model, machine_info, model_fingerprint, resolve_dtype)
+                             load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -91,7 +91,7 @@ def main(argv=None):
     tl = TruncatedLlama(model, layer, exit)
     policy = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id)
     if args.tree_width > 1 and not tl.lean:
-        print("error: --tree_width: trees of drafts need the lean engine (a plain Llama model).", file=sys.stderr)
+        print(f"error: {trees_need_lean('--tree_width')}", file=sys.stderr)
         sys.exit(2)
     timings = {} if args.profile else None
     tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,

@@ -281,6 +281,12 @@ class HFSteps:
 ENGINES = ("auto", "lean", "hf")
 
 
+def trees_need_lean(flag: str) -> str:
+    """The one sentence for a tree of drafts asked of transformers' layers (HFSteps verifies chains only)."""
+    return (f"{flag}: trees of drafts need the lean engine (--engine lean or auto on a plain Llama model); "
+            f"transformers' layers verify chains only, use {flag} 1.")
+
+
 class TruncatedLlama(nn.Module):
     """A base Llama causal LM seen both at full depth and as an early-exit drafter at layer `exit_layer`.
 
@@ -409,8 +415,7 @@ class TruncatedLlama(nn.Module):
         if tree is None:
             return {}
         if not self.lean:
-            raise ValueError("--tree_widths: trees of drafts need the lean engine (--engine lean or auto on a plain "
-                             "Llama model); transformers' layers verify chains only, use --tree_widths 1.")
+            raise ValueError(trees_need_lean("--tree_widths"))
         return {"tree": tree}
 
     def full_step(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = False) -> torch.Tensor:
