@@ -23,6 +23,7 @@ For each dtype it prints, all measured in the same run:
                tokens/s, the ratios, each method's fraction of both rooflines, and whether greedy outputs equal
                generate's. transformers' methods run on their own pristine copy of the model (the lean engine lays
                our copy's weights out anew).
+With --exits K.. it times a step of K exits trained together on one base pass against K separate runs.
 With --train_step it times instead one `train.py --train head` step (distill.distill_forward, backward, AdamW)
 against a plain forward of the base model on the same random batch, side by side, and prints their ratio.
 Wall-clock figures are reported, never asserted.
@@ -335,6 +336,57 @@ def train_step_cost(args, repeats=5):
     return ratio
 
 
+def exits_step_cost(args, repeats=3):
+    """For each K in --exits: one training step of K exits (head, norm and a next-block adapter trained, as
+    `make report` trains them) fed by one shared pass of the frozen base, against K separate steps that each run the
+    base themselves (what K separate train.py runs pay), timed side by side on one batch of --batch_size x --seq_len
+    random tokens. Prints a line per K and returns {K: (together s, separate s)}."""
+    from distill import ExitForward, distill_forward
+    from train import set_trainable
+    from tuned_llama import EarlyExit
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype[0], device)[0], device=device)
+    n = len(base.model.layers)
+    vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None
+    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), device=base.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    results = {}
+    for k in args.exits:
+        layers = sorted({round(2 + i * (n - 4) / max(k - 1, 1)) for i in range(k)})  # spread over the depth
+        exits = [set_trainable(EarlyExit(base, L, adapter="block", adapter_init="next", vocab=vocab).to(device).float(),
+                               ["head", "norm", "adapter"]) for L in layers]
+        models = [TruncatedLlama(base, L, e, engine="hf") for L, e in zip(layers, exits)]
+        forwards = [ExitForward(e) for e in exits]
+        optimizers = [torch.optim.AdamW([p for p in e.parameters() if p.requires_grad], lr=1e-5) for e in exits]
+
+        def update(i, total):
+            total.backward()
+            optimizers[i].step()
+            optimizers[i].zero_grad(set_to_none=True)
+
+        def together():
+            p = models[-1].base_pass(ids, batch["attention_mask"], all_hidden_states=True)
+            for i, m in enumerate(models):
+                total, rows, _ = distill_forward(m, forwards[i], batch, loss={"kind": "kl"},
+                                                 states=(p.hidden_states[m.shared_layers], p.final))
+                update(i, total / rows.numel())
+
+        def separate():
+            for i, m in enumerate(models):
+                total, rows, _ = distill_forward(m, forwards[i], batch, loss={"kind": "kl"})
+                update(i, total / rows.numel())
+
+        together(), separate()  # warm-up
+        pairs = [(timed(together, device)[1], timed(separate, device)[1]) for _ in range(repeats)]
+        t, sep = (sorted(x)[len(x) // 2] for x in zip(*pairs))
+        results[k] = (t, sep)
+        print(f"{k} exit(s) at layers {', '.join(map(str, layers))}: one shared base pass {t:.2f} s a step, "
+              f"{k} separate runs {sep:.2f} s ({sep / t:.2f}x; median of {repeats} side-by-side pairs, batch "
+              f"{args.batch_size} x {args.seq_len}, {torch.get_num_threads()} threads)", flush=True)
+    return results
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -361,7 +413,12 @@ def main(argv=None):
     g.add_argument("--batch_size", type=int, default=8)
     g.add_argument("--seq_len", type=int, default=256)
     g.add_argument("--draft_vocab", type=int, default=0, help="a pruned head of this many rows (0: the full one)")
+    g.add_argument("--exits", type=int, nargs="+", metavar="K",
+                   help="instead: time a step of K exits trained together (train.py --exit_layers) against K separate "
+                        "runs, for each K, and exit")
     args = ap.parse_args(argv)
+    if args.exits:
+        return exits_step_cost(args)
     if args.train_step:
         return train_step_cost(args)
     device = torch.device(args.device)

@@ -39,3 +39,12 @@ def test_benchmark_prints_a_side_by_side_ratio(tiny_dir, capsys, vocab):
                       "--train_step", "--draft_vocab", vocab, "--dtype", "float32"])
     out = capsys.readouterr().out
     assert ratio > 0 and f"ratio {ratio:.2f} (median of 5 side-by-side pairs" in out
+
+
+def test_exits_benchmark_times_a_shared_pass_against_separate_runs(tiny_dir, capsys):
+    res = btc.main(["--model", str(tiny_dir), "--batch_size", "2", "--seq_len", "16", "--exits", "1", "3",
+                    "--draft_vocab", "64", "--dtype", "float32"])
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(res) == [1, 3] and all(t > 0 and s > 0 for t, s in res.values())
+    assert out[0].startswith("1 exit(s) at layers 2: one shared base pass") and \
+        out[1].startswith("3 exit(s) at layers 2, 3, 4: one shared base pass") and "3 separate runs" in out[1]

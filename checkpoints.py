@@ -168,6 +168,8 @@ RESUME_MUST_MATCH = ("model", "exit_layer", "train", "adapter", "adapter_init", 
                      "data_files", "dataset_id", "assistant_only", "val_fraction", "seq_len", "train_blocks",
                      "cache_states", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "grad_clip",
                      "schedule", "warmup", "min_lr_ratio", "max_steps", "epochs", "seed", "dtype")
+# Settings a --resume may raise: the run is then extended (see check_resume_args).
+RESUME_EXTENDABLE = ("max_steps", "epochs")
 # The values of settings added later, in the resume state of runs saved before they existed.
 RESUME_ADDED_LATER = {"draft_vocab": 0}
 
@@ -279,13 +281,33 @@ def read_resume_state(out_dir):
 
 
 def check_resume_args(state, args, out_dir):
+    """Refuse a --resume whose settings differ from the saved run's, except a longer run: a larger --max_steps (or
+    --epochs) extends it (train.py then recomputes the schedule for the new total); a total below the steps already
+    done is refused."""
     saved = {**RESUME_ADDED_LATER, **state.get("args", {})}
     for key in RESUME_MUST_MATCH:
         if key == "train" and isinstance(saved.get(key), str) and parse_train(saved[key]) == parse_train(args.train):
             continue  # the same parts, maybe listed in another order
+        if key in RESUME_EXTENDABLE and (saved.get("max_steps") == 0) == (args.max_steps == 0):
+            continue  # checked below
         if saved.get(key) != getattr(args, key):
             raise CheckpointError(f"--resume: the run in {out_dir} used --{key} {saved.get(key)!r}, not "
                                   f"{getattr(args, key)!r}; resume with the same settings.")
+    if 0 < args.max_steps < state["step"]:
+        raise CheckpointError(f"--resume: the run in {out_dir} has done {state['step']} steps, more than --max_steps "
+                              f"{args.max_steps}; give --max_steps {state['step']} or more.")
+
+
+def extended_run(state, args):
+    """A sentence when this --resume asks for more steps than the saved run (None when it does not)."""
+    saved = state.get("args", {})
+    key = "max_steps" if args.max_steps > 0 else "epochs"
+    if saved.get(key) == getattr(args, key):
+        return None
+    return (f"--resume: extending the run from --{key} {saved.get(key)} to {getattr(args, key)} at step "
+            f"{state['step']}; the learning-rate schedule is recomputed for the new total from there on (so the "
+            f"run is not the one a start with --{key} {getattr(args, key)} gives, unless the schedule is constant "
+            f"and the data the same)")
 
 
 def append_log(out_dir, record):

@@ -198,3 +198,26 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple:
     out = fn()
     device_sync(device)
     return out, time.perf_counter() - t
+
+
+def parse_layers(values, num_layers=None):
+    """--exit_layers values (ints and inclusive start:stop[:step] ranges) -> sorted distinct layers in 1..N-1.
+    Without num_layers, only the syntax is checked."""
+    if values is None and num_layers is None:
+        return None
+    if values is None:
+        return list(range(4, num_layers, 4)) or list(range(1, num_layers))
+    layers = []
+    for v in values:
+        try:
+            parts = [int(x) for x in v.split(":")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] < 1):
+            raise UsageError(f"--exit_layers: expected integers or start:stop[:step] ranges, got {v!r}.")
+        layers += parts if len(parts) == 1 else list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+    for layer in layers if num_layers is not None else []:
+        if not 1 <= layer <= num_layers - 1:
+            raise UsageError(f"--exit_layers: layer {layer} is outside 1..{num_layers - 1} for this "
+                             f"{num_layers}-layer model.")
+    return sorted(set(layers))

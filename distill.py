@@ -23,27 +23,34 @@ class StateCache:
     """The frozen base model's output on fixed blocks: the shared state the exit starts from and the full model's
     normed last state (which gives the teacher's logits), kept in memory after a block's first pass. Exact: these
     are the tensors a fresh pass computes. Used for the validation blocks (every validation after the first skips the
-    base model) and, with --cache_states, for the training blocks (epochs after the first skip it)."""
+    base model) and, with --cache_states, for the training blocks (epochs after the first skip it). With `layers`
+    (several exits' shared-layer counts), one pass keeps the state entering each of them, for all the exits."""
 
-    def __init__(self):
-        self.states = {}
+    def __init__(self, layers=None):
+        self.states, self.layers = {}, layers
 
     def get(self, model, indices, batch):
         """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
-        hit = self.lookup(indices, batch["input_ids"].shape[1])
+        hit = self.lookup(indices, batch["input_ids"].shape[1], model.shared_layers)
         if hit is not None:
             return hit
-        shared, final, _, _ = model.base_pass(batch["input_ids"], batch["attention_mask"])
+        if self.layers is None:
+            shared, final, _, _ = model.base_pass(batch["input_ids"], batch["attention_mask"])
+            kept = {model.shared_layers: shared}
+        else:
+            p = model.base_pass(batch["input_ids"], batch["attention_mask"], all_hidden_states=True)
+            kept, final = {s: p.hidden_states[s] for s in {*self.layers, model.shared_layers}}, p.final
         for j, i in enumerate(indices):
-            self.states[i] = (shared[j], final[j])
-        return shared, final
+            for s, states in kept.items():
+                self.states[i, s] = (states[j], final[j])
+        return kept[model.shared_layers], final
 
-    def lookup(self, indices, T, remove=False):
-        """(shared, final) for the blocks `indices` if all are cached (with T positions), else None; never runs the
-        base model. remove=True drops them from the cache."""
-        if not all(i in self.states and self.states[i][0].shape[0] == T for i in indices):
+    def lookup(self, indices, T, layer, remove=False):
+        """(shared, final) for the blocks `indices` if all are cached (with T positions) for an exit after `layer`
+        shared layers, else None; never runs the base model. remove=True drops them from the cache."""
+        if not all((i, layer) in self.states and self.states[i, layer][0].shape[0] == T for i in indices):
             return None
-        shared, final = zip(*((self.states.pop if remove else self.states.get)(i) for i in indices))
+        shared, final = zip(*((self.states.pop if remove else self.states.get)((i, layer)) for i in indices))
         return torch.stack(shared), torch.stack(final)
 
 
@@ -75,12 +82,13 @@ def batch_of(blocks, indices, pad_id, device):
     return {k: v.to(device) for k, v in collate([blocks[i] for i in indices], pad_id).items()}
 
 
-def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None):
+def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=None, target=None):
     """One pass of the base model (no graph) and the exit (with its graph) on the positions that count.
 
     Position t predicts token t+1, so it counts when loss_mask[t+1] is 1. The teacher is the base model at full
     depth from the same pass, or the separate `teacher` model when one is given. `states`: the base pass's
-    (shared, final) states when already known (StateCache), so the base model is not run.
+    (shared, final) states when already known (StateCache, or one pass shared by several exits), so the base model is
+    not run; `target`: the separate teacher's logits at the target positions, when already computed.
     Without `loss`: returns (teacher_logits (M, V), exit_logits (M, V), labels (M,)).
     With `loss` (fused_head_loss keywords, e.g. {"kind": "kl"}): returns (loss sum, per-row losses (M,), labels),
     computed without materialising any (M, V) tensor.
@@ -88,7 +96,7 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     rows = target_rows(batch)
     labels = input_ids[:, 1:][rows]
-    if states is not None and teacher is None:
+    if states is not None and (teacher is None or target is not None):
         shared, final = states
         ctx = model.context(shared, attention_mask)
     else:
@@ -96,7 +104,7 @@ def distill_forward(model, exit_forward, batch, teacher=None, loss=None, states=
     with torch.no_grad():
         if teacher is None:
             target = (final[:, :-1][rows], model.base.lm_head.weight)
-        else:
+        elif target is None:
             target = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][rows]
     if loss is not None:
         total, per_row = exit_forward(shared, ctx, rows, target, labels, loss)

@@ -29,7 +29,7 @@ import torch
 
 import decode_engine
 from checkpoints import CheckpointError, write_atomically
-from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, run_command
+from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, run_command
 from data_utils import DATASETS, dataset_module, sample_blocks
 from generate import autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
@@ -399,29 +399,6 @@ def build_parser():
                    help="run nothing: print the best lossless speedup among the cells in DIR/results.jsonl (the "
                         "line every sweep ends with) and exit")
     return p
-
-
-def parse_layers(values, num_layers=None):
-    """--exit_layers values (ints and inclusive start:stop[:step] ranges) -> sorted distinct layers in 1..N-1.
-    Without num_layers, only the syntax is checked."""
-    if values is None and num_layers is None:
-        return None
-    if values is None:
-        return list(range(4, num_layers, 4)) or list(range(1, num_layers))
-    layers = []
-    for v in values:
-        try:
-            parts = [int(x) for x in v.split(":")]
-        except ValueError:
-            parts = []
-        if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] < 1):
-            raise UsageError(f"--exit_layers: expected integers or start:stop[:step] ranges, got {v!r}.")
-        layers += parts if len(parts) == 1 else list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
-    for layer in layers if num_layers is not None else []:
-        if not 1 <= layer <= num_layers - 1:
-            raise UsageError(f"--exit_layers: layer {layer} is outside 1..{num_layers - 1} for this "
-                             f"{num_layers}-layer model.")
-    return sorted(set(layers))
 
 
 def check_args(args):

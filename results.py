@@ -58,6 +58,16 @@ def results_files(out_dir):
     return [p for p in [out_dir / RESULTS, *sorted(out_dir.glob("results.rank*.jsonl"))] if p.is_file()]
 
 
+def read_results(out_dir):
+    """Every cell's row in out_dir's results files, each cell once (results.jsonl's row first, then the per-process
+    files'), in file order: what a finished or interrupted sweep holds."""
+    rows = {}
+    for path in results_files(out_dir):
+        for row in read_rows(path):
+            rows.setdefault(row["cell_id"], row)
+    return list(rows.values())
+
+
 def finished_cells(out_dir, ids):
     """The cells among `ids` with a row in out_dir's results files."""
     return {r["cell_id"] for path in results_files(out_dir) for r in read_rows(path)} & set(ids)

@@ -38,3 +38,11 @@ def test_merge_keeps_each_cell_once_in_cell_order(tmp_path):
     assert rows == [row("a", 2), row("b", 1), row("c", 4)]
     assert read_rows(tmp_path / "results.jsonl") == rows + [row("z", 5)]  # another sweep's row is kept, last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.jsonl"]
+
+
+def test_read_results_holds_each_cell_once(tmp_path):
+    row = lambda cid, v: {"cell_id": cid, "v": v}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row("b", 1)) + "\n" + '{"cell_id": "c", "v"')
+    (tmp_path / "results.rank0.jsonl").write_text(json.dumps(row("a", 2)) + "\n" + json.dumps(row("b", 3)) + "\n")
+    assert results.read_results(tmp_path) == [row("b", 1), row("a", 2)]  # results.jsonl's row of b; the cut line
+    assert results.read_results(tmp_path / "none") == []

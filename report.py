@@ -1,0 +1,434 @@
+"""The report of one report directory: REPORT.md and its two plots, from what train.py and evaluate.py left there.
+
+    OUT/exit_L<l>/   trained exits (exit_config.json, log.jsonl, train_curve.png), from train.py
+    OUT/eval/        the sweep (results.jsonl, layer_sweep.jsonl, summary.md, its plots), from evaluate.py: a layer
+                     scan (untrained and trained exits, one policy, gamma 4) and a gamma grid of the trained exits
+
+    python report.py OUT [--command "make report ..."]     # writes OUT/REPORT.md, OUT/*_report.png
+
+REPORT.md: the machine, commands and sizes; the training of each exit; acceptance against the exit layer; speed
+against gamma; where drafting pays; the cost model per cell. A missing piece (no teacher-forced sweep, no untrained
+exits, ...) is one line saying so. Paths in it are relative to OUT, so it can be copied elsewhere with its PNGs. The
+last line of REPORT.md and of stdout is the best lossless speedup (results.best_line, as evaluate.py --best_line).
+"""
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+from checkpoints import CONFIG_FILE, LOG_FILE
+from cli import Parser, UsageError, run_command
+from plots import CURVE_FILE, MARKERS, _figure, _save
+from results import LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, policy_name, read_results, read_rows
+
+REPORT, EVAL = "REPORT.md", "eval"
+LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
+WHERE_IT_PAYS = "where_it_pays.png"  # written by evaluate.py (plots.plot_where_it_pays) into eval/
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the directory
+
+
+def load_exits(out):
+    """The trained exits in OUT/exit_L*/, by layer: (directory name, exit_config.json, log.jsonl records)."""
+    exits = []
+    for d in out.glob("exit_L*"):
+        if (d / CONFIG_FILE).is_file():
+            exits.append((d.name, json.loads((d / CONFIG_FILE).read_text()), read_rows(d / LOG_FILE, key=None)))
+    return sorted(exits, key=lambda e: (e[1].get("exit_layer", 0), e[0]))
+
+
+def sweep_commands(eval_dir):
+    """The evaluate.py command lines recorded in summary.md (the last run of the sweep's; earlier ones are
+    overwritten by it)."""
+    path = eval_dir / SUMMARY_MD
+    return re.findall(r"^`(python evaluate\.py[^`]*)`$", path.read_text(), re.M) if path.is_file() else []
+
+
+def flag_value(commands, flag):
+    """The last value of `flag` in any of the command lines (None if none has it)."""
+    found = [m for c in commands for m in re.findall(rf"{flag}[ =](\S+)", c)]
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def name(row):
+    return "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
+
+
+def same(a, b):
+    return abs(a - b) < 1e-9
+
+
+def is_policy(row, temperature, top_p, top_k):
+    return same(row["temperature"], temperature) and same(row["top_p"], top_p) and row["top_k"] == top_k
+
+
+def chains(rows):
+    """The cells of plain chains of drafts: no tree, no adaptive draft stop; each cell once. A cell measured twice
+    (in the layer scan and again in the gamma grid) keeps its paired-baseline row, else the later one. Exits are
+    told apart by their directory's name, as everywhere in the report."""
+    kept = {}
+    for r in rows:
+        if (r.get("tree_width") or 1) == 1 and not r.get("draft_stop"):
+            key = (name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"])
+            if key not in kept or bool(r.get("paired_baseline")) >= bool(kept[key].get("paired_baseline")):
+                kept[key] = r
+    return list(kept.values())
+
+
+def num(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def joined(rows, key, digits=3):
+    """The values of `key` in rows (several exits at one layer: joined by ' / '); '-' for none."""
+    return " / ".join(num(r.get(key), digits) for r in rows) or "-"
+
+
+def overlap_key(temperature):
+    """The teacher-forced overlap column at a temperature: overlap_t1, overlap_t07 (train.py's names), overlap_t<T>."""
+    return {1.0: "overlap_t1", 0.7: "overlap_t07"}.get(temperature, f"overlap_t{temperature:g}")
+
+
+def describe_machine(m, dtype):
+    """'AMD EPYC [avx2 avx512f], 2 threads, torch 2.13.0+cpu, bfloat16' (the GPU's name instead when there is one)."""
+    threads = m.get("threads", "?")
+    threads = f"{threads} thread{'' if threads == 1 else 's'}"
+    where = m.get("gpu") or f"{m.get('cpu', '?')} [{m.get('cpu_flags', '')}], {threads}"
+    return f"{where}, torch {m.get('torch', '?')}, {dtype}"
+
+
+def sizes(rows):
+    """'16 prompts x 128 new tokens' for each distinct size of the rows' cells."""
+    return ", ".join(dict.fromkeys(f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens" for r in rows))
+
+
+def table(head, body):
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in body]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections: each returns its Markdown lines
+
+
+def header(out, rows, tf_rows, exits, commands):
+    model = next((r["model"] for r in rows), next((e[1].get("base_model") for e in exits), "?"))
+    lines = [f"# Self-speculation report: {Path(str(model)).name}", ""]
+    sweep = {}
+    for r in rows:
+        key = describe_machine(r, r.get("dtype", "?"))
+        sweep[key] = sweep.get(key, 0) + 1
+    for m, n in sweep.items():
+        lines.append(f"- machine (sweep{f', {n} of {len(rows)} cells' if len(sweep) > 1 else ''}): {m}")
+    if not rows:
+        lines.append(f"- machine (sweep): unknown, no cells in {EVAL}/{RESULTS}")
+    for m in dict.fromkeys(f"{describe_machine(c.get('machine', {}), c.get('dtype', '?'))} (the exit in float32), "
+                           f"{c.get('world_size', 1)} process(es)" for _, c, _ in exits):
+        lines.append(f"- machine (training): {m}")
+    for c in commands["given"]:
+        lines.append(f"- command: `{c}`")
+    if not commands["given"]:
+        lines.append("- command: not recorded (report.py --command)")
+    for c in commands["sweep"]:
+        lines.append(f"- last sweep command (from {EVAL}/{SUMMARY_MD}): `{c}`")
+    if rows:
+        lines.append(f"- n: {sizes(rows)} per cell ({len(rows)} cells, seed {rows[0].get('seed', '?')}, "
+                     f"dataset {rows[0].get('dataset', '?')})")
+    if tf_rows:
+        every = commands["given"] + commands["sweep"]
+        found = [int(v) for c in every for v in re.findall(r"--tf_blocks[ =](\d+)", c)]
+        blocks, seq_len = max(found, default=0) or None, flag_value(every, "--tf_seq_len")  # 0: a run that skipped it
+        shape = f" ({blocks} blocks{f' x {seq_len} tokens' if seq_len else ''})" if blocks else ""
+        lines.append(f"- teacher-forced: {tf_rows[0]['tokens']} held-out tokens{shape}")
+    when = datetime.date.today().isoformat()
+    results = out / EVAL / RESULTS
+    if results.is_file():
+        stamp = datetime.datetime.fromtimestamp(results.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        when += f" (report); {EVAL}/{RESULTS} last written {stamp}"
+    return lines + [f"- date: {when}", ""]
+
+
+def training_section(out, exits):
+    lines = ["## Training", ""]
+    if not exits:
+        return lines + ["No trained exits (exit_L*/exit_config.json) in this directory.", ""]
+    body = []
+    for d, cfg, log in exits:
+        m = cfg.get("metrics", {})
+        step0 = next((r for r in log if r.get("step") == 0 and "val/top1" in r), {})
+        before = next((r for r in log if "untrained/top1" in r), {})
+        curve = f"[{CURVE_FILE}]({d}/{CURVE_FILE})" if (out / d / CURVE_FILE).is_file() else "-"
+        body.append([d, cfg.get("exit_layer", "-"), cfg.get("step", "-"), num(m.get("top1")), num(m.get("kl")),
+                     num(m.get("overlap_t1")), num(m.get("overlap_t07")), num(before.get("untrained/top1")),
+                     num(step0.get("val/top1")), ", ".join(cfg.get("trained", [])) or "-", curve])
+    head = ["exit", "L", "steps", "val top-1", "KL", "overlap T=1", "overlap T=0.7", "top-1 untrained (before the "
+            "head fit)", "top-1 at step 0", "trained", "curve"]
+    lines += table(head, body)
+    lines += ["", "Validation on held-out blocks against the full model (exit_config.json's last metrics); "
+              "'untrained' is the log's step-0 `untrained/` record, written only when a head fit (--head_init lstsq) "
+              "precedes step 0; without one, step 0 is the untrained exit.", ""]
+    return lines
+
+
+def layer_section(rows, tf_rows, out, args, caption):
+    policy = (args.layer_temperature, args.top_p, args.top_k)
+    title = f"{policy_name(policy)}, γ={args.layer_gamma}"
+    lines = [f"## Against the exit layer ({title})", ""]
+    sel = [r for r in chains(rows) if is_policy(r, *policy) and r["gamma"] == args.layer_gamma]
+    untrained = [r for r in sel if r["exit"] == "untrained"]
+    trained = [r for r in sel if r["exit"] != "untrained"]
+    tf_key = overlap_key(args.layer_temperature)
+    tf_untrained = [r for r in tf_rows if r["exit"] == "untrained"]
+    tf_trained = [r for r in tf_rows if r["exit"] != "untrained"]
+    if not sel:
+        lines.append(f"No sweep cells at {title}: no generation columns.")
+    elif not untrained:
+        lines.append(f"No untrained exits among the cells at {title}: trained exits only.")
+    elif not trained:
+        lines.append(f"No trained exits among the cells at {title}: untrained exits only.")
+    if not tf_rows:
+        lines.append(f"No teacher-forced layer sweep ({EVAL}/{LAYER_SWEEP}.jsonl; evaluate.py --tf_blocks 0 skips "
+                     "it): no teacher-forced columns.")
+    if not sel and not tf_rows:
+        return lines + [""]
+    tv = any(r.get("avg_tv") is not None for r in sel)
+    cols = []  # (heading, rows of the kind, key)
+    for kind, some in (("untrained", untrained), ("trained", trained)):
+        if some:
+            cols += [(f"{kind} accepted", some, "avg_accepted"), (f"{kind} overlap", some, "avg_overlap")]
+            cols += [(f"{kind} TV", some, "avg_tv")] if tv else []
+    for kind, some in (("untrained", tf_untrained), ("trained", tf_trained)):
+        if some:
+            cols += [(f"TF top-1 {kind}", some, "top1"),
+                     (f"TF overlap T={args.layer_temperature:g} {kind}", some, tf_key)]
+    layers = sorted({r["exit_layer"] for r in sel} or {r["exit_layer"] for r in tf_rows})  # the plot has every TF layer
+    body = [[L] + [joined([r for r in some if r["exit_layer"] == L], key) for _, some, key in cols] for L in layers]
+    lines += [""] + table(["L"] + [c[0] for c in cols], body)
+    names = ", ".join(dict.fromkeys(f"{name(r)} (L{r['exit_layer']})" for r in trained + tf_trained))
+    lines += ["", "accepted: accepted drafts per target call (tokens); overlap: Σ min(p, q) over drafted positions "
+              "(the expected acceptance of one draft); TV = 1 − overlap; TF: teacher-forced on held-out text "
+              f"(top-1 agreement with the full model, overlap at T={args.layer_temperature:g}; the plot shows it at "
+              "every layer the sweep measured)."
+              + (f" Trained: {names}." if names else ""), ""]
+    plot_layers(sel, tf_rows, tf_key, out / LAYER_PLOT, f"{title}; {caption}")
+    return lines + [f"![accepted drafts against the exit layer]({LAYER_PLOT})", "",
+                    f"*{LAYER_PLOT}: {title}; {caption}.*", ""]
+
+
+def grid_rows(rows, args):
+    """The gamma grid: trained exits' chains at --temperatures, --top_p, --top_k, for each exit measured at more
+    than one gamma (ordered by layer, temperature, gamma); and the names of the exits left out (one gamma only)."""
+    sel = [r for r in chains(rows) if r["exit"] != "untrained"
+           and any(is_policy(r, t, args.top_p, args.top_k) for t in args.temperatures)]
+    gammas = {}
+    for r in sel:
+        gammas.setdefault(name(r), set()).add(r["gamma"])
+    kept = sorted((r for r in sel if len(gammas[name(r)]) > 1),
+                  key=lambda r: (r["exit_layer"], name(r), r["temperature"], r["gamma"]))
+    return kept, [e for e, g in gammas.items() if len(g) == 1]
+
+
+def best_gammas(grid):
+    """{(exit name, temperature): the row with the best measured speedup}."""
+    best = {}
+    for r in grid:
+        key = (name(r), r["temperature"])
+        if r.get("speedup") is not None and (key not in best or r["speedup"] > best[key]["speedup"]):
+            best[key] = r
+    return best
+
+
+def gamma_section(grid, left_out, out, args, caption):
+    lines = [f"## Against γ (trained exits, top_p={args.top_p:g}{f', top_k={args.top_k}' if args.top_k else ''})",
+             ""]
+    if left_out:
+        lines.append(f"Measured at one γ only, so left out here: {', '.join(left_out)}.")
+    if not grid:
+        return lines + ["No trained exit was measured at more than one γ at these policies: no gamma grid.", ""]
+    for t in args.temperatures:
+        if not any(same(r["temperature"], t) for r in grid):
+            lines.append(f"No gamma-grid cells at T={t:g}.")
+    best = best_gammas(grid)
+    body = [[name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["tokens_per_s"], 1),
+             num(r["baseline_tokens_per_s"], 1),
+             f"**{num(r['speedup'], 2)}**" if best.get((name(r), r["temperature"])) is r else num(r["speedup"], 2),
+             num(r["avg_accepted"], 2)] for r in grid]
+    lines += [""] + table(["exit", "L", "T", "γ", "tok/s", "baseline tok/s", "speedup", "avg accepted"], body)
+    paired = all(r.get("paired_baseline") for r in grid)
+    lines += ["", "Bold: the best γ of each exit and temperature. Baselines: "
+              + ("each cell's own autoregressive run, prompt by prompt in turns with it (--paired_baseline)."
+                 if paired else "autoregressive runs timed once per exit and policy (or per cell where paired)."), ""]
+    lines += ["Best γ:", ""] + table(["exit", "L", "T", "best γ", "speedup", "avg accepted"], [
+        [name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["speedup"], 2),
+         num(r["avg_accepted"], 2)] for r in best.values()])
+    plot_gammas(grid, args, out / GAMMA_PLOT, caption)
+    return lines + ["", f"![speedup against γ]({GAMMA_PLOT})", "", f"*{GAMMA_PLOT}: {caption}.*", ""]
+
+
+def where_section(rows, out):
+    lines = ["## Where it pays", ""]
+    if (out / EVAL / WHERE_IT_PAYS).is_file():
+        lines += [f"![where it pays]({EVAL}/{WHERE_IT_PAYS})", "",
+                  f"*{EVAL}/{WHERE_IT_PAYS} (evaluate.py): every cell in the (α, c) plane; below a γ's break-even "
+                  "curve the cost model predicts a speedup over autoregressive decoding.*", ""]
+    else:
+        lines += [f"No {EVAL}/{WHERE_IT_PAYS} (evaluate.py writes it with the sweep's plots).", ""]
+    stops = [r for r in rows if r.get("draft_stop") and r.get("speedup") is not None]
+    if not stops:
+        return lines + ["No cells with a draft stop (evaluate.py --draft_stop): no best stop.", ""]
+    best = {}
+    for r in stops:
+        if name(r) not in best or r["speedup"] > best[name(r)]["speedup"]:
+            best[name(r)] = r
+    key = lambda r: (name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"],
+                     r.get("tree_width") or 1, r.get("tree_nodes") or 0)
+    without = {key(r): r for r in rows if not r.get("draft_stop")}
+    body = [[name(r), r["exit_layer"], r["gamma"], policy_name((r["temperature"], r["top_p"], r["top_k"])),
+             f"{r['draft_stop']:g}", num(r["speedup"], 2), num(without.get(key(r), {}).get("speedup"), 2)]
+            for r in sorted(best.values(), key=lambda r: r["exit_layer"])]
+    return lines + ["Best draft stop per exit:", ""] + table(
+        ["exit", "L", "γ (cap)", "policy", "best draft stop", "speedup", "speedup without a stop"], body) + [""]
+
+
+def cost_section(grid):
+    lines = ["## Cost model per cell", ""]
+    if not grid:
+        return lines + ["No gamma-grid cells: no cost-model table.", ""]
+    has_v = any(r.get("v") is not None for r in grid)
+    body = []
+    for r in grid:
+        p, s = r.get("predicted_speedup"), r.get("speedup")
+        body.append([name(r), f"{r['temperature']:g}", r["gamma"], num(r.get("c")), *([num(r.get("v"))] if has_v
+                     else []), num(r.get("alpha")), num(p, 2), num(s, 2), num(s / p if p and s else None, 2)])
+    head = ["exit", "T", "γ", "c", *(["v"] if has_v else []), "α", "predicted", "measured", "measured / predicted"]
+    return lines + table(head, body) + [
+        "", "c: a draft step over a full step; v: a verification over a one-token full step; α: the probability "
+        "that a draft is accepted given the ones before it were; predicted = (1 − α^(γ+1)) / ((1 − α)(γc + v)) "
+        "over the realised draft lengths.", ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two plots
+
+
+def plot_layers(sel, tf_rows, tf_key, path, title):
+    """Accepted drafts per target call against the exit layer (untrained: circles, solid; trained: squares, dashed),
+    and the teacher-forced agreement on a second panel when there is one."""
+    from matplotlib.ticker import MaxNLocator
+    panels = [p for p, there in (("gen", sel), ("tf", tf_rows)) if there]
+    fig, axes = _figure(len(panels), (6.5 * len(panels), 4.8))
+    axes = dict(zip(panels, axes if len(panels) > 1 else [axes]))
+    styles = {"untrained": dict(marker="o", ls="-", color="C0"), "trained": dict(marker="s", ls="--", ms=8,
+                                                                                color="C1")}
+    pts = lambda rows, key: [list(x) for x in zip(*sorted((r["exit_layer"], r[key]) for r in rows
+                                                          if r.get(key) is not None))]
+    for kind, style in styles.items() if sel else []:
+        some = [r for r in sel if (r["exit"] == "untrained") == (kind == "untrained")]
+        if some:
+            axes["gen"].plot(*pts(some, "avg_accepted"), label=f"{kind} exit", **style)
+    if sel:
+        axes["gen"].set(title="during generation", xlabel="exit layer L (decoder layers the draft runs)",
+                        ylabel="accepted drafts per target call (tokens)", ylim=(0, None))
+    tf_styles = (("untrained", "top1", "top-1 agreement", dict(marker="o", ls="-", color="C0")),
+                 ("untrained", tf_key, "overlap", dict(marker="^", ls="-.", color="C2")),
+                 ("trained", "top1", "top-1 agreement", dict(marker="s", ls="--", ms=8, color="C1")),
+                 ("trained", tf_key, "overlap", dict(marker="D", ls=":", ms=7, color="C3")))
+    for kind, key, label, style in tf_styles if tf_rows else []:
+        some = [r for r in tf_rows if (r["exit"] == "untrained") == (kind == "untrained") and r.get(key) is not None]
+        if some:
+            axes["tf"].plot(*pts(some, key), label=f"{kind} exit: {label}", **style)
+    if tf_rows:
+        axes["tf"].set(title=f"teacher-forced, {tf_rows[0]['tokens']} held-out tokens",
+                       xlabel="exit layer L (decoder layers the draft runs)",
+                       ylabel="agreement with the full model (fraction)", ylim=(0, 1))
+    for ax in axes.values():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"Acceptance against the exit layer: {title}", fontsize=9)
+    _save(fig, path)
+
+
+def plot_gammas(grid, args, path, caption):
+    """Speedup against gamma: one panel per temperature, one line per exit (its own marker), a dashed line at 1."""
+    temps = [t for t in args.temperatures if any(same(r["temperature"], t) for r in grid)]
+    fig, axes = _figure(len(temps), (6 * len(temps), 4.6))
+    axes = axes if len(temps) > 1 else [axes]
+    exits = list(dict.fromkeys((name(r), r["exit_layer"]) for r in grid))
+    gammas = sorted({r["gamma"] for r in grid})
+    for ax, t in zip(axes, temps):
+        for (e, L), marker in zip(exits, MARKERS + "o" * len(exits)):
+            sel = [r for r in grid if name(r) == e and same(r["temperature"], t) and r.get("speedup") is not None]
+            if sel:
+                ax.plot([r["gamma"] for r in sel], [r["speedup"] for r in sel], marker=marker, ms=7,
+                        label=f"{e} (L{L})")
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="autoregressive (1.0)")
+        ax.set(title=policy_name((t, args.top_p, args.top_k)), xlabel="γ (drafts per cycle, tokens)",
+               ylabel="speedup (tokens/s over autoregressive tokens/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(gammas, [str(g) for g in gammas])
+        ax.minorticks_off()
+    fig.suptitle(f"Speedup against γ: {caption}", fontsize=9)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+
+def write_report(out, commands=(), args=None):
+    """OUT/REPORT.md and its plots; returns the best line (also the file's last line)."""
+    out = Path(out)
+    args = args or build_parser().parse_args([str(out)])
+    rows = read_results(out / EVAL)
+    tf_rows = read_rows(out / EVAL / f"{LAYER_SWEEP}.jsonl", key=None)
+    exits = load_exits(out)
+    if not rows and not exits:
+        raise UsageError(f"OUT: {out} holds neither {EVAL}/{RESULTS} nor exit_L*/{CONFIG_FILE}: nothing to report.")
+    commands = {"given": list(commands), "sweep": sweep_commands(out / EVAL)}
+    machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows)) or "machine unknown"
+    model = Path(str(next((r["model"] for r in rows), "?"))).name
+    caption = f"{model} on {machines}; {sizes(rows) or 'no cells'} per cell"
+    grid, left_out = grid_rows(rows, args)
+    line = best_line(rows)
+    lines = (header(out, rows, tf_rows, exits, commands) + training_section(out, exits)
+             + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
+             + where_section(rows, out) + cost_section(grid) + [line])
+    lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row
+    (out / REPORT).write_text("\n".join(lines) + "\n")
+    return line
+
+
+def build_parser():
+    p = Parser(prog="report.py", description="REPORT.md (and its plots) for a report directory: OUT/exit_L*/ from "
+                                             "train.py and OUT/eval/ from evaluate.py.")
+    p.add_argument("out", metavar="OUT", help="the report directory")
+    p.add_argument("--command", action="append", default=[],
+                   help="the command line that made OUT (e.g. the make command), shown in the header; repeatable")
+    p.add_argument("--layer_gamma", type=int, default=4, help="the layer scan's gamma")
+    p.add_argument("--layer_temperature", type=float, default=0.7, help="the layer scan's temperature")
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.7, 1.0], help="the gamma grid's temperatures")
+    p.add_argument("--top_p", type=float, default=0.95, help="top_p of the layer scan and the gamma grid")
+    p.add_argument("--top_k", type=int, default=0, help="top_k of the layer scan and the gamma grid")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+
+    def body(stop):
+        if not Path(args.out).is_dir():
+            raise UsageError(f"OUT: {args.out} is not a directory.")
+        line = write_report(args.out, args.command, args)
+        print(f"wrote {Path(args.out) / REPORT}")
+        print(line, flush=True)
+        return line
+    return run_command("report.py", argv, body)
+
+
+if __name__ == "__main__":
+    main()
