@@ -16,13 +16,14 @@ $(STAMP): requirements.txt requirements-assets.txt
 setup: $(STAMP)
 
 # The main job: the user's report in small (about 8 min on 2 idle CPU cores with the install): one ShareGPT prompt drafted
-# and verified (drafted tokens [bracketed]), then `make report` with 3 exits, 40 steps and 2 prompts x 32 tokens a cell.
+# and verified (drafted tokens [bracketed]), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
+# tokens a cell.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
 	$(PY) scratch_work.py --no_color --max_new_tokens 48
 	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4 15 26" REPORT_GRID="4 15 26" \
-		REPORT_SCAN=4:26:11 REPORT_STEPS=40 REPORT_LSTSQ=16 REPORT_EVAL=20 REPORT_PROMPTS=2 REPORT_TOKENS=32 \
-		REPORT_TF=2 REPORT_VAL=4
+		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 2 4 8" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
+		REPORT_PROMPTS=2 REPORT_TOKENS=24 REPORT_TF=2
 
 # The user's report (docs/findings.md is one run of it): (a) train exits at layers spanning the depth in one run
 # (train.py --exit_layers: one pass of the frozen base per step feeds them all; two processes x one thread), (b) the

@@ -209,18 +209,32 @@ def plot_where_it_pays(rows, path, model_name):
              (True, True, "*", "greedy trees (α per level)"), (False, True, "P", "sampling trees (α per level)"))
     for greedy, tree, marker, label in kinds:
         sel = [r for r in pts if (r["temperature"] == 0) == greedy and ((r.get("tree_width") or 1) > 1) == tree]
-        if sel:
-            ax.scatter([r["alpha"] for r in sel], [r["c"] for r in sel], c=[colour[r["gamma"]] for r in sel],
-                       marker=marker, s=70 if tree else 36, edgecolors="k", linewidths=0.5, zorder=3)
-            ax.scatter([], [], marker=marker, color="w", edgecolors="k", linewidths=0.5,
-                       label=f"{label} (colour: γ)")
-    for r in pts:
-        ax.annotate(f"{exit_label(r)} γ{gamma_label(r)}", (r["alpha"], r["c"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+        for trained in (True, False):  # trained exits filled, untrained ones hollow: told apart without colour
+            some = [r for r in sel if (r["exit"] != "untrained") == trained]
+            if some:
+                colours = [colour[r["gamma"]] for r in some]
+                ax.scatter([r["alpha"] for r in some], [r["c"] for r in some], marker=marker,
+                           s=70 if tree else 36, zorder=3, linewidths=0.5 if trained else 1.2,
+                           c=colours if trained else None, facecolors=None if trained else "none",
+                           edgecolors="k" if trained else colours)
+                ax.scatter([], [], marker=marker, color="k" if trained else "w", edgecolors="k", linewidths=0.8,
+                           label=f"{label}, {'trained' if trained else 'untrained'} exits (colour: γ)")
+    seen = set()
+    for r in sorted(pts, key=lambda r: r["alpha"]):  # every cell labelled when few; else each exit once
+        key = (exit_label(r), r["exit_layer"])
+        if len(pts) <= 12 or key not in seen:
+            seen.add(key)
+            text = f"{exit_label(r)} γ{gamma_label(r)}" if len(pts) <= 12 else exit_label(r)
+            ax.annotate(text, (r["alpha"], r["c"]), fontsize=6, xytext=(-3, 4), textcoords="offset points",
+                        ha="right" if len(pts) > 12 else "left")
     top = max([1.05] + [1.1 * r["c"] for r in pts])
+    first = rows[0] if rows else {}
+    where = (f"\n{first['cpu']} [{first.get('cpu_flags', '')}], {first.get('dtype', '')}; {first.get('prompts', '?')} "
+             f"prompts x {first.get('max_new_tokens', '?')} tokens a cell" if first.get("cpu") else "")
     ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
-                 f"(v = {v:.2f})", xlabel="a: per-draft acceptance α", ylabel="c: draft step / full step",
-           xlim=(0, 1), ylim=(0, top))
+                 f"(v = {v:.2f}){where}", xlabel="a: per-draft acceptance α (fraction)",
+           ylabel="c: draft step / full step (time ratio)", xlim=(0, 1), ylim=(0, top))
+    ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from checkpoints import CONFIG_FILE, LOG_FILE
 from cli import Parser, UsageError, run_command
-from plots import CURVE_FILE, MARKERS, _figure, _save
+from plots import CURVE_FILE, MARKERS, _figure, _save, plot_where_it_pays
 from results import LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, policy_name, read_results, read_rows
 
 REPORT, EVAL = "REPORT.md", "eval"
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
-WHERE_IT_PAYS = "where_it_pays.png"  # written by evaluate.py (plots.plot_where_it_pays) into eval/
+WHERE_PLOT = "where_it_pays_report.png"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading the directory
@@ -271,14 +271,15 @@ def gamma_section(grid, left_out, out, args, caption):
     return lines + ["", f"![speedup against γ]({GAMMA_PLOT})", "", f"*{GAMMA_PLOT}: {caption}.*", ""]
 
 
-def where_section(rows, out):
+def where_section(rows, out, model_name):
     lines = ["## Where it pays", ""]
-    if (out / EVAL / WHERE_IT_PAYS).is_file():
-        lines += [f"![where it pays]({EVAL}/{WHERE_IT_PAYS})", "",
-                  f"*{EVAL}/{WHERE_IT_PAYS} (evaluate.py): every cell in the (α, c) plane; below a γ's break-even "
-                  "curve the cost model predicts a speedup over autoregressive decoding.*", ""]
+    if rows:  # drawn here from every cell of both runs (evaluate.py's own map has the cells of its last run only)
+        plot_where_it_pays(rows, out / WHERE_PLOT, model_name)
+        lines += [f"![where it pays]({WHERE_PLOT})", "",
+                  f"*{WHERE_PLOT}: every cell in the (α, c) plane, trained exits filled, untrained hollow; below a γ's "
+                  "break-even curve the cost model predicts a speedup over autoregressive decoding.*", ""]
     else:
-        lines += [f"No {EVAL}/{WHERE_IT_PAYS} (evaluate.py writes it with the sweep's plots).", ""]
+        lines += ["No cells: no map.", ""]
     stops = [r for r in rows if r.get("draft_stop") and r.get("speedup") is not None]
     if not stops:
         return lines + ["No cells with a draft stop (evaluate.py --draft_stop): no best stop.", ""]
@@ -396,7 +397,7 @@ def write_report(out, commands=(), args=None):
     line = best_line(rows)
     lines = (header(out, rows, tf_rows, exits, commands) + training_section(out, exits)
              + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
-             + where_section(rows, out) + cost_section(grid) + [line])
+             + where_section(rows, out, model) + cost_section(grid) + [line])
     lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return line
