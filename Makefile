@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
-# The main job: the user's report in small (about 8 min on 2 idle CPU cores with the install): one ShareGPT prompt drafted
+# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one ShareGPT prompt drafted
 # and verified (drafted tokens [bracketed]), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
 # tokens a cell.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
