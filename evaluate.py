@@ -35,7 +35,7 @@ from generate import autoregressive_generate, check_policy, speculative_generate
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
                      finished_cells, markdown_table, merge_results, predicted_speedup, predicted_tree_speedup,
-                     read_rows, repair_tail, results_files, write_table)
+                     read_results, read_rows, repair_tail, results_files, write_table)
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError, trees_need_lean
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,11 +632,9 @@ def run(args, stop=None):
 
 def print_best_line(out_dir):
     """--best_line DIR: the best line of the cells in DIR's results files (merged, each cell once)."""
-    files = results_files(out_dir)
-    if not files:
+    if not results_files(out_dir):
         raise UsageError(f"--best_line: {out_dir} holds no {RESULTS} of a sweep.")
-    rows = list({r["cell_id"]: r for path in reversed(files) for r in read_rows(path)}.values())
-    line = best_line(rows)
+    line = best_line(read_results(out_dir))
     print(line, flush=True)
     return line
 

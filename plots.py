@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import LOG_FILE
-from results import BREAK_EVEN_GAMMAS, break_even_c, exit_label, gamma_label, policy_name
+from results import BREAK_EVEN_GAMMAS, break_even_c, describe_machine, exit_label, gamma_label, policy_name, sizes
 
 MARKERS = "s^Dv*P"
 
@@ -228,9 +228,8 @@ def plot_where_it_pays(rows, path, model_name):
             ax.annotate(text, (r["alpha"], r["c"]), fontsize=6, xytext=(-3, 4), textcoords="offset points",
                         ha="right" if len(pts) > 12 else "left")
     top = max([1.05] + [1.1 * r["c"] for r in pts])
-    first = rows[0] if rows else {}
-    where = (f"\n{first['cpu']} [{first.get('cpu_flags', '')}], {first.get('dtype', '')}; {first.get('prompts', '?')} "
-             f"prompts x {first.get('max_new_tokens', '?')} tokens a cell" if first.get("cpu") else "")
+    machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows if r.get("cpu")))
+    where = f"\n{machines}; {sizes(rows)} a cell" if machines else ""
     ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
                  f"(v = {v:.2f}){where}", xlabel="a: per-draft acceptance α (fraction)",
            ylabel="c: draft step / full step (time ratio)", xlim=(0, 1), ylim=(0, top))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from checkpoints import CONFIG_FILE, LOG_FILE
 from cli import Parser, UsageError, run_command
-from plots import CURVE_FILE, MARKERS, _figure, _save, plot_where_it_pays
-from results import LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, policy_name, read_results, read_rows
+from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
+from results import (LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_name, policy_name,
+                     read_results, read_rows, sizes, table)
 
 REPORT, EVAL = "REPORT.md", "eval"
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
@@ -56,10 +57,6 @@ def flag_value(commands, flag):
 # Rows
 
 
-def name(row):
-    return "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
-
-
 def same(a, b):
     return abs(a - b) < 1e-9
 
@@ -75,7 +72,7 @@ def chains(rows):
     kept = {}
     for r in rows:
         if (r.get("tree_width") or 1) == 1 and not r.get("draft_stop"):
-            key = (name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"])
+            key = (exit_name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"])
             if key not in kept or bool(r.get("paired_baseline")) >= bool(kept[key].get("paired_baseline")):
                 kept[key] = r
     return list(kept.values())
@@ -95,22 +92,7 @@ def overlap_key(temperature):
     return {1.0: "overlap_t1", 0.7: "overlap_t07"}.get(temperature, f"overlap_t{temperature:g}")
 
 
-def describe_machine(m, dtype):
-    """'AMD EPYC [avx2 avx512f], 2 threads, torch 2.13.0+cpu, bfloat16' (the GPU's name instead when there is one)."""
-    threads = m.get("threads", "?")
-    threads = f"{threads} thread{'' if threads == 1 else 's'}"
-    where = m.get("gpu") or f"{m.get('cpu', '?')} [{m.get('cpu_flags', '')}], {threads}"
-    return f"{where}, torch {m.get('torch', '?')}, {dtype}"
 
-
-def sizes(rows):
-    """'16 prompts x 128 new tokens' for each distinct size of the rows' cells."""
-    return ", ".join(dict.fromkeys(f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens" for r in rows))
-
-
-def table(head, body):
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in body]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +192,7 @@ def layer_section(rows, tf_rows, out, args, caption):
     layers = sorted({r["exit_layer"] for r in sel} or {r["exit_layer"] for r in tf_rows})  # the plot has every TF layer
     body = [[L] + [joined([r for r in some if r["exit_layer"] == L], key) for _, some, key in cols] for L in layers]
     lines += [""] + table(["L"] + [c[0] for c in cols], body)
-    names = ", ".join(dict.fromkeys(f"{name(r)} (L{r['exit_layer']})" for r in trained + tf_trained))
+    names = ", ".join(dict.fromkeys(f"{exit_name(r)} (L{r['exit_layer']})" for r in trained + tf_trained))
     lines += ["", "accepted: accepted drafts per target call (tokens); overlap: Σ min(p, q) over drafted positions "
               "(the expected acceptance of one draft); TV = 1 − overlap; TF: teacher-forced on held-out text "
               f"(top-1 agreement with the full model, overlap at T={args.layer_temperature:g}; the plot shows it at "
@@ -228,9 +210,9 @@ def grid_rows(rows, args):
            and any(is_policy(r, t, args.top_p, args.top_k) for t in args.temperatures)]
     gammas = {}
     for r in sel:
-        gammas.setdefault(name(r), set()).add(r["gamma"])
-    kept = sorted((r for r in sel if len(gammas[name(r)]) > 1),
-                  key=lambda r: (r["exit_layer"], name(r), r["temperature"], r["gamma"]))
+        gammas.setdefault(exit_name(r), set()).add(r["gamma"])
+    kept = sorted((r for r in sel if len(gammas[exit_name(r)]) > 1),
+                  key=lambda r: (r["exit_layer"], exit_name(r), r["temperature"], r["gamma"]))
     return kept, [e for e, g in gammas.items() if len(g) == 1]
 
 
@@ -238,7 +220,7 @@ def best_gammas(grid):
     """{(exit name, temperature): the row with the best measured speedup}."""
     best = {}
     for r in grid:
-        key = (name(r), r["temperature"])
+        key = (exit_name(r), r["temperature"])
         if r.get("speedup") is not None and (key not in best or r["speedup"] > best[key]["speedup"]):
             best[key] = r
     return best
@@ -255,9 +237,9 @@ def gamma_section(grid, left_out, out, args, caption):
         if not any(same(r["temperature"], t) for r in grid):
             lines.append(f"No gamma-grid cells at T={t:g}.")
     best = best_gammas(grid)
-    body = [[name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["tokens_per_s"], 1),
+    body = [[exit_name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["tokens_per_s"], 1),
              num(r["baseline_tokens_per_s"], 1),
-             f"**{num(r['speedup'], 2)}**" if best.get((name(r), r["temperature"])) is r else num(r["speedup"], 2),
+             f"**{num(r['speedup'], 2)}**" if best.get((exit_name(r), r["temperature"])) is r else num(r["speedup"], 2),
              num(r["avg_accepted"], 2)] for r in grid]
     lines += [""] + table(["exit", "L", "T", "γ", "tok/s", "baseline tok/s", "speedup", "avg accepted"], body)
     paired = all(r.get("paired_baseline") for r in grid)
@@ -265,7 +247,7 @@ def gamma_section(grid, left_out, out, args, caption):
               + ("each cell's own autoregressive run, prompt by prompt in turns with it (--paired_baseline)."
                  if paired else "autoregressive runs timed once per exit and policy (or per cell where paired)."), ""]
     lines += ["Best γ:", ""] + table(["exit", "L", "T", "best γ", "speedup", "avg accepted"], [
-        [name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["speedup"], 2),
+        [exit_name(r), r["exit_layer"], f"{r['temperature']:g}", r["gamma"], num(r["speedup"], 2),
          num(r["avg_accepted"], 2)] for r in best.values()])
     plot_gammas(grid, args, out / GAMMA_PLOT, caption)
     return lines + ["", f"![speedup against γ]({GAMMA_PLOT})", "", f"*{GAMMA_PLOT}: {caption}.*", ""]
@@ -285,12 +267,12 @@ def where_section(rows, out, model_name):
         return lines + ["No cells with a draft stop (evaluate.py --draft_stop): no best stop.", ""]
     best = {}
     for r in stops:
-        if name(r) not in best or r["speedup"] > best[name(r)]["speedup"]:
-            best[name(r)] = r
-    key = lambda r: (name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"],
+        if exit_name(r) not in best or r["speedup"] > best[exit_name(r)]["speedup"]:
+            best[exit_name(r)] = r
+    key = lambda r: (exit_name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"],
                      r.get("tree_width") or 1, r.get("tree_nodes") or 0)
     without = {key(r): r for r in rows if not r.get("draft_stop")}
-    body = [[name(r), r["exit_layer"], r["gamma"], policy_name((r["temperature"], r["top_p"], r["top_k"])),
+    body = [[exit_name(r), r["exit_layer"], r["gamma"], policy_name((r["temperature"], r["top_p"], r["top_k"])),
              f"{r['draft_stop']:g}", num(r["speedup"], 2), num(without.get(key(r), {}).get("speedup"), 2)]
             for r in sorted(best.values(), key=lambda r: r["exit_layer"])]
     return lines + ["Best draft stop per exit:", ""] + table(
@@ -305,7 +287,7 @@ def cost_section(grid):
     body = []
     for r in grid:
         p, s = r.get("predicted_speedup"), r.get("speedup")
-        body.append([name(r), f"{r['temperature']:g}", r["gamma"], num(r.get("c")), *([num(r.get("v"))] if has_v
+        body.append([exit_name(r), f"{r['temperature']:g}", r["gamma"], num(r.get("c")), *([num(r.get("v"))] if has_v
                      else []), num(r.get("alpha")), num(p, 2), num(s, 2), num(s / p if p and s else None, 2)])
     head = ["exit", "T", "γ", "c", *(["v"] if has_v else []), "α", "predicted", "measured", "measured / predicted"]
     return lines + table(head, body) + [
@@ -327,12 +309,10 @@ def plot_layers(sel, tf_rows, tf_key, path, title):
     axes = dict(zip(panels, axes if len(panels) > 1 else [axes]))
     styles = {"untrained": dict(marker="o", ls="-", color="C0"), "trained": dict(marker="s", ls="--", ms=8,
                                                                                 color="C1")}
-    pts = lambda rows, key: [list(x) for x in zip(*sorted((r["exit_layer"], r[key]) for r in rows
-                                                          if r.get(key) is not None))]
     for kind, style in styles.items() if sel else []:
         some = [r for r in sel if (r["exit"] == "untrained") == (kind == "untrained")]
         if some:
-            axes["gen"].plot(*pts(some, "avg_accepted"), label=f"{kind} exit", **style)
+            axes["gen"].plot(*_by_layer(some, "avg_accepted"), label=f"{kind} exit", **style)
     if sel:
         axes["gen"].set(title="during generation", xlabel="exit layer L (decoder layers the draft runs)",
                         ylabel="accepted drafts per target call (tokens)", ylim=(0, None))
@@ -343,7 +323,7 @@ def plot_layers(sel, tf_rows, tf_key, path, title):
     for kind, key, label, style in tf_styles if tf_rows else []:
         some = [r for r in tf_rows if (r["exit"] == "untrained") == (kind == "untrained") and r.get(key) is not None]
         if some:
-            axes["tf"].plot(*pts(some, key), label=f"{kind} exit: {label}", **style)
+            axes["tf"].plot(*_by_layer(some, key), label=f"{kind} exit: {label}", **style)
     if tf_rows:
         axes["tf"].set(title=f"teacher-forced, {tf_rows[0]['tokens']} held-out tokens",
                        xlabel="exit layer L (decoder layers the draft runs)",
@@ -359,11 +339,11 @@ def plot_gammas(grid, args, path, caption):
     temps = [t for t in args.temperatures if any(same(r["temperature"], t) for r in grid)]
     fig, axes = _figure(len(temps), (6 * len(temps), 4.6))
     axes = axes if len(temps) > 1 else [axes]
-    exits = list(dict.fromkeys((name(r), r["exit_layer"]) for r in grid))
+    exits = list(dict.fromkeys((exit_name(r), r["exit_layer"]) for r in grid))
     gammas = sorted({r["gamma"] for r in grid})
     for ax, t in zip(axes, temps):
         for (e, L), marker in zip(exits, MARKERS + "o" * len(exits)):
-            sel = [r for r in grid if name(r) == e and same(r["temperature"], t) and r.get("speedup") is not None]
+            sel = [r for r in grid if exit_name(r) == e and same(r["temperature"], t) and r.get("speedup") is not None]
             if sel:
                 ax.plot([r["gamma"] for r in sel], [r["speedup"] for r in sel], marker=marker, ms=7,
                         label=f"{e} (L{L})")

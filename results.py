@@ -134,9 +134,33 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
+def exit_name(row):
+    """'untrained', or the trained exit's directory name (however its path was spelled)."""
+    return "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
+
+
 def exit_label(row):
-    name = "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
-    return f"{name} L{row['exit_layer']}"
+    return f"{exit_name(row)} L{row['exit_layer']}"
+
+
+def table(head, body):
+    """Markdown table lines: the head, the rule, one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(map(str, cells)) + " |" for cells in body]
+
+
+def describe_machine(m, dtype):
+    """'AMD EPYC [avx2 avx512f], 2 threads, torch 2.13.0+cpu, bfloat16' (the GPU's name instead when there is one),
+    from a results row or a checkpoint's `machine`."""
+    threads = m.get("threads", "?")
+    threads = f"{threads} thread{'' if threads == 1 else 's'}"
+    where = m.get("gpu") or f"{m.get('cpu', '?')} [{m.get('cpu_flags', '')}], {threads}"
+    return f"{where}, torch {m.get('torch', '?')}, {dtype}"
+
+
+def sizes(rows):
+    """'16 prompts x 128 new tokens' for each distinct size of the rows' cells."""
+    return ", ".join(dict.fromkeys(f"{r['prompts']} prompts x {r['max_new_tokens']} new tokens" for r in rows))
 
 
 def gamma_label(row):
@@ -163,15 +187,14 @@ def markdown_table(rows):
     """The summary as a Markdown table."""
     head = ["exit", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
             "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline (first diff)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
-        cells = [exit_label(r), gamma_label(r), policy_name((r["temperature"], r["top_p"], r["top_k"])),
+        body.append([exit_label(r), gamma_label(r), policy_name((r["temperature"], r["top_p"], r["top_k"])),
                  _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
                  _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
                  _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), _fmt(r["c"], 2),
-                 _fmt(r["predicted_speedup"], 2), greedy_label(r)]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
+                     _fmt(r["predicted_speedup"], 2), greedy_label(r)])
+    return "\n".join(table(head, body)) + "\n"
 
 
 def best_line(rows):
@@ -186,7 +209,7 @@ def best_line(rows):
     if not ok:
         return "best lossless speedup: none (no sampling cell, and no greedy cell whose tokens match the baseline)"
     r = max(ok, key=lambda r: r["speedup"])
-    name = "untrained" if r["exit"] == "untrained" else Path(r["exit"]).name
+    name = exit_name(r)
     policy = policy_name((r["temperature"], r["top_p"], r["top_k"]))
     if r.get("draft_stop"):
         policy += f", draft_stop {r['draft_stop']:g}"

@@ -47,7 +47,7 @@ from losses import LOSSES, target_rows
 from plots import plot_curve
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
                              machine_info, model_fingerprint, resolve_dtype)
-from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE, EarlyExit, parse_train
+from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE, EarlyExit, parse_train, shared_layer_count
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -489,7 +489,7 @@ def train_step(args, su, data, runs, step, loss_config):
     for m, batch in enumerate(batches):
         sync = m == len(batches) - 1
         target = None
-        if su.teacher is not None and len(runs) > 1:  # the separate teacher, once for every exit
+        if su.teacher is not None:  # the separate teacher, once for every exit
             with torch.no_grad():
                 target = su.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                                     ).logits[:, :-1][target_rows(batch)]
@@ -625,7 +625,7 @@ def run(args, stop=None):
     data = training_data(args, su)
     shared = None
     if len(exits) > 1:
-        layers = [a.exit_layer - ("last_block" in su.train) for a, _ in exits]  # each exit's shared layers
+        layers = [shared_layer_count(a.exit_layer, "last_block" in su.train) for a, _ in exits]
         shared = SharedCaches(StateCache(layers), StateCache(layers))
     trs = [prepare(a, s, data, stop, t_start, shared) for a, s in exits]
     if len(trs) > 1:

@@ -70,6 +70,11 @@ def run_layers(layers, h: torch.Tensor, ctx: tuple, cache=None) -> torch.Tensor:
     return h
 
 
+def shared_layer_count(exit_layer, last_block):
+    """The base layers an exit at `exit_layer` shares with the full model: L, or L-1 with a private last block."""
+    return exit_layer - (1 if last_block else 0)
+
+
 class EarlyExit(nn.Module):
     """Exit modules for one exit layer of one base model. See the module docstring."""
 
@@ -135,7 +140,7 @@ class EarlyExit(nn.Module):
     @property
     def shared_layers(self):
         """How many base layers the draft shares with the full model (L, or L-1 with a private last block)."""
-        return self.exit_layer - (1 if self.last_block is not None else 0)
+        return shared_layer_count(self.exit_layer, self.last_block is not None)
 
     @property
     def draft_vocab(self):
