@@ -62,12 +62,27 @@ class Steps(Protocol):
 # The sampling policy and the acceptance rule
 
 SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k",
-               "draft_stop": "--draft_stop", "tree_width": "--tree_widths", "tree_nodes": "--tree_nodes"}
+               "draft_stop": "--draft_stop", "tree_width": "--tree_widths", "tree_nodes": "--tree_nodes",
+               "draft": "--drafts", "lookup_tokens": "--lookup_tokens", "ngram": "--ngram"}
+DRAFTS = ("exit", "lookup", "exit+lookup")  # the draft sources: the early exit, prompt lookup, both in one cycle
 
 
 def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 draft_stop: float = 0.0, tree_width: int = 1, tree_nodes: int = 0, flags: dict = SWEEP_FLAGS) -> None:
+                 draft_stop: float = 0.0, tree_width: int = 1, tree_nodes: int = 0, draft: str = "exit",
+                 lookup_tokens: int = 0, ngram: int = 3, flags: dict = SWEEP_FLAGS) -> None:
     """Raise ValueError (one sentence, naming the command-line flag from `flags`) for values the loop cannot use."""
+    if draft not in DRAFTS:
+        raise ValueError(f"{flags.get('draft', '--drafts')}: the draft source must be one of {', '.join(DRAFTS)}, "
+                         f"got {draft!r}.")
+    if not isinstance(lookup_tokens, int) or isinstance(lookup_tokens, bool) or lookup_tokens < 0:
+        raise ValueError(f"{flags.get('lookup_tokens', '--lookup_tokens')}: the lookup's proposal length must be an "
+                         f"integer >= 0 (0: gamma), got {lookup_tokens}.")
+    if not isinstance(ngram, int) or isinstance(ngram, bool) or not 1 <= ngram <= 16:
+        raise ValueError(f"{flags.get('ngram', '--ngram')}: the lookup's longest n-gram must be an integer in 1..16, "
+                         f"got {ngram}.")
+    if draft == "lookup" and tree_width != 1:
+        raise ValueError(f"{flags.get('tree_width', '--tree_widths')}: a lookup draft is a chain (tree width 1); "
+                         f"trees need the exit (--drafts exit or exit+lookup), got width {tree_width}.")
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
@@ -204,15 +219,23 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: int, *, gamma: int,
-                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-                         generator: Optional[torch.Generator] = None, draft_stop: float = 0.0, tree_width: int = 1,
-                         tree_nodes: int = 0, timings: Optional[dict] = None) -> tuple:
+                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                         eos_token_id: Optional[int | list[int]] = None, generator: Optional[torch.Generator] = None,
+                         draft_stop: float = 0.0, tree_width: int = 1, tree_nodes: int = 0, draft: str = "exit",
+                         lookup_tokens: int = 0, ngram: int = 3, timings: Optional[dict] = None) -> tuple:
     """Self-speculative decoding with `model` (a Steps: truncated_llama's TruncatedLlama). Returns (new tokens, stats).
 
     Lossless: greedy returns exactly the autoregressive tokens; sampling returns exactly the target's distribution
     under the policy (temperature, then top-k, then top-p, applied alike to target p and draft q). A draft token x is
     accepted with probability min(1, p(x)/q(x)); the first rejection samples from normalise(max(0, p - q)); when all
     are accepted a bonus token is sampled from the next p. Greedy accepts while the draft equals argmax p.
+
+    Draft sources (`draft`): "exit" (the early exit drafts gamma tokens, one at a time, or a tree of depth gamma),
+    "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens` tokens, 0 meaning gamma, copied from where the newest
+    `ngram`..1 tokens occurred before in prompt + reply; a proposal is deterministic, q one-hot, so x is accepted with
+    probability p(x); no match: the cycle is one plain step), "exit+lookup" (a chain: the lookup's proposal when it
+    has one, else the exit's chain; a tree, tree_width > 1: the exit's tree with the lookup's proposal grafted on as
+    one more path, duplicates merged, all verified in one pass).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
@@ -224,11 +247,14 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     stats: new_tokens, target_calls (verification passes), drafted, accepted, avg_accepted (accepted drafts per
     target call), acceptance_rate (accepted / drafted), avg_overlap (mean over all drafted positions, accepted or
     not, of sum_x min(p, q), the expected acceptance probability; for greedy, p and q are the temperature-1
-    softmaxes), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0..gamma drafts), draft_len_hist (cycles
-    that drafted 0..gamma tokens), avg_draft_len (drafted / target calls), rejected (cycles that rejected a draft),
-    seconds, tokens_per_s, and per_cycle (accepted count of each cycle), per_cycle_drafted (drafted count of each
-    cycle) and from_draft (per new token: came from the draft), accept_by_depth (per depth d: the cycles that
-    accepted a d-th token over those that judged one).
+    softmaxes; a lookup token's is p(x)), avg_tv (1 - avg_overlap), accept_hist (cycles that accepted 0.. drafts),
+    draft_len_hist (cycles that drafted 0.. tokens), avg_draft_len (drafted / target calls), rejected (cycles that
+    rejected a draft), seconds, tokens_per_s, and per_cycle (accepted count of each cycle), per_cycle_drafted
+    (drafted count of each cycle) and from_draft (per new token: came from a draft), token_sources (per new token:
+    "exit", "lookup", "both" (a tree node both proposed) or None (the target's own)), source_counts (those counted),
+    cycle_kinds (per cycle: "exit" a chain, "tree", or "lookup"), lookup_matched (per cycle that consulted the lookup:
+    whether it proposed anything), lookup_match_rate, lookup_seconds (the lookup's own time), accept_by_depth (per
+    depth d: the cycles that accepted a d-th token over those that judged one).
 
     Trees (`tree_width` K > 1; see draft_tree and accept_tree): each cycle drafts a tree of depth at most gamma and at
     most `tree_nodes` nodes (0: K x gamma), verifies all of it in one pass and walks it by an exact multi-candidate
@@ -237,33 +263,52 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     of each phase of a tree cycle: draft levels, verify, accept, cache moves.
     """
     check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop,
-                 tree_width=tree_width, tree_nodes=tree_nodes)
+                 tree_width=tree_width, tree_nodes=tree_nodes, draft=draft, lookup_tokens=lookup_tokens, ngram=ngram)
     _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k, checked=True)
     eos = _as_set(eos_token_id) if eos_token_id is not None else set()
     t0 = time.perf_counter()
     budget = (tree_nodes or tree_width * gamma) if tree_width > 1 else gamma
-    cache, n, last = _prefill(model, input_ids, with_exit=True, room=max_new_tokens + budget + 1)
-    tokens, from_draft, per_cycle, per_cycle_drafted, judged, rows, overlap_rows = [], [], [], [], [], [], 0
+    lookup_len = (lookup_tokens or gamma) if draft != "exit" else 0
+    cache, n, last = _prefill(model, input_ids, with_exit=draft != "lookup",
+                              room=max_new_tokens + max(budget, 0) + lookup_len + 1)
+    lookup, lookup_s, matched = None, 0.0, []
+    if lookup_len:
+        lap = time.perf_counter()
+        lookup = Lookup(input_ids[0].tolist(), ngram)
+        lookup_s += time.perf_counter() - lap
+    tokens, sources, per_cycle, per_cycle_drafted, judged, rows, overlap_rows, kinds = [], [], [], [], [], [], 0, []
     # summed on the device in float64 (the same sums as Python floats), read once at the end: no sync per cycle
     overlap_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     done = False
     while not done and len(tokens) < max_new_tokens:
-        g = min(gamma, max_new_tokens - len(tokens) - 1)  # the target always adds one token per cycle
-        if tree_width > 1 and g > 0:
-            cycle = tree_cycle(model, policy, cache, n, last, g, tree_width, budget, draft_stop, generator, timings)
+        room = max_new_tokens - len(tokens) - 1  # the target always adds one token per cycle
+        g = min(gamma, room)
+        proposal = []
+        if lookup is not None and room > 0:
+            lap = time.perf_counter()
+            proposal = _cut_at(lookup.propose(min(lookup_len, room)), eos)
+            lookup_s += time.perf_counter() - lap
+            matched.append(bool(proposal))
+        if draft == "lookup" or (proposal and tree_width == 1):
+            cycle = lookup_cycle(model, policy, cache, n, last, proposal, generator, with_exit=draft != "lookup")
+        elif tree_width > 1 and g > 0:
+            cycle = tree_cycle(model, policy, cache, n, last, g, tree_width, budget, draft_stop, generator, timings,
+                               graft=proposal)
         else:
             cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
         k = cycle.accepted
+        kinds.append(cycle.kind)
         per_cycle.append(k)
         per_cycle_drafted.append(cycle.nodes)
         judged.append(k + cycle.rejected)
         rows += cycle.level_rows
         overlap_sum += cycle.overlap
         overlap_rows += cycle.overlap_rows
-        for i, t in enumerate(cycle.drafts[:k] + [cycle.token]):
+        committed = cycle.drafts[:k] + [cycle.token]
+        for i, t in enumerate(committed):
             tokens.append(t)
-            from_draft.append(i < k)
+            sources.append(cycle.sources[i] if i < k else None)
             if t in eos:
                 done = True
                 break
@@ -274,16 +319,33 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
         last = torch.tensor([[cycle.token]], device=input_ids.device)
-    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum.item(), gamma, judged, overlap_rows)
+        if lookup is not None:
+            lap = time.perf_counter()
+            lookup.add(committed)
+            lookup_s += time.perf_counter() - lap
+    depth = max([gamma, lookup_len] + per_cycle)
+    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum.item(), depth, judged, overlap_rows)
     if tree_width > 1:
         hist = [0] * (max(rows, default=0) + 1)
         for r in rows:
             hist[r] += 1
         stats.update(nodes_per_cycle=stats["drafted"] / max(len(per_cycle), 1), draft_rows_hist=hist,
                      tree_width=tree_width, tree_nodes=budget)
-    stats.update(from_draft=from_draft[: len(tokens)],
-                 cache_positions=[cache.length(i) for i in range(model.num_layers)])
+    tokens, sources = tokens[:max_new_tokens], sources[:max_new_tokens]
+    stats.update(from_draft=[s is not None for s in sources], token_sources=sources, cycle_kinds=kinds,
+                 source_counts={s: sum(x == s for x in sources) for s in ("exit", "lookup", "both")}
+                 | {"target": sum(x is None for x in sources)},
+                 lookup_matched=matched, lookup_match_rate=sum(matched) / len(matched) if matched else None,
+                 lookup_seconds=lookup_s, cache_positions=[cache.length(i) for i in range(model.num_layers)])
     return _finish(tokens, stats, t0, input_ids.device)
+
+
+def _cut_at(proposal: list, eos: set) -> list:
+    """A proposal up to and including its first end-of-sequence token: nothing after it could be kept."""
+    for i, t in enumerate(proposal):
+        if t in eos:
+            return proposal[: i + 1]
+    return proposal
 
 
 class Cycle(NamedTuple):
@@ -291,8 +353,9 @@ class Cycle(NamedTuple):
     own token, and the sum over drafted positions (a tree's expanded nodes) of sum_x min(p, q), their expected
     acceptance (a 0-d tensor, or 0.0 with no draft), over `overlap_rows` rows. `rejected`: 1 when the last judged
     draft (a tree: every candidate at the last node reached) was rejected. `nodes`: the tokens drafted (a chain's
-    drafts, a tree's nodes). A tree's cycle also has the accepted path (node indices from 0, the root) and the rows of
-    each draft step."""
+    drafts, a tree's nodes). `sources`: which source proposed each of `drafts`; `kind`: "exit" (a chain), "lookup"
+    or "tree". A tree's cycle also has the accepted path (node indices from 0, the root) and the rows of each draft
+    step."""
     drafts: list
     accepted: int
     token: int
@@ -302,6 +365,8 @@ class Cycle(NamedTuple):
     nodes: int = 0
     path: Optional[list] = None
     level_rows: tuple = ()
+    sources: tuple = ()
+    kind: str = "exit"
 
 
 def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int,
@@ -315,7 +380,7 @@ def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: 
     overlap = torch.minimum(p[: len(drafts)], q).sum() if drafts else 0.0
     k = policy.accepted(p_logits, p, q, drafts, generator)
     return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap, len(drafts),
-                 int(k < len(drafts)), len(drafts))
+                 int(k < len(drafts)), len(drafts), sources=("exit",) * len(drafts))
 
 
 def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
@@ -338,6 +403,79 @@ def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Prompt lookup: a draft source that costs nothing (no model call), proposing text that already occurred
+
+
+class Lookup:
+    """Prompt lookup over the text so far (prompt + committed tokens): find the longest n-gram, n = ngram..1, that
+    ends the text and occurred before, and propose the tokens that followed it.
+
+    Several earlier occurrences: the latest one wins (the nearest text is the likeliest to be repeated; a model
+    quoting its prompt moves forward through it). An occurrence counts only when at least one token follows it; the
+    proposal is the next k tokens after it, fewer where the text ends first.
+
+    The index maps each n-gram (n <= ngram) to the position just after its latest occurrence, and is updated as
+    tokens are added (`add`: O(ngram) per token), so a cycle's lookup costs O(ngram) dictionary probes, never a scan
+    of the context. `scan_proposal` is the brute-force rule it must equal (tested on random token streams)."""
+
+    def __init__(self, tokens: list, ngram: int = 3):
+        self.ngram, self.tokens = ngram, []
+        self.index = [dict() for _ in range(ngram + 1)]  # index[n]: n-gram -> position after its latest occurrence
+        self.add(tokens)
+
+    def add(self, tokens: list) -> None:
+        t = self.tokens
+        for tok in tokens:
+            t.append(int(tok))
+            i = len(t) - 1  # the new token follows the n-grams that end at i - 1
+            for n in range(1, min(self.ngram, i) + 1):
+                self.index[n][tuple(t[i - n:i])] = i
+
+    def propose(self, k: int) -> list:
+        """Up to k tokens (none when no n-gram ending the text occurred before)."""
+        t = self.tokens
+        for n in range(min(self.ngram, len(t)), 0, -1):
+            after = self.index[n].get(tuple(t[len(t) - n:]))
+            if after is not None:
+                return t[after:after + k]
+        return []
+
+
+def scan_proposal(tokens: list, k: int, ngram: int = 3) -> list:
+    """Lookup's rule by a plain scan of the whole text: the reference that `Lookup` is tested against."""
+    m = len(tokens)
+    for n in range(min(ngram, m), 0, -1):
+        suffix = tokens[m - n:]
+        for end in range(m - 2, n - 2, -1):  # the latest occurrence first; end + 1 <= m - 1 must exist
+            if tokens[end - n + 1:end + 1] == suffix:
+                return tokens[end + 1:end + 1 + k]
+    return []
+
+
+def lookup_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, proposal: list,
+                 generator: Optional[torch.Generator] = None, with_exit: bool = True) -> Cycle:
+    """Verify a deterministic proposal (prompt lookup's) with every layer in one pass: one Cycle.
+
+    Its q is one-hot at each proposed token x, so the speculative-sampling rule accepts x with probability
+    min(1, p(x) / 1) = p(x) and, at a rejection, samples from normalise(max(0, p - onehot(x))) = p without x,
+    renormalised; greedy accepts while x = argmax p. The same rule as the exit's (Policy.accepted / target_token), so
+    the output is exact for the same reason. An empty proposal makes this a plain one-token step. `with_exit`: also
+    fill the exit's cache slots (when the exit drafts in later cycles)."""
+    ids = torch.tensor([[int(last)] + proposal], device=last.device)
+    p_logits = model.full_step(ids, cache, n, with_exit=with_exit)[0]
+    p = policy.probs(p_logits)
+    q, overlap, d = None, 0.0, len(proposal)
+    if proposal:
+        rows, cols = torch.arange(d, device=p.device), torch.tensor(proposal, device=p.device)
+        q = torch.zeros(d, p.shape[-1], dtype=p.dtype, device=p.device)
+        q[rows, cols] = 1.0
+        overlap = p[rows, cols].double().sum()  # sum_x min(p, onehot) = p(x): the expected acceptance
+    k = policy.accepted(p_logits, p, q, proposal, generator)
+    return Cycle(proposal, k, policy.target_token(p_logits, p, q, k, generator), overlap, d, int(k < d), d,
+                 sources=("lookup",) * d, kind="lookup")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Trees of drafts: several candidates per position, verified in one pass
 
 
@@ -350,8 +488,9 @@ class Tree:
         self.n, self.device = n, device
         self.tokens, self.depth, self.logq, self.children = [root], [0], [0.0], [[]]
         self.ancestors = [{0}]  # each node's ancestors and itself
+        self.source = [None]  # who proposed each node: "exit", "lookup" or "both"
 
-    def add(self, parent: int, token: int, logq: float) -> int:
+    def add(self, parent: int, token: int, logq: float, source: str = "exit") -> int:
         i = len(self.tokens)
         self.tokens.append(token)
         self.depth.append(self.depth[parent] + 1)
@@ -359,7 +498,23 @@ class Tree:
         self.children.append([])
         self.children[parent].append(i)
         self.ancestors.append(self.ancestors[parent] | {i})
+        self.source.append(source)
         return i
+
+    def graft(self, path: list, source: str = "lookup") -> list:
+        """Add a path of tokens below the root (prompt lookup's proposal), following the nodes already there while
+        their tokens agree (a merged node is marked "both"), so no node has two children with one token. Returns the
+        new nodes (consecutive indices)."""
+        u, new = 0, []
+        for tok in path:
+            child = next((c for c in self.children[u] if self.tokens[c] == tok), None)
+            if child is None:
+                child = self.add(u, tok, 0.0, source)
+                new.append(child)
+            elif self.source[child] != source:
+                self.source[child] = "both"
+            u = child
+        return new
 
     def rows(self, nodes: list) -> TreeRows:
         """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors."""
@@ -373,24 +528,23 @@ class Tree:
 
 
 def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
-               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None) -> tuple:
+               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = ()) -> tuple:
     """A tree of drafts after `last`, one draft step per level over all of its nodes as rows. Each expanded node
     proposes its `width` most likely tokens by the draft's logits (at the policy's temperature, before top-k / top-p:
     a candidate outside q's nucleus can still be the target's token); of all proposals the `width` with the most
     likely paths are kept (EAGLE-2's rule), up to `budget` nodes; a node whose top probability under the policy is
-    below `draft_stop` is not expanded. Only the draft decides, so the output stays exact. The deepest level runs the
-    shared layers (and exit blocks) only. Returns (the tree, the layer-L states of every node in order, {node: its
-    draft logits row}, the rows of each draft step)."""
+    below `draft_stop` is not expanded. `graft`: a path proposed by another source (prompt lookup), added below the
+    root (Tree.graft). Only the drafts decide, so the output stays exact. The deepest level and the grafted nodes run
+    the shared layers (and exit blocks) only, in one call. Returns (the tree, the layer-L states of every node in
+    order, {node: its draft logits row}, the rows of each draft step)."""
     tree = Tree(n, int(last), last.device)
     hidden, q_logits, level, level_rows = [], {}, [0], []
     t0 = _lap(timings, None, last.device)
-    for d in range(depth + 1):
-        ids = torch.tensor([[tree.tokens[i] for i in level]], device=last.device)
+    for _ in range(depth):
         room = budget - (len(tree.tokens) - 1)
-        if d == depth or room <= 0:
-            h, _ = model.extend(ids, cache, n + level[0], tree=tree.rows(level))  # fills the exit blocks' cache too
-            hidden.append(h)
-            break
+        if room <= 0:
+            break  # `level` is still to run through the shared layers
+        ids = torch.tensor([[tree.tokens[i] for i in level]], device=last.device)
         h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
         hidden.append(h)
         level_rows.append(len(level))
@@ -406,10 +560,16 @@ def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
             proposals += [(tree.logq[i] + lq, i, tok) for lq, tok in zip(top_logq[r], top_ids[r].tolist())
                           if lq > float("-inf")]  # a pruned head's tokens only
         if not proposals:
+            level = []  # every node of this level went through a draft step already
             break
         kept = sorted(proposals, key=lambda x: -x[0])[:min(width, room)]
         kept.sort(key=lambda x: (x[1], -x[0]))  # by parent, each one's children most likely first
         level = [tree.add(i, tok, logq) for logq, i, tok in kept]
+    pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
+    if pending:
+        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=last.device)
+        h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
+        hidden.append(h)
     _lap(timings, "draft levels", last.device, t0)
     return tree, hidden, q_logits, level_rows
 
@@ -451,12 +611,12 @@ def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, generator:
 
 def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
                budget: int, draft_stop: float = 0.0, generator: Optional[torch.Generator] = None,
-               timings: Optional[dict] = None) -> Cycle:
+               timings: Optional[dict] = None, graft: list = ()) -> Cycle:
     """Draft a tree, verify every node in one pass of the remaining layers (tree mask, RoPE at n + depth), walk it:
     one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep). The overlap stat is over the expanded
     nodes the walk reached (where p is computed anyway)."""
     tree, hidden, q_logits, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
-                                                    timings)
+                                                    timings, graft)
     t0 = _lap(timings, None, last.device)
     p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.rows(list(range(len(tree.tokens)))))[0]
     t0 = _lap(timings, "verify", last.device, t0)
@@ -466,7 +626,7 @@ def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
     seen = [u for u in visited if u in q_logits]
     overlap = sum(torch.minimum(visited[u], policy.probs(q_logits[u])).sum() for u in seen) if seen else 0.0
     return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
-                 len(tree.tokens) - 1, path, tuple(level_rows))
+                 len(tree.tokens) - 1, path, tuple(level_rows), tuple(tree.source[i] for i in path[1:]), "tree")
 
 
 def _lap(timings: Optional[dict], phase: Optional[str], device: torch.device, t0: float = 0.0) -> float:

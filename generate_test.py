@@ -488,3 +488,159 @@ def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
     monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, g=None: bool(torch.rand((), generator=g) < p_x))
     counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=1, temperature=1.0, tree_width=3)
     assert chi_square_pvalue(counts, exact) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt lookup and the exit with lookup: the index equals a brute-force scan; greedy equals autoregressive decoding
+# and `generate`; sampling is exact (chi-square), and a broken rule for a deterministic proposal fails.
+
+def test_lookup_index_equals_a_brute_force_scan_on_random_streams():
+    g = torch.Generator().manual_seed(0)
+    proposed = 0
+    for trial in range(60):
+        vocab, ngram = (2, 3, 5, 20)[trial % 4], 1 + trial % 4
+        stream = torch.randint(0, vocab, (120,), generator=g).tolist()
+        lookup = generate.Lookup(stream[:3], ngram)
+        pos = 3
+        while pos < len(stream):
+            for k in (1, 3, 7):
+                want = generate.scan_proposal(stream[:pos], k, ngram)
+                assert lookup.propose(k) == want, (trial, pos, k)
+                proposed += bool(want)
+            step = 1 + int(torch.randint(0, 4, (1,), generator=g))  # cycles commit 1..4 tokens
+            lookup.add(stream[pos:pos + step])
+            pos += step
+    assert proposed > 500
+
+
+def test_lookup_rule_longest_ngram_then_latest_occurrence():
+    # "5 6" occurred twice, followed by 7 then by 9: the latest wins; the 3-gram "4 5 6" occurred once, followed by 7
+    assert generate.scan_proposal([5, 6, 7, 5, 6, 9, 5, 6], 2) == [9, 5]
+    assert generate.scan_proposal([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2) == [7, 1]
+    assert generate.scan_proposal([1, 2, 3], 4) == []  # nothing repeats
+    assert generate.scan_proposal([1, 1], 4) == [1]  # the continuation is cut where the text ends
+    lookup = generate.Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], ngram=3)
+    assert lookup.propose(2) == [7, 1] and generate.Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2).propose(2) == [9, 4]
+
+
+def looping_reference(tie=False, new=40):
+    """A tiny model whose greedy reply repeats itself (as small models do), so that lookup has matches to propose."""
+    base = make_tiny_llama(layers=6, init_std=0.2, tie=tie, seed=5)
+    prompt = torch.tensor([[5, 17, 5, 17, 40, 5, 17, 9]])
+    ref = base.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)[0, prompt.shape[1]:]
+    return base, prompt, new, ref
+
+
+LOOKUP_GREEDY = [dict(draft="lookup", gamma=g) for g in (1, 3, 6)] + [
+    dict(draft="lookup", gamma=4, ngram=1), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
+    dict(draft="exit+lookup", gamma=3), dict(draft="exit+lookup", gamma=1, lookup_tokens=5, tree_width=3),
+    dict(draft="exit+lookup", gamma=2, lookup_tokens=3, tree_width=2, tree_nodes=3)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_greedy_lookup_and_exit_with_lookup_equal_autoregressive_and_generate(tie):
+    base, prompt, new, ref = looping_reference(tie)
+    by_source = {"exit": 0, "lookup": 0, "both": 0}
+    for layer, kw in itertools.product((2, 4), LOOKUP_GREEDY):
+        tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block"))
+        sp, stats = speculative_generate(tl, prompt, new, **kw)
+        assert torch.equal(sp, ref), (layer, kw)
+        assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
+        assert sum(stats["source_counts"].values()) == new == len(stats["token_sources"])
+        assert stats["source_counts"]["target"] == stats["target_calls"]
+        before = list(itertools.accumulate([0] + [k + 1 for k in stats["per_cycle"]]))[:-1]
+        assert len(stats["lookup_matched"]) == sum(b < new - 1 for b in before)  # each cycle with room for a draft
+        if kw["draft"] == "lookup":
+            assert stats["source_counts"]["exit"] == stats["source_counts"]["both"] == 0
+        for s in by_source:
+            by_source[s] += stats["source_counts"][s]
+    assert by_source["lookup"] > 40 and by_source["exit"] > 0 and by_source["both"] > 0
+
+
+def test_lookup_proposals_stop_at_eos_and_the_length_limit():
+    base, prompt, new, ref = looping_reference()
+    tl = TruncatedLlama(base, 2)
+    eos = int(ref[20])  # a token the reply repeats: the lookup proposes it, and the reply must end there
+    for kw in (dict(draft="lookup", gamma=6), dict(draft="exit+lookup", gamma=1, lookup_tokens=6, tree_width=2)):
+        sp, stats = speculative_generate(tl, prompt, new, eos_token_id=eos, **kw)
+        stop = int((ref == eos).nonzero()[0]) + 1
+        assert torch.equal(sp, ref[:stop]), kw
+        for n in (1, 2, 7):
+            sp, stats = speculative_generate(tl, prompt, n, **kw)
+            assert torch.equal(sp, ref[:n]) and max(stats["per_cycle"]) <= n - 1, (kw, n)
+            if kw["draft"] == "lookup":  # a chain: its proposals fit the tokens left
+                assert max(stats["per_cycle_drafted"]) <= n - 1
+
+
+@pytest.mark.parametrize("draft,kw", [("lookup", dict(temperature=1.0, gamma=2)),
+                                      ("lookup", dict(temperature=0.8, top_p=0.9, top_k=3, gamma=3, ngram=1)),
+                                      ("exit+lookup", dict(temperature=1.0, gamma=1, lookup_tokens=2)),
+                                      ("exit+lookup", dict(temperature=1.3, top_p=0.8, gamma=2, draft_stop=0.6)),
+                                      ("exit+lookup", dict(temperature=1.0, top_k=3, gamma=1, lookup_tokens=2,
+                                                           tree_width=2)),
+                                      ("exit+lookup", dict(temperature=0.7, top_p=0.9, gamma=2, tree_width=2,
+                                                           tree_nodes=3))])
+def test_sampling_lookup_matches_target_distribution(small_vocab_model, draft, kw):
+    base, _ = small_vocab_model
+    prompt = torch.tensor([[1, 3, 2, 4, 1]])  # "1" occurred before: the lookup proposes from the first cycle on
+    tl = TruncatedLlama(base, 1)
+    exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    sources = {"exit": 0, "lookup": 0, "both": 0, "target": 0}
+    exit_cycles = 0
+    for _ in range(SAMPLES):
+        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft=draft, **kw)
+        counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
+        for k in sources:
+            sources[k] += s["source_counts"][k]
+        exit_cycles += sum(kind != "lookup" for kind in s["cycle_kinds"])
+    assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    assert sources["lookup"] + sources["both"] > 200  # lookup's proposals were really judged and accepted
+    if draft == "exit+lookup":  # and the exit drafted too: where the lookup had no match (chains), in every tree
+        assert exit_cycles > 10 and (kw.get("tree_width", 1) == 1 or sources["exit"] + sources["both"] > 50)
+
+
+def test_a_broken_rule_for_a_deterministic_proposal_fails_the_same_test(small_vocab_model, monkeypatch):
+    """Accepting a lookup token without the p(x) draw (as if q = p) is the classic bug for drafts without a q."""
+    base, _ = small_vocab_model
+    prompt = torch.tensor([[1, 3, 2, 4, 1]])
+    tl = TruncatedLlama(base, 1)
+    exact = exact_distribution(base, prompt, Policy(1.0))
+    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, g=None: bool(p_x > 0))
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    for _ in range(SAMPLES):
+        tokens, _ = speculative_generate(tl, prompt, 3, generator=g, draft="lookup", gamma=2, temperature=1.0)
+        counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
+    assert chi_square_pvalue(counts, exact) < 1e-6
+
+
+def test_lookup_flags_are_checked():
+    tl = TruncatedLlama(make_tiny_llama(layers=4), 2)
+    for kw, flag in ((dict(draft="medusa"), "--drafts"), (dict(lookup_tokens=-1), "--lookup_tokens"),
+                     (dict(ngram=0), "--ngram"), (dict(draft="lookup", tree_width=2), "--tree_widths")):
+        with pytest.raises(ValueError, match=f"^{flag}: "):
+            speculative_generate(tl, torch.tensor([[1, 2]]), 4, gamma=2, **kw)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
+    model, tok = smollm2
+    text = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the lamp, wound the clock and "
+            "wrote the weather in his book. Repeat the first sentence of this text word for word, then summarise it.")
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    new, eos = 48, tok.eos_token_id
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=eos)[0, ids.shape[1]:]
+    tl = TruncatedLlama(model, 4)
+    assert torch.equal(autoregressive_generate(tl, ids, new, eos_token_id=eos)[0], ref)
+    lookup_tokens = 0
+    for kw in (dict(draft="lookup", gamma=4), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
+               dict(draft="exit+lookup", gamma=1, lookup_tokens=4, tree_width=2)):
+        sp, stats = speculative_generate(tl, ids, new, eos_token_id=eos, **kw)
+        assert torch.equal(sp, ref), kw
+        lookup_tokens += stats["source_counts"]["lookup"] + stats["source_counts"]["both"]
+    assert lookup_tokens > 10
