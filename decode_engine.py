@@ -48,6 +48,12 @@ def _forms() -> dict[str, tuple[str, Callable]]:
 
 
 FORMS = _forms()
+# Row-invariant steps (the default): a token's logits get the same bits whether it is decoded alone or among the rows
+# of a verify, so that greedy self-speculation equals autoregressive decoding in bfloat16 as in float32. It costs the
+# measured product forms (every product is F.linear: `mv`, `w@x` and `x@t` may round a row differently with 1 and
+# with 5 rows, measured for the 576 x 1536 down projection) and attention over the cache's capacity (StaticCache).
+# False: the forms measured fastest per row count, attention over the committed prefix only.
+ROW_INVARIANT = True
 ROW_BUCKETS = (1, 5)  # rows timed: one-token steps; short verifies (2-16 rows); longer inputs use F.linear
 _CHOICES = {}  # (out, in, dtype, device, threads) -> (storage, {bucket: form})
 
@@ -88,6 +94,8 @@ def choose_forms(weights: Sequence[torch.Tensor]) -> tuple[str, dict[int, str]]:
     """(storage, {rows bucket: form}) for weights of one shape, measured once per shape, dtype and thread count.
 
     The storage is the one whose best forms cost least, weighting one-token steps (most of decoding) 3:1."""
+    if ROW_INVARIANT:  # F.linear gives a row the same bits whatever the row count; the other forms may not
+        return "w", {m: "linear" for m in ROW_BUCKETS}
     w0 = weights[0]
     key = (*w0.shape, w0.dtype, str(w0.device), torch.get_num_threads())
     if key not in _CHOICES:
@@ -129,34 +137,71 @@ class Product:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.fns = {m: FORMS[name][1] for m, name in self.forms.items()}
         self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
+        self.pad_one = ROW_INVARIANT and self.storage == "w" and not one_row_invariant(stored)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (k, in) -> (k, out), contiguous."""
-        y = self.fns.get(_bucket(x.shape[0]), self.default)(x, self.weight)
+        if self.pad_one and x.shape[0] == 1:  # a one-row product rounds unlike the same row among others here
+            y = F.linear(x.expand(2, -1), self.weight)[:1]
+        else:
+            y = self.fns.get(_bucket(x.shape[0]), self.default)(x, self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y if y.is_contiguous() else y.contiguous()
 
     def describe(self) -> str:
-        return f"{self.storage}:" + "/".join(self.forms[m] for m in ROW_BUCKETS)
+        return f"{self.storage}:" + "/".join(self.forms[m] for m in ROW_BUCKETS) + (" (1 row as 2)" if self.pad_one
+                                                                                       else "")
+
+
+_ONE_ROW = {}  # (out, in, dtype, device, threads) -> whether F.linear of one row equals that row among two
+
+
+def one_row_invariant(weight: torch.Tensor, trials: int = 32) -> bool:
+    """Whether F.linear gives a row the same bits alone as among 2 rows, for this weight's shape on this machine
+    (measured once per shape on random inputs: a CPU may run one row through another kernel, e.g. a matrix-vector
+    one that sums in another order; measured here for the 576 x 1536 down projection in bf16, 2 rows in 20 differ).
+    Calls of 2 or more rows agree with each other (measured up to 16)."""
+    key = (*weight.shape, weight.dtype, str(weight.device), torch.get_num_threads())
+    if key not in _ONE_ROW:
+        g = torch.Generator(device=weight.device).manual_seed(0)
+        same = True
+        for _ in range(trials):
+            x = torch.randn(2, weight.shape[1], generator=g, device=weight.device).to(weight.dtype)
+            same &= torch.equal(F.linear(x[:1], weight), F.linear(x, weight)[:1])
+        _ONE_ROW[key] = bool(same)
+    return _ONE_ROW[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The static cache
 
 
+
 class StaticCache:
     """Keys and values of `slots` attention layers, (slots, kv_heads, capacity, head_dim) each, written by position.
 
     `lengths[i]` is how many positions layer i holds; `crop(n)` only shortens lengths. Capacity doubles when a write
-    would pass it (rare: the generate functions size it for the prompt, the new tokens and one cycle's drafts)."""
+    would pass it (rare: the generate functions size it for the prompt, the new tokens and one cycle's drafts).
+
+    Fixed span (`fixed_span`, the default): every attention call reads the whole capacity, positions past the query's
+    masked out, so a query row sees the same keys (and the same masked padding) whether it comes alone (a one-token
+    step) or among the rows of a verify. On CPUs the attention kernel's bits depend on the span of keys, not on the
+    number of query rows, so greedy self-speculation then equals autoregressive decoding bitwise in bfloat16 too,
+    where a verify over a span of n + k keys rounds unlike one-token steps over n + 1 (docs/design.md). The buffers
+    start as zeros: masked positions must hold finite numbers."""
 
     def __init__(self, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, fixed_span: bool = True):
         shape = (slots, kv_heads, max(16, capacity), head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * slots
+        self.fixed_span = fixed_span
+
+    def span(self, end: int) -> int:
+        """How many key positions an attention call over positions [0, end) reads."""
+        return self.capacity if self.fixed_span else end
 
     @property
     def capacity(self) -> int:
@@ -171,18 +216,20 @@ class StaticCache:
             cap = max(n, 2 * self.capacity)
             for name in ("k", "v"):
                 old = getattr(self, name)
-                new = old.new_empty((old.shape[0], old.shape[1], cap, old.shape[3]))
+                new = old.new_zeros((old.shape[0], old.shape[1], cap, old.shape[3]))
                 new[:, :, : old.shape[2]] = old
                 setattr(self, name, new)
 
     def write(self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (kv_heads, t, head_dim) keys/values at positions start..start+t-1; return the layer's whole prefix."""
+        """Store (kv_heads, t, head_dim) keys/values at positions start..start+t-1; return the keys and values
+        attention reads: the layer's whole prefix, or with a fixed span the whole capacity."""
         end = start + k.shape[1]
         self.reserve(end)
         self.k[slot, :, start:end] = k
         self.v[slot, :, start:end] = v
         self.lengths[slot] = end
-        return self.k[slot, :, :end], self.v[slot, :, :end]
+        span = self.span(end)
+        return self.k[slot, :, :span], self.v[slot, :, :span]
 
     def crop(self, n: int) -> None:
         """Drop every position >= n from every slot (rejected drafts): only the lengths change."""
@@ -243,12 +290,30 @@ class Block:
         qk = rope(qkv[:, : (H + KV) * hd].view(t, H + KV, hd), cos, sin)  # q and k rotated in one go
         v = qkv[:, (H + KV) * hd:].view(t, KV, hd).transpose(0, 1)
         keys, values = cache.write(slot, start, qk[:, H:].transpose(0, 1), v)
-        att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0),
-                                             values.unsqueeze(0), attn_mask=mask, scale=self.scaling,
-                                             enable_gqa=KV != H)
-        x = x + self.o(att[0].transpose(0, 1).reshape(t, H * hd))
+        q = qk[:, :H].transpose(0, 1)
+        if cache.fixed_span and t < MIN_QUERY_ROWS:  # see MIN_QUERY_ROWS
+            q, mask = _padded(q, mask, keys.shape[1], MIN_QUERY_ROWS)
+        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+                                             scale=self.scaling, enable_gqa=KV != H)
+        x = x + self.o(att[0, :, :t].transpose(0, 1).reshape(t, H * hd))
         gu = self.gate_up(rms_norm(x, self.ln2, self.eps2))
         return x + self.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
+
+
+# On CPUs (torch 2.13, bf16) scaled_dot_product_attention gives a query row the same bits whether 4, 5 or 16 rows
+# share the call (over the same keys and mask), but takes another path for 1 or 2 rows, whose bits differ. With a fixed
+# span, calls of fewer rows are padded to this many (copies of the last row, dropped after): one-token steps, chains'
+# two-row verifies and long verifies then round alike.
+MIN_QUERY_ROWS = 4
+
+
+def _padded(q: torch.Tensor, mask: torch.Tensor | None, span: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads, t, hd) queries and their (t, span) mask (None: every key), the last row repeated to `rows` rows."""
+    extra = rows - q.shape[1]
+    if mask is None:
+        mask = torch.ones(q.shape[1], span, dtype=torch.bool, device=q.device)
+    return (torch.cat([q, q[:, -1:].expand(-1, extra, -1)], dim=1),
+            torch.cat([mask, mask[-1:].expand(extra, -1)], dim=0))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -281,16 +346,22 @@ class Tables:
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # rotate_half's sign
             self.causal = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
 
-    def at(self, start: int, t: int, tree: "TreeRows | None" = None
+    def at(self, start: int, t: int, tree: "TreeRows | None" = None, span: int | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(cos, sin, mask) for t queries written at start..start+t-1 over keys 0..start+t-1: causal (mask None if
-        t=1), or for the rows of a draft tree, at their own RoPE positions and with their tree mask."""
+        """(cos, sin, mask) for t queries written at start..start+t-1 over keys 0..span-1 (default start+t): causal
+        (mask None if t=1 and the span ends at the query), or for the rows of a draft tree, at their own RoPE
+        positions and with their tree mask (padded with False to the span)."""
+        end = start + t
+        span = end if span is None else span
         if tree is not None:
             self._grow(int(tree.positions.max()) + 1)
-            return self.cos[tree.positions], self.sin[tree.positions], tree.mask
-        self._grow(start + t)
-        mask = None if t == 1 else self.causal[start:start + t, : start + t]
-        return self.cos[start:start + t], self.sin[start:start + t], mask
+            mask = tree.mask
+            if span > mask.shape[1]:
+                mask = torch.cat([mask, mask.new_zeros(t, span - mask.shape[1])], dim=1)
+            return self.cos[tree.positions], self.sin[tree.positions], mask
+        self._grow(max(end, span))
+        mask = None if t == 1 and span == end else self.causal[start:end, :span]
+        return self.cos[start:end], self.sin[start:end], mask
 
 
 class TreeRows(NamedTuple):
@@ -316,12 +387,13 @@ class Engine:
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
 
     def new_cache(self, slots: int, capacity: int) -> StaticCache:
-        return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+        return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device, ROW_INVARIANT)
 
     def run(self, blocks: Sequence[Block], x: torch.Tensor, cache: StaticCache, first_slot: int,
             start: int, tree: TreeRows | None = None) -> torch.Tensor:
         """The blocks on x (t, hidden) written at positions start.., block i in cache slot first_slot + i."""
-        cos, sin, mask = self.tables.at(start, x.shape[0], tree)
+        cache.reserve(start + x.shape[0])  # before the span is read: a write past the capacity grows it
+        cos, sin, mask = self.tables.at(start, x.shape[0], tree, cache.span(start + x.shape[0]))
         for i, block in enumerate(blocks):
             x = block(x, cache, first_slot + i, start, cos, sin, mask)
         return x
@@ -370,7 +442,8 @@ class ExitEngine:
                tree: TreeRows | None = None) -> torch.Tensor:
         """The exit's private blocks on shared states x (t, hidden), attention blocks in cache slots first_slot..;
         an MLP adapter has no attention, no cache slot."""
-        cos, sin, mask = tables.at(start, x.shape[0], tree)
+        cache.reserve(start + x.shape[0])
+        cos, sin, mask = tables.at(start, x.shape[0], tree, cache.span(start + x.shape[0]))
         slot = first_slot
         for block in self.blocks:
             if isinstance(block, Block):

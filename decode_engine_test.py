@@ -109,7 +109,31 @@ def test_forms_are_chosen_by_measurement_per_shape(monkeypatch):
         return times
     monkeypatch.setattr(decode_engine, "measure_forms", fake)
     monkeypatch.setattr(decode_engine, "_CHOICES", {})
+    monkeypatch.setattr(decode_engine, "ROW_INVARIANT", False)
     assert decode_engine.choose_forms([torch.randn(7, 5)]) == ("w", {1: "mv", 5: "w@x"})
+    monkeypatch.setattr(decode_engine, "ROW_INVARIANT", True)  # the default: one form, whatever is fastest
+    assert decode_engine.choose_forms([torch.randn(7, 5)]) == ("w", {1: "linear", 5: "linear"})
+
+
+def test_row_invariant_steps_read_the_whole_capacity_and_pad_short_calls(monkeypatch):
+    """A one-token step and a 5-token verify give a token's logits the same bits (bf16; on SmolLM2 in
+    test_smollm2_bf16_greedy_is_exact), and a one-row product pads to two rows where one row rounds otherwise."""
+    base = make_tiny_llama(layers=4, init_std=0.2).to(torch.bfloat16)
+    ids = torch.randint(0, 259, (1, 30), generator=torch.Generator().manual_seed(0))
+    tl = TruncatedLlama(base, 2)
+    with torch.no_grad():
+        cache = tl.new_cache(40)
+        tl.full_step(ids[:, :25], cache, 0)
+        verify = tl.full_step(ids[:, 25:30], cache, 25)
+        cache.crop(25)
+        steps = torch.cat([tl.full_step(ids[:, i:i + 1], cache, i) for i in range(25, 30)], 1)
+    assert torch.equal(verify, steps)
+    assert cache.fixed_span and cache.span(26) == cache.capacity
+    calls = []
+    monkeypatch.setattr(decode_engine, "one_row_invariant", lambda w: False)  # as if this machine's gemv differed
+    monkeypatch.setattr(decode_engine.F, "linear", lambda x, w, *a: calls.append(x.shape[0]) or x @ w.t())
+    product = decode_engine.Product([torch.nn.Linear(8, 4, bias=False)], ("w", {1: "linear", 5: "linear"}))
+    assert product(torch.randn(1, 8)).shape == (1, 4) and calls == [2]
 
 
 def test_other_architectures_keep_the_transformers_engine():
@@ -133,3 +157,24 @@ def test_smollm2_lean_logits_equal_transformers_forward(smollm2):
                         + [lean.full_step(ids[:, i:i + 1], cache, i) for i in range(4, ids.shape[1])], 1)
     # float32 sums in another order: the gap is ~1e-6 of the logits' range (a 1e-5 bound, relative to that range)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_greedy_is_exact():
+    """Row-invariant steps (the default): greedy self-speculation equals autoregressive decoding bitwise in bfloat16,
+    for a chain, a lookup draft and a verify of several rows. Before them, 4 of 8 ShareGPT prompts parted."""
+    from generate import autoregressive_generate, speculative_generate
+    from truncated_llama import load_base_model
+    if not torch.backends.cpu.get_cpu_capability() or torch.bfloat16 is None:
+        pytest.skip("no bf16")
+    model, tok = load_base_model("smollm2-135m", dtype=torch.bfloat16)
+    tl = TruncatedLlama(model, 3)
+    texts = ["Write a short poem about the sea.", "List three uses of a paperclip and explain each one.",
+             "Translate into French: the cat sleeps on the warm windowsill every afternoon."]
+    for text in texts:
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        ar, _ = autoregressive_generate(tl, ids, 40)
+        for kw in (dict(gamma=1), dict(gamma=4), dict(gamma=4, draft="lookup"), dict(gamma=1, draft="exit+lookup")):
+            sp, _ = speculative_generate(tl, ids, 40, **kw)
+            assert torch.equal(sp, ar), (text, kw)

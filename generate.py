@@ -270,8 +270,8 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     t0 = time.perf_counter()
     budget = (tree_nodes or tree_width * gamma) if tree_width > 1 else gamma
     lookup_len = (lookup_tokens or gamma) if draft != "exit" else 0
-    cache, n, last = _prefill(model, input_ids, with_exit=draft != "lookup",
-                              room=max_new_tokens + max(budget, 0) + lookup_len + 1)
+    cache, n, last = _prefill(model, input_ids, with_exit=draft != "lookup", room=max_new_tokens,
+                              drafts=budget + lookup_len + 1)
     lookup, lookup_s, matched = None, 0.0, []
     if lookup_len:
         lap = time.perf_counter()
@@ -670,10 +670,15 @@ def _check_prompt(model, input_ids, max_new_tokens):
     check_context(model.config, "--max_new_tokens", max_new_tokens, prompt=input_ids.shape[1])  # a ValueError
 
 
-def _prefill(model, input_ids, with_exit, room=0):
+SLACK = 64  # cache positions reserved past the new tokens for a cycle's drafts, in multiples of this
+
+
+def _prefill(model, input_ids, with_exit, room=0, drafts=0):
     """All prompt tokens but the last go into every layer's cache; the last one is fed by the first step.
-    `room`: positions the generation will add (the lean engine reserves them up front)."""
-    cache = model.new_cache(input_ids.shape[1] + room)
+    `room`: positions the generation will add, `drafts`: how many more a cycle may write (the lean engine reserves
+    them up front). The capacity is prompt + room + a multiple of SLACK, so that autoregressive and speculative
+    decoding of one prompt get the same capacity, the span every attention call reads (decode_engine.StaticCache)."""
+    cache = model.new_cache(input_ids.shape[1] + room + SLACK * (drafts // SLACK + 1))
     if input_ids.shape[1] > 1:
         model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
     return cache, input_ids.shape[1] - 1, input_ids[:, -1:]
