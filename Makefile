@@ -15,12 +15,18 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
-# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one ShareGPT prompt drafted
-# and verified (drafted tokens [bracketed]), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
+# make run's first demo: prompt lookup (the draft that needs no trained exit) on a prompt that hands over a text, where
+# the reply copies from it; the drafted tokens it accepted are in {braces}.
+RUN_PROMPT ?= Rewrite this paragraph so that a child can read it, keeping its sentences: The lighthouse keeper climbed \
+the one hundred and twelve stairs every evening at dusk. He lit the great lamp, wound the clockwork that turned it, \
+and wrote the wind, the sea and the passing ships in his logbook before he slept.
+
+# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one prompt drafted by prompt lookup
+# and verified (drafted tokens marked by source), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
 # tokens a cell.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
-	$(PY) scratch_work.py --no_color --max_new_tokens 48
+	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft lookup --gamma 4 "$(RUN_PROMPT)"
 	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4 15 26" REPORT_GRID="4 15 26" \
 		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 2 4 8" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
 		REPORT_PROMPTS=2 REPORT_TOKENS=24 REPORT_TF=2
@@ -74,13 +80,11 @@ report: setup
 SPEEDUP        := out/speedup
 SPEEDUP_LAYER  ?= 3
 SPEEDUP_VOCAB  ?= 8192
-SPEEDUP_STEPS  ?= $(shell $(PY) -c "from truncated_llama import resolve_dtype; print(1500 if resolve_dtype('auto')[1] == 'bfloat16' else 650)")
+SPEEDUP_STEPS  ?= $(shell $(PY) -c "from truncated_llama import resolve_dtype; print(1000 if resolve_dtype('auto')[1] == 'bfloat16' else 450)")
 SPEEDUP_TRAIN  ?= --train head,norm,adapter --adapter_init next --draft_vocab $(SPEEDUP_VOCAB) --head_init lstsq \
 	--lstsq_blocks 48 --lr 4e-3 --head_lr 3e-3 --max_steps $(SPEEDUP_STEPS) --batch_size 2 --seq_len 256 \
 	--warmup 20 --eval_every 250 --eval_batches 12 --save_every 100 --dtype auto
-SPEEDUP_WIDTHS ?= 1 2 4 8
-SPEEDUP_DEEP   ?= 2 3
-SPEEDUP_SWEEP  ?= --temperatures 0 0.7 --top_p 0.95 --num_prompts 16 --max_new_tokens 128 --tf_blocks 0 --paired_baseline
+SPEEDUP_SWEEP  ?= --temperatures 0 0.7 --top_p 0.95 --num_prompts 10 --max_new_tokens 128 --tf_blocks 0 --paired_baseline
 SPEEDUP_EXIT   := $(SPEEDUP)/exit_L$(SPEEDUP_LAYER)
 
 speedup: speedup-train speedup-sweep
@@ -91,15 +95,29 @@ speedup-train: setup
 		$(SPEEDUP_TRAIN) --out_dir $(SPEEDUP_EXIT)
 
 # The measuring half alone, on the exit speedup-train left (run it again for a second measurement of the same exit):
-# chains and trees of depth 1 (gamma 1, widths 1 2 4 8), then two deeper trees (width 4, gamma 2 and 3) added to the
-# same results with --resume; the last line is the best lossless cell of both, naming its width and nodes.
+# (a) ShareGPT test prompts: the exit (gamma 1, a chain and a width-2 tree), prompt lookup (gamma 4) and both in one
+# cycle (exit+lookup: the exit's gamma 1 and the lookup's 4 tokens, as a chain and as a width-2 tree), greedy and T 0.7,
+# (b) the same sources on each ShareGPT task group (code, a given text, open questions: share_gpt_dataset.task_group),
+# added with --resume, (c) our prompt lookup against transformers' (generate(prompt_lookup_num_tokens=4)), each over
+# its own autoregressive loop, in one run. The last line is the best lossless cell of (a) and (b), naming its source.
+SPEEDUP_SETS  ?= sharegpt:tasks
+SPEEDUP_GROUP ?= --dataset $(SPEEDUP_SETS) --temperatures 0 0.7 --top_p 0.95 --num_prompts 5 --max_new_tokens 96 \
+	--tf_blocks 0 --paired_baseline
+SPEEDUP_EVAL  := $(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --resume
+
 speedup-sweep: setup
 	rm -rf $(SPEEDUP)/eval
-	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas 1 --tree_widths $(SPEEDUP_WIDTHS) \
-		$(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
-	$(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --gammas $(SPEEDUP_DEEP) --tree_widths 4 \
-		$(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval --resume
-	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts exit --gammas 1 --tree_widths 1 2 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_SWEEP) \
+		--out_dir $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts exit --gammas 1 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
+	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
+	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_GROUP) \
+		--out_dir $(SPEEDUP)/eval/tasks
+	$(PY) benchmark_torch_compile.py --layers --no_steps --lookup_peer 4 --num_prompts 4 --max_new_tokens 128 \
+		--out $(SPEEDUP)/eval/lookup_peer.json
+	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval $(SPEEDUP)/eval/tasks
 
 test: setup
 	$(PY) -m pytest -q

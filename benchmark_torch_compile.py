@@ -182,6 +182,40 @@ def compare(model, ref, prompts, layer, gamma, new, device, roof):
 
 
 @torch.inference_mode()
+def lookup_peer(model, ref, prompts, k, new, temperature, device, top_p=0.95):
+    """Prompt lookup, ours against transformers': our lookup draft (speculative_generate(draft="lookup", gamma=k))
+    over our autoregressive loop, and generate(prompt_lookup_num_tokens=k) over plain generate, at one policy
+    (greedy, or temperature with top_p and no top-k), timed prompt by prompt in turns. One row: both ratios."""
+    tl = TruncatedLlama(model, 1)
+    policy = dict(temperature=temperature, top_p=top_p if temperature else 1.0)
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature else \
+        dict(do_sample=False)
+    g = lambda i: torch.Generator(device).manual_seed(i)
+    methods = {
+        "hf_generate": lambda ids, i: ref.generate(ids, max_new_tokens=new, min_new_tokens=new, **sample),
+        "hf_lookup": lambda ids, i: ref.generate(ids, max_new_tokens=new, min_new_tokens=new,
+                                                 prompt_lookup_num_tokens=k, **sample),
+        "ours_ar": lambda ids, i: autoregressive_generate(tl, ids, new, generator=g(i), **policy)[0],
+        "ours_lookup": lambda ids, i: speculative_generate(tl, ids, new, gamma=k, draft="lookup", generator=g(i),
+                                                           **policy)[0],
+    }
+    for fn in methods.values():  # warm-up
+        fn(prompts[0][:, :16], 0)
+    seconds, tokens = dict.fromkeys(methods, 0.0), dict.fromkeys(methods, 0)
+    for i, ids in enumerate(prompts):
+        for name, fn in methods.items():
+            torch.manual_seed(i)  # generate's sampling
+            out, s = timed(lambda: fn(ids, i), device)
+            seconds[name] += s
+            tokens[name] += out.shape[-1] - (ids.shape[1] if name.startswith("hf") else 0)
+    tps = {m: tokens[m] / seconds[m] for m in methods}
+    return {"lookup_tokens": k, "temperature": temperature, "top_p": policy["top_p"], "prompts": len(prompts),
+            "new_tokens": new, "tokens_per_s": {m: round(v, 2) for m, v in tps.items()},
+            "ours_lookup_vs_ours_ar": round(tps["ours_lookup"] / tps["ours_ar"], 3),
+            "hf_lookup_vs_hf_generate": round(tps["hf_lookup"] / tps["hf_generate"], 3)}
+
+
+@torch.inference_mode()
 def check_lossless(model, prompts, layers, gammas, new):
     """Greedy self-speculation must reproduce the autoregressive tokens exactly, for every (L, gamma)."""
     rows = []
@@ -209,8 +243,9 @@ def plain_step(x, weights, keys, values, start, cos, sin, mask, sizes):
     qk = decode_engine.rope(qkv[:, : (H + KV) * hd].reshape(t, H + KV, hd), cos, sin)
     keys[:, start:end] = qk[:, H:].transpose(0, 1)
     values[:, start:end] = qkv[:, (H + KV) * hd:].reshape(t, KV, hd).transpose(0, 1)
+    span = end if mask is None else mask.shape[-1]  # a row-invariant cache's mask spans its whole capacity
     att = torch.nn.functional.scaled_dot_product_attention(
-        qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :end].unsqueeze(0), values[:, :end].unsqueeze(0),
+        qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :span].unsqueeze(0), values[:, :span].unsqueeze(0),
         attn_mask=mask, scale=scaling, enable_gqa=KV != H)
     x = x + att[0].transpose(0, 1).reshape(t, H * hd) @ o_w
     gu = decode_engine.rms_norm(x, ln2, eps2) @ gate_up_w
@@ -398,6 +433,10 @@ def main(argv=None):
     ap.add_argument("--check_layers", type=int, nargs="*", default=[], help="also check greedy losslessness here")
     ap.add_argument("--check_gammas", type=int, nargs="*", default=[2, 4, 8])
     ap.add_argument("--compile", action="store_true", help="also time the lean step under torch.compile")
+    ap.add_argument("--lookup_peer", type=int, default=0, metavar="K",
+                    help="also time prompt lookup of K tokens, ours against transformers' (0: skip)")
+    ap.add_argument("--lookup_temperatures", type=float, nargs="+", default=[0.0, 0.7],
+                    help="the policies of --lookup_peer (0: greedy; else top_p 0.95)")
     ap.add_argument("--no_steps", action="store_true", help="skip the step-cost table")
     ap.add_argument("--random_weights", action="store_true", help="random model of the same shape (GPU timing)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -449,6 +488,12 @@ def main(argv=None):
             for gamma in args.gammas:
                 row = compare(model, ref, prompts, layer, gamma, args.max_new_tokens, device, part["rooflines"])
                 part["speed"].append(row)
+                print(json.dumps(row), flush=True)
+        if args.lookup_peer:
+            part["lookup_peer"] = []
+            for t in args.lookup_temperatures:
+                row = lookup_peer(model, ref, prompts, args.lookup_peer, args.max_new_tokens, t, device)
+                part["lookup_peer"].append(row)
                 print(json.dumps(row), flush=True)
         if args.check_layers:
             part["lossless"] = check_lossless(model, prompts, args.check_layers, args.check_gammas,

@@ -547,3 +547,100 @@ class BatchOrder:
             self._perm = (epoch, self._permutation(epoch))
         start = i * self.per_step + (micro * self.world + rank) * self.b
         return self._perm[1][start:start + self.b].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation prompts and held-out text (evaluate.py's --dataset): a built-in dataset's test split, a ShareGPT task
+# group, or a prompts.jsonl file
+
+
+def prompt_messages(record):
+    """The chat turns of a prompts.jsonl record, {"prompt": str} or {"messages": [{"role", "content"}, ...]}; None
+    when it has no usable prompt (an empty string, turns that are not all {"role": str, "content": str}, ...)."""
+    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        return [{"role": "user", "content": record["prompt"]}]
+    messages = record.get("messages")
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    return messages if ok else None
+
+
+def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, skip_bad_lines=False, blocks=0):
+    """A prompts.jsonl file: each line {"prompt": str} or {"messages": [{"role", "content"}, ...]}, used in file order.
+
+    The prompt is the line up to its last non-assistant turn, under the chat template with the generation prompt.
+    The held-out text for the teacher-forced sweep is `blocks` blocks (none for 0) drawn from the lines in full, as
+    for the built-in datasets: loss on the assistant's turns when a line has some, else on every token. Lines longer
+    than max_prompt_tokens are skipped as prompts. A malformed line, or one without a usable prompt, is an error
+    naming it (skipped and counted with skip_bad_lines); so is a file with fewer than num_prompts prompts."""
+    bad = BadEntries("--dataset", skip=skip_bad_lines)
+    records, info = read_json_records(path, flag="--dataset", bad=bad)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts, seqs = [], []
+    for i, (r, line) in enumerate(zip(records, info["lines"])):
+        messages = prompt_messages(r)
+        if messages is None:
+            bad.found(path, f"line {line}", 'has no usable prompt (a non-empty "prompt" string, or "messages": a list '
+                                            'of {"role", "content"} strings)')
+            continue
+        asked = messages
+        while len(asked) > 1 and asked[-1]["role"] == "assistant":
+            asked = asked[:-1]
+        join = lambda turns: "\n\n".join(m["content"] for m in turns)
+        text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else join(asked)
+        ids = encode(tokenizer, text)
+        if len(prompts) < num_prompts and 0 < len(ids) <= max_prompt_tokens:
+            prompts.append(prompt_dict(r.get("id", i), ids, text))
+        if not blocks:
+            continue
+        if chat and any(m["role"] == "assistant" for m in messages):
+            seqs.append(chat_tokens_with_mask(tokenizer, messages))
+        else:
+            full = encode(tokenizer, render_chat(tokenizer, messages) if chat else join(messages))
+            seqs.append((full, [1] * len(full)))
+    bad.report()
+    check_prompt_count(prompts, num_prompts, max_prompt_tokens, path)
+    return prompts, sample_blocks(seqs, lambda some: pack_sequences(some, seq_len), blocks) if blocks else []
+
+
+def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="prompt"):
+    """A run uses the number of prompts asked for, or stops here saying why not."""
+    if len(prompts) < num_prompts:
+        which = f"{kind}{'' if len(prompts) == 1 else 's'} of at most {max_prompt_tokens} tokens"
+        if kind == "document":  # SlimPajama: a prompt is the start of a longer document
+            which = f"document{'' if len(prompts) == 1 else 's'} longer than {max_prompt_tokens} tokens"
+        raise DataError(f"--num_prompts {num_prompts}: {source} has only {len(prompts)} {which} "
+                        "(--max_prompt_tokens); ask for fewer prompts or change --max_prompt_tokens.")
+
+
+TASKS = "sharegpt:tasks"  # --dataset shorthand for the three ShareGPT task groups
+
+
+def dataset_names(values):
+    """--dataset's values with sharegpt:tasks spelled out as its groups (sharegpt:code, ...), each once."""
+    from share_gpt_dataset import TASK_GROUPS
+    names = [[f"sharegpt:{g}" for g in TASK_GROUPS] if v == TASKS else [v] for v in values]
+    return list(dict.fromkeys(n for group in names for n in group))
+
+
+def load_eval_data(args, tokenizer, dataset, blocks):
+    """(prompts, `blocks` held-out blocks for the teacher-forced sweep) from one --dataset value: the test split of
+    ShareGPT, XSum or SlimPajama (the same 98/1/1 split by id as train.py's default), a ShareGPT task group
+    (sharegpt:code, sharegpt:given_text, sharegpt:open: share_gpt_dataset.task_group's rule, over the held-out test
+    and validation splits, which a task group needs to hold enough prompts), or a prompts.jsonl file."""
+    n, mpt, seed, seq_len = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len
+    if dataset not in DATASETS and not dataset.startswith("sharegpt:"):
+        return load_prompt_file(dataset, tokenizer, n, mpt, seq_len, args.skip_bad_lines, blocks)
+    name, _, group = dataset.partition(":")
+    ds = dataset_module(name)
+    splits = ("test", "validation") if group else ("test",)
+    loaded = ds.load_splits(args.data_files, args.dataset_id, skip_bad_lines=args.skip_bad_lines, max_docs=2000,
+                            splits=splits)
+    items = [c for s in splits for c in loaded[s]]
+    if group:
+        items = ds.in_group(items, group)
+    prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
+    check_prompt_count(prompts, n, mpt, f"the {dataset} {'held-out' if group else 'test'} split",
+                       "document" if name == "slimpajama" else "prompt")
+    make = lambda items: ds.training_sequences(tokenizer, items, seq_len)
+    return prompts, sample_blocks(items, make, blocks) if blocks else []

@@ -29,13 +29,14 @@ import torch
 
 import decode_engine
 from checkpoints import CheckpointError, write_atomically
-from cli import DataError, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, run_command
-from data_utils import DATASETS, dataset_module, sample_blocks
-from generate import autoregressive_generate, check_policy, speculative_generate, step_times
+from cli import Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, run_command
+from data_utils import DATASETS, TASKS, dataset_names, load_eval_data
+from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
-                     finished_cells, markdown_table, merge_results, predicted_speedup, predicted_tree_speedup,
-                     read_results, read_rows, repair_tail, results_files, write_table)
+                     finished_cells, markdown_table, merge_results, predicted_mixed_speedup, predicted_speedup,
+                     predicted_tree_speedup, prompt_sets, read_results, read_rows, repair_tail, results_files,
+                     write_table)
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError, trees_need_lean
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,35 +54,62 @@ class Cell:
     draft_stop: float = 0.0  # adaptive draft length: stop when the draft's top probability is below this (0: off)
     tree_width: int = 1      # candidates per expanded node of a draft tree of depth gamma (1: a chain)
     tree_nodes: int = 0      # the tree's node budget (0: tree_width x gamma; always 0 for a chain)
+    draft: str = "exit"      # the draft source: exit, lookup (no exit: exit "none", layer 0) or exit+lookup
+    lookup_tokens: int = 0   # exit+lookup: the lookup's proposal length (0: gamma); lookup cells: gamma is it
+    ngram: int = 3           # the lookup's longest n-gram
+    prompt_set: str = ""     # which --dataset the prompts come from ("" when there is one)
 
     @property
     def policy(self):
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
+    @property
+    def drafting(self):
+        """The cell's draft source as speculative_generate's keywords."""
+        return dict(draft=self.draft, lookup_tokens=self.lookup_tokens, ngram=self.ngram)
 
-def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), tree_widths=(1,), tree_nodes=(0,)):
-    """Every cell, in a fixed order: exits (as given), then gamma, temperature, top_p, top_k, draft_stop, tree width
-    and nodes. Greedy ignores top_p and top_k, so greedy cells are kept once, with top_p 1.0 and top_k 0; a chain
-    (width 1) has no node budget, and a budget of width x gamma is the default one (0)."""
+
+def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), tree_widths=(1,), tree_nodes=(0,),
+               drafts=("exit",), lookup_tokens=(0,), ngram=3, prompt_sets=("",)):
+    """Every cell, in a fixed order: exits (as given), then prompt set, draft source, gamma, temperature, top_p,
+    top_k, draft_stop, tree width and nodes, lookup length. Greedy ignores top_p and top_k, so greedy cells are kept
+    once, with top_p 1.0 and top_k 0; a chain (width 1) has no node budget, and a budget of width x gamma is the
+    default one (0). Lookup cells need no exit: they come once (exit "none", layer 0), as chains, gamma being the
+    lookup's length; exit cells have no lookup length."""
     cells = []
-    for (name, layer), g, t, p, k, s, w, m in itertools.product(exits, gammas, temperatures, top_ps, top_ks,
-                                                                draft_stops, tree_widths, tree_nodes):
+    exits = list(exits) + ([("none", 0)] if "lookup" in drafts else [])
+    for (name, layer), ps, d, g, t, p, k, s, w, m, lt in itertools.product(
+            exits, prompt_sets, drafts, gammas, temperatures, top_ps, top_ks, draft_stops, tree_widths, tree_nodes,
+            lookup_tokens):
+        if (d == "lookup") != (name == "none"):
+            continue
+        if d == "lookup":
+            s, w, m = 0.0, 1, 0
+        if d != "exit+lookup":
+            lt = 0
         m = 0 if w == 1 or m == w * g else m
-        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s), w, m)
+        lt = 0 if lt == g else lt
+        cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s), w, m, d, lt,
+                    ngram if d != "exit" else 3, ps)
         if cell not in cells:
             cells.append(cell)
     return cells
 
 
 def cell_id(cell, context):
-    """A stable id of a cell: a hash of its fields and everything its numbers depend on (model, exit weights, prompt
-    set, max_new_tokens, seed, dtype). draft_stop 0, tree_width 1 and tree_nodes 0 are left out, so cells of sweeps
-    made before they existed keep their ids (and --resume finds them)."""
+    """A stable id of a cell: a hash of its fields and everything its numbers depend on (model, exit weights, its
+    prompts, max_new_tokens, seed, dtype, device). Fields at their defaults (draft_stop 0, tree_width 1, tree_nodes
+    0, draft exit, ...) are left out, so cells of sweeps made before they existed keep their ids (and --resume finds
+    them)."""
     fields = asdict(cell)
-    for name, default in (("draft_stop", 0.0), ("tree_width", 1), ("tree_nodes", 0)):
+    for name, default in (("draft_stop", 0.0), ("tree_width", 1), ("tree_nodes", 0), ("draft", "exit"),
+                          ("lookup_tokens", 0), ("ngram", 3), ("prompt_set", "")):
         if fields[name] == default:
             del fields[name]
-    key = json.dumps({**fields, **context, "exit_id": context["exit_ids"][cell.exit]}, sort_keys=True)
+    if isinstance(context.get("prompts"), dict):  # {prompt set: hash}: this cell's prompts only
+        context = {**context, "prompts": context["prompts"][cell.prompt_set]}
+    exit_id = context["exit_ids"].get(cell.exit, "none")
+    key = json.dumps({**fields, **context, "exit_id": exit_id}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -116,11 +144,12 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     """Speculative decoding of every prompt for one cell; its row of results (stats summed over prompts).
     `baseline` None: the cell times its own baseline, each prompt's autoregressive run just before its speculative
     one (paired, so that a drift in the machine's speed falls on both alike)."""
-    keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "overlap_rows", "seconds", "rejected")
+    keys = ("new_tokens", "target_calls", "drafted", "accepted", "overlap_sum", "overlap_rows", "seconds", "rejected",
+            "lookup_seconds")
     total = dict.fromkeys(keys, 0)
     lists = dict.fromkeys(("accept_hist", "draft_len_hist", "judged_by_depth", "accepted_by_depth",
                            "draft_rows_hist"), [])
-    same, first_diffs = 0, []
+    same, first_diffs, matched, by_source, cycles = 0, [], [], {}, []
     paired = baseline is None
     if paired:
         baseline = {"tokens": [], "new_tokens": 0, "seconds": 0.0}
@@ -133,9 +162,12 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
                                       generator=g, draft_stop=cell.draft_stop, tree_width=cell.tree_width,
-                                      tree_nodes=cell.tree_nodes, **cell.policy)
+                                      tree_nodes=cell.tree_nodes, **cell.drafting, **cell.policy)
         for k in keys:
             total[k] += s[k]
+        matched += s["lookup_matched"]
+        by_source = {k: by_source.get(k, 0) + n for k, n in s["source_counts"].items()}
+        cycles += list(zip(s["cycle_kinds"], s["per_cycle_drafted"]))
         for k in lists:
             lists[k] = add_lists(lists[k], s.get(k, []))
         diff = first_difference(out, baseline["tokens"][i])
@@ -156,12 +188,16 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     c = draft_s / full_s
     # v: a cycle's verification (d drafts or nodes: d + 1 tokens) over a one-token step, averaged over the cycles
     v = sum(n * verify_s.get(d + 1, full_s) for d, n in enumerate(len_hist)) / max(sum(len_hist), 1) / full_s
-    if cell.tree_width == 1:
+    rows = lists["draft_rows_hist"]  # a tree's draft steps by their rows, each at its measured cost
+    draft_cost = sum(n * draft_rows_s.get(r, draft_s) for r, n in enumerate(rows)) / full_s
+    c_lookup = total["lookup_seconds"] / max(calls, 1) / full_s if cell.draft != "exit" else None
+    if cell.draft != "exit":  # cycles of several kinds, each at its measured cost
+        predicted = predicted_mixed_speedup(total["new_tokens"], cycles, lambda k: verify_s.get(k, full_s) / full_s,
+                                            c, draft_cost, total["lookup_seconds"] / full_s)
+    elif cell.tree_width == 1:
         predicted = predicted_speedup(alpha, cell.gamma, c, len_hist, v)
-    else:  # the draft steps by their rows, each at its measured cost
-        rows = lists["draft_rows_hist"]
-        draft_cost = sum(n * draft_rows_s.get(r, draft_s) for r, n in enumerate(rows)) / max(calls, 1) / full_s
-        predicted = predicted_tree_speedup(by_depth, draft_cost, v)
+    else:
+        predicted = predicted_tree_speedup(by_depth, draft_cost / max(calls, 1), v)
     return {
         **asdict(cell), "prompts": len(prompts),
         "new_tokens": total["new_tokens"], "target_calls": calls, "drafted": drafted, "accepted": total["accepted"],
@@ -179,91 +215,14 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "speedup": tps / baseline["tokens_per_s"] if baseline["tokens_per_s"] else None,
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c, "v": v,
         "predicted_speedup": predicted, "paired_baseline": paired,
+        "lookup_match_rate": sum(matched) / len(matched) if matched else None, "c_lookup": c_lookup,
+        "lookup_seconds": total["lookup_seconds"], "tokens_by_source": by_source,
     }
 
 
 def add_lists(a, b):
     """Element-wise sum of two count lists of any lengths."""
     return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompts and held-out text
-
-
-def prompt_messages(record):
-    """The chat turns of a prompts.jsonl record, {"prompt": str} or {"messages": [{"role", "content"}, ...]}; None
-    when it has no usable prompt (an empty string, turns that are not all {"role": str, "content": str}, ...)."""
-    if isinstance(record.get("prompt"), str) and record["prompt"].strip():
-        return [{"role": "user", "content": record["prompt"]}]
-    messages = record.get("messages")
-    ok = isinstance(messages, list) and messages and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
-    return messages if ok else None
-
-
-def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, skip_bad_lines=False):
-    """A prompts.jsonl file: each line {"prompt": str} or {"messages": [{"role", "content"}, ...]}, used in file order.
-
-    The prompt is the line up to its last non-assistant turn, under the chat template with the generation prompt.
-    The held-out text for the teacher-forced sweep is every line in full: loss on the assistant's turns when it has
-    some, else on every token. Lines longer than max_prompt_tokens are skipped as prompts. A malformed line, or one
-    without a usable prompt, is an error naming it (skipped and counted with skip_bad_lines); so is a file with
-    fewer than num_prompts prompts."""
-    from data_utils import (BadEntries, chat_tokens_with_mask, encode, pack_sequences, prompt_dict, read_json_records,
-                            render_chat)
-    bad = BadEntries("--dataset", skip=skip_bad_lines)
-    records, info = read_json_records(path, flag="--dataset", bad=bad)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompts, seqs = [], []
-    for i, (r, line) in enumerate(zip(records, info["lines"])):
-        messages = prompt_messages(r)
-        if messages is None:
-            bad.found(path, f"line {line}", 'has no usable prompt (a non-empty "prompt" string, or "messages": a list '
-                                            'of {"role", "content"} strings)')
-            continue
-        asked = messages
-        while len(asked) > 1 and asked[-1]["role"] == "assistant":
-            asked = asked[:-1]
-        join = lambda turns: "\n\n".join(m["content"] for m in turns)
-        text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else join(asked)
-        ids = encode(tokenizer, text)
-        if len(prompts) < num_prompts and 0 < len(ids) <= max_prompt_tokens:
-            prompts.append(prompt_dict(r.get("id", i), ids, text))
-        if chat and any(m["role"] == "assistant" for m in messages):
-            seqs.append(chat_tokens_with_mask(tokenizer, messages))
-        else:
-            full = encode(tokenizer, render_chat(tokenizer, messages) if chat else join(messages))
-            seqs.append((full, [1] * len(full)))
-    bad.report()
-    check_prompt_count(prompts, num_prompts, max_prompt_tokens, path)
-    return prompts, pack_sequences(seqs, seq_len)
-
-
-def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="prompt"):
-    """A run uses the number of prompts asked for, or stops here saying why not."""
-    if len(prompts) < num_prompts:
-        which = f"{kind}{'' if len(prompts) == 1 else 's'} of at most {max_prompt_tokens} tokens"
-        if kind == "document":  # SlimPajama: a prompt is the start of a longer document
-            which = f"document{'' if len(prompts) == 1 else 's'} longer than {max_prompt_tokens} tokens"
-        raise DataError(f"--num_prompts {num_prompts}: {source} has only {len(prompts)} {which} "
-                        "(--max_prompt_tokens); ask for fewer prompts or change --max_prompt_tokens.")
-
-
-def load_eval_data(args, tokenizer):
-    """(prompts, held-out blocks for the teacher-forced sweep) from --dataset: the test split of ShareGPT, XSum or
-    SlimPajama (the same 98/1/1 split by id as train.py's default), or a prompts.jsonl file."""
-    n, mpt, seed, seq_len, blocks = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len, args.tf_blocks
-    if args.dataset not in DATASETS:
-        return load_prompt_file(args.dataset, tokenizer, n, mpt, seq_len, args.skip_bad_lines)
-    ds = dataset_module(args.dataset)
-    items = ds.load_splits(args.data_files, args.dataset_id, skip_bad_lines=args.skip_bad_lines, max_docs=2000,
-                           splits=("test",))["test"]
-    prompts = ds.evaluation_prompts(tokenizer, items, n, max_prompt_tokens=mpt, seed=seed)
-    check_prompt_count(prompts, n, mpt, f"the {args.dataset} test split",
-                       "document" if args.dataset == "slimpajama" else "prompt")
-    make = lambda items: ds.training_sequences(tokenizer, items, seq_len)
-    return prompts, sample_blocks(items, make, blocks) if blocks else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -360,10 +319,21 @@ def build_parser():
                         "kept per level, to depth gamma; all verified in one pass (1: a chain; lean engine only)")
     g.add_argument("--tree_nodes", nargs="+", type=int, default=[0], metavar="N",
                    help="a tree's node budget per cycle (0: width x gamma)")
+    g.add_argument("--drafts", nargs="+", default=["exit"], choices=DRAFTS, metavar="SOURCE",
+                   help="draft sources: exit (the early exit), lookup (prompt lookup: the tokens that followed the "
+                        "newest n-gram's latest earlier occurrence; needs no exit, run once, as chains of up to gamma "
+                        "tokens) and exit+lookup (a chain: the lookup's proposal when it matches, else the exit's; a "
+                        "tree: the exit's tree with the lookup's path grafted on)")
+    g.add_argument("--lookup_tokens", nargs="+", type=int, default=[0], metavar="K",
+                   help="exit+lookup: the lookup's proposal length (0: gamma; the exit drafts gamma)")
+    g.add_argument("--ngram", type=int, default=3, help="the lookup's longest n-gram (it tries n = this .. 1)")
     g = p.add_argument_group("prompts and held-out text")
-    g.add_argument("--dataset", default="sharegpt",
-                   help="sharegpt | xsum | slimpajama (their test split) | a prompts.jsonl file whose lines are "
-                        "{\"prompt\": ...} or {\"messages\": [...]}")
+    g.add_argument("--dataset", nargs="+", default=["sharegpt"],
+                   help="prompt sets, each a cell dimension with its own tables, plots and best line: sharegpt | "
+                        "xsum | slimpajama (their test split) | sharegpt:code, sharegpt:given_text, sharegpt:open "
+                        "(ShareGPT's held-out prompts by task, share_gpt_dataset.task_group) | sharegpt:tasks (all "
+                        "three) | a prompts.jsonl file whose lines are {\"prompt\": ...} or {\"messages\": [...]}; "
+                        "the teacher-forced sweep uses the first")
     g.add_argument("--data_files", default=None,
                    help="local JSON/JSONL/Parquet files of --dataset instead of the default")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
@@ -377,7 +347,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="prompt choice and sampling (one generator per prompt)")
     g.add_argument("--tf_blocks", type=int_at_least(0), default=16,
                    help="held-out blocks for the teacher-forced layer sweep, drawn at random (seed 0) from across the "
-                        "test split (0: skip it)")
+                        "first --dataset's test split or file (0: skip it)")
     g.add_argument("--tf_seq_len", type=int_at_least(2), default=256, help="tokens per teacher-forced block")
     g.add_argument("--tf_batch_size", type=int_at_least(1), default=4, help="teacher-forced blocks per forward pass")
     g = p.add_argument_group("output and runtime")
@@ -395,7 +365,7 @@ def build_parser():
                    help="generation steps: lean (decode_engine.py), hf (transformers' layers), auto: lean if it can")
     g.add_argument("--stop_after", type=int_at_least(0), default=0,
                    help="stop after this many cells, unmerged, as if killed (for testing --resume; 0: off)")
-    g.add_argument("--best_line", default=None, metavar="DIR",
+    g.add_argument("--best_line", nargs="+", default=None, metavar="DIR",
                    help="run nothing: print the best lossless speedup among the cells in DIR/results.jsonl (the "
                         "line every sweep ends with) and exit")
     return p
@@ -412,11 +382,16 @@ def check_args(args):
             check_policy(draft_stop=s)
         for w, m in itertools.product(args.tree_widths, args.tree_nodes):
             check_policy(tree_width=w, tree_nodes=m)
+        for d, k in itertools.product(args.drafts, args.lookup_tokens):
+            check_policy(draft=d, lookup_tokens=k, ngram=args.ngram)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.dataset not in DATASETS and not Path(args.dataset).is_file():
-        raise UsageError(f"--dataset: {args.dataset!r} is neither {', '.join(DATASETS)} nor an existing prompts "
-                         ".jsonl file.")
+    from share_gpt_dataset import TASK_GROUPS
+    groups = [f"sharegpt:{g}" for g in TASK_GROUPS] + [TASKS]
+    for d in args.dataset:
+        if d not in DATASETS and d not in groups and not Path(d).is_file():
+            raise UsageError(f"--dataset: {d!r} is neither {', '.join(DATASETS)}, {', '.join(groups)} nor an "
+                             "existing prompts .jsonl file.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available.")
     out = Path(args.out_dir)
@@ -452,7 +427,7 @@ class Sweep:
     tok: object
     checkpoints: list      # (path, EarlyExit) of each --exit_ckpt
     exit_ids: dict         # exit name -> a hash of its files ("untrained" for the plain exits)
-    prompts: list
+    prompts: dict          # prompt set ("" when there is one --dataset) -> its prompts
     blocks: list           # held-out blocks for the teacher-forced sweep
     exits: list            # (exit name, layer)
     cells: list
@@ -478,20 +453,26 @@ def load_sweep(args, device):
         exit, _ = load_exit(path, base, base_fingerprint=fingerprint)
         checkpoints.append((path, exit.requires_grad_(False).eval()))
         exit_ids[path] = _file_hash(Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE)
-    if not layers and not checkpoints:
+    if args.drafts != ["lookup"] and not layers and not checkpoints:
         raise UsageError("--exit_layers/--exit_ckpt: there is no exit to evaluate; give layers or checkpoints.")
-    prompts, blocks = load_eval_data(args, tok)
+    names = dataset_names(args.dataset)
+    prompts, blocks = {}, []
+    for i, name in enumerate(names):  # the teacher-forced sweep's blocks come from the first prompt set
+        ps, b = load_eval_data(args, tok, name, args.tf_blocks if i == 0 else 0)
+        prompts[name if len(names) > 1 else ""] = [{**p, "input_ids": p["input_ids"].to(device)} for p in ps]
+        blocks = blocks or b
     check_context(base.config, "--max_new_tokens", args.max_new_tokens, prompt_name="the longest prompt",
-                  prompt=max(p["input_ids"].shape[1] for p in prompts))
-    prompts = [{**p, "input_ids": p["input_ids"].to(device)} for p in prompts]
+                  prompt=max(p["input_ids"].shape[1] for ps in prompts.values() for p in ps))
     exits = [("untrained", L) for L in layers] + [(path, e.exit_layer) for path, e in checkpoints]
     if max(args.tree_widths) > 1 and (args.engine == "hf" or not decode_engine.supports(base)):
         raise UsageError(trees_need_lean("--tree_widths"))
     cells = make_cells(exits, args.gammas, args.temperatures, args.top_p, args.top_k, args.draft_stop,
-                       args.tree_widths, args.tree_nodes)
+                       args.tree_widths, args.tree_nodes, args.drafts, args.lookup_tokens, args.ngram, list(prompts))
     context = {"model": args.model, "model_fingerprint": fingerprint, "dtype": dtype_name, "exit_ids": exit_ids,
-               "prompts": _tensor_hash([p["input_ids"] for p in prompts]), "max_new_tokens": args.max_new_tokens,
-               "seed": args.seed, **({"paired_baseline": True} if args.paired_baseline else {})}
+               "prompts": {k: _tensor_hash([p["input_ids"] for p in ps]) for k, ps in prompts.items()},
+               "max_new_tokens": args.max_new_tokens,
+               "seed": args.seed, **({"paired_baseline": True} if args.paired_baseline else {}),
+               **({"device": device.type} if device.type != "cpu" else {})}
     return Sweep(base, tok, checkpoints, exit_ids, prompts, blocks, exits, cells,
                  [cell_id(c, context) for c in cells], fingerprint, dtype_name, machine_info(device))
 
@@ -524,15 +505,17 @@ def run_grid(args, sw, mine, own, meta, main, say):
     from tqdm import tqdm
     from truncated_llama import TruncatedLlama
 
-    trained, eos, prompts = dict(sw.checkpoints), sw.tok.eos_token_id, sw.prompts
+    trained, eos = dict(sw.checkpoints), sw.tok.eos_token_id
+    everything = [p for ps in sw.prompts.values() for p in ps]
+    first = sw.cells[mine[0]] if mine else None
     if mine:
-        warm = TruncatedLlama(sw.base, sw.exits[0][1], trained.get(sw.exits[0][0]), engine=args.engine)
-        few = min(8, args.max_new_tokens)
-        speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2)  # first calls allocate; keep them untimed
+        warm = TruncatedLlama(sw.base, first.exit_layer or 1, trained.get(first.exit), engine=args.engine)
+        few, ids = min(8, args.max_new_tokens), everything[0]["input_ids"]
+        speculative_generate(warm, ids, few, gamma=2)  # first calls allocate; keep them untimed
         if max(args.tree_widths) > 1:
-            speculative_generate(warm, prompts[0]["input_ids"], few, gamma=2, tree_width=max(args.tree_widths))
-        autoregressive_generate(warm, prompts[0]["input_ids"], few)
-    long_prompt = max((p["input_ids"] for p in prompts), key=lambda x: x.shape[1])
+            speculative_generate(warm, ids, few, gamma=2, tree_width=max(args.tree_widths))
+        autoregressive_generate(warm, ids, few)
+    long_prompt = max((p["input_ids"] for p in everything), key=lambda x: x.shape[1])
     timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)
     baselines, times, model, model_key = {}, {}, None, None
     bar = tqdm(total=len(mine), disable=not main, desc="cells", dynamic_ncols=True)
@@ -540,19 +523,23 @@ def run_grid(args, sw, mine, own, meta, main, say):
         cell = sw.cells[i]
         key = (cell.exit, cell.exit_layer)
         if key != model_key:  # cells come grouped by exit; the baselines are re-timed for each exit (see below)
-            model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer, trained.get(cell.exit),
-                                                         engine=args.engine), key, {}
+            model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer or 1, trained.get(cell.exit),
+                                                         engine=args.engine), key, {}  # lookup: no exit runs
         if key not in times:
-            biggest = max(c.tree_nodes or c.tree_width * c.gamma for c in sw.cells)  # drafts or nodes
+            biggest = max((c.tree_nodes or c.tree_width * c.gamma)
+                          + (0 if c.draft == "exit" else c.lookup_tokens or c.gamma) for c in sw.cells)
             times[key] = step_times(model, timing_ids, range(2, biggest + 2),
                                     draft_sizes=range(2, max(args.tree_widths) + 1))
-        pkey = tuple(cell.policy.values())
+        prompts = sw.prompts[cell.prompt_set]
+        pkey = (cell.prompt_set, *cell.policy.values())
         if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
         row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines.get(pkey), times[key])
-        append_row(own, {"cell_id": sw.ids[i], "index": i, **meta, "engine": model.describe_engine(), **row})
+        dataset = {"dataset": cell.prompt_set} if cell.prompt_set else {}
+        append_row(own, {"cell_id": sw.ids[i], "index": i, **meta, **dataset, "engine": model.describe_engine(),
+                         **row})
         bar.update()
-        bar.set_postfix(exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,
+        bar.set_postfix(draft=cell.draft, exit=f"L{cell.exit_layer}", gamma=cell.gamma, T=cell.temperature,
                         speedup=f"{row['speedup']:.2f}")
         if args.stop_after and count + 1 >= args.stop_after:
             bar.close()
@@ -566,18 +553,30 @@ def write_summary(args, sw, out_dir, tf_rows, say):
     """Merge the results files; write the tables and plots; print the table and the best line. Returns the rows."""
     rows = merge_results(out_dir, sw.ids)
     write_table(out_dir / SUMMARY_CSV, rows, SUMMARY_COLUMNS)
-    table = markdown_table(rows)
     command = " ".join(["python evaluate.py", *getattr(args, "argv", [])])
-    write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
     if tf_rows is None:
         tf_rows = read_rows(out_dir / f"{LAYER_SWEEP}.jsonl", key=None)
     from plots import make_plots
-    plots = make_plots(rows, tf_rows, out_dir, Path(args.model).name)
+    sets, parts, plots = prompt_sets(rows), [], []
+    for name in sets:  # one table, one set of plots (in a folder of their own when there are several) and a best line
+        some = [r for r in rows if r.get("prompt_set") == name]
+        where = out_dir / _folder(name) if len(sets) > 1 else out_dir
+        where.mkdir(parents=True, exist_ok=True)
+        plots += make_plots(some, tf_rows if name == sets[0] else [], where, Path(args.model).name)
+        parts.append((f"## {name}\n\n" if len(sets) > 1 else "") + markdown_table(some)
+                     + (f"\n{best_line(some)}\n" if len(sets) > 1 else ""))
+    table = "\n".join(parts)
+    write_atomically(out_dir / SUMMARY_MD, f"# Self-speculation sweep\n\n`{command}`\n\n{table}")
     print(table)
     say(f"{len(rows)} cells in {out_dir / RESULTS}; {SUMMARY_CSV}, {SUMMARY_MD}"
         f"{', ' + LAYER_SWEEP + '.jsonl/.csv' if tf_rows else ''} and {len(plots)} plots in {out_dir}")
     print(best_line(rows), flush=True)
     return rows
+
+
+def _folder(prompt_set):
+    """A folder name for a prompt set's plots: sharegpt:code -> sharegpt_code, data/qa.jsonl -> qa."""
+    return Path(prompt_set).stem.replace(":", "_") if prompt_set else "all"
 
 
 def run(args, stop=None):
@@ -607,17 +606,19 @@ def run(args, stop=None):
     stops, gammas = len(set(args.draft_stop)), len(set(args.gammas))
     trees = len({(c.tree_width, c.tree_nodes) for c in sw.cells})
     say(dtype_line(args.dtype, sw.dtype_name, sw.machine))  # after every check: an error stays the only line
-    say(f"{len(sw.cells)} cells ({len(sw.exits)} exits x {gammas} gammas x "
+    drafts = f" x {len(args.drafts)} draft sources" if len(args.drafts) > 1 else ""
+    sets = f" x {len(sw.prompts)} prompt sets" if len(sw.prompts) > 1 else ""
+    say(f"{len(sw.cells)} cells ({len(sw.exits)} exits{drafts}{sets} x {gammas} gammas x "
         f"{len({(c.temperature, c.top_p, c.top_k) for c in sw.cells})} policies"
         f"{f' x {stops} draft stops' if stops > 1 else ''}{f' x {trees} trees' if trees > 1 else ''}) on "
-        f"{len(sw.prompts)} prompts "
+        f"{len(next(iter(sw.prompts.values())))} prompts "
         f"x {args.max_new_tokens} new tokens; {len(sw.cells) - len(todo)} already done, {len(todo)} to run on "
         f"{world} process(es)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     own = out_dir / (RESULTS if world == 1 else f"results.rank{rank}.jsonl")
     repair_tail(own)
-    meta = {"model": args.model, "dataset": args.dataset, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+    meta = {"model": args.model, "dataset": args.dataset[0], "max_new_tokens": args.max_new_tokens, "seed": args.seed,
             "dtype": sw.dtype_name, "device": device.type, **sw.machine}
     tf_rows = teacher_forced(args, sw, out_dir, say) if main and sw.blocks else None  # cheap next to the grid
     if not run_grid(args, sw, mine, own, meta, main, say):
@@ -630,11 +631,14 @@ def run(args, stop=None):
     return rows
 
 
-def print_best_line(out_dir):
-    """--best_line DIR: the best line of the cells in DIR's results files (merged, each cell once)."""
-    if not results_files(out_dir):
-        raise UsageError(f"--best_line: {out_dir} holds no {RESULTS} of a sweep.")
-    line = best_line(read_results(out_dir))
+def print_best_line(out_dirs):
+    """--best_line DIR [DIR ...]: the best line of the cells in the DIRs' results files (merged, each cell once)."""
+    rows = []
+    for out_dir in out_dirs:
+        if not results_files(out_dir):
+            raise UsageError(f"--best_line: {out_dir} holds no {RESULTS} of a sweep.")
+        rows += read_results(out_dir)
+    line = best_line(rows)
     print(line, flush=True)
     return line
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import data_utils
 import evaluate
 import plots
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -188,9 +189,10 @@ def test_parse_layers_and_cells():
     assert Cell("untrained", 2, 2, 0.0, 1.0, 0) in cells
     assert len(make_cells([("untrained", 2)], [2, 4], [0.0, 0.7], [0.9, 1.0], [0], [0.0, 0.2])) == 2 * 3 * 2
     # cells without a draft stop keep the ids they had before the field existed (so --resume finds old rows)
-    context = {"exit_ids": {"untrained": "untrained"}, "model": "m"}
+    context = {"exit_ids": {"untrained": "untrained"}, "model": "m", "prompts": {"": "h"}}
     old_key = {"exit": "untrained", "exit_layer": 2, "gamma": 2, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
-    old_id = hashlib.sha256(json.dumps({**old_key, **context, "exit_id": "untrained"}, sort_keys=True).encode())
+    old_id = hashlib.sha256(json.dumps({**old_key, **context, "prompts": "h", "exit_id": "untrained"},
+                                       sort_keys=True).encode())
     assert evaluate.cell_id(Cell("untrained", 2, 2, 0.0, 1.0, 0), context) == old_id.hexdigest()[:16]
     assert evaluate.cell_id(Cell("untrained", 2, 2, 0.0, 1.0, 0, 0.2), context) != old_id.hexdigest()[:16]
 
@@ -286,10 +288,13 @@ def test_prompt_file_takes_the_turns_before_the_last_reply(tmp_path):
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
             {"role": "assistant", "content": "d"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
-    prompts, blocks = evaluate.load_prompt_file(path, tok, 2, 100, 8)
+    prompts, blocks = data_utils.load_prompt_file(path, tok, 2, 100, 8, blocks=2)
     render = lambda turns: tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     assert [p["text"] for p in prompts] == [render(msgs[:3]), render([{"role": "user", "content": "x"}])]
-    assert blocks and all(len(b["input_ids"]) == 8 for b in blocks)
+    assert len(blocks) == 2 and all(len(b["input_ids"]) == 8 for b in blocks)
+    # --tf_blocks N takes N blocks, as for the built-in datasets; 0 takes none (the file's text is not even packed)
+    assert data_utils.load_prompt_file(path, tok, 2, 100, 8)[1] == []
+    assert len(data_utils.load_prompt_file(path, tok, 2, 100, 8, blocks=1)[1]) == 1
 
 
 def test_prompt_file_is_read_strictly_and_gives_the_prompts_asked_for(tmp_path, caplog):
@@ -297,14 +302,14 @@ def test_prompt_file_is_read_strictly_and_gives_the_prompts_asked_for(tmp_path, 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "b"}\n{"messages": "c"}\n{bad\n{"prompt": "d"}\n')
     with pytest.raises(DataError, match=r"^--dataset: line 5 of .*p\.jsonl is not valid JSON"):
-        evaluate.load_prompt_file(path, tok, 2, 100, 8)
+        data_utils.load_prompt_file(path, tok, 2, 100, 8)
     path.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "b"}\n')
     with pytest.raises(DataError, match=r'^--dataset: line 2 of .*p\.jsonl has no usable prompt \(a non-empty '
                                                  r'"prompt" string, or "messages": a list of \{"role", "content"\} '
                                                  r'strings\); fix it, or pass --skip_bad_lines to skip such entries\.$'):
-        evaluate.load_prompt_file(path, tok, 2, 100, 8)
+        data_utils.load_prompt_file(path, tok, 2, 100, 8)
     with caplog.at_level("INFO", logger="data_utils"):
-        prompts, _ = evaluate.load_prompt_file(path, tok, 2, 100, 8, skip_bad_lines=True)
+        prompts, _ = data_utils.load_prompt_file(path, tok, 2, 100, 8, skip_bad_lines=True)
     render = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,  # noqa: E731
                                                   add_generation_prompt=True)
     assert [p["text"] for p in prompts] == [render("a"), render("b")]
@@ -312,7 +317,7 @@ def test_prompt_file_is_read_strictly_and_gives_the_prompts_asked_for(tmp_path, 
     with pytest.raises(DataError, match=r"^--num_prompts 3: .*p\.jsonl has only 2 prompts of at most 100 "
                                                  r"tokens \(--max_prompt_tokens\); ask for fewer prompts or change "
                                                  r"--max_prompt_tokens\.$"):
-        evaluate.load_prompt_file(path, tok, 3, 100, 8, skip_bad_lines=True)
+        data_utils.load_prompt_file(path, tok, 3, 100, 8, skip_bad_lines=True)
 
 
 def test_sigterm_mid_sweep_keeps_the_finished_cells_and_resumes_each_cell_once(assets, full_sweep, capsys,
@@ -381,3 +386,62 @@ def test_sweep_with_trees_of_drafts(assets, tmp_path, capsys):
                                                                              r["draft_len_hist"], r["v"]))
     assert (out / "speed_vs_width.png").stat().st_size > 10_000
 
+
+
+def test_draft_sources_and_prompt_sets_are_grid_dimensions():
+    exits = [("untrained", 1), ("ckpt", 2)]
+    cells = make_cells(exits, [1, 4], [0.0], [0.95], [0], drafts=("exit", "lookup", "exit+lookup"),
+                       lookup_tokens=(0, 4), prompt_sets=("a", "b"))
+    lookup = [c for c in cells if c.draft == "lookup"]
+    assert {(c.exit, c.exit_layer) for c in lookup} == {("none", 0)}  # once, not per exit
+    assert sorted((c.prompt_set, c.gamma) for c in lookup) == [("a", 1), ("a", 4), ("b", 1), ("b", 4)]
+    assert all(c.lookup_tokens == 0 and c.tree_width == 1 for c in lookup)  # gamma is the lookup's length
+    hybrid = [c for c in cells if c.draft == "exit+lookup"]
+    # lookup_tokens 4 at gamma 4 is the default (0: gamma), kept once
+    assert sorted({(c.gamma, c.lookup_tokens) for c in hybrid}) == [(1, 0), (1, 4), (4, 0)]
+    assert len(hybrid) == 2 * 2 * 3 and all(c.exit != "none" for c in hybrid)
+    assert all(c.lookup_tokens == 0 for c in cells if c.draft == "exit")
+    context = {"model": "m", "exit_ids": {"untrained": "u", "ckpt": "k"}, "prompts": {"a": "ha", "b": "hb"}}
+    ids = [evaluate.cell_id(c, context) for c in cells]
+    assert len(set(ids)) == len(cells)
+    old = Cell("untrained", 1, 2, 0.0, 1.0, 0)  # a cell of a sweep made before draft sources: the same id as before
+    assert evaluate.cell_id(old, {"exit_ids": {"untrained": "u"}, "prompts": {"": "h"}}) == evaluate.cell_id(
+        Cell("untrained", 1, 2, 0.0, 1.0, 0, 0.0, 1, 0, "exit", 0, 3, ""), {"exit_ids": {"untrained": "u"},
+                                                                             "prompts": {"": "h"}})
+
+
+def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
+    """--drafts exit lookup exit+lookup over two prompt sets: lookup cells once per set (no exit), rows carrying the
+    source, match rate, tokens by source and the lookup's c; a table, plots and a best line per set; greedy cells
+    equal the baseline."""
+    out = tmp_path / "lookup"
+    second = tmp_path / "more.jsonl"
+    second.write_text("".join(json.dumps({"prompt": f"Repeat after me: {w} {w} {w} {w}."}) + "\n"
+                              for w in ("abc", "xyz", "sea")))
+    evaluate.main(["--model", str(assets / "model"), "--dataset", str(assets / "prompts.jsonl"), str(second),
+                   "--exit_ckpt", str(assets / "exit_L2"), "--exit_layers", "--drafts", "exit", "lookup",
+                   "exit+lookup", "--gammas", "1", "3", "--lookup_tokens", "3", "--tree_widths", "1", "2",
+                   "--temperatures", "0", "1.0", "--num_prompts", "2", "--max_new_tokens", "16", "--tf_blocks", "0",
+                   "--dtype", "float32", "--out_dir", str(out)])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("best lossless speedup: ") and last.endswith(".jsonl)")
+    rows = read_rows(out / "results.jsonl")
+    sets = {r["prompt_set"] for r in rows}
+    assert sets == {str(assets / "prompts.jsonl"), str(second)}
+    lookup = [r for r in rows if r["draft"] == "lookup"]
+    assert len(lookup) == 2 * 2 * 2 and all(r["exit"] == "none" and r["tree_width"] == 1 for r in lookup)
+    for r in rows:
+        assert sum(r["tokens_by_source"].values()) == r["new_tokens"]
+        assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)
+        assert r["predicted_speedup"] > 0 and r["tokens_per_cycle"] == pytest.approx(r["new_tokens"] / r["target_calls"])
+        if r["draft"] == "exit":
+            assert r["lookup_match_rate"] is None and r["tokens_by_source"]["lookup"] == 0
+        else:
+            assert 0 <= r["lookup_match_rate"] <= 1 and 0 <= r["c_lookup"] < r["c"]
+        if r["draft"] == "lookup":
+            assert r["tokens_by_source"]["exit"] == 0
+    assert sum(r["tokens_by_source"]["lookup"] for r in rows if r["prompt_set"] == str(second)) > 0
+    summary = (out / "summary.md").read_text()
+    assert summary.count("best lossless speedup") == 2 and "| lookup |" in summary and "+ lookup" in summary
+    for folder in ("prompts", "more"):
+        assert (out / folder / "where_it_pays.png").stat().st_size > 10_000

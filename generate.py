@@ -25,6 +25,8 @@ import torch
 
 from cli import check_context, device_sync
 from decode_engine import TreeRows
+from prompt_lookup import Lookup
+from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
 
 
 class Cache(Protocol):
@@ -403,53 +405,7 @@ def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt lookup: a draft source that costs nothing (no model call), proposing text that already occurred
-
-
-class Lookup:
-    """Prompt lookup over the text so far (prompt + committed tokens): find the longest n-gram, n = ngram..1, that
-    ends the text and occurred before, and propose the tokens that followed it.
-
-    Several earlier occurrences: the latest one wins (the nearest text is the likeliest to be repeated; a model
-    quoting its prompt moves forward through it). An occurrence counts only when at least one token follows it; the
-    proposal is the next k tokens after it, fewer where the text ends first.
-
-    The index maps each n-gram (n <= ngram) to the position just after its latest occurrence, and is updated as
-    tokens are added (`add`: O(ngram) per token), so a cycle's lookup costs O(ngram) dictionary probes, never a scan
-    of the context. `scan_proposal` is the brute-force rule it must equal (tested on random token streams)."""
-
-    def __init__(self, tokens: list, ngram: int = 3):
-        self.ngram, self.tokens = ngram, []
-        self.index = [dict() for _ in range(ngram + 1)]  # index[n]: n-gram -> position after its latest occurrence
-        self.add(tokens)
-
-    def add(self, tokens: list) -> None:
-        t = self.tokens
-        for tok in tokens:
-            t.append(int(tok))
-            i = len(t) - 1  # the new token follows the n-grams that end at i - 1
-            for n in range(1, min(self.ngram, i) + 1):
-                self.index[n][tuple(t[i - n:i])] = i
-
-    def propose(self, k: int) -> list:
-        """Up to k tokens (none when no n-gram ending the text occurred before)."""
-        t = self.tokens
-        for n in range(min(self.ngram, len(t)), 0, -1):
-            after = self.index[n].get(tuple(t[len(t) - n:]))
-            if after is not None:
-                return t[after:after + k]
-        return []
-
-
-def scan_proposal(tokens: list, k: int, ngram: int = 3) -> list:
-    """Lookup's rule by a plain scan of the whole text: the reference that `Lookup` is tested against."""
-    m = len(tokens)
-    for n in range(min(ngram, m), 0, -1):
-        suffix = tokens[m - n:]
-        for end in range(m - 2, n - 2, -1):  # the latest occurrence first; end + 1 <= m - 1 must exist
-            if tokens[end - n + 1:end + 1] == suffix:
-                return tokens[end + 1:end + 1 + k]
-    return []
+# Prompt lookup (prompt_lookup.Lookup proposes; a proposal is verified as a draft whose q is one-hot)
 
 
 def lookup_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, proposal: list,
@@ -697,53 +653,7 @@ def _as_set(eos):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The stats, and the step timer
-
-
-def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, gamma: int,
-                per_cycle_judged: Optional[list] = None, overlap_rows: Optional[int] = None) -> dict:
-    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate). `per_cycle_judged`:
-    the levels each cycle judged (accepted, plus one for a rejection; by default from the drafted counts, as for a
-    chain); `overlap_rows`: the rows overlap_sum is over (by default the drafted tokens)."""
-    cycles, drafted = len(per_cycle), sum(per_cycle_drafted)
-    if per_cycle_judged is None:
-        per_cycle_judged = [k + (k < d) for k, d in zip(per_cycle, per_cycle_drafted)]
-    accepted, rejected = judged_drafts(per_cycle, per_cycle_judged)
-    rows = drafted if overlap_rows is None else overlap_rows
-    avg_overlap = overlap_sum / rows if rows else float("nan")
-    hist, len_hist = [0] * (gamma + 1), [0] * (max([gamma] + per_cycle_drafted) + 1)
-    for k, d in zip(per_cycle, per_cycle_drafted):
-        hist[k] += 1
-        len_hist[d] += 1
-    return {
-        "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
-        "avg_accepted": accepted / cycles if cycles else 0.0,
-        "acceptance_rate": accepted / drafted if drafted else float("nan"),
-        "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum, "overlap_rows": rows,
-        "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
-        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
-        **depth_counts(per_cycle, per_cycle_judged, gamma),
-    }
-
-
-def depth_counts(per_cycle: list, per_cycle_judged: list, gamma: int) -> dict:
-    """Per depth d = 1..gamma: `judged_by_depth` (cycles that judged a d-th draft), `accepted_by_depth` (cycles that
-    accepted one) and `accept_by_depth`, their ratio (None where none was judged): the acceptance at each depth given
-    the depths before it."""
-    judged = [sum(j >= d for j in per_cycle_judged) for d in range(1, gamma + 1)]
-    accepted = [sum(k >= d for k in per_cycle) for d in range(1, gamma + 1)]
-    return {"judged_by_depth": judged, "accepted_by_depth": accepted,
-            "accept_by_depth": [a / j if j else None for a, j in zip(accepted, judged)]}
-
-
-def judged_drafts(per_cycle: list, per_cycle_drafted: list) -> tuple:
-    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted and drafted counts
-    (stats per_cycle, per_cycle_drafted): a cycle that drafted d tokens and accepted k < d rejected one; drafts
-    after a rejection are never judged. (The drafted counts come from the loop: with draft_stop they are not a
-    function of gamma.)"""
-    if len(per_cycle) != len(per_cycle_drafted) or any(not 0 <= k <= d for k, d in zip(per_cycle, per_cycle_drafted)):
-        raise ValueError("per_cycle and per_cycle_drafted must be equally long, with 0 <= accepted <= drafted.")
-    return sum(per_cycle), sum(k < d for k, d in zip(per_cycle, per_cycle_drafted))
+# The step timer
 
 
 @torch.inference_mode()

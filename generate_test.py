@@ -494,35 +494,6 @@ def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
 # Prompt lookup and the exit with lookup: the index equals a brute-force scan; greedy equals autoregressive decoding
 # and `generate`; sampling is exact (chi-square), and a broken rule for a deterministic proposal fails.
 
-def test_lookup_index_equals_a_brute_force_scan_on_random_streams():
-    g = torch.Generator().manual_seed(0)
-    proposed = 0
-    for trial in range(60):
-        vocab, ngram = (2, 3, 5, 20)[trial % 4], 1 + trial % 4
-        stream = torch.randint(0, vocab, (120,), generator=g).tolist()
-        lookup = generate.Lookup(stream[:3], ngram)
-        pos = 3
-        while pos < len(stream):
-            for k in (1, 3, 7):
-                want = generate.scan_proposal(stream[:pos], k, ngram)
-                assert lookup.propose(k) == want, (trial, pos, k)
-                proposed += bool(want)
-            step = 1 + int(torch.randint(0, 4, (1,), generator=g))  # cycles commit 1..4 tokens
-            lookup.add(stream[pos:pos + step])
-            pos += step
-    assert proposed > 500
-
-
-def test_lookup_rule_longest_ngram_then_latest_occurrence():
-    # "5 6" occurred twice, followed by 7 then by 9: the latest wins; the 3-gram "4 5 6" occurred once, followed by 7
-    assert generate.scan_proposal([5, 6, 7, 5, 6, 9, 5, 6], 2) == [9, 5]
-    assert generate.scan_proposal([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2) == [7, 1]
-    assert generate.scan_proposal([1, 2, 3], 4) == []  # nothing repeats
-    assert generate.scan_proposal([1, 1], 4) == [1]  # the continuation is cut where the text ends
-    lookup = generate.Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], ngram=3)
-    assert lookup.propose(2) == [7, 1] and generate.Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2).propose(2) == [9, 4]
-
-
 def looping_reference(tie=False, new=40):
     """A tiny model whose greedy reply repeats itself (as small models do), so that lookup has matches to propose."""
     base = make_tiny_llama(layers=6, init_std=0.2, tie=tie, seed=5)

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import statistics
+import textwrap
 from pathlib import Path
 
 import torch
@@ -204,11 +205,20 @@ def plot_where_it_pays(rows, path, model_name):
     colour = {g: f"C{i % 10}" for i, g in enumerate(gammas)}
     for g in BREAK_EVEN_GAMMAS:
         ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
-    pts = [r for r in rows if r.get("alpha") is not None and r.get("c") is not None]
+    # a lookup cell's c is the lookup's own time (no draft step); exit+lookup cells keep the exit's
+    pts = [{**r, "c": r.get("c_lookup") or 0.0} if r.get("draft") == "lookup" else r for r in rows
+           if r.get("alpha") is not None and r.get("c") is not None]
+    lookups = [r for r in pts if r.get("draft") == "lookup"]
+    if lookups:
+        ax.scatter([r["alpha"] for r in lookups], [r["c"] for r in lookups], marker="X", s=80, zorder=4,
+                   c=[colour[r["gamma"]] for r in lookups], edgecolors="k", linewidths=0.5,
+                   label="prompt lookup (c: its own time; colour: γ)")
+    pts_exit = [r for r in pts if r.get("draft") != "lookup"]
     kinds = ((True, False, "o", "greedy chains"), (False, False, "^", "sampling chains"),
              (True, True, "*", "greedy trees (α per level)"), (False, True, "P", "sampling trees (α per level)"))
     for greedy, tree, marker, label in kinds:
-        sel = [r for r in pts if (r["temperature"] == 0) == greedy and ((r.get("tree_width") or 1) > 1) == tree]
+        sel = [r for r in pts_exit if (r["temperature"] == 0) == greedy
+               and ((r.get("tree_width") or 1) > 1) == tree]
         for trained in (True, False):  # trained exits filled, untrained ones hollow: told apart without colour
             some = [r for r in sel if (r["exit"] != "untrained") == trained]
             if some:
@@ -229,7 +239,8 @@ def plot_where_it_pays(rows, path, model_name):
                         ha="right" if len(pts) > 12 else "left")
     top = max([1.05] + [1.1 * r["c"] for r in pts])
     machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows if r.get("cpu")))
-    where = f"\n{machines}; {sizes(rows)} a cell" if machines else ""
+    # wrapped: one long machine line was cut off at both sides of the figure
+    where = "\n" + "\n".join(textwrap.wrap(f"{machines}; {sizes(rows)} a cell", 95)) if machines else ""
     ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
                  f"(v = {v:.2f}){where}", xlabel="a: per-draft acceptance α (fraction)",
            ylabel="c: draft step / full step (time ratio)", xlim=(0, 1), ylim=(0, top))

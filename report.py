@@ -20,8 +20,8 @@ from pathlib import Path
 from checkpoints import CONFIG_FILE, LOG_FILE
 from cli import Parser, UsageError, run_command
 from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
-from results import (LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_name, policy_name,
-                     read_results, read_rows, sizes, table)
+from results import (LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name, gamma_label,
+                     policy_name, prompt_sets, read_results, read_rows, sizes, table)
 
 REPORT, EVAL = "REPORT.md", "eval"
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
@@ -71,7 +71,7 @@ def chains(rows):
     told apart by their directory's name, as everywhere in the report."""
     kept = {}
     for r in rows:
-        if (r.get("tree_width") or 1) == 1 and not r.get("draft_stop"):
+        if (r.get("tree_width") or 1) == 1 and not r.get("draft_stop") and (r.get("draft") or "exit") == "exit":
             key = (exit_name(r), r["exit_layer"], r["gamma"], r["temperature"], r["top_p"], r["top_k"])
             if key not in kept or bool(r.get("paired_baseline")) >= bool(kept[key].get("paired_baseline")):
                 kept[key] = r
@@ -279,6 +279,30 @@ def where_section(rows, out, model_name):
         ["exit", "L", "γ (cap)", "policy", "best draft stop", "speedup", "speedup without a stop"], body) + [""]
 
 
+def sources_section(rows):
+    """Per prompt set: the best lossless cell of each draft source (the exit, prompt lookup, both), side by side, and
+    the set's best line. Empty when every cell drafts from the exit on one prompt set."""
+    sets = prompt_sets(rows)
+    if len(sets) == 1 and all((r.get("draft") or "exit") == "exit" for r in rows):
+        return []
+    lines = ["## Draft sources per prompt set", ""]
+    ok = [r for r in rows if r.get("speedup") is not None and (r["temperature"] > 0 or r.get("matches_baseline"))]
+    body = []
+    for name in sets:
+        for draft in ("exit", "lookup", "exit+lookup"):
+            some = [r for r in ok if r.get("prompt_set") == name and (r.get("draft") or "exit") == draft]
+            if some:
+                r = max(some, key=lambda r: r["speedup"])
+                body.append([name or "-", draft, exit_label(r), gamma_label(r),
+                             policy_name((r["temperature"], r["top_p"], r["top_k"])), num(r.get("lookup_match_rate"), 2),
+                             num(r.get("tokens_per_cycle"), 2), num(r["speedup"], 2), num(r.get("predicted_speedup"), 2)])
+    lines += table(["prompt set", "source", "cell", "γ", "policy", "lookup match", "tokens / cycle", "speedup",
+                    "predicted"], body) + [""]
+    if len(sets) > 1:
+        lines += [f"- {name}: {best_line([r for r in rows if r.get('prompt_set') == name])}" for name in sets] + [""]
+    return lines
+
+
 def cost_section(grid):
     lines = ["## Cost model per cell", ""]
     if not grid:
@@ -377,7 +401,7 @@ def write_report(out, commands=(), args=None):
     line = best_line(rows)
     lines = (header(out, rows, tf_rows, exits, commands) + training_section(out, exits)
              + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
-             + where_section(rows, out, model) + cost_section(grid) + [line])
+             + sources_section(rows) + where_section(rows, out, model) + cost_section(grid) + [line])
     lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return line

@@ -1,4 +1,5 @@
-"""The sweep's results: files, tables, labels and the cost model, shared by the sweep (evaluate.py) and its plots.
+"""The sweep's results: files, tables, labels, one generation's stats and the cost model, shared by the loop
+(generate.py), the sweep (evaluate.py) and its plots.
 
     results.jsonl      one JSON line per cell, appended in one write; per-process results.rank*.jsonl merged at the end
     summary.csv/.md    the same as tables
@@ -14,6 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 from checkpoints import write_atomically
 
@@ -22,15 +24,15 @@ RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
 LAYER_SWEEP = "layer_sweep"
 # Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
-                 "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup",
+                 "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup", "c_lookup", "lookup_seconds",
                  "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
-SUMMARY_COLUMNS = ("exit", "exit_layer", "gamma", "temperature", "top_p", "top_k", "draft_stop", "tree_width",
+SUMMARY_COLUMNS = ("prompt_set", "draft", "exit", "exit_layer", "gamma", "lookup_tokens", "ngram", "temperature", "top_p", "top_k", "draft_stop", "tree_width",
                    "tree_nodes", "tokens_per_cycle", "accept_by_depth", "prompts",
                    "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
                    "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
                    "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
-                   "v", "predicted_speedup", "cell_id")
+                   "v", "lookup_match_rate", "c_lookup", "tokens_by_source", "predicted_speedup", "cell_id")
 
 
 def read_rows(path, key="cell_id"):
@@ -135,12 +137,22 @@ def _fmt(x, digits=3):
 
 
 def exit_name(row):
-    """'untrained', or the trained exit's directory name (however its path was spelled)."""
-    return "untrained" if row["exit"] == "untrained" else Path(row["exit"]).name
+    """'untrained', or the trained exit's directory name (however its path was spelled); 'none' for lookup cells."""
+    return row["exit"] if row["exit"] in ("untrained", "none") else Path(row["exit"]).name
 
 
 def exit_label(row):
-    return f"{exit_name(row)} L{row['exit_layer']}"
+    """The draft source of a row: `exit_L3 L3`, `lookup`, `exit_L3 L3 + lookup`."""
+    draft = row.get("draft") or "exit"
+    if draft == "lookup":
+        return "lookup"
+    label = f"{exit_name(row)} L{row['exit_layer']}"
+    return label + " + lookup" if draft == "exit+lookup" else label
+
+
+def prompt_sets(rows):
+    """The rows' prompt sets in order of appearance (one None for rows made before prompt sets existed)."""
+    return list(dict.fromkeys(r.get("prompt_set") for r in rows))
 
 
 def table(head, body):
@@ -164,10 +176,12 @@ def sizes(rows):
 
 
 def gamma_label(row):
-    """γ, the tree (width x nodes) and the adaptive stop when the cell has them: `4`, `2, tree 4x8, stop 0.3`."""
+    """γ, the tree (width x nodes), the adaptive stop and the lookup's length when the cell has them: `4`,
+    `2, tree 4x8, stop 0.3`, `1, lookup 4`."""
     stop, width = row.get("draft_stop") or 0, row.get("tree_width") or 1
     tree = f", tree {width}x{row.get('tree_nodes') or width * row['gamma']}" if width > 1 else ""
-    return f"{row['gamma']}{tree}" + (f", stop {stop:g}" if stop else "")
+    lookup = f", lookup {row.get('lookup_tokens') or row['gamma']}" if row.get("draft") == "exit+lookup" else ""
+    return f"{row['gamma']}{tree}{lookup}" + (f", stop {stop:g}" if stop else "")
 
 
 def policy_name(policy):
@@ -185,14 +199,15 @@ def greedy_label(r):
 
 def markdown_table(rows):
     """The summary as a Markdown table."""
-    head = ["exit", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
+    head = ["draft", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
             "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline (first diff)"]
     body = []
     for r in rows:
         body.append([exit_label(r), gamma_label(r), policy_name((r["temperature"], r["top_p"], r["top_k"])),
                  _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
                  _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
-                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), _fmt(r["c"], 2),
+                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2),
+                 _fmt(r.get("c_lookup") if r.get("draft") == "lookup" else r["c"], 2),
                      _fmt(r["predicted_speedup"], 2), greedy_label(r)])
     return "\n".join(table(head, body)) + "\n"
 
@@ -209,14 +224,71 @@ def best_line(rows):
     if not ok:
         return "best lossless speedup: none (no sampling cell, and no greedy cell whose tokens match the baseline)"
     r = max(ok, key=lambda r: r["speedup"])
-    name = exit_name(r)
     policy = policy_name((r["temperature"], r["top_p"], r["top_k"]))
     if r.get("draft_stop"):
         policy += f", draft_stop {r['draft_stop']:g}"
     width = r.get("tree_width") or 1
     tree = f", width {width}, nodes {r.get('tree_nodes') or width * r['gamma']}" if width > 1 else ", width 1 (chain)"
-    return (f"best lossless speedup: {r['speedup']:.2f}x ({name}, L {r['exit_layer']}, gamma {r['gamma']}{tree}, "
-            f"{policy}, {r['prompts']} prompts x {r['max_new_tokens']} tokens)")
+    draft = r.get("draft") or "exit"
+    if draft == "lookup":
+        source = f"lookup, n-gram {r.get('ngram', 3)}, gamma {r['gamma']}, chain"
+    else:
+        source = f"{exit_name(r)}, L {r['exit_layer']}, gamma {r['gamma']}{tree}"
+        if draft == "exit+lookup":
+            source = f"exit+lookup: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
+    where = f", {r['prompt_set']}" if r.get("prompt_set") else ""
+    return (f"best lossless speedup: {r['speedup']:.2f}x ({source}, {policy}, {r['prompts']} prompts x "
+            f"{r['max_new_tokens']} tokens{where})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One generation's stats (generate.speculative_generate's), from its cycles
+
+
+def cycle_stats(per_cycle: list, per_cycle_drafted: list, overlap_sum: float, gamma: int,
+                per_cycle_judged: Optional[list] = None, overlap_rows: Optional[int] = None) -> dict:
+    """The loop's stats from its cycles' accepted and drafted counts (see speculative_generate). `per_cycle_judged`:
+    the levels each cycle judged (accepted, plus one for a rejection; by default from the drafted counts, as for a
+    chain); `overlap_rows`: the rows overlap_sum is over (by default the drafted tokens)."""
+    cycles, drafted = len(per_cycle), sum(per_cycle_drafted)
+    if per_cycle_judged is None:
+        per_cycle_judged = [k + (k < d) for k, d in zip(per_cycle, per_cycle_drafted)]
+    accepted, rejected = judged_drafts(per_cycle, per_cycle_judged)
+    rows = drafted if overlap_rows is None else overlap_rows
+    avg_overlap = overlap_sum / rows if rows else float("nan")
+    hist, len_hist = [0] * (gamma + 1), [0] * (max([gamma] + per_cycle_drafted) + 1)
+    for k, d in zip(per_cycle, per_cycle_drafted):
+        hist[k] += 1
+        len_hist[d] += 1
+    return {
+        "target_calls": cycles, "drafted": drafted, "accepted": accepted, "rejected": rejected,
+        "avg_accepted": accepted / cycles if cycles else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else float("nan"),
+        "avg_overlap": avg_overlap, "avg_tv": 1.0 - avg_overlap, "overlap_sum": overlap_sum, "overlap_rows": rows,
+        "accept_hist": hist, "draft_len_hist": len_hist, "avg_draft_len": drafted / cycles if cycles else 0.0,
+        "per_cycle": per_cycle, "per_cycle_drafted": per_cycle_drafted,
+        **depth_counts(per_cycle, per_cycle_judged, gamma),
+    }
+
+
+def depth_counts(per_cycle: list, per_cycle_judged: list, gamma: int) -> dict:
+    """Per depth d = 1..gamma: `judged_by_depth` (cycles that judged a d-th draft), `accepted_by_depth` (cycles that
+    accepted one) and `accept_by_depth`, their ratio (None where none was judged): the acceptance at each depth given
+    the depths before it."""
+    judged = [sum(j >= d for j in per_cycle_judged) for d in range(1, gamma + 1)]
+    accepted = [sum(k >= d for k in per_cycle) for d in range(1, gamma + 1)]
+    return {"judged_by_depth": judged, "accepted_by_depth": accepted,
+            "accept_by_depth": [a / j if j else None for a, j in zip(accepted, judged)]}
+
+
+def judged_drafts(per_cycle: list, per_cycle_drafted: list) -> tuple:
+    """(accepted, rejected) drafts of one speculative_generate call from its per-cycle accepted and drafted counts
+    (stats per_cycle, per_cycle_drafted): a cycle that drafted d tokens and accepted k < d rejected one; drafts
+    after a rejection are never judged. (The drafted counts come from the loop: with draft_stop they are not a
+    function of gamma.)"""
+    if len(per_cycle) != len(per_cycle_drafted) or any(not 0 <= k <= d for k, d in zip(per_cycle, per_cycle_drafted)):
+        raise ValueError("per_cycle and per_cycle_drafted must be equally long, with 0 <= accepted <= drafted.")
+    return sum(per_cycle), sum(k < d for k, d in zip(per_cycle, per_cycle_drafted))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,3 +339,15 @@ def break_even_c(a, gamma, v=1.0):
     """The draft cost c (draft step / full step) at which the predicted speedup of a cycle of gamma drafts, each
     accepted with probability a, is exactly 1: tokens_per_cycle(a, gamma) = gamma c + v. Below it, drafting pays."""
     return (tokens_per_cycle(a, gamma) - v) / gamma
+
+
+def predicted_mixed_speedup(tokens, cycles, v_of, c, draft_rows_cost=0.0, lookup_steps=0.0):
+    """The cost model for cycles of several kinds (prompt lookup, the exit's chains and trees, as exit+lookup mixes
+    them): the measured tokens over the modelled cost in autoregressive steps. `cycles`: (kind, drafted) of every
+    cycle; a lookup cycle costs v(d + 1) (one full pass over last + its d tokens), an exit chain d c + v(d + 1),
+    a tree v(nodes + 1) plus its draft steps (`draft_rows_cost`, in steps); `lookup_steps`: the lookup's own time in
+    steps; `v_of(k)`: a k-token full step over a one-token one."""
+    cost = draft_rows_cost + lookup_steps
+    for kind, d in cycles:
+        cost += v_of(d + 1) + (d * c if kind == "exit" else 0.0)
+    return tokens / cost if cost else None

@@ -1,9 +1,11 @@
 """Playground: watch self-speculation on one prompt.
 
     python scratch_work.py "your prompt" --exit_layer 22 --gamma 4 [--temperature 0.7] [--exit_ckpt runs/L15]
+    python scratch_work.py "..." --draft exit+lookup --exit_ckpt out/speedup/exit_L3 --gamma 1 --lookup_tokens 4
 
-Prints the reply with the drafted-and-accepted tokens in green and the full model's own tokens plain, then the
-number of drafts accepted in each cycle and the loop's stats. Without a prompt it takes one from ShareGPT.
+Prints the reply with the drafted-and-accepted tokens marked by their source (the exit's green, prompt lookup's
+blue, a tree node both proposed magenta; with --no_color [..], {..}, <..>) and the full model's own tokens plain,
+then the number of drafts accepted in each cycle and the loop's stats. Without a prompt it takes one from ShareGPT.
 """
 import argparse
 import json
@@ -12,21 +14,29 @@ import sys
 import torch
 
 from cli import DataError
-from generate import autoregressive_generate, check_policy, speculative_generate
+from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
 
-GREEN, RESET = "\033[32m", "\033[0m"
+GREEN, BLUE, MAGENTA, RESET = "\033[32m", "\033[34m", "\033[35m", "\033[0m"
+MARKS = {"exit": (GREEN, "[", "]"), "lookup": (BLUE, "{", "}"), "both": (MAGENTA, "<", ">")}
 
 
-def coloured(tokenizer, tokens, from_draft, colour=True):
-    """Decode token by token (prefix differences keep multi-byte characters whole), marking drafted ones."""
+def coloured(tokenizer, tokens, sources, colour=True):
+    """Decode token by token (prefix differences keep multi-byte characters whole), marking drafted ones by their
+    source (generate's token_sources): the exit green or [..], prompt lookup blue or {..}, both (a tree node both
+    proposed) magenta or <..>; the target's own tokens plain. Plain booleans (True: drafted) mark as the exit."""
     out, prev = [], ""
-    for i, d in enumerate(from_draft):
+    for i, s in enumerate(sources):
+        s = "exit" if s is True else None if s is False else s
         text = tokenizer.decode(tokens[: i + 1], skip_special_tokens=False)
         piece, prev = text[len(prev):], text
-        out.append(piece if not d else f"{GREEN}{piece}{RESET}" if colour else f"[{piece}]")
+        if s is None:
+            out.append(piece)
+        else:
+            code, left, right = MARKS[s]
+            out.append(f"{code}{piece}{RESET}" if colour else f"{left}{piece}{right}")
     return "".join(out)
 
 
@@ -46,6 +56,12 @@ def parse_args(argv=None):
     ap.add_argument("--tree_width", type=int, default=1,
                     help="draft a tree: each expanded node proposes this many tokens (default 1: a chain)")
     ap.add_argument("--tree_nodes", type=int, default=0, help="the tree's node budget (default 0: width x gamma)")
+    ap.add_argument("--draft", choices=DRAFTS, default="exit",
+                    help="draft source: exit (default), lookup (prompt lookup, no exit) or exit+lookup (both in "
+                         "one cycle: the lookup when it matches, else the exit; with --tree_width, one tree)")
+    ap.add_argument("--lookup_tokens", type=int, default=0,
+                    help="exit+lookup: the lookup's proposal length (default 0: gamma)")
+    ap.add_argument("--ngram", type=int, default=3, help="the lookup's longest n-gram (default 3)")
     ap.add_argument("--profile", action="store_true",
                     help="also print where a cycle's time goes (draft levels, verify, accept, cache moves; trees)")
     ap.add_argument("--max_new_tokens", type=int, default=96, help="tokens to generate (default 96)")
@@ -61,8 +77,9 @@ def main(argv=None):
     try:
         check_policy(gamma=args.gamma, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                      draft_stop=args.draft_stop, tree_width=args.tree_width, tree_nodes=args.tree_nodes,
+                     draft=args.draft, lookup_tokens=args.lookup_tokens, ngram=args.ngram,
                      flags={k: f"--{k}" for k in ("gamma", "temperature", "top_p", "top_k", "draft_stop",
-                                                  "tree_width", "tree_nodes")})
+                                                  "tree_width", "tree_nodes", "draft", "lookup_tokens", "ngram")})
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
         dtype, dtype_name = resolve_dtype(args.dtype)
@@ -96,16 +113,23 @@ def main(argv=None):
     timings = {} if args.profile else None
     tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,
                                          tree_width=args.tree_width, tree_nodes=args.tree_nodes, timings=timings,
+                                         draft=args.draft, lookup_tokens=args.lookup_tokens, ngram=args.ngram,
                                          generator=torch.Generator().manual_seed(args.seed), **policy)
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
                                                 generator=torch.Generator().manual_seed(args.seed), **policy)
     tl_tokens = tokens.tolist()
     print(f"--- prompt ({ids.shape[1]} tokens)\n{text.strip()[:600]}\n")
-    legend = "green" if not args.no_color else "[bracketed]"
+    legend = ("green: the exit's, blue: the lookup's, magenta: both" if not args.no_color else
+              "[the exit's], {the lookup's}, <both>")
     tree = f", tree width {args.tree_width}" if args.tree_width > 1 else ""
-    print(f"--- reply: exit layer {layer}/{n}, gamma {args.gamma}{tree}, temperature {args.temperature} "
-          f"({legend} = drafted by the exit and accepted)")
-    print(coloured(tok, tl_tokens, stats["from_draft"], colour=not args.no_color))
+    source = {"exit": f"exit layer {layer}/{n}", "lookup": f"prompt lookup (n-gram {args.ngram})",
+              "exit+lookup": f"exit layer {layer}/{n} + prompt lookup"}[args.draft]
+    print(f"--- reply: {source}, gamma {args.gamma}{tree}, temperature {args.temperature} "
+          f"(drafted and accepted tokens, {legend})")
+    print(coloured(tok, tl_tokens, stats["token_sources"], colour=not args.no_color))
+    if stats["lookup_matched"]:
+        print(f"\n--- lookup matched in {sum(stats['lookup_matched'])} of {len(stats['lookup_matched'])} cycles; "
+              f"tokens by source {stats['source_counts']}")
     print(f"\n--- accepted drafts per cycle\n{stats['per_cycle']}")
     if args.temperature == 0:
         same = tl_tokens == base_tokens.tolist()
@@ -119,6 +143,7 @@ def main(argv=None):
             f"{k:13s} {1e3 * v / cycles:7.2f}  {v / total:5.1%}" for k, v in timings.items()))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
              if k not in ("per_cycle", "per_cycle_drafted", "from_draft", "cache_positions", "overlap_sum",
+                          "token_sources", "cycle_kinds", "lookup_matched",
                           "judged_by_depth", "accepted_by_depth")}
     shown["autoregressive_tokens_per_s"] = round(base["tokens_per_s"], 2)
     shown["speedup"] = round(stats["tokens_per_s"] / base["tokens_per_s"], 3)

@@ -161,3 +161,36 @@ def evaluation_prompts(tokenizer, conversations, num_prompts, *, max_prompt_toke
         ids = encode(tokenizer, text)
         return prompt_dict(conv["id"], ids, text) if len(ids) <= max_prompt_tokens else None
     return sample_prompts(conversations, num_prompts, seed, build)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task groups: the test prompts split by what they ask for, so that every result can be read per kind of task.
+
+TASK_GROUPS = ("code", "given_text", "open")
+CODE_MARKS = ("```", "def ", "function ", "function(", "class ", "import ", "#include", "console.log", "select ",
+              "public static", "</", "=>", "();", "python", "javascript", "typescript", "java ", "c++", "c#", " sql",
+              "html", "css", "code", "script", "regex", "api ", "json", "bash", "react", "django", "node.js")
+GIVEN_TEXT_VERBS = ("summar", "rewrite", "re-write", "rephrase", "paraphrase", "translate", "proofread", "correct ",
+                    "fix ", "edit ", "improve", "shorten", "simplify", "extract", "tl;dr", "make it", "reword",
+                    "polish", "convert this", "turn this", "following text", "following paragraph", "this text",
+                    "this paragraph", "this article", "this email", "this passage")
+GIVEN_TEXT_CHARS = 200
+
+
+def task_group(text):
+    """The task group of a prompt's text, by this written rule (first match wins, case ignored):
+    - "code": it shows or asks for code: a code fence, a programming keyword or a language name (CODE_MARKS);
+    - "given_text": it hands over a text to work on: at least GIVEN_TEXT_CHARS characters and a verb or phrase that
+      asks to summarise, rewrite, translate, fix, ... it (GIVEN_TEXT_VERBS);
+    - "open": everything else (questions, advice, stories, plans)."""
+    low = text.lower()
+    if any(mark in low for mark in CODE_MARKS):
+        return "code"
+    if len(text) >= GIVEN_TEXT_CHARS and any(verb in low for verb in GIVEN_TEXT_VERBS):
+        return "given_text"
+    return "open"
+
+
+def in_group(conversations, group):
+    """The conversations whose first user turn falls in task `group` (one of TASK_GROUPS)."""
+    return [c for c in conversations if task_group(first_user_prompt(c)[-1]["content"]) == group]

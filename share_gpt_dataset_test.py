@@ -153,3 +153,17 @@ def test_real_package_file(caplog):
     assert len(convs) > 17_000
     assert "the file is truncated" in caplog.text
     assert all(c["messages"] and isinstance(c["id"], str) for c in convs[:100])
+
+
+def test_task_groups_follow_the_written_rule():
+    from share_gpt_dataset import in_group, task_group
+    assert task_group("Write a Python function that reverses a list") == "code"
+    assert task_group("Why does my ```for``` loop never end?") == "code"
+    passage = "The committee met on Tuesday to discuss the budget for the next year. " * 4
+    assert task_group("Summarize the following text: " + passage) == "given_text"
+    assert task_group("Translate to German: " + passage) == "given_text"
+    assert task_group("Summarize the plot of Hamlet.") == "open"  # too short to hand over a text
+    assert task_group("What should I cook tonight?") == "open"
+    convs = [{"id": str(i), "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]}
+             for i, text in enumerate(["def f(): pass", "Tell me a joke", "Rewrite this paragraph: " + passage])]
+    assert [[c["id"] for c in in_group(convs, g)] for g in ("code", "given_text", "open")] == [["0"], ["2"], ["1"]]

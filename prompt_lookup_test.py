@@ -1,0 +1,34 @@
+"""Prompt lookup's index (prompt_lookup.py): the incremental index proposes what a brute-force scan finds, by the
+written rule (the longest n-gram first, then its latest occurrence). The loop's use of it: generate_test.py."""
+import torch
+
+from prompt_lookup import Lookup, scan_proposal
+
+
+def test_lookup_index_equals_a_brute_force_scan_on_random_streams():
+    g = torch.Generator().manual_seed(0)
+    proposed = 0
+    for trial in range(60):
+        vocab, ngram = (2, 3, 5, 20)[trial % 4], 1 + trial % 4
+        stream = torch.randint(0, vocab, (120,), generator=g).tolist()
+        lookup = Lookup(stream[:3], ngram)
+        pos = 3
+        while pos < len(stream):
+            for k in (1, 3, 7):
+                want = scan_proposal(stream[:pos], k, ngram)
+                assert lookup.propose(k) == want, (trial, pos, k)
+                proposed += bool(want)
+            step = 1 + int(torch.randint(0, 4, (1,), generator=g))  # cycles commit 1..4 tokens
+            lookup.add(stream[pos:pos + step])
+            pos += step
+    assert proposed > 500
+
+
+def test_lookup_rule_longest_ngram_then_latest_occurrence():
+    # "5 6" occurred twice, followed by 7 then by 9: the latest wins; the 3-gram "4 5 6" occurred once, followed by 7
+    assert scan_proposal([5, 6, 7, 5, 6, 9, 5, 6], 2) == [9, 5]
+    assert scan_proposal([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2) == [7, 1]
+    assert scan_proposal([1, 2, 3], 4) == []  # nothing repeats
+    assert scan_proposal([1, 1], 4) == [1]  # the continuation is cut where the text ends
+    lookup = Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], ngram=3)
+    assert lookup.propose(2) == [7, 1] and Lookup([4, 5, 6, 7, 1, 5, 6, 9, 4, 5, 6], 2).propose(2) == [9, 4]
