@@ -240,7 +240,7 @@ def plot_where_it_pays(rows, path, model_name):
     top = max([1.05] + [1.1 * r["c"] for r in pts])
     machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows if r.get("cpu")))
     # wrapped: one long machine line was cut off at both sides of the figure
-    where = "\n" + "\n".join(textwrap.wrap(f"{machines}; {sizes(rows)} a cell", 95)) if machines else ""
+    where = "\n" + "\n".join(textwrap.wrap(f"{machines}; {sizes(rows)} a cell", 72)) if machines else ""
     ax.set(title=f"Where self-speculation pays, {model_name}\nbelow a curve: predicted speedup > 1 at that γ "
                  f"(v = {v:.2f}){where}", xlabel="a: per-draft acceptance α (fraction)",
            ylabel="c: draft step / full step (time ratio)", xlim=(0, 1), ylim=(0, top))
