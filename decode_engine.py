@@ -177,7 +177,6 @@ def one_row_invariant(weight: torch.Tensor, trials: int = 32) -> bool:
 # The static cache
 
 
-
 class StaticCache:
     """Keys and values of `slots` attention layers, (slots, kv_heads, capacity, head_dim) each, written by position.
 

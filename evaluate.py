@@ -21,7 +21,8 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from functools import partial
 from pathlib import Path
 
@@ -102,10 +103,9 @@ def cell_id(cell, context):
     0, draft exit, ...) are left out, so cells of sweeps made before they existed keep their ids (and --resume finds
     them)."""
     fields = asdict(cell)
-    for name, default in (("draft_stop", 0.0), ("tree_width", 1), ("tree_nodes", 0), ("draft", "exit"),
-                          ("lookup_tokens", 0), ("ngram", 3), ("prompt_set", "")):
-        if fields[name] == default:
-            del fields[name]
+    for f in dataclass_fields(Cell):  # every field with a default (draft_stop 0.0, tree_width 1, ...)
+        if f.default is not MISSING and fields[f.name] == f.default:
+            del fields[f.name]
     if isinstance(context.get("prompts"), dict):  # {prompt set: hash}: this cell's prompts only
         context = {**context, "prompts": context["prompts"][cell.prompt_set]}
     exit_id = context["exit_ids"].get(cell.exit, "none")

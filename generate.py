@@ -333,7 +333,6 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
             hist[r] += 1
         stats.update(nodes_per_cycle=stats["drafted"] / max(len(per_cycle), 1), draft_rows_hist=hist,
                      tree_width=tree_width, tree_nodes=budget)
-    tokens, sources = tokens[:max_new_tokens], sources[:max_new_tokens]
     stats.update(from_draft=[s is not None for s in sources], token_sources=sources, cycle_kinds=kinds,
                  source_counts={s: sum(x == s for x in sources) for s in ("exit", "lookup", "both")}
                  | {"target": sum(x is None for x in sources)},
