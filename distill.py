@@ -7,10 +7,13 @@ the same batch.
 
     distill_forward   one step's forward: (loss sum, per-row losses, labels), or (teacher, exit logits, labels)
     StateCache        the base pass's states on fixed blocks, kept (validation blocks; --cache_states)
-    fit_head_lstsq    --head_init lstsq: the head from a closed-form fit
+    fit_head_lstsq    --head_init lstsq: the head from a closed-form fit (head_product: its last product, chunked)
     calibrate_scale   --calibrate: the logit temperature that best fits the teacher on one batch
     evaluate_exit     the validation metrics, reduced over processes
+    float32_products  --tf32: TF32 for the run's float32 products on a GPU
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,10 +27,24 @@ class StateCache:
     normed last state (which gives the teacher's logits), kept in memory after a block's first pass. Exact: these
     are the tensors a fresh pass computes. Used for the validation blocks (every validation after the first skips the
     base model) and, with --cache_states, for the training blocks (epochs after the first skip it). With `layers`
-    (several exits' shared-layer counts), one pass keeps the state entering each of them, for all the exits."""
+    (several exits' shared-layer counts), one pass keeps the state entering each of them, for all the exits.
 
-    def __init__(self, layers=None):
-        self.states, self.layers = {}, layers
+    offload=True (--cache_states) keeps GPU states in host memory, pinned, and copies a batch's back when it is
+    looked up. That cache grows with the data (an 8B model: 4 MiB per 256-token block, 40 GiB for 10k blocks) while
+    the GPU also holds the base and the exit's optimizer states, so it lives where memory is plentiful; copying a
+    batch back (8 x 256 blocks: 32 MiB, about 1 ms over PCIe from pinned memory) costs a few percent of the exit's
+    step it saves a base pass for. Each batch's states are one pinned tensor, which torch's caching host allocator
+    rounds up to a power of two (train.cache_bytes counts that). On a CPU nothing moves: the states stay as computed.
+    """
+
+    def __init__(self, layers=None, offload=False):
+        self.states, self.layers, self.offload, self.device = {}, layers, offload, None
+
+    def _keep(self, t):
+        """t as the cache keeps it: a pinned host copy when offloading a GPU state, else t itself."""
+        if not self.offload or t.device.type == "cpu":
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
     def get(self, model, indices, batch):
         """(shared, final) for the blocks `indices` of `batch`: from the cache, or from one base pass (then stored)."""
@@ -40,9 +57,11 @@ class StateCache:
         else:
             p = model.base_pass(batch["input_ids"], batch["attention_mask"], all_hidden_states=True)
             kept, final = {s: p.hidden_states[s] for s in {*self.layers, model.shared_layers}}, p.final
-        for j, i in enumerate(indices):
-            for s, states in kept.items():
-                self.states[i, s] = (states[j], final[j])
+        self.device, host_final = final.device, self._keep(final)
+        for s, states in kept.items():
+            host = self._keep(states)
+            for j, i in enumerate(indices):
+                self.states[i, s] = (host[j], host_final[j])
         return kept[model.shared_layers], final
 
     def lookup(self, indices, T, layer, remove=False):
@@ -51,7 +70,8 @@ class StateCache:
         if not all((i, layer) in self.states and self.states[i, layer][0].shape[0] == T for i in indices):
             return None
         shared, final = zip(*((self.states.pop if remove else self.states.get)((i, layer)) for i in indices))
-        return torch.stack(shared), torch.stack(final)
+        to = lambda ts: torch.stack([t.to(self.device, non_blocking=True) for t in ts])  # no-op when not offloaded
+        return to(shared), to(final)
 
 
 class ExitForward(nn.Module):
@@ -75,6 +95,25 @@ class ExitForward(nn.Module):
         if loss is None:
             return self.exit.expand(self.exit.head(x))
         return fused_head_loss(x, self.exit.head.weight, teacher, labels, vocab=self.exit.vocab, **loss)
+
+
+@contextlib.contextmanager
+def float32_products(device, tf32):
+    """train.py --tf32: whether float32 matrix products on a CUDA `device` may run on TF32 tensor cores, while the
+    block runs (the setting before is restored after). PyTorch's default is full float32 (IEEE), several times
+    slower for the exit's head products, forward and backward. Nothing a run computes needs full float32: the lstsq
+    fit sums and solves in float64, which TF32 never touches, and the state caches stay exact because fresh and cached
+    passes, validation and a resumed run all compute under the one setting (resume with the same --tf32 for a
+    bit-exact continuation). A CPU is left alone: its products stay as they were."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def batch_of(blocks, indices, pad_id, device):
@@ -147,8 +186,19 @@ def fit_head_lstsq(model, exit, batches, accelerator, ridge=1e-3, cache=None, pi
     W = model.base.lm_head.weight
     if exit.vocab is not None:
         W = W[exit.vocab]
-    exit.head.weight.copy_((W.double() @ M.t()).to(exit.head.weight.dtype))
+    head_product(W, M, out=exit.head.weight)
     return int(n.item())
+
+
+def head_product(W, M, out, max_bytes=2**28):
+    """out <- W M^T in float64 (then out's dtype), in row chunks whose float64 temporaries (W's rows as float64 and
+    their product, 16 D bytes a row) take at most `max_bytes`: the whole product at once would be a V x D float64
+    tensor, 8 GB at Llama-3.1-8B's 128256 x 4096. Each output row depends on its own row of W only, so the chunks
+    give the unchunked product (up to float64 rounding where the BLAS blocks a smaller product differently)."""
+    rows = max(1, max_bytes // (16 * W.shape[1]))
+    for i in range(0, W.shape[0], rows):
+        out[i:i + rows].copy_(W[i:i + rows].double() @ M.t())
+    return out
 
 
 @torch.no_grad()

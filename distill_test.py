@@ -140,3 +140,42 @@ def test_loss_decreases_on_fixed_batch(kind):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_head_product_in_chunks_equals_the_whole_product():
+    """--head_init lstsq's last product W M^T in row chunks (bounded float64 temporaries) is the one-shot product."""
+    g = torch.Generator().manual_seed(0)
+    W, M = torch.randn(259, 32, generator=g).bfloat16(), torch.randn(32, 32, generator=g, dtype=torch.float64)
+    whole = W.double() @ M.t()
+    chunked = distill.head_product(W, M, torch.empty(259, 32, dtype=torch.float64), max_bytes=16 * 32 * 50)  # 6 chunks
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)  # float64 rounding
+    one_ulp = dict(rtol=2.0 ** -23, atol=0)  # in float32 (the exit head), at most the last bit differs
+    torch.testing.assert_close(distill.head_product(W, M, torch.empty(259, 32), max_bytes=16 * 32 * 50),
+                               whole.float(), **one_ulp)
+
+
+def test_offloading_state_cache_returns_the_fresh_pass():
+    """StateCache(offload=True), as --cache_states uses it: on a CPU the states stay where computed, and a lookup
+    (the blocks in another order and grouping) gives a fresh base pass's tensors."""
+    base = make_tiny_llama(layers=4, seed=1, init_std=0.3)
+    model = TruncatedLlama(base, 2, EarlyExit(base, 2))
+    batch = _tiny_batch(B=3, T=10)
+    cache = distill.StateCache(offload=True)
+    with torch.no_grad():
+        cache.get(model, [4, 5, 6], batch)
+        shared, final, _, _ = model.base_pass(batch["input_ids"], batch["attention_mask"])
+    hit = cache.lookup([6, 4], 10, model.shared_layers)
+    assert all(t.device.type == "cpu" for pair in cache.states.values() for t in pair)
+    assert torch.equal(hit[0], shared[[2, 0]]) and torch.equal(hit[1], final[[2, 0]])
+
+
+def test_tf32_is_set_for_a_cuda_run_only_and_restored():
+    """--tf32 sets TF32 for float32 products on a CUDA device while the run lasts; a CPU run is left alone."""
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    before = flags()
+    for tf32 in (True, False):
+        with distill.float32_products(torch.device("cuda"), tf32):
+            assert flags() == (tf32, tf32)
+        assert flags() == before
+    with distill.float32_products(torch.device("cpu"), not before[0]):
+        assert flags() == before

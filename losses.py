@@ -252,6 +252,8 @@ class FusedHeadLoss(torch.autograd.Function):
     (teacher_x, teacher_W) (logits teacher_x @ teacher_W^T) or, for a separate teacher model, `teacher_logits`.
     With `vocab`, W is a pruned head's K rows (the tokens `vocab`): the exit's products and gradients are K wide, the
     teacher's stay full-vocabulary (its logsumexp over every token gives the mass outside the K; see token_losses).
+    The products are float32 (TF32 on a GPU under train.py --tf32 on: distill.float32_products); the loss and its
+    gradient are then computed from them in float32.
     Returns (sum of the losses, per-row losses); only the sum is differentiable.
     """
 

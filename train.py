@@ -18,8 +18,8 @@ base layers and the teacher is never run twice. The base model is never modified
 `evaluate.py --exit_ckpt OUT_DIR`), the resume state in resume/, log.jsonl (one JSON record per train step and per
 validation), and train_curve.png. Each checkpoint replaces the top level in one atomic rename.
 
-Reading order: `run` (the loop: set up, data, exit, then step / update / validate / checkpoint) and the phases it
-calls, in the order it calls them. The distillation pieces are in distill.py, the losses in losses.py, the
+Reading order: `run` (set up, then `train_exits`, the loop: data, exit, then step / update / validate / checkpoint)
+and the phases it calls, in the order it calls them. The distillation pieces are in distill.py, the losses in losses.py, the
 checkpoint and resume files in checkpoints.py, the batch order in data_utils.py.
 """
 import argparse
@@ -41,12 +41,13 @@ from checkpoints import (LOG_FILE, CheckpointError, adapter_config, append_log, 
                          extended_run, load_exit, load_resume_state, read_resume_state, save_checkpoint, truncate_log)
 from cli import DataError, SignalStop, UsageError, check_context, parse_layers, run_command
 from data_utils import BatchOrder, blocks_from_prefix, data_hash, dataset_module, has_targets, sample_blocks
-from distill import ExitForward, StateCache, batch_of, calibrate_scale, distill_forward, evaluate_exit, fit_head_lstsq
+from distill import (ExitForward, StateCache, batch_of, calibrate_scale, distill_forward, evaluate_exit, fit_head_lstsq,
+                     float32_products)
 from losses import target_rows
 from plots import plot_curve
 from truncated_llama import (ModelLoadError, TruncatedLlama, dtype_line, load_base_model, machine_info,
                              model_fingerprint, resolve_dtype)
-from train_flags import build_parser
+from train_flags import build_parser, check_args, resolve_adapter
 from tuned_llama import EarlyExit, parse_train, shared_layer_count
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,43 +93,6 @@ def load_data(args, tokenizer, train_needed, val_needed):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building the exit, the optimizer and the schedule
-
-
-def resolve_adapter(args):
-    """Resolve --adapter auto (the default): block when the adapter is trained (adapter in --train) or asked for as a
-    copy of the next block (--adapter_init next), else none. An adapter given explicitly is kept as is."""
-    if args.adapter == "auto":
-        wanted = "adapter" in parse_train(args.train) or args.adapter_init == "next"
-        args.adapter = "block" if wanted else "none"
-    return args
-
-
-def check_args(args, num_layers, vocab_size=None):
-    """Raise UsageError for flag values that cannot work with a base model of `num_layers` layers (and
-    `vocab_size` tokens)."""
-    train = parse_train(resolve_adapter(args).train)
-    if not 1 <= args.exit_layer <= num_layers - 1:
-        raise UsageError(f"--exit_layer must be in 1..{num_layers - 1} for this {num_layers}-layer model, "
-                         f"got {args.exit_layer}.")
-    if vocab_size is not None and not 0 <= args.draft_vocab <= vocab_size:
-        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{vocab_size} for this model's "
-                         f"{vocab_size}-token vocabulary, got {args.draft_vocab}.")
-    if "adapter" in train and args.adapter == "none":
-        raise UsageError("--train adapter needs --adapter block or --adapter mlp.")
-    if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
-        raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train, "
-                         "or drop --adapter.")
-    if args.adapter_init == "next" and args.adapter != "block":
-        raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), "
-                         f"got --adapter {args.adapter}.")
-    if args.head_init == "random" and "head" not in train:
-        raise UsageError("--head_init random needs head in --train (an untrained random head is useless).")
-    if "last_block" in train and args.exit_layer < 2:
-        raise UsageError("--train last_block needs --exit_layer >= 2.")
-    if args.cache_states and args.teacher_model_path:
-        raise UsageError("--cache_states needs the model itself as teacher: drop --teacher_model_path or "
-                         "--cache_states.")
-    return train
 
 
 def build_exit(base, args, train, vocab=None):
@@ -286,9 +250,10 @@ def set_up(args):
     return su, [(a, replace(su, out_dir=Path(a.out_dir), resume_state=s)) for a, s in zip(exits, states)]
 
 
-def exit_bytes(base, args):
+def exit_bytes(base, args, ddp=False):
     """About how many bytes one exit needs while it trains: its float32 weights; for the trained parts their
-    gradients and AdamW's two moments; the activations one micro-batch keeps for the backward pass."""
+    gradients, AdamW's two moments and, with `ddp` (several processes), DistributedDataParallel's gradient buckets
+    (a second copy of every trained gradient); the activations one micro-batch keeps for the backward pass."""
     D, V = base.config.hidden_size, args.draft_vocab or base.lm_head.out_features
     block = sum(p.numel() for p in base.model.layers[0].parameters())
     train = parse_train(args.train)
@@ -296,7 +261,18 @@ def exit_bytes(base, args):
              "last_block": block if "last_block" in train else 0}
     rows = args.batch_size * args.seq_len
     blocks = (args.adapter == "block") + ("last_block" in train)
-    return 4 * sum(parts.values()) + 12 * sum(parts[k] for k in train) + 4 * rows * (24 * D * blocks + 2 * V)
+    trained = sum(parts[k] for k in train)
+    return 4 * sum(parts.values()) + (12 + 4 * ddp) * trained + 4 * rows * (24 * D * blocks + 2 * V)
+
+
+def cache_bytes(args, su, blocks):
+    """About how many bytes --cache_states keeps in one process for its `blocks` training blocks: each micro-batch's
+    shared and final states (batch x seq_len x hidden, in the base's dtype) as one tensor each, in host memory
+    (distill.StateCache); on a GPU run pinned, and torch's caching host allocator rounds each up to a power of 2."""
+    each = args.batch_size * args.seq_len * su.base.config.hidden_size * su.dtype.itemsize
+    if su.device.type == "cuda":
+        each = 1 << (each - 1).bit_length()
+    return 2 * each * -(-blocks // args.batch_size)
 
 
 def available_bytes(device):
@@ -313,13 +289,14 @@ def available_bytes(device):
 
 
 def check_memory(args, su, count):
-    """Refuse, before any training, a run whose exits (weights, gradients, optimizer states, activations) will not
-    fit in the memory left beside the base model; the CPU's processes share one machine's memory."""
+    """Refuse, before any training, a run whose exits (weights, gradients, optimizer states, DDP's gradient
+    buckets, activations) will not fit in the memory left beside the base model; the CPU's processes share one
+    machine's memory."""
     available = available_bytes(su.device)
     if available is None:
         return
     sharers = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if su.device.type == "cpu" else 1
-    each = exit_bytes(su.base, args)
+    each = exit_bytes(su.base, args, ddp=su.world > 1)
     need = each * count * sharers
     flag = "--exit_layers" if args.exit_layers is not None else "--exit_layer"
     if need > 0.9 * available:
@@ -328,6 +305,28 @@ def check_memory(args, su, count):
                          f"{available / 2**30:.1f} GiB is free; train fewer exits per run, or lower --batch_size or "
                          f"--draft_vocab.")
     su.say(f"memory: {count} exit(s) need about {need / 2**30:.2f} GiB to train, of {available / 2**30:.1f} GiB free")
+
+
+def check_cache_memory(args, su, data):
+    """With --cache_states, refuse before training a run whose cached base states (each training block's, kept in
+    host memory: see distill.StateCache) will not fit in the machine's free memory, less the exits' on a CPU run.
+    Checked once the data is loaded, since the cache grows with the number of training blocks."""
+    available = available_bytes(torch.device("cpu")) if args.cache_states else None
+    if available is None:
+        return
+    blocks = min(data.total_steps, data.order.steps_per_epoch) * data.per_step // su.world  # this process's, epoch 1
+    each, sharers = cache_bytes(args, su, blocks), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # on this host
+    exits = exit_bytes(su.base, args, ddp=su.world > 1) * sharers if su.device.type == "cpu" else 0
+    room = 0.9 * available - exits
+    if each * sharers > room:
+        fit = max(0, int(room / sharers / (each / blocks))) * su.world // data.per_step * data.per_step
+        raise UsageError(f"--cache_states: the base model's states of {blocks * su.world} training blocks need about "
+                         f"{each * sharers / 2**30:.1f} GiB of host memory"
+                         f"{f' ({each / 2**30:.2f} GiB in each of {sharers} processes)' if sharers > 1 else ''}, but "
+                         f"only {max(room, 0) / 2**30:.1f} GiB is free{' beside the exit' if exits else ''}; "
+                         f"at most {fit} blocks fit: lower --train_blocks or --max_steps, or drop --cache_states.")
+    su.say(f"--cache_states: the base model runs in epoch 1 only; its states take about {each / 2**30:.2f} GiB of "
+           f"host memory per process, of {available / 2**30:.1f} GiB free")
 
 
 @dataclass
@@ -534,7 +533,7 @@ def prepare(args, su, data, stop, t_start, shared=None):
     su.say(dtype_line(args.dtype, args.dtype, machine_info(su.device)) + "; the exit trains in float32")
     model = TruncatedLlama(su.base, args.exit_layer, exit, engine="hf")  # freezes the base; no decode steps here
     val_cache = shared.val if shared else StateCache()  # the base's states on the validation blocks: computed once
-    cache = StateCache() if args.cache_states else None  # every training block's states, with --cache_states
+    cache = StateCache(offload=True) if args.cache_states else None  # every training block's, on the host
     handover = shared.handover if shared else cache if cache is not None else StateCache()  # the lstsq fit's states
     untrained = None if args.resume else initialise_head(args, su, data, model, exit, handover, val_cache)
     logged = ([vocab_info] if vocab_info else []) + \
@@ -552,11 +551,6 @@ def prepare(args, su, data, stop, t_start, shared=None):
     n = sum(p.numel() for p in exit.parameters() if p.requires_grad)
     su.say(f"training {', '.join(su.train)} of the exit at layer {args.exit_layer}: {n / 1e6:.2f}M parameters; "
            f"{time.perf_counter() - t_start:.1f} s to start")
-    if cache is not None and data.total_steps > data.order.steps_per_epoch:
-        b = su.base.model.embed_tokens.weight
-        size = 2 * data.order.steps_per_epoch * data.per_step // su.world * args.seq_len * b.shape[1] * b.element_size()
-        su.say(f"--cache_states: the base model runs in epoch 1 only; its states take about {size / 2**30:.2f} GiB "
-               f"per process")
     return Training(args, su, model, exit, forward, optimizer, scheduler, cache, handover, val_cache, step, metrics)
 
 
@@ -611,14 +605,27 @@ def update(args, tr):
 
 
 def run(args, stop=None):
-    """Train the exit(s) the flags say. Returns a dict with the trained `exit` (the first), `exits` ({layer: exit}),
-    the `base` model, `step`, `metrics`, `rank` and `world_size` (used by the tests). `stop` (a cli.SignalStop) is
-    told what a SIGINT or SIGTERM would keep: the last checkpoint."""
-    from tqdm import tqdm
+    """Train the exit(s) the flags say, with --tf32's float32 products. Returns a dict with the trained `exit` (the
+    first), `exits` ({layer: exit}), the `base` model, `step`, `metrics`, `rank` and `world_size` (used by the tests).
+    `stop` (a cli.SignalStop) is told what a SIGINT or SIGTERM would keep: the last checkpoint."""
     t_start = time.perf_counter()
     stop = stop if stop is not None else SignalStop()
     su, exits = set_up(args)
+    with float32_products(su.device, args.tf32 == "on"):
+        trs = train_exits(args, su, exits, stop, t_start)
+    su.accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return {"exit": trs[0].exit, "exits": {tr.args.exit_layer: tr.exit for tr in trs}, "base": su.base,
+            "step": min(tr.step for tr in trs), "metrics": trs[0].metrics, "rank": su.rank, "world_size": su.world}
+
+
+def train_exits(args, su, exits, stop, t_start):
+    """The run once set up: data, the exits, then step / update / validate / checkpoint. Returns the Trainings."""
+    from tqdm import tqdm
     data = training_data(args, su)
+    check_cache_memory(args, su, data)
     shared = None
     if len(exits) > 1:
         layers = [shared_layer_count(a.exit_layer, "last_block" in su.train) for a, _ in exits]
@@ -670,12 +677,7 @@ def run(args, stop=None):
             plot_curve(tr.su.out_dir)
         where = su.out_dir if args.exit_layers is None else f"{su.out_dir}/exit_L<layer>/"
         su.say(f"done: {done} steps in {time.perf_counter() - t_start:.0f} s; exit(s) saved to {where}")
-    su.accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return {"exit": trs[0].exit, "exits": {tr.args.exit_layer: tr.exit for tr in trs}, "base": su.base, "step": done,
-            "metrics": trs[0].metrics, "rank": su.rank, "world_size": su.world}
+    return trs
 
 
 def main(argv=None):

@@ -1,12 +1,13 @@
 """train.py's command line: every flag, in groups (model and exit, loss and teacher, data, optimisation, evaluation
-and checkpoints, runtime). Kept apart from the trainer so that train.py reads as the training run alone."""
+and checkpoints, runtime), and the checks of their values that need no data (resolve_adapter, check_args). Kept
+apart from the trainer so that train.py reads as the training run alone."""
 import argparse
 
-from cli import Parser, int_at_least, positive
+from cli import Parser, UsageError, int_at_least, positive
 from data_utils import DATASETS
 from losses import LOSSES
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES
-from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE
+from tuned_llama import ADAPTER_INITS, HEAD_INITS, TRAINABLE, parse_train
 
 
 def _flags_model_and_exit(p):
@@ -123,6 +124,48 @@ def _flags_runtime(p):
                    help="auto: the GPU when there is one (accelerate picks it per process), else CPU")
     g.add_argument("--attn_implementation", choices=("sdpa", "eager"), default="sdpa", help="attention kernel")
     g.add_argument("--torch_compile", action="store_true", help="torch.compile the decoder layers and the exit")
+    g.add_argument("--tf32", choices=("on", "off"), default="on",
+                   help="on a CUDA GPU, let the run's float32 matrix products (the exit and its head, forward and "
+                        "backward; a float32 base's too) use TF32 tensor cores, several times faster at a 10-bit "
+                        "mantissa per input (float32 sums); off: full float32. Ignored on a CPU. The lstsq head fit "
+                        "sums and solves in float64 either way")
+
+
+def resolve_adapter(args):
+    """Resolve --adapter auto (the default): block when the adapter is trained (adapter in --train) or asked for as a
+    copy of the next block (--adapter_init next), else none. An adapter given explicitly is kept as is."""
+    if args.adapter == "auto":
+        wanted = "adapter" in parse_train(args.train) or args.adapter_init == "next"
+        args.adapter = "block" if wanted else "none"
+    return args
+
+
+def check_args(args, num_layers, vocab_size=None):
+    """Raise UsageError for flag values that cannot work with a base model of `num_layers` layers (and
+    `vocab_size` tokens)."""
+    train = parse_train(resolve_adapter(args).train)
+    if not 1 <= args.exit_layer <= num_layers - 1:
+        raise UsageError(f"--exit_layer must be in 1..{num_layers - 1} for this {num_layers}-layer model, "
+                         f"got {args.exit_layer}.")
+    if vocab_size is not None and not 0 <= args.draft_vocab <= vocab_size:
+        raise UsageError(f"--draft_vocab must be 0 (the full vocabulary) or in 1..{vocab_size} for this model's "
+                         f"{vocab_size}-token vocabulary, got {args.draft_vocab}.")
+    if "adapter" in train and args.adapter == "none":
+        raise UsageError("--train adapter needs --adapter block or --adapter mlp.")
+    if args.adapter != "none" and "adapter" not in train and args.adapter_init == "identity":
+        raise UsageError(f"--adapter {args.adapter} is the identity until trained: add adapter to --train, "
+                         "or drop --adapter.")
+    if args.adapter_init == "next" and args.adapter != "block":
+        raise UsageError(f"--adapter_init next needs --adapter block (a copy of the next block), "
+                         f"got --adapter {args.adapter}.")
+    if args.head_init == "random" and "head" not in train:
+        raise UsageError("--head_init random needs head in --train (an untrained random head is useless).")
+    if "last_block" in train and args.exit_layer < 2:
+        raise UsageError("--train last_block needs --exit_layer >= 2.")
+    if args.cache_states and args.teacher_model_path:
+        raise UsageError("--cache_states needs the model itself as teacher: drop --teacher_model_path or "
+                         "--cache_states.")
+    return train
 
 
 def build_parser():

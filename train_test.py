@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -352,6 +353,34 @@ def test_exits_that_will_not_fit_are_refused_before_training(tiny_dir, chat_file
     assert train.exit_bytes(base, args("--train", "head")) < train.exit_bytes(base, args("--train", "head", "--seq_len", "64"))
 
 
+def test_cached_states_are_counted_and_too_many_are_refused_before_training(tiny_dir, chat_file, tmp_path,
+                                                                           monkeypatch, capsys):
+    """--cache_states: the base states it keeps count in the memory check, in host memory where StateCache keeps
+    them (pinned on a GPU run, at the power-of-two size torch allocates). With room for the exit but only half of
+    the states, the run stops before training with one sentence and status 2; without --cache_states it runs. DDP's
+    gradient buckets count too: one more float32 copy of the trained parameters on a multi-process run."""
+    flags = ["--train", "head", "--adapter", "none", "--max_steps", "2", "--eval_every", "0", "--save_every", "0"]
+    args = train.build_parser().parse_args(cli(tiny_dir, chat_file, "o", *flags, "--cache_states"))
+    base, _ = load_base_model(str(tiny_dir))
+    cpu = SimpleNamespace(base=base, dtype=torch.float32, device=torch.device("cpu"))
+    exit, states = train.exit_bytes(base, args), train.cache_bytes(args, cpu, 8)
+    assert states == 8 * 2 * 32 * 32 * 4  # 8 blocks' shared and final states: 32 positions x 32 hidden, float32
+    assert train.exit_bytes(base, args, ddp=True) - exit == 4 * 259 * 32  # the head's gradient bucket
+    gpu = SimpleNamespace(base=base, dtype=torch.bfloat16, device=torch.device("cuda"))
+    three = train.build_parser().parse_args(cli(tiny_dir, chat_file, "o", *flags, "--batch_size", "3"))
+    assert train.cache_bytes(three, gpu, 9) == 3 * 2 * 8192  # 3 x 32 x 32 x 2 bytes, pinned as 8 KiB
+    monkeypatch.setattr(train, "available_bytes", lambda device: (exit + states / 2) / 0.9)
+    assert train.main(cli(tiny_dir, chat_file, tmp_path / "fits", *flags))["step"] == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main(cli(tiny_dir, chat_file, tmp_path / "o", *flags, "--cache_states"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("train.py: error: --cache_states: the base model's states of 8 "
+                                                   "training blocks need about") and "at most 4 blocks fit" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_with_a_larger_max_steps_extends_the_run(tiny_dir, chat_file, tmp_path, capsys):
     """4 steps, then --max_steps 6 --resume continues from step 4 with the schedule recomputed and says so; with a
     constant schedule and the same data that is the 6-step run, bit for bit. A total below the steps done is
@@ -598,7 +627,7 @@ def test_help_documents_every_flag():
                  "--seq_len", "--batch_size", "--grad_accum", "--lr", "--schedule", "--warmup", "--max_steps",
                  "--epochs", "--eval_every", "--eval_batches", "--save_every", "--out_dir", "--resume", "--seed",
                  "--dtype", "--device", "--attn_implementation", "--torch_compile", "--report_to", "--adapter_init",
-                 "--draft_vocab", "--exit_layers"):
+                 "--draft_vocab", "--exit_layers", "--cache_states", "--tf32"):
         assert flag in text
     for action in train.build_parser()._actions:
         assert action.help, action.dest

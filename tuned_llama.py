@@ -16,8 +16,9 @@
 - last_block (optional): a private copy of decoder block L-1 that the draft uses instead of the shared one.
   The draft then shares only layers < L-1 with the full model, which stays untouched, so verification is exact.
 
-Every parameter here is a fresh tensor; the base model is never modified. Blocks with attention keep their own
-key/value cache (the exit cache), indexed by `cache_index`.
+Every parameter here is a fresh tensor, made on the base model's device in its dtype (nothing is built on the host
+first and moved); the base model is never modified. Blocks with attention keep their own key/value cache (the exit
+cache), indexed by `cache_index`.
 """
 import copy
 
@@ -108,13 +109,15 @@ class EarlyExit(nn.Module):
         # the pruned head's token ids (row i of the head is token vocab[i]); None: the full vocabulary
         self.register_buffer("vocab", vocab.to(lm_head.weight.device) if vocab is not None else None)
         self.norm = _fresh_copy(final_norm)
-        self.head = nn.Linear(lm_head.in_features, V if vocab is None else vocab.numel(), bias=False)
+        # built where the base lives, in its dtype: an 8B model's head (1 GB in bfloat16) never exists on the host
+        where = dict(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        self.head = nn.Linear(lm_head.in_features, V if vocab is None else vocab.numel(), bias=False, **where)
         with torch.no_grad():
             if head_init in ("copy", "lstsq"):
                 self.head.weight.copy_(lm_head.weight if vocab is None else lm_head.weight[self.vocab])
-            else:
-                nn.init.normal_(self.head.weight, std=getattr(config, "initializer_range", 0.02))
-        self.head.to(lm_head.weight.dtype)
+            else:  # drawn in float32, so a seed gives the same head (rounded) whatever the base's dtype
+                std = getattr(config, "initializer_range", 0.02)
+                self.head.weight.copy_(torch.empty_like(self.head.weight, dtype=torch.float32).normal_(std=std))
 
         # Blocks with their own attention, in the order the draft runs them, each with its own exit-cache slot.
         self.last_block = None
@@ -129,7 +132,8 @@ class EarlyExit(nn.Module):
                 self.adapter.self_attn.o_proj.weight.zero_()
                 self.adapter.mlp.down_proj.weight.zero_()
         elif adapter == "mlp":
-            self.adapter = ResidualMLP(config).to(lm_head.weight.dtype)
+            with where["device"]:  # drawn in float32 on the base's device, then cast (as the random head)
+                self.adapter = ResidualMLP(config).to(where["dtype"])
         slot = 0
         for block in (self.last_block, self.adapter):
             if block is not None and hasattr(block, "self_attn"):

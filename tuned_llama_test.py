@@ -93,3 +93,19 @@ def test_pruned_head_keeps_full_vocabulary_logits_and_round_trips(tmp_path):
         EarlyExit(base, 2, vocab=[1, 259])
 
 
+
+
+def test_exit_is_built_on_the_base_models_device_in_its_dtype():
+    """Head and adapter are made where the base lives: under a base on the meta device no tensor of the exit holds
+    memory anywhere, so an 8B head is never materialised on the host first. A seed draws the same random head and MLP
+    adapter whatever the dtype (drawn in float32, then rounded)."""
+    meta = make_tiny_llama().to("meta")
+    for adapter in ("block", "mlp"):
+        exit = EarlyExit(meta, 2, adapter=adapter, last_block=True, head_init="random", vocab=[1, 5, 7])
+        assert all(t.device.type == "meta" for t in (*exit.parameters(), *exit.buffers()))
+    torch.manual_seed(0)
+    e16 = EarlyExit(make_tiny_llama().to(torch.bfloat16), 2, adapter="mlp", head_init="random")
+    torch.manual_seed(0)
+    e32 = EarlyExit(make_tiny_llama(), 2, adapter="mlp", head_init="random")
+    assert all(p.dtype == torch.bfloat16 for p in e16.parameters())
+    assert all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(e16.parameters(), e32.parameters()))
