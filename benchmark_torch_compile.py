@@ -4,7 +4,7 @@
     python benchmark_torch_compile.py --dtype auto float32  # both dtypes, one after the other, in one run
     python benchmark_torch_compile.py --check_layers 8 15 22 --check_gammas 2 4 8   # + losslessness grid
     python benchmark_torch_compile.py --compile             # + the lean step under torch.compile vs eager
-    python benchmark_torch_compile.py --random_weights --device cuda --dtype bfloat16   # timing on a GPU
+    python benchmark_torch_compile.py --random_weights --shape llama-3.1-8b --device cuda --dtype bfloat16  # a GPU
     python benchmark_torch_compile.py --train_step --exit_layer 15 --batch_size 8 --seq_len 256   # a training step
 
 For each dtype it prints, all measured in the same run:
@@ -23,24 +23,28 @@ For each dtype it prints, all measured in the same run:
                tokens/s, the ratios, each method's fraction of both rooflines, and whether greedy outputs equal
                generate's. transformers' methods run on their own pristine copy of the model (the lean engine lays
                our copy's weights out anew).
+With --random_weights it downloads and reads nothing: a random model of the named --shape (SHAPES) is made on the
+device in the dtype, and the prompts are random token ids (timing only: the exits' acceptance means nothing).
 With --exits K.. it times a step of K exits trained together on one base pass against K separate runs.
 With --train_step it times instead one `train.py --train head` step (distill.distill_forward, backward, AdamW)
 against a plain forward of the base model on the same random batch, side by side, and prints their ratio.
 Wall-clock figures are reported, never asserted.
 """
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import decode_engine
-from cli import timed
+from cli import DEVICE_CHOICES, Parser, UsageError, resolve_device, run_command, timed
 from generate import autoregressive_generate, speculative_generate, step_times
-from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, TruncatedLlama, dtype_line, load_base_model,
-                             machine_info, resolve_dtype)
+from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
+                             load_base_model, machine_info, resolve_dtype)
 
 
 def sharegpt_prompts(tok, n, seed, max_prompt_tokens=256):
@@ -50,15 +54,78 @@ def sharegpt_prompts(tok, n, seed, max_prompt_tokens=256):
                                                        max_prompt_tokens=max_prompt_tokens, seed=seed)]
 
 
-def random_model(name, dtype, device):
-    """A random-weight model with the config of `name` (timing only; acceptance is meaningless)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+_LLAMA3 = dict(rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000,
+               eos_token_id=128001, vocab_size=128256, num_attention_heads=32, num_key_value_heads=8)
 
-    from truncated_llama import resolve_model_path
+# Named model shapes for --random_weights (LlamaConfig keywords): the real models' configs, without their weights.
+SHAPES = {
+    "tiny": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True, max_position_embeddings=1024),
+    "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    "llama-3.2-1b": dict(_LLAMA3, num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, head_dim=64,
+                         tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "llama-3.1-8b": dict(_LLAMA3, num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, head_dim=128,
+                         tie_word_embeddings=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+}
 
-    cfg = AutoConfig.from_pretrained(resolve_model_path(name))
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+
+def random_model(shape: str, device, dtype, seed=0) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of a named shape (SHAPES) with random weights (seeded: the same on every call on one
+    device), for timing only: nothing is downloaded. It is made on `device` in `dtype` at once (no float32 copy on
+    the CPU first: an 8B model in bfloat16 takes 16 GB of the GPU, never 48 GB anywhere); the rotary tables stay
+    float32, as transformers makes them."""
+    if shape not in SHAPES:
+        raise UsageError(f"--shape: expected one of {', '.join(SHAPES)}, got {shape!r}.")
+    device = torch.device(device)
+    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")  # a fresh config: from_config writes its dtype
+    config._name_or_path = shape
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def random_prompts(vocab_size, n, seed, device, shortest=64, longest=256):
+    """n prompts of random token ids, lengths drawn in shortest..longest (ShareGPT's span); drawn on the CPU from
+    `seed`, so every device gets the same prompts."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab_size, (1, t), generator=g).to(device) for t in lengths]
+
+
+def default_layer(num_layers):
+    """The default exit layer to time: two thirds of the depth (20 of SmolLM2's 30 layers)."""
+    return min(max(1, round(2 * num_layers / 3)), num_layers - 1)
+
+
+def exit_layers(args, num_layers):
+    """--layers (default: default_layer) for an N-layer model, after checking them and --check_layers: a layer
+    outside 1..N-1 is a UsageError, one sentence naming the flag and the range."""
+    layers = args.layers if args.layers is not None else [default_layer(num_layers)]
+    for flag, values in (("--layers", layers), ("--check_layers", args.check_layers)):
+        for layer in values:
+            if not 1 <= layer <= num_layers - 1:
+                raise UsageError(f"{flag}: layer {layer} is outside 1..{num_layers - 1} for this {num_layers}-layer "
+                                 "model.")
+    return layers
+
+
+def subject(args, dtype, device):
+    """(model, prompts, a line saying what they are): the real --model and ShareGPT prompts, or with
+    --random_weights a random model of --shape and random prompts (nothing downloaded, nothing read)."""
+    if not args.random_weights:
+        model, tok = load_base_model(args.model, dtype=dtype, device=device)
+        prompts = [p.to(device) for p in sharegpt_prompts(tok, args.num_prompts, args.seed)]
+        return model, prompts, f"{args.model}: {len(prompts)} ShareGPT prompts"
+    model = random_model(args.shape, device, dtype, seed=args.seed)
+    prompts = random_prompts(model.config.vocab_size, args.num_prompts, args.seed, device)
+    return model, prompts, f"random {args.shape} weights: {len(prompts)} random prompts"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,7 +402,7 @@ def train_step_cost(args, repeats=5):
     from train import set_trainable
     from tuned_llama import EarlyExit
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = args.device
     base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype[0], device)[0], device=device)
     if not 1 <= args.exit_layer <= len(base.model.layers) - 1:
         raise UsageError(f"--exit_layer must be in 1..{len(base.model.layers) - 1}, got {args.exit_layer}.")
@@ -380,7 +447,7 @@ def exits_step_cost(args, repeats=3):
     from train import set_trainable
     from tuned_llama import EarlyExit
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = args.device
     base, _ = load_base_model(args.model, dtype=resolve_dtype(args.dtype[0], device)[0], device=device)
     n = len(base.model.layers)
     vocab = torch.arange(args.draft_vocab) if args.draft_vocab else None
@@ -423,9 +490,12 @@ def exits_step_cost(args, repeats=3):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="benchmark_torch_compile.py", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--layers", type=int, nargs="*", default=[20], help="exit layers to time (default 20; none: skip)")
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help="exit layers to time, each in 1..N-1 (default: two thirds of the depth, 20 of 30; the flag "
+                         "with no value: skip)")
     ap.add_argument("--gammas", type=int, nargs="+", default=[4], help="draft lengths to time (default 4)")
     ap.add_argument("--num_prompts", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=128)
@@ -438,9 +508,13 @@ def main(argv=None):
     ap.add_argument("--lookup_temperatures", type=float, nargs="+", default=[0.0, 0.7],
                     help="the policies of --lookup_peer (0: greedy; else top_p 0.95)")
     ap.add_argument("--no_steps", action="store_true", help="skip the step-cost table")
-    ap.add_argument("--random_weights", action="store_true", help="random model of the same shape (GPU timing)")
+    ap.add_argument("--random_weights", action="store_true",
+                    help="a random model of --shape and random prompts: nothing downloaded (timing only)")
+    ap.add_argument("--shape", choices=SHAPES, default=None,
+                    help="--random_weights: the model's shape (default: --model's, when it is one of these)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                    help="auto (default): the GPU when there is one, else the CPU")
     ap.add_argument("--dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
                     help="one run per dtype, in this order (auto: bfloat16 where the hardware has it, else float32)")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -456,35 +530,41 @@ def main(argv=None):
                    help="instead: time a step of K exits trained together (train.py --exit_layers) against K separate "
                         "runs, for each K, and exit")
     args = ap.parse_args(argv)
+    args.device = resolve_device(args.device)
     if args.exits:
         return exits_step_cost(args)
     if args.train_step:
         return train_step_cost(args)
-    device = torch.device(args.device)
+    if args.shape and not args.random_weights:
+        raise UsageError("--shape: only --random_weights uses it; add --random_weights, or leave --shape out.")
+    if args.random_weights:
+        args.shape = args.shape or (args.model if args.model in SHAPES else None)
+        if args.shape is None:
+            raise UsageError(f"--random_weights: give --shape (one of {', '.join(SHAPES)}) for --model "
+                             f"{args.model!r}.")
+        exit_layers(args, SHAPES[args.shape]["num_hidden_layers"])  # checked before anything is made
+    device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     report = []
     for dtype_arg in args.dtype:
         dtype, dtype_name = resolve_dtype(dtype_arg, device)
-        model, tok = load_base_model(args.model, dtype=dtype, device=args.device)
-        ref, _ = load_base_model(args.model, dtype=dtype, device=args.device)
-        if args.random_weights:
-            model = random_model(args.model, dtype, device)
-            ref = random_model(args.model, dtype, device)
-        prompts = [p.to(device) for p in sharegpt_prompts(tok, args.num_prompts, args.seed)]
+        model, prompts, what = subject(args, dtype, device)
+        n = model.config.num_hidden_layers
+        layers = exit_layers(args, n)
+        ref = copy.deepcopy(model)  # transformers' methods run on a pristine copy (the lean engine re-lays ours)
         part = {"machine": {**machine_info(device), "dtype": dtype_name, "dtype_flag": dtype_arg}}
-        print(f"{args.model}{' (random weights)' if args.random_weights else ''}: {len(prompts)} ShareGPT prompts "
-              f"x {args.max_new_tokens} new tokens, greedy, {args.device}/{dtype_name}", flush=True)
+        print(f"{what} x {args.max_new_tokens} new tokens, greedy, {device.type}/{dtype_name}", flush=True)
         print(dtype_line(dtype_arg, dtype_name, part["machine"]), flush=True)
         part["rooflines"] = rooflines(model, device)
         print(json.dumps(part["rooflines"]), flush=True)
         print("engine:", TruncatedLlama(model, 1).describe_engine(), flush=True)
         if not args.no_steps:
             long = max(prompts, key=lambda p: p.shape[1])
-            part["steps"] = step_costs({"hf": ref, "lean": model}, long)
+            part["steps"] = step_costs({"hf": ref, "lean": model}, long, draft_layer=min(8, n - 1))
             print(json.dumps(part["steps"]), flush=True)
         part["speed"] = []
-        for layer in args.layers:
+        for layer in layers:
             for gamma in args.gammas:
                 row = compare(model, ref, prompts, layer, gamma, args.max_new_tokens, device, part["rooflines"])
                 part["speed"].append(row)
@@ -499,7 +579,7 @@ def main(argv=None):
             part["lossless"] = check_lossless(model, prompts, args.check_layers, args.check_gammas,
                                               args.max_new_tokens)
         if args.compile:
-            part["compile"] = compile_comparison(model, prompts, (args.layers or [20])[0], args.gammas[0],
+            part["compile"] = compile_comparison(model, prompts, (layers or [default_layer(n)])[0], args.gammas[0],
                                                  args.max_new_tokens, device)
             print(json.dumps(part["compile"]), flush=True)
         report.append(part)
@@ -511,4 +591,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if run_command("benchmark_torch_compile.py", sys.argv[1:], lambda stop: main(sys.argv[1:]),
+                              errors=(ModelLoadError,)) else 1)

@@ -51,3 +51,63 @@ def test_exits_benchmark_times_a_shared_pass_against_separate_runs(tiny_dir, cap
     assert sorted(res) == [1, 3] and all(t > 0 and s > 0 for t, s in res.values())
     assert out[0].startswith("1 exit(s) at layers 2: one shared base pass") and \
         out[1].startswith("3 exit(s) at layers 2, 3, 4: one shared base pass") and "3 separate runs" in out[1]
+
+
+def test_random_model_is_the_named_shape_seeded_and_made_in_its_dtype():
+    a, b = (btc.random_model("tiny", "cpu", torch.bfloat16, seed=1) for _ in range(2))
+    c = btc.random_model("tiny", torch.device("cpu"), torch.bfloat16, seed=2)
+    assert {p.dtype for p in a.parameters()} == {torch.bfloat16} and a.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    assert a.config.num_hidden_layers == 4 and a.lm_head.weight is a.model.embed_tokens.weight
+    for name, (layers, hidden, heads, kv, vocab, tied) in {
+            "smollm2-135m": (30, 576, 9, 3, 49152, True), "llama-3.2-1b": (16, 2048, 32, 8, 128256, True),
+            "llama-3.1-8b": (32, 4096, 32, 8, 128256, False)}.items():
+        m = btc.random_model(name, "meta", torch.bfloat16)  # the real shapes, without their memory
+        assert {p.device.type for p in m.parameters()} == {"meta"}  # made where asked, never on the CPU first
+        cfg = m.config
+        assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                cfg.vocab_size, cfg.tie_word_embeddings) == (layers, hidden, heads, kv, vocab, tied), name
+        assert (m.lm_head.weight is m.model.embed_tokens.weight) == tied
+        if name.startswith("llama"):
+            assert cfg.rope_parameters["rope_type"] == "llama3" and cfg.rope_parameters["rope_theta"] == 500000.0
+            assert cfg.rope_parameters["factor"] == (32.0 if name == "llama-3.2-1b" else 8.0)
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_random_weights_download_nothing_and_time_a_layer_that_fits(monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("--random_weights must not load a model or a dataset")
+
+    monkeypatch.setattr(btc, "load_base_model", refuse)
+    monkeypatch.setattr(btc, "sharegpt_prompts", refuse)
+    monkeypatch.setattr("truncated_llama.resolve_model_path", refuse)
+    monkeypatch.setattr("share_gpt_dataset.load_splits", refuse)
+    monkeypatch.setattr(btc, "rooflines", lambda model, device: {"physical_tok_s": 1.0, "products_tok_s": 1.0})
+    report = btc.main(["--random_weights", "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                       "--num_prompts", "1", "--max_new_tokens", "4", "--gammas", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith("random tiny weights: 1 random prompts x 4 new tokens, greedy, cpu/float32")
+    (part,) = report
+    assert [r["exit_layer"] for r in part["speed"]] == [btc.default_layer(4)] == [3]
+    assert part["speed"][0]["ours_spec_equal_to_ours_ar"] == "1/1" and "c_L3" in part["steps"]["lean"]
+    assert [btc.default_layer(n) for n in (2, 16, 30, 32)] == [1, 11, 20, 21]
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--layers", "20"], "--layers: layer 20 is outside 1..3 for this 4-layer model."),
+    (["--layers", "2", "--check_layers", "0"], "--check_layers: layer 0 is outside 1..3 for this 4-layer model."),
+    (["--shape", "huge"], "argument --shape: invalid choice: 'huge'"),
+    (["--model", "some/model", "--shape", None], "--random_weights: give --shape (one of tiny, smollm2-135m"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_bad_random_weights_flags_are_one_sentence_exit_2(monkeypatch, capsys, extra, says):
+    monkeypatch.setattr(btc, "random_model", lambda *a, **k: pytest.fail("checked before the model is made"))
+    argv = ["--random_weights", "--shape", "tiny", "--device", "cpu"] + extra
+    if None in argv:  # no --shape at all
+        argv = [a for a in argv if a not in ("--shape", "tiny", None)]
+    with pytest.raises(SystemExit) as e:
+        btc.run_command("benchmark_torch_compile.py", argv, lambda stop: btc.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"benchmark_torch_compile.py: error: {says}"), err
+    assert len(err.splitlines()) == 1

@@ -5,6 +5,7 @@ clean stop, and a timer that waits for the GPU.
 - Parser, int_at_least, positive: argparse with one-line errors and bounded number types
 - check_context: a length (--seq_len, prompt + --max_new_tokens, ...) held to the model's number of positions
 - SignalStop, Interrupted, resume_command: a signal stops at once, says what was kept and how to go on
+- DEVICE_CHOICES, resolve_device: --device auto | cpu | cuda as a torch.device, a missing GPU as a UsageError
 - device_sync, timed: wall-clock timing that counts queued GPU work
 """
 import argparse
@@ -183,6 +184,19 @@ def _program(path, name):
     """`name` when that is what the shell finds (a venv is active), else the full `path`."""
     found = shutil.which(name)
     return name if found and os.path.abspath(found) == os.path.abspath(path) else path
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """--device NAME (one of DEVICE_CHOICES) as a torch.device: auto is the GPU when there is one, else the CPU.
+    cuda without a GPU raises UsageError: one sentence naming the flag, rather than a CUDA error deep in a load."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} cuda: no CUDA GPU is available.")
+    if name not in DEVICE_CHOICES:
+        raise UsageError(f"{flag}: expected one of {', '.join(DEVICE_CHOICES)}, got {name!r}.")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def device_sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ writes to --out_dir (files and tables: results.py; plots: plots.py):
     *.png                the plots, among them where_it_pays.png: the (a, c) map with break-even curves
 
     python evaluate.py --exit_layers 8 15 22 --exit_ckpt out/exit --gammas 2 4 --temperatures 0 0.7
-    torchrun --nproc_per_node 2 evaluate.py ...     # cells split across processes (accelerate launch on GPUs)
+    torchrun --nproc_per_node 2 evaluate.py ...     # cells split across processes by cost (accelerate launch: GPUs)
     python evaluate.py ... --resume                 # after an interruption: skips every finished cell
     python evaluate.py --best_line OUT_DIR          # the best lossless speedup of a finished sweep (its last line)
 """
@@ -21,8 +21,10 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import MISSING, asdict, dataclass
 from dataclasses import fields as dataclass_fields
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -30,14 +32,15 @@ import torch
 
 import decode_engine
 from checkpoints import CheckpointError, write_atomically
-from cli import Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers, run_command
+from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers,
+                 resolve_device, run_command)
 from data_utils import DATASETS, TASKS, dataset_names, load_eval_data
 from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
                      finished_cells, markdown_table, merge_results, predicted_mixed_speedup, predicted_speedup,
                      predicted_tree_speedup, prompt_sets, read_results, read_rows, repair_tail, results_files,
-                     write_table)
+                     tokens_per_cycle, write_table)
 from truncated_llama import DEFAULT_MODEL, DTYPE_CHOICES, ENGINES, ModelLoadError, trees_need_lean
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +229,36 @@ def add_lists(a, b):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Cells across processes: split by their cost, so that every process finishes at about the same time
+
+# The collectives' timeout (NCCL's default, 10 minutes, would abort a sound sweep: a process that is done waits at the
+# last barrier for the others' last cells, whose costs are guesses). torchrun stops every process when one fails.
+WAIT_TIMEOUT = timedelta(hours=12)
+
+
+def cell_cost(cell, num_layers, baseline=0.0):
+    """A cell's guessed time in full steps per generated token (all cells generate as many tokens): results.py's
+    cost model with drafts accepted with probability L/N (a lookup's: 1/2), a draft step L/N of a full step (a
+    lookup's: free), a verification of k tokens 1 + k/16 steps; plus `baseline`, its share of the autoregressive
+    baseline's step a token (all of it when paired, else a share of the one its exit and policy run once)."""
+    a, c = (0.5, 0.0) if cell.draft == "lookup" else (cell.exit_layer / num_layers,) * 2
+    verify = 1 + ((cell.tree_nodes or cell.tree_width * cell.gamma) + 1) / 16
+    return (cell.gamma * c + verify) / tokens_per_cycle(a, cell.gamma) + baseline
+
+
+def split_cells(costs, world):
+    """The cells (indices into `costs`) of each of `world` processes, in index order: longest processing time first
+    (each cell, costliest first, to the least loaded process; ties to the lower index and rank), so the busiest has
+    at most 4/3 of the least possible work. Deterministic: every process computes the same split."""
+    load, parts = [0.0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += costs[i]
+        parts[r].append(i)
+    return [sorted(p) for p in parts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The teacher-forced layer sweep: one pass per batch of held-out text gives every layer's untrained exit at once.
 
 
@@ -240,27 +273,23 @@ def _overlap_sum(p_logits, q_logits, temperature, chunk=1024):
 
 
 @torch.no_grad()
-def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
+def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id, rank=0, world=1, gather=None):
     """Teacher-forced metrics of the untrained exit at every layer 1..N-1 and of each checkpoint (name, exit) at its
     layer, on the loss-masked positions of `blocks`. The metrics are train.py's validation metrics (KL, top-1
     agreement, overlap at T=1 and 0.7, perplexities) plus the overlap at any other temperature asked for; TV is
-    1 - overlap. Returns one row per (exit, layer)."""
+    1 - overlap. Returns one row per (exit, layer). Several processes share the work: process `rank` of `world` runs
+    every world-th batch, and `gather` (accelerate's gather_object) hands all of them every batch's sums, added in
+    batch order: the one-process rows to the last bit, and no process idles at a barrier while one runs it all."""
     from data_utils import collate
     from truncated_llama import TruncatedLlama
     n = base.config.num_hidden_layers
     extra = sorted({float(t) for t in temperatures if t > 0 and float(t) not in (0.7, 1.0)})
     exits = [("untrained", layer, None) for layer in range(1, n)] + [(name, e.exit_layer, e) for name, e in checkpoints]
-    sums = [None] * len(exits)
     probe = TruncatedLlama(base, 1)
     device = base.device
-
-    def add(i, teacher, logits, labels):
-        s = exit_metric_sums(teacher, logits, None, labels)
-        for t in extra:
-            s[f"overlap_t{t:g}"] = _overlap_sum(teacher, logits, t)
-        sums[i] = s if sums[i] is None else {k: sums[i][k] + v for k, v in s.items()}
-
-    for b in range(0, len(blocks), batch_size):
+    starts = range(0, len(blocks), batch_size)
+    mine = {}  # batch start -> each exit's sums (Python floats: they pickle the same from any device)
+    for b in starts[rank::world]:
         batch = {k: v.to(device) for k, v in collate(blocks[b:b + batch_size], pad_id).items()}
         ids, attn = batch["input_ids"], batch["attention_mask"]
         attn = None if bool(attn.all()) else attn
@@ -270,12 +299,18 @@ def layer_sweep(base, checkpoints, blocks, temperatures, batch_size, pad_id):
         labels = ids[:, 1:][rows]
         out = probe(ids, attn, all_hidden_states=True)
         teacher = out.logits[:, :-1][rows]
-        for i, (name, layer, exit) in enumerate(exits):
+        mine[b] = []
+        for name, layer, exit in exits:
             if exit is None:
                 logits = base.lm_head(base.model.norm(out.hidden_states[layer][:, :-1][rows]))
             else:
                 logits = TruncatedLlama(base, layer, exit)(ids, attn).exit_logits[:, :-1][rows]
-            add(i, teacher, logits, labels)
+            s = exit_metric_sums(teacher, logits, None, labels)
+            mine[b].append({**s, **{f"overlap_t{t:g}": _overlap_sum(teacher, logits, t) for t in extra}})
+    every = {b: s for part in (gather([mine]) if gather else [mine]) for b, s in part.items()}
+    sums = [None] * len(exits)
+    for b in sorted(every):  # in batch order, as one process adds them
+        sums = [s if total is None else {k: total[k] + v for k, v in s.items()} for total, s in zip(sums, every[b])]
     result = []
     for (name, layer, _), s in zip(exits, sums):
         if s is None:
@@ -357,7 +392,7 @@ def build_parser():
     g.add_argument("--paired_baseline", action="store_true",
                    help="every cell times its own autoregressive baseline, prompt by prompt in turns with its "
                         "speculative runs (twice the time; immune to drifts in the machine's speed between cells)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weights and activations; auto: bfloat16 on a GPU or CPU with native bf16, else float32")
@@ -392,8 +427,7 @@ def check_args(args):
         if d not in DATASETS and d not in groups and not Path(d).is_file():
             raise UsageError(f"--dataset: {d!r} is neither {', '.join(DATASETS)}, {', '.join(groups)} nor an "
                              "existing prompts .jsonl file.")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is available.")
+    resolve_device(args.device)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out_dir: {out} exists and is not a directory.")
@@ -477,8 +511,10 @@ def load_sweep(args, device):
                  [cell_id(c, context) for c in cells], fingerprint, dtype_name, machine_info(device))
 
 
-def teacher_forced(args, sw, out_dir, say):
-    """The teacher-forced layer sweep's rows: kept from layer_sweep.jsonl when it holds this sweep's, else run."""
+def teacher_forced(args, sw, out_dir, say, state):
+    """The teacher-forced layer sweep's rows: kept from layer_sweep.jsonl when it holds this sweep's, else run,
+    shared by every process (`state`: accelerate's PartialState); the main process writes them."""
+    from accelerate.utils import gather_object
     eos = sw.tok.eos_token_id
     tf_id = hashlib.sha256(json.dumps([sw.fingerprint, sw.dtype_name, [sw.exit_ids[p] for p, _ in sw.checkpoints],
                                        _tensor_hash([b["input_ids"] for b in sw.blocks]),
@@ -490,10 +526,12 @@ def teacher_forced(args, sw, out_dir, say):
         return tf_rows
     t = time.perf_counter()
     pad = sw.tok.pad_token_id if sw.tok.pad_token_id is not None else (eos if isinstance(eos, int) else 0)
+    share = dict(rank=state.process_index, world=state.num_processes, gather=gather_object)
     tf_rows = [{**r, "sweep_id": tf_id} for r in layer_sweep(sw.base, sw.checkpoints, sw.blocks, args.temperatures,
-                                                              args.tf_batch_size, pad)]
-    write_atomically(out_dir / f"{LAYER_SWEEP}.jsonl", "".join(json.dumps(r) + "\n" for r in tf_rows))
-    write_table(out_dir / f"{LAYER_SWEEP}.csv", tf_rows, list(tf_rows[0]))
+                                                              args.tf_batch_size, pad, **share)]
+    if state.is_main_process:
+        write_atomically(out_dir / f"{LAYER_SWEEP}.jsonl", "".join(json.dumps(r) + "\n" for r in tf_rows))
+        write_table(out_dir / f"{LAYER_SWEEP}.csv", tf_rows, list(tf_rows[0]))
     say(f"teacher-forced sweep: {len(tf_rows)} rows (exit x layer) on {tf_rows[0]['tokens']} tokens "
         f"in {time.perf_counter() - t:.0f} s")
     return tf_rows
@@ -588,8 +626,8 @@ def run(args, stop=None):
     t_start = time.perf_counter()
     stop = stop if stop is not None else SignalStop()
     check_args(args)
-    cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    cpu = resolve_device(args.device).type == "cpu"
+    state = PartialState(cpu=cpu, timeout=WAIT_TIMEOUT)
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     device = torch.device("cpu") if cpu else state.device
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if main else (lambda *a: None)
@@ -598,7 +636,11 @@ def run(args, stop=None):
     out_dir = Path(args.out_dir)
     done = finished_cells(out_dir, sw.ids)
     todo = [i for i, cid in enumerate(sw.ids) if cid not in done]
-    mine = todo[rank::world]
+    shared = lambda c: (c.exit, c.exit_layer, c.prompt_set, *c.policy.values())  # cells that share a baseline
+    share = Counter(shared(sw.cells[i]) for i in todo)
+    costs = [cell_cost(sw.cells[i], sw.base.config.num_hidden_layers,
+                       1.0 if args.paired_baseline else 1 / share[shared(sw.cells[i])]) for i in todo]
+    mine = [todo[j] for j in split_cells(costs, world)[rank]]
     stop.kept = lambda: (f"kept {len(finished_cells(out_dir, sw.ids))} of {len(sw.ids)} cells in {out_dir} "
                          "(the cell in progress is dropped)")  # what a SIGINT or SIGTERM keeps, on disk
     stop.resumable = True
@@ -620,7 +662,7 @@ def run(args, stop=None):
     repair_tail(own)
     meta = {"model": args.model, "dataset": args.dataset[0], "max_new_tokens": args.max_new_tokens, "seed": args.seed,
             "dtype": sw.dtype_name, "device": device.type, **sw.machine}
-    tf_rows = teacher_forced(args, sw, out_dir, say) if main and sw.blocks else None  # cheap next to the grid
+    tf_rows = teacher_forced(args, sw, out_dir, say, state) if sw.blocks else None
     if not run_grid(args, sw, mine, own, meta, main, say):
         return None
     state.wait_for_everyone()

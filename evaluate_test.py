@@ -1,13 +1,16 @@
 """The sweep (evaluate.py): command line, results files, resume, several processes, bad input, plots, prompt
 files. A tiny model saved to disk stands in for SmolLM2."""
 import hashlib
+import itertools
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import data_utils
 import evaluate
@@ -445,3 +448,53 @@ def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
     assert summary.count("best lossless speedup") == 2 and "| lookup |" in summary and "+ lookup" in summary
     for folder in ("prompts", "more"):
         assert (out / folder / "where_it_pays.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes: cells split by cost, the teacher-forced sweep shared
+
+
+def loads(costs, parts):
+    return [sum(costs[i] for i in p) for p in parts]
+
+
+def test_split_cells_is_balanced_and_covers_every_cell_once():
+    assert evaluate.split_cells([3, 3, 2, 2, 2], 2) == [[0, 2, 4], [1, 3]]  # the textbook case: 7 where 6 is best
+    rng = random.Random(0)
+    for _ in range(20):
+        world = rng.randint(2, 3)
+        costs = [rng.randint(1, 20) for _ in range(rng.randint(world, 8))]
+        parts = evaluate.split_cells(costs, world)
+        assert sorted(i for p in parts for i in p) == list(range(len(costs))) and all(p == sorted(p) for p in parts)
+        best = min(max(loads(costs, [[i for i, r in enumerate((0,) + who) if r == k] for k in range(world)]))
+                   for who in itertools.product(range(world), repeat=len(costs) - 1))  # cell 0 on process 0
+        assert max(loads(costs, parts)) <= 4 / 3 * best
+        assert evaluate.split_cells(costs, world) == parts  # the same on every process
+
+
+def test_a_sweeps_cells_split_by_cost_beat_round_robin():
+    exits = [("untrained", L) for L in (2, 8, 15, 22, 28)]
+    cells = make_cells(exits, [1, 2, 4, 8, 16], [0.0, 0.7], [0.95], [0], tree_widths=(1, 3), drafts=("exit", "lookup"))
+    costs = [evaluate.cell_cost(c, 30) for c in cells]
+    assert min(costs) > 0 and max(costs) > 1.5 * min(costs)  # they differ: the split matters
+    for world in (2, 3, 4, 8):
+        parts = evaluate.split_cells(costs, world)
+        assert sorted(i for p in parts for i in p) == list(range(len(cells)))
+        bound = max(sum(costs) / world, max(costs))  # no split does better
+        assert max(loads(costs, parts)) <= 1.05 * bound
+        assert max(loads(costs, parts)) <= max(loads(costs, [list(range(len(cells)))[r::world]
+                                                             for r in range(world)]))
+    assert evaluate.cell_cost(cells[0], 30, baseline=1.0) == pytest.approx(costs[0] + 1.0)
+
+
+def test_teacher_forced_sweep_shared_by_processes_gives_the_one_process_rows(assets):
+    base, _ = load_base_model(str(assets / "model"))
+    g = torch.Generator().manual_seed(0)
+    blocks = [{"input_ids": torch.randint(0, 259, (n,), generator=g).tolist()} for n in (12, 9, 16, 7, 11)]
+    sweep = lambda **k: evaluate.layer_sweep(base, [], blocks, [0.0, 0.5], 2, 0, **k)
+    one = sweep()
+    parts = []
+    for rank in range(3):  # three processes, one batch each: every part as its process computes it
+        sweep(rank=rank, world=3, gather=lambda mine: parts.extend(mine) or mine)
+    shared = sweep(rank=1, world=3, gather=lambda mine: parts[::-1])  # gathered in any order
+    assert shared == one and len(one) == 3 and "overlap_t0.5" in one[0]

@@ -2,10 +2,13 @@
 
     python scratch_work.py "your prompt" --exit_layer 22 --gamma 4 [--temperature 0.7] [--exit_ckpt runs/L15]
     python scratch_work.py "..." --draft exit+lookup --exit_ckpt out/speedup/exit_L3 --gamma 1 --lookup_tokens 4
+    python scratch_work.py "..." --device cuda --dtype bfloat16
 
 Prints the reply with the drafted-and-accepted tokens marked by their source (the exit's green, prompt lookup's
 blue, a tree node both proposed magenta; with --no_color [..], {..}, <..>) and the full model's own tokens plain,
 then the number of drafts accepted in each cycle and the loop's stats. Without a prompt it takes one from ShareGPT.
+The model, the prompt and the sampling generators all live on --device (generate.py refuses a CPU generator next to
+GPU tensors).
 """
 import argparse
 import json
@@ -13,12 +16,13 @@ import sys
 
 import torch
 
-from cli import DataError
+from cli import DEVICE_CHOICES, DataError, Parser, UsageError, resolve_device
 from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
 
+PROG = "scratch_work.py"
 GREEN, BLUE, MAGENTA, RESET = "\033[32m", "\033[34m", "\033[35m", "\033[0m"
 MARKS = {"exit": (GREEN, "[", "]"), "lookup": (BLUE, "{", "}"), "both": (MAGENTA, "<", ">")}
 
@@ -41,7 +45,7 @@ def coloured(tokenizer, tokens, sources, colour=True):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="user message (default: a ShareGPT test prompt)")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="alias smollm2-135m, a Hugging Face id or a local directory")
     ap.add_argument("--exit_layer", type=int, default=22, help="draft exit layer L, 1..N-1 (default 22)")
@@ -68,6 +72,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling and for the ShareGPT prompt choice")
     ap.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                     help="auto (default): bfloat16 where the CPU/GPU has native bf16, else float32")
+    ap.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                    help="auto (default): the GPU when there is one, else the CPU")
     ap.add_argument("--no_color", action="store_true", help="mark drafted tokens with [brackets] instead of colour")
     return ap.parse_args(argv)
 
@@ -82,9 +88,10 @@ def main(argv=None):
                                                   "tree_width", "tree_nodes", "draft", "lookup_tokens", "ngram")})
         if args.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
-        dtype, dtype_name = resolve_dtype(args.dtype)
-        print(dtype_line(args.dtype, dtype_name, machine_info()), file=sys.stderr)
-        model, tok = load_base_model(args.model, dtype=dtype)
+        device = resolve_device(args.device)
+        dtype, dtype_name = resolve_dtype(args.dtype, device)
+        print(dtype_line(args.dtype, dtype_name, machine_info(device)), file=sys.stderr)
+        model, tok = load_base_model(args.model, dtype=dtype, device=device)
         exit, layer = None, args.exit_layer
         if args.exit_ckpt:
             exit, cfg = load_exit(args.exit_ckpt, model, base_fingerprint=model_fingerprint(model))
@@ -101,22 +108,23 @@ def main(argv=None):
             from share_gpt_dataset import evaluation_prompts, load_splits
             p = evaluation_prompts(tok, load_splits()["test"], 1, max_prompt_tokens=200, seed=args.seed)[0]
             ids, text = p["input_ids"], p["text"]
-    except (ValueError, DataError, ModelLoadError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        ids = ids.to(device)
+    except (ValueError, UsageError, DataError, ModelLoadError, CheckpointError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
     tl = TruncatedLlama(model, layer, exit)
     policy = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id)
     if args.tree_width > 1 and not tl.lean:
-        print(f"error: {trees_need_lean('--tree_width')}", file=sys.stderr)
+        print(f"{PROG}: error: {trees_need_lean('--tree_width')}", file=sys.stderr)
         sys.exit(2)
     timings = {} if args.profile else None
     tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,
                                          tree_width=args.tree_width, tree_nodes=args.tree_nodes, timings=timings,
                                          draft=args.draft, lookup_tokens=args.lookup_tokens, ngram=args.ngram,
-                                         generator=torch.Generator().manual_seed(args.seed), **policy)
+                                         generator=torch.Generator(device).manual_seed(args.seed), **policy)
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
-                                                generator=torch.Generator().manual_seed(args.seed), **policy)
+                                                generator=torch.Generator(device).manual_seed(args.seed), **policy)
     tl_tokens = tokens.tolist()
     print(f"--- prompt ({ids.shape[1]} tokens)\n{text.strip()[:600]}\n")
     legend = ("green: the exit's, blue: the lookup's, magenta: both" if not args.no_color else
