@@ -353,7 +353,7 @@ class Tables:
         end = start + t
         span = end if span is None else span
         if tree is not None:
-            self._grow(int(tree.positions.max()) + 1)
+            self._grow(tree.end)
             mask = tree.mask
             if span > mask.shape[1]:
                 mask = torch.cat([mask, mask.new_zeros(t, span - mask.shape[1])], dim=1)
@@ -365,9 +365,11 @@ class Tables:
 
 class TreeRows(NamedTuple):
     """Rows of a draft tree written at cache positions start..start+t-1: each row's RoPE position (n + its depth) and
-    the (t, start+t) attention mask that lets it see the committed prefix and its own ancestors only."""
+    the (t, start+t) attention mask that lets it see the committed prefix and its own ancestors only; `end`, the
+    largest position + 1, known on the host (reading it from `positions` would wait for the device)."""
     positions: torch.Tensor
     mask: torch.Tensor
+    end: int
 
 
 class Engine:

@@ -112,9 +112,13 @@ class Policy:
 
     Sorting a 49,152-token vocabulary for top-p costs 3 ms on a CPU, a tenth of a decode step, and the speculative
     loop needs it for every draft and every verified position. So top-p looks at the most likely candidates first
-    (torch.topk) and sorts the whole vocabulary only when they hold less than top_p of the mass: the same set."""
+    (torch.topk) and sorts the whole vocabulary only when they hold less than top_p of the mass: the same set.
+    Both that check and top-k's check for ties read a value back to the host: free on a CPU, a stall on a GPU. On
+    other devices (`SHORTCUTS`), top-p sorts the whole vocabulary (fast there) and top-k always keeps its ties through a
+    masked sort: the same sets, no host read."""
 
     CANDIDATES = (64, 1024)  # top-p's first looks; then the whole vocabulary
+    SHORTCUTS = ("cpu",)  # device types where top-k / top-p read a value back to skip work
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, *, checked: bool = False):
         if not checked:  # checked: the caller already ran check_policy on these values
@@ -136,17 +140,17 @@ class Policy:
 
     def _nucleus(self, scores):
         """The kept tokens' scores (-inf where dropped) and their ids, most likely first."""
-        vocab = scores.shape[-1]
+        vocab, reads = scores.shape[-1], scores.device.type in self.SHORTCUTS
         if self.top_k:
             values, index = scores.topk(min(self.top_k, vocab), dim=-1)
-            if (scores >= values[:, -1:]).sum() > values.numel():  # ties with the k-th token: keep them all
+            if not reads or bool((scores >= values[:, -1:]).sum() > values.numel()):  # ties with the k-th: keep all
                 values, index = scores.masked_fill(scores < values[:, -1:], float("-inf")).sort(-1, descending=True)
             log_total = values.logsumexp(-1, keepdim=True)
         else:
             log_total = scores.logsumexp(-1, keepdim=True)
         if self.top_p >= 1.0:
             return values, index
-        for n in self.CANDIDATES + (vocab,):
+        for n in (self.CANDIDATES if reads else ()) + (vocab,):
             if not self.top_k:
                 values, index = scores.topk(n, dim=-1) if n < vocab else scores.sort(-1, descending=True)
             mass = (values - log_total).exp()
@@ -163,56 +167,110 @@ class Policy:
             return logits.argmax(-1)
         return sample(self.probs(logits), generator)
 
-    def draft_token(self, logits: torch.Tensor, q: torch.Tensor, generator: Optional[torch.Generator] = None) -> int:
-        """The draft's token from its (1, V) logits and their probabilities q: argmax, or a sample from q."""
-        return int(logits.argmax(-1) if self.greedy else sample(q, generator))
-
-    def accepted(self, p_logits: torch.Tensor, p: torch.Tensor, q: Optional[torch.Tensor], drafts: list,
-                 generator: Optional[torch.Generator] = None) -> int:
-        """How many drafts the target accepts, in order: while each equals argmax p (greedy), or by the
-        speculative-sampling rule (one uniform draw per judged draft, stopping at the first rejection)."""
-        target = p_logits[: len(drafts)].argmax(-1).tolist() if self.greedy else None
-        for j, x in enumerate(drafts):
-            ok = x == target[j] if self.greedy else accept_draft(p[j, x], q[j, x], generator)
-            if not ok:
-                return j
-        return len(drafts)
-
-    def target_token(self, p_logits: torch.Tensor, p: torch.Tensor, q: Optional[torch.Tensor], k: int,
-                     generator: Optional[torch.Generator] = None) -> int:
-        """The target's own token after k accepted drafts: argmax p (greedy); else the correction from
-        normalise(max(0, p - q)) at a rejection, or the bonus token from p when every draft was accepted."""
-        if self.greedy:
-            return int(p_logits[k].argmax())
-        rejected = q is not None and k < q.shape[0]
-        return int(sample(residual_distribution(p[k], q[k]) if rejected else p[k], generator))
+    def draft_token(self, logits: torch.Tensor, q: torch.Tensor, generator: Optional[torch.Generator] = None
+                    ) -> torch.Tensor:
+        """The draft's token (a (1,) tensor on the device, not read back) from its (1, V) logits and their
+        probabilities q: argmax, or a sample from q."""
+        return logits.argmax(-1) if self.greedy else sample(q, generator)
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: Optional[torch.Generator] = None, u: Optional[torch.Tensor] = None
+           ) -> torch.Tensor:
     """One token id per row of `probs` (rows summing to 1, or to any positive total), drawn by inverting the
     cumulative distribution with one uniform number: what torch.multinomial does for one draw, at a twentieth of its
-    cost on a 49,152-token row. A token of probability 0 is never drawn."""
+    cost on a 49,152-token row. A token of probability 0 is never drawn. `u`: the uniform numbers to use, shaped
+    probs.shape[:-1] + (1,) (drawn from `generator` when None). Nothing is read back to the host."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype)
+    if u is None:
+        u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=cdf.dtype)
     picked = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).squeeze(-1)
     last = probs.shape[-1] - 1
-    if bool((picked > last).any()):  # u * total rounded up to the total: the last token with mass
-        top = last - (probs.flip(-1) > 0).int().argmax(-1)
-        picked = torch.where(picked > last, top, picked)
-    return picked
+    top = last - (probs.flip(-1) > 0).int().argmax(-1)  # where u * total rounded up to the total: the last token with mass
+    return torch.where(picked > last, top, picked)
 
 
-def accept_draft(p_x: torch.Tensor, q_x: torch.Tensor, generator: Optional[torch.Generator] = None) -> bool:
-    """Accept a draft token x (sampled from q) with probability min(1, p(x) / q(x))."""
-    u = torch.rand((), generator=generator, device=q_x.device)
-    return bool(u * q_x < p_x)
+def accept_draft(p_x: torch.Tensor, q_x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Accept a draft token x (sampled from q) with probability min(1, p(x) / q(x)), given a uniform number u per
+    draft: a bool tensor, elementwise."""
+    return u * q_x < p_x
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Where to sample after a rejection: normalise(max(0, p - q)); p itself if q covers p everywhere."""
+    """Where to sample after a rejection: normalise(max(0, p - q)), row by row; p itself where q covers p everywhere."""
     r = torch.clamp(p - q, min=0)
-    total = r.sum()
-    return r / total if total > 0 else p
+    total = r.sum(-1, keepdim=True)
+    return torch.where(total > 0, r / total, p)
+
+
+def _default_generator(device: torch.device) -> Optional[torch.Generator]:
+    """The generator torch.rand uses on `device` when given none (None where this cannot say)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
+
+
+class Uniforms:
+    """The uniform numbers of one cycle's judgement, drawn in one call on the device; `used(m)` then leaves the
+    generator as if only the m numbers the judgement used had been drawn.
+
+    The rule draws one number per judged draft (or tree candidate) and one for the target's token: how many is known
+    only after judging, which happens on the device, without a host read. Drawing the most it can need and then
+    rewinding the generator to exactly what was used keeps a seeded run's stream what it was when each number was
+    drawn one at a time on the host (on a CPU generator, torch.rand(n) equals n single draws)."""
+
+    def __init__(self, n: int, generator: Optional[torch.Generator], device: torch.device):
+        self.generator = generator if generator is not None else _default_generator(device)
+        self.state = self.generator.get_state() if self.generator is not None else None
+        self.u = torch.rand(n, generator=self.generator, device=device)
+
+    def at(self, i: torch.Tensor) -> torch.Tensor:
+        """The number at a (0-d, device) index, as a (1,) tensor."""
+        return self.u.index_select(0, i.view(1))
+
+    def used(self, m: int) -> None:
+        if self.state is not None:
+            self.generator.set_state(self.state)
+            if m:
+                torch.rand(m, generator=self.generator, device=self.u.device)
+
+
+def judge_chain(policy: "Policy", p_logits: torch.Tensor, p: torch.Tensor, q: Optional[torch.Tensor],
+                drafts: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple:
+    """Judge a chain of g drafts against the target on the device: (k accepted, the target's token, the Uniforms
+    used or None), k and the token 0-d device tensors, nothing read back.
+
+    Greedy: k = how many drafts equal argmax p, in order; the token is argmax p after them. Sampling: the k-th
+    draft x is accepted with probability min(1, p(x) / q(x)) (one uniform per judged draft, stopping at the first
+    rejection); then the correction from normalise(max(0, p - q)) at a rejection, or the bonus token from p when all
+    were accepted. Uniforms.used(min(k + 1, g) + 1) rewinds the generator to the numbers really used."""
+    g = drafts.shape[0]
+    if policy.greedy:
+        target = p_logits.argmax(-1)
+        k = (drafts == target[:g]).int().cumprod(0).sum()
+        return k, target.index_select(0, k.view(1))[0], None
+    draws = Uniforms(g + 1, generator, p.device)
+    p_k = p.index_select(0, torch.zeros((), dtype=torch.long, device=p.device).view(1))
+    k = torch.zeros((), dtype=torch.long, device=p.device)
+    if g:
+        rows = torch.arange(g, device=p.device)
+        k = accept_draft(p[rows, drafts], q[rows, drafts], draws.u[:g]).int().cumprod(0).sum()
+        p_k = p.index_select(0, k.view(1))
+        q_k = torch.cat([q, torch.zeros_like(q[:1])]).index_select(0, k.view(1))  # row g: all accepted, no q
+        p_k = torch.where(k < g, residual_distribution(p_k, q_k), p_k)
+    token = sample(p_k, u=draws.at(torch.clamp(k + 1, max=g)).view(1, 1))[0]
+    return k, token, draws
+
+
+def read_chain(drafts: torch.Tensor, k: torch.Tensor, token: torch.Tensor, draws: Optional[Uniforms]) -> tuple:
+    """The cycle's one host read: (the drafts as a list, k, the target's token); the generator is then rewound to
+    the uniform numbers the judgement used."""
+    values = torch.cat([drafts.long(), k.long().view(1), token.long().view(1)]).tolist()
+    drafts, k, token = values[:-2], values[-2], values[-1]
+    if draws is not None:
+        draws.used(min(k + 1, len(drafts)) + 1)
+    return drafts, k, token
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +332,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     lookup_len = (lookup_tokens or gamma) if draft != "exit" else 0
     cache, n, last = _prefill(model, input_ids, with_exit=draft != "lookup", room=max_new_tokens,
                               drafts=budget + lookup_len + 1)
+    root = int(last)  # the newest token's id, kept on the host from here (a tree's root)
     lookup, lookup_s, matched = None, 0.0, []
     if lookup_len:
         lap = time.perf_counter()
@@ -296,7 +355,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
             cycle = lookup_cycle(model, policy, cache, n, last, proposal, generator, with_exit=draft != "lookup")
         elif tree_width > 1 and g > 0:
             cycle = tree_cycle(model, policy, cache, n, last, g, tree_width, budget, draft_stop, generator, timings,
-                               graft=proposal)
+                               graft=proposal, root=root)
         else:
             cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
         k = cycle.accepted
@@ -320,7 +379,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
             _lap(timings, "cache moves", input_ids.device, lap)
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
-        last = torch.tensor([[cycle.token]], device=input_ids.device)
+        root, last = cycle.token, torch.tensor([[cycle.token]], device=input_ids.device)  # a copy to the device
         if lookup is not None:
             lap = time.perf_counter()
             lookup.add(committed)
@@ -373,34 +432,40 @@ class Cycle(NamedTuple):
 def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int,
                     draft_stop: float = 0.0, generator: Optional[torch.Generator] = None) -> Cycle:
     """Draft up to g tokens, verify them with the remaining layers in one pass, accept some: one Cycle. The cache
-    then holds positions up to n + drafts; the caller crops it to what it commits."""
+    then holds positions up to n + drafts; the caller crops it to what it commits. Drafts, their judgement and the
+    target's token stay on the device until the cycle's one host read (read_chain)."""
     hidden, q_rows, drafts = draft(model, policy, cache, n, last, g, draft_stop, generator)
     p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
     p = policy.probs(p_logits)
     q = torch.cat(q_rows) if q_rows else None
-    overlap = torch.minimum(p[: len(drafts)], q).sum() if drafts else 0.0
-    k = policy.accepted(p_logits, p, q, drafts, generator)
-    return Cycle(drafts, k, policy.target_token(p_logits, p, q, k, generator), overlap, len(drafts),
-                 int(k < len(drafts)), len(drafts), sources=("exit",) * len(drafts))
+    d = drafts.shape[0]
+    overlap = torch.minimum(p[:d], q).sum() if d else 0.0
+    drafts, k, token = read_chain(drafts, *judge_chain(policy, p_logits, p, q, drafts, generator))
+    return Cycle(drafts, k, token, overlap, d, int(k < d), d, sources=("exit",) * d)
 
 
 def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
           generator: Optional[torch.Generator] = None) -> tuple:
-    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit.
-    Returns (the layer-L states of `last` and of every draft, to verify; the drafts' q rows; the drafts). With
-    `draft_stop`, drafting ends when the draft's top probability falls below it."""
+    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit, each
+    fed to the next step on the device (no host read). Returns (the layer-L states of `last` and of every draft, to
+    verify; the drafts' q rows; the drafts, a (d,) tensor). With `draft_stop`, drafting ends when the draft's top
+    probability falls below it (a host read per draft: the host decides whether to go on)."""
     hidden, q_rows, drafts, tok = [], [], [], last
     for j in range(g):
         h, logits = model.draft_step(tok, cache, n + j)
         hidden.append(h)
         q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
         if draft_stop and float(q_j.max()) < draft_stop:
-            return hidden, q_rows, drafts  # `tok` already went through the shared layers (h), as verify needs
+            return hidden, q_rows, _stacked(drafts, last)  # `tok` already went through the shared layers (h)
         q_rows.append(q_j)
-        drafts.append(policy.draft_token(logits[0, -1:], q_j, generator))
-        tok = torch.tensor([[drafts[-1]]], device=last.device)
+        tok = policy.draft_token(logits[0, -1:], q_j, generator).view(1, 1)
+        drafts.append(tok)
     h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
-    return hidden + [h], q_rows, drafts
+    return hidden + [h], q_rows, _stacked(drafts, last)
+
+
+def _stacked(tokens: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tokens).view(-1) if tokens else like.new_zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,21 +478,22 @@ def lookup_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: tor
 
     Its q is one-hot at each proposed token x, so the speculative-sampling rule accepts x with probability
     min(1, p(x) / 1) = p(x) and, at a rejection, samples from normalise(max(0, p - onehot(x))) = p without x,
-    renormalised; greedy accepts while x = argmax p. The same rule as the exit's (Policy.accepted / target_token), so
+    renormalised; greedy accepts while x = argmax p. The same rule as the exit's (judge_chain), so
     the output is exact for the same reason. An empty proposal makes this a plain one-token step. `with_exit`: also
     fill the exit's cache slots (when the exit drafts in later cycles)."""
-    ids = torch.tensor([[int(last)] + proposal], device=last.device)
+    d = len(proposal)
+    drafts = torch.tensor(proposal, dtype=torch.long, device=last.device)
+    ids = torch.cat([last.view(1), drafts]).view(1, -1)
     p_logits = model.full_step(ids, cache, n, with_exit=with_exit)[0]
     p = policy.probs(p_logits)
-    q, overlap, d = None, 0.0, len(proposal)
-    if proposal:
-        rows, cols = torch.arange(d, device=p.device), torch.tensor(proposal, device=p.device)
+    q, overlap = None, 0.0
+    if d:
+        rows = torch.arange(d, device=p.device)
         q = torch.zeros(d, p.shape[-1], dtype=p.dtype, device=p.device)
-        q[rows, cols] = 1.0
-        overlap = p[rows, cols].double().sum()  # sum_x min(p, onehot) = p(x): the expected acceptance
-    k = policy.accepted(p_logits, p, q, proposal, generator)
-    return Cycle(proposal, k, policy.target_token(p_logits, p, q, k, generator), overlap, d, int(k < d), d,
-                 sources=("lookup",) * d, kind="lookup")
+        q[rows, drafts] = 1.0
+        overlap = p[rows, drafts].double().sum()  # sum_x min(p, onehot) = p(x): the expected acceptance
+    drafts, k, token = read_chain(drafts, *judge_chain(policy, p_logits, p, q, drafts, generator))
+    return Cycle(drafts, k, token, overlap, d, int(k < d), d, sources=("lookup",) * d, kind="lookup")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,114 +538,140 @@ class Tree:
         return new
 
     def rows(self, nodes: list) -> TreeRows:
-        """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors."""
+        """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors. Built
+        on the host from the tree's bookkeeping and copied to the device (a copy to the device is not a read)."""
         n, width = self.n, nodes[-1] + 1
         mask = torch.zeros(len(nodes), n + width, dtype=torch.bool)
         mask[:, :n] = True
         for r, i in enumerate(nodes):
             mask[r, [n + a for a in self.ancestors[i]]] = True
-        positions = torch.tensor([n + self.depth[i] for i in nodes])
-        return TreeRows(positions.to(self.device), mask.to(self.device))
+        positions = [n + self.depth[i] for i in nodes]
+        return TreeRows(torch.tensor(positions, device=self.device), mask.to(self.device), max(positions) + 1)
 
 
 def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
-               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = ()) -> tuple:
-    """A tree of drafts after `last`, one draft step per level over all of its nodes as rows. Each expanded node
-    proposes its `width` most likely tokens by the draft's logits (at the policy's temperature, before top-k / top-p:
-    a candidate outside q's nucleus can still be the target's token); of all proposals the `width` with the most
-    likely paths are kept (EAGLE-2's rule), up to `budget` nodes; a node whose top probability under the policy is
-    below `draft_stop` is not expanded. `graft`: a path proposed by another source (prompt lookup), added below the
-    root (Tree.graft). Only the drafts decide, so the output stays exact. The deepest level and the grafted nodes run
-    the shared layers (and exit blocks) only, in one call. Returns (the tree, the layer-L states of every node in
-    order, {node: its draft logits row}, the rows of each draft step)."""
-    tree = Tree(n, int(last), last.device)
+               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = (),
+               root: Optional[int] = None) -> tuple:
+    """A tree of drafts after `last` (its token id `root`, read from `last` when not given), one draft step per level
+    over all of its nodes as rows. Each expanded node proposes its `width` most likely tokens by the draft's logits
+    (at the policy's temperature, before top-k / top-p: a candidate outside q's nucleus can still be the target's
+    token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes;
+    a node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
+    device and read back once per level (the next level's rows are its size). `graft`: a path proposed by another
+    source (prompt lookup), added below the root (Tree.graft). Only the drafts decide, so the output stays exact. The
+    deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call. Returns (the tree,
+    the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft step)."""
+    device = last.device
+    tree = Tree(n, int(last) if root is None else root, device)
     hidden, q_logits, level, level_rows = [], {}, [0], []
-    t0 = _lap(timings, None, last.device)
+    logq = torch.zeros(1, dtype=torch.float64, device=device)  # the level's path log-probabilities
+    t0 = _lap(timings, None, device)
     for _ in range(depth):
         room = budget - (len(tree.tokens) - 1)
         if room <= 0:
             break  # `level` is still to run through the shared layers
-        ids = torch.tensor([[tree.tokens[i] for i in level]], device=last.device)
+        ids = torch.tensor([[tree.tokens[i] for i in level]], device=device)
         h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
         hidden.append(h)
         level_rows.append(len(level))
         scores = logits[0].float() / (policy.temperature if not policy.greedy else 1.0)
         top, top_ids = scores.topk(min(width, scores.shape[-1]), dim=-1)
-        top_logq = (top - scores.logsumexp(-1, keepdim=True)).tolist()
-        confident = policy.probs(logits[0]).amax(-1).tolist() if draft_stop else None  # q under the policy
-        proposals = []
+        top_logq = top - scores.logsumexp(-1, keepdim=True)
+        expand = torch.ones(len(level), dtype=torch.bool, device=device)
+        if draft_stop:  # q under the policy, compared in float64 as a Python float would be
+            expand = policy.probs(logits[0]).amax(-1).double() >= draft_stop
+        paths = (logq.view(-1, 1) + top_logq.double()).masked_fill(~expand.view(-1, 1) | (top_logq == -math.inf),
+                                                                   -math.inf)  # a pruned head's tokens only
+        best, flat = paths.view(-1).sort(descending=True, stable=True)  # ties: the earlier proposal first
+        m = min(width, room)
+        picked = torch.cat([best[:m], flat[:m].double(), top_ids.view(-1)[flat[:m]].double(), expand.double()])
+        values = picked.tolist()  # the level's one host read
+        best, flat, toks, expand = values[:m], values[m:2 * m], values[2 * m:3 * m], values[3 * m:]
         for r, i in enumerate(level):
-            if draft_stop and confident[r] < draft_stop:
-                continue
-            q_logits[i] = logits[0, r:r + 1]
-            proposals += [(tree.logq[i] + lq, i, tok) for lq, tok in zip(top_logq[r], top_ids[r].tolist())
-                          if lq > float("-inf")]  # a pruned head's tokens only
-        if not proposals:
+            if expand[r]:
+                q_logits[i] = logits[0, r:r + 1]
+        kept = sorted((int(f), lq, int(t)) for lq, f, t in zip(best, flat, toks) if lq > -math.inf)
+        if not kept:
             level = []  # every node of this level went through a draft step already
             break
-        kept = sorted(proposals, key=lambda x: -x[0])[:min(width, room)]
-        kept.sort(key=lambda x: (x[1], -x[0]))  # by parent, each one's children most likely first
-        level = [tree.add(i, tok, logq) for logq, i, tok in kept]
+        # by parent, each one's children most likely first (a flat index is parent row x width + rank)
+        level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
+        logq = torch.tensor([tree.logq[i] for i in level], dtype=torch.float64, device=device)
     pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
     if pending:
-        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=last.device)
+        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=device)
         h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
         hidden.append(h)
-    _lap(timings, "draft levels", last.device, t0)
+    _lap(timings, "draft levels", device, t0)
     return tree, hidden, q_logits, level_rows
 
 
-def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None,
-                visited: Optional[dict] = None) -> tuple:
+def accept_tree(policy: "Policy", tree: Tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None
+                ) -> tuple:
     """Walk the tree from the root with the target's p at each node; returns (the accepted path of nodes, the
-    target's own token, 1 if the last node reached had candidates and all were rejected). p is computed for the nodes
-    the walk reaches only (into `visited`, {node: p row}, when given).
+    target's own token, 1 if the last node reached had candidates and all were rejected, p of every node).
 
     Greedy: follow the child equal to argmax p. Sampling, at a node with candidates c1..cK (its children, fixed by
     the draft): r = p; accept c_i with probability r(c_i) / sum r, else set r(c_i) = 0 and go on; if every one is
     rejected, the token is drawn from r normalised. Each token comes out with probability exactly p (a proof is in
-    docs/design.md), so the walk, node after node, samples the target's distribution."""
-    u, path = 0, [0]
-    while True:
-        kids = tree.children[u]
-        if visited is not None:
-            visited[u] = policy.probs(p_logits[u:u + 1])
-        if policy.greedy:
-            best = int(p_logits[u].argmax())
-            nxt = next((c for c in kids if tree.tokens[c] == best), None)
-            if nxt is None:
-                return path, best, int(bool(kids))
+    docs/design.md), so the walk, node after node, samples the target's distribution.
+
+    The walk runs on the device, one step per depth with every candidate slot, its position kept as a device index
+    (a step past the walk's end changes nothing), and is read back once: the path, the token, how many uniform numbers
+    it used (Uniforms)."""
+    device, greedy = p_logits.device, policy.greedy
+    width, depth = max(1, max(len(c) for c in tree.children)), max(tree.depth)
+    kids = torch.tensor([c + [-1] * (width - len(c)) for c in tree.children], device=device)
+    tokens = torch.tensor(tree.tokens, device=device)
+    p = policy.probs(p_logits)
+    draws = None if greedy else Uniforms((depth + 1) * width + 1, generator, device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    u, count, token, done, rejected, path = zero, zero, zero, zero.bool(), zero.bool(), []
+    for _ in range(depth + 1):
+        ku = kids.index_select(0, u.view(1))[0]  # u's children, -1 padded
+        kt = tokens.index_select(0, ku.clamp(min=0))
+        p_u = p.index_select(0, u.view(1))[0]
+        if greedy:
+            final = p_logits.index_select(0, u.view(1))[0].argmax()
+            hit = (ku >= 0) & (kt == final)
+            nxt = torch.where(hit.any(), ku.index_select(0, hit.int().argmax().view(1))[0], -1)
         else:
-            p_u = visited[u][0] if visited is not None else policy.probs(p_logits[u:u + 1])[0]
-            r, nxt = p_u, None
-            for c in kids:
-                if accept_draft(r[tree.tokens[c]], r.sum(), generator):
-                    nxt = c
-                    break
-                r = r.clone() if r is p_u else r
-                r[tree.tokens[c]] = 0
-            if nxt is None:
-                return path, int(sample(r if float(r.sum()) > 0 else p_u, generator)), int(bool(kids))
-        path.append(nxt)
-        u = nxt
+            r, nxt = p_u, torch.full((), -1, device=device)
+            for w in range(width):
+                tried = ~done & (ku[w] >= 0) & (nxt < 0)
+                ok = accept_draft(r.index_select(0, kt[w].view(1))[0], r.sum(), draws.at(count)[0])
+                nxt = torch.where(tried & ok, ku[w], nxt)
+                r = torch.where(tried & ~ok, r.index_fill(0, kt[w].view(1), 0.0), r)
+                count = count + tried
+            final = sample(torch.where(r.sum() > 0, r, p_u), u=draws.at(count))
+        stop = ~done & (nxt < 0)  # the walk ends at u: the target's token is drawn here
+        token = torch.where(stop, final, token)
+        rejected = torch.where(stop, ku[0] >= 0, rejected)
+        count = count + stop
+        done = done | stop
+        u = torch.where(done, u, nxt)
+        path.append(torch.where(done, -1, nxt))
+    values = torch.cat([torch.stack(path), token.view(1), rejected.long().view(1), count.view(1)]).tolist()  # one read
+    if draws is not None:
+        draws.used(values[-1])
+    return [0] + [i for i in values[:-3] if i >= 0], values[-3], values[-2], p
 
 
 def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
                budget: int, draft_stop: float = 0.0, generator: Optional[torch.Generator] = None,
-               timings: Optional[dict] = None, graft: list = ()) -> Cycle:
+               timings: Optional[dict] = None, graft: list = (), root: Optional[int] = None) -> Cycle:
     """Draft a tree, verify every node in one pass of the remaining layers (tree mask, RoPE at n + depth), walk it:
     one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep). The overlap stat is over the expanded
-    nodes the walk reached (where p is computed anyway)."""
+    nodes the walk reached."""
     tree, hidden, q_logits, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
-                                                    timings, graft)
+                                                    timings, graft, root)
     t0 = _lap(timings, None, last.device)
     p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.rows(list(range(len(tree.tokens)))))[0]
     t0 = _lap(timings, "verify", last.device, t0)
-    visited = {}
-    path, token, rejected = accept_tree(policy, tree, p_logits, generator, visited)
+    path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
     _lap(timings, "accept", last.device, t0)
-    seen = [u for u in visited if u in q_logits]
-    overlap = sum(torch.minimum(visited[u], policy.probs(q_logits[u])).sum() for u in seen) if seen else 0.0
+    seen = [u for u in path if u in q_logits]
+    overlap = sum(torch.minimum(p[u:u + 1], policy.probs(q_logits[u])).sum() for u in seen) if seen else 0.0
     return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
                  len(tree.tokens) - 1, path, tuple(level_rows), tuple(tree.source[i] for i in path[1:]), "tree")
 

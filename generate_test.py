@@ -485,7 +485,7 @@ def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
     base, prompt = small_vocab_model
     tl = TruncatedLlama(base, 1)
     exact = exact_distribution(base, prompt, Policy(1.0))
-    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, g=None: bool(torch.rand((), generator=g) < p_x))
+    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, u: u < p_x)
     counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=1, temperature=1.0, tree_width=3)
     assert chi_square_pvalue(counts, exact) < 1e-6
 
@@ -579,7 +579,7 @@ def test_a_broken_rule_for_a_deterministic_proposal_fails_the_same_test(small_vo
     prompt = torch.tensor([[1, 3, 2, 4, 1]])
     tl = TruncatedLlama(base, 1)
     exact = exact_distribution(base, prompt, Policy(1.0))
-    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, g=None: bool(p_x > 0))
+    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, u: p_x > 0)
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
@@ -615,3 +615,51 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
         assert torch.equal(sp, ref), kw
         lookup_tokens += stats["source_counts"]["lookup"] + stats["source_counts"]["both"]
     assert lookup_tokens > 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host reads per cycle: each is a stall on a GPU (host_reads.py). A chain, greedy or sampled, and a lookup cycle read
+# back once; a tree once per draft level and once for its walk. Counted on a CPU, where the reads cost nothing.
+
+READ_BUDGETS = [  # (speculative_generate's arguments, host reads allowed a cycle)
+    (dict(gamma=4), 2), (dict(gamma=4, temperature=1.0), 2), (dict(gamma=4, temperature=0.8, top_p=0.9, top_k=50), 2),
+    (dict(gamma=4, draft="lookup"), 2), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 2),
+    (dict(gamma=2, tree_width=2), 4), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
+    (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 4)]
+
+
+@pytest.mark.parametrize("kw,budget", READ_BUDGETS)
+def test_host_reads_per_cycle_stay_within_budget(kw, budget, monkeypatch):
+    from host_reads import HostReads
+
+    monkeypatch.setattr(Policy, "SHORTCUTS", ())  # top-k / top-p as on a GPU (the CPU's shortcuts read)
+    base, prompt, _, _ = looping_reference()
+    tl = TruncatedLlama(base, 2)
+    with HostReads() as reads:
+        _, s = speculative_generate(tl, prompt, 40, generator=torch.Generator().manual_seed(0), **kw)
+    cycles = s["target_calls"]
+    assert cycles >= 8
+    assert reads.count <= budget * cycles + 2, (reads.count / cycles, dict(reads.where))  # + the root and the stats
+
+
+def test_host_reads_are_counted():
+    """The counter sees each kind of read the loop could make (so a read slipped into the loop fails the test above)."""
+    from host_reads import HostReads
+
+    t = torch.arange(6.0)
+    with HostReads() as reads:
+        t[0].item(), int(t[1]), float(t[2]), bool(t[3] > 0), t.tolist(), t[t > 2], t.cpu(), torch.equal(t, t)
+    assert reads.count == 8, dict(reads.where)
+    with HostReads() as reads:
+        (t * 2).argmax(), t[torch.tensor([1, 2])], t.to(torch.float64)
+    assert reads.count == 0, dict(reads.where)
+
+
+def test_device_rules_are_exact_without_host_reads(small_vocab_model, monkeypatch):
+    """Top-k (ties kept by a masked sort) and top-p (the whole vocabulary sorted) as they run on a GPU: still exact."""
+    monkeypatch.setattr(Policy, "SHORTCUTS", ())
+    base, prompt = small_vocab_model
+    tl = TruncatedLlama(base, 2)
+    exact = exact_distribution(base, prompt, Policy(0.8, 0.9, 3))
+    counts = empirical_counts(tl, prompt, SAMPLES, seed=5, gamma=2, temperature=0.8, top_p=0.9, top_k=3)
+    assert counts[exact == 0].sum() == 0 and chi_square_pvalue(counts, exact) > 1e-3
