@@ -3,7 +3,7 @@
     python benchmark_torch_compile.py                       # SmolLM2, 8 ShareGPT prompts x 128 tokens, greedy
     python benchmark_torch_compile.py --dtype auto float32  # both dtypes, one after the other, in one run
     python benchmark_torch_compile.py --check_layers 8 15 22 --check_gammas 2 4 8   # + losslessness grid
-    python benchmark_torch_compile.py --compile             # + the lean step under torch.compile vs eager
+    python benchmark_torch_compile.py --compile             # + the static step, eager and under torch.compile
     python benchmark_torch_compile.py --random_weights --shape llama-3.1-8b --device cuda --dtype bfloat16  # a GPU
     python benchmark_torch_compile.py --train_step --exit_layer 15 --batch_size 8 --seq_len 256   # a training step
 
@@ -299,93 +299,49 @@ def check_lossless(model, prompts, layers, gammas, new):
     return rows
 
 
-def plain_step(x, weights, keys, values, start, cos, sin, mask, sizes):
-    """decode_engine.Block's step as one pure function of tensors, for torch.compile (plain `x @ W` products: the
-    compiler picks their kernels). keys/values are the layer's whole (kv_heads, capacity, head_dim) buffers."""
-    ln1, ln2, qkv_w, o_w, gate_up_w, down_w = weights
-    eps1, eps2, H, KV, scaling, inter = sizes
-    t, hd = x.shape[0], keys.shape[-1]
-    end = start + t
-    qkv = decode_engine.rms_norm(x, ln1, eps1) @ qkv_w
-    qk = decode_engine.rope(qkv[:, : (H + KV) * hd].reshape(t, H + KV, hd), cos, sin)
-    keys[:, start:end] = qk[:, H:].transpose(0, 1)
-    values[:, start:end] = qkv[:, (H + KV) * hd:].reshape(t, KV, hd).transpose(0, 1)
-    span = end if mask is None else mask.shape[-1]  # a row-invariant cache's mask spans its whole capacity
-    att = torch.nn.functional.scaled_dot_product_attention(
-        qk[:, :H].transpose(0, 1).unsqueeze(0), keys[:, :span].unsqueeze(0), values[:, :span].unsqueeze(0),
-        attn_mask=mask, scale=scaling, enable_gqa=KV != H)
-    x = x + att[0].transpose(0, 1).reshape(t, H * hd) @ o_w
-    gu = decode_engine.rms_norm(x, ln2, eps2) @ gate_up_w
-    return x + (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]) @ down_w
-
-
-_COMPILED_STEPS = {}  # device type -> torch.compile(plain_step)
-
-
-def compiled_step(device):
-    """torch.compile(plain_step), made once per device type. One compiled function serves every layer (weights are
-    arguments); shapes are dynamic, so the growing cache does not recompile. On CUDA the mode is
-    "max-autotune-no-cudagraphs" (the cache is static, but its length is not)."""
-    kind = torch.device(device).type
-    if kind not in _COMPILED_STEPS:
-        _COMPILED_STEPS[kind] = torch.compile(plain_step, dynamic=True,
-                                              mode="max-autotune-no-cudagraphs" if kind == "cuda" else None)
-    return _COMPILED_STEPS[kind]
-
-
-class CompiledBlock:
-    """A decode_engine.Block run through `step` (compiled_step, or plain_step itself): same call, same cache use."""
-
-    def __init__(self, block, step):
-        self.block, self.step = block, step
-        # each product's weight as an (in, out) view of the block's stored tensor (nothing is copied)
-        self.weights = (block.ln1, block.ln2, *(p.weight if p.storage == "t" else p.weight.t()
-                                                for p in (block.qkv, block.o, block.gate_up, block.down)))
-        self.sizes = (block.eps1, block.eps2, block.heads, block.kv_heads, block.scaling, block.inter)
-
-    def __call__(self, x, cache, slot, start, cos, sin, mask):
-        end = start + x.shape[0]
-        cache.reserve(end)  # plain_step writes into the buffers: make room and set the length first
-        cache.lengths[slot] = end
-        return self.step(x, self.weights, cache.k[slot], cache.v[slot], start, cos, sin, mask, self.sizes)
+def static_variants(model, layer, device):
+    """Our loops three ways on one base: the default lean step ("eager"), the static step run eagerly ("static":
+    positions as a device tensor, attention over the whole capacity) and the static step under torch.compile
+    ("compiled": mode reduce-overhead on CUDA, which captures a CUDA graph per row count; the default mode on a CPU).
+    Returns {variant: TruncatedLlama}."""
+    variants = {}
+    for name, compile in (("eager", None), ("static", False),
+                          ("compiled", "reduce-overhead" if torch.device(device).type == "cuda" else True)):
+        tl = TruncatedLlama(model, layer)
+        if compile is not None:
+            tl.steps.use_static(compile=compile)
+        variants[name] = tl
+    return variants
 
 
 @torch.inference_mode()
 def compile_comparison(model, prompts, layer, gamma, new, device):
-    """Our loops on the lean step, eager vs torch.compile'd (the engine's blocks swapped for CompiledBlocks and
-    back), prompts in turns. (The untrained exit has no private blocks: only the base's blocks are swapped.)"""
-    tl = TruncatedLlama(model, layer)
-    run = {"ours_ar": lambda ids: autoregressive_generate(tl, ids, new)[0],
-           "ours_spec": lambda ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
-    engine = decode_engine.engine_for(model)
-    eager = list(engine.blocks)
-    step = compiled_step(engine.device)
-    compiled_blocks = [CompiledBlock(b, step) for b in eager]
-
-    def use(compiled):
-        engine.blocks[:] = compiled_blocks if compiled else eager  # in place: the steps slice engine.blocks per call
-
-    try:
-        t = time.perf_counter()
-        for compiled in (False, True):  # warm-up, and compilation (its time is reported apart)
-            use(compiled)
-            for fn in run.values():
-                fn(prompts[0])
-        result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
-        seconds = {f"{name}_{label}": 0.0 for name in run for label in ("eager", "compiled")}
-        tokens = dict.fromkeys(seconds, 0)
-        for ids in prompts:
-            for compiled, label in ((False, "eager"), (True, "compiled")):
-                use(compiled)
-                for name, fn in run.items():
-                    out, s = timed(lambda: fn(ids), device)
-                    seconds[f"{name}_{label}"] += s
-                    tokens[f"{name}_{label}"] += len(out)
-    finally:
-        use(False)
-    result.update({k: round(tokens[k] / seconds[k], 2) for k in seconds})
+    """Our loops (autoregressive, speculative with the untrained exit at `layer`) on the default step, the static
+    step and the compiled static step (static_variants), prompts in turns; compilation's time reported apart, and
+    whether each variant's greedy output equals the default step's."""
+    variants = static_variants(model, layer, device)
+    run = {"ours_ar": lambda tl, ids: autoregressive_generate(tl, ids, new)[0],
+           "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
+    t = time.perf_counter()
+    for tl in variants.values():  # warm-up, and compilation
+        for fn in run.values():
+            fn(tl, prompts[0])
+    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
+    keys = [f"{name}_{v}" for name in run for v in variants]
+    seconds, tokens, same = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)
+    for ids in prompts:
+        for name, fn in run.items():
+            outs = {}
+            for v, tl in variants.items():
+                outs[v], s = timed(lambda: fn(tl, ids), device)
+                seconds[f"{name}_{v}"] += s
+                tokens[f"{name}_{v}"] += len(outs[v])
+                same[f"{name}_{v}"] += torch.equal(outs[v].cpu(), outs["eager"].cpu())
+    result.update({f"{k}_tok_s": round(tokens[k] / seconds[k], 2) for k in keys})
     for name in run:
-        result[f"{name}_compiled_vs_eager"] = round(result[f"{name}_compiled"] / result[f"{name}_eager"], 3)
+        for v in ("static", "compiled"):
+            result[f"{name}_{v}_vs_eager"] = round(result[f"{name}_{v}_tok_s"] / result[f"{name}_eager_tok_s"], 3)
+    result["equal_to_eager"] = {k: f"{same[k]}/{len(prompts)}" for k in keys if not k.endswith("eager")}
     return result
 
 
@@ -502,7 +458,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check_layers", type=int, nargs="*", default=[], help="also check greedy losslessness here")
     ap.add_argument("--check_gammas", type=int, nargs="*", default=[2, 4, 8])
-    ap.add_argument("--compile", action="store_true", help="also time the lean step under torch.compile")
+    ap.add_argument("--compile", action="store_true", help="also time the static step, eagerly and under torch.compile, against the default step")
     ap.add_argument("--lookup_peer", type=int, default=0, metavar="K",
                     help="also time prompt lookup of K tokens, ours against transformers' (0: skip)")
     ap.add_argument("--lookup_temperatures", type=float, nargs="+", default=[0.0, 0.7],

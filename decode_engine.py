@@ -90,12 +90,28 @@ def measure_forms(weights: Sequence[torch.Tensor], passes: int = 2) -> dict[str,
     return times
 
 
+ROW_INVARIANT_CHOICE = ("w", {m: "linear" for m in ROW_BUCKETS})
+TIMED_BYTES = 256 * 2**20  # weights timed per role when measuring: past the CPU's caches, a bounded transient
+
+
+def timed_layers(layers: Sequence[nn.Module], linears: Callable) -> Sequence[nn.Module]:
+    """The first layers whose weights reach TIMED_BYTES (all of a small model): timing them in turn keeps a weight
+    out of the caches as a decode step would, while measuring never copies a large model's every weight (fused
+    copies plus a transposed one of all 32 layers of an 8B model are ~14 GiB)."""
+    total = 0
+    for i, layer in enumerate(layers):
+        total += sum(w.weight.numel() * w.weight.element_size() for role in Block.ROLES for w in linears(layer, role))
+        if total >= TIMED_BYTES:
+            return layers[: i + 1]
+    return layers
+
+
 def choose_forms(weights: Sequence[torch.Tensor]) -> tuple[str, dict[int, str]]:
     """(storage, {rows bucket: form}) for weights of one shape, measured once per shape, dtype and thread count.
 
     The storage is the one whose best forms cost least, weighting one-token steps (most of decoding) 3:1."""
     if ROW_INVARIANT:  # F.linear gives a row the same bits whatever the row count; the other forms may not
-        return "w", {m: "linear" for m in ROW_BUCKETS}
+        return ROW_INVARIANT_CHOICE
     w0 = weights[0]
     key = (*w0.shape, w0.dtype, str(w0.device), torch.get_num_threads())
     if key not in _CHOICES:
@@ -230,6 +246,19 @@ class StaticCache:
         span = self.span(end)
         return self.k[slot, :, :span], self.v[slot, :, :span]
 
+    def write_at(self, slot: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`write` at positions given as a device tensor (the static step): no host integer, no growth, the lengths
+        left to the caller; returns the whole capacity (a fixed span)."""
+        self.k[slot].index_copy_(1, positions, k)
+        self.v[slot].index_copy_(1, positions, v)
+        return self.k[slot], self.v[slot]
+
+    def written(self, slots: Sequence[int], end: int) -> None:
+        """After a static step wrote positions up to `end` in `slots` (write_at leaves the lengths to its caller)."""
+        for slot in slots:
+            self.lengths[slot] = end
+
     def crop(self, n: int) -> None:
         """Drop every position >= n from every slot (rejected drafts): only the lengths change."""
         self.lengths = [min(length, n) for length in self.lengths]
@@ -269,8 +298,12 @@ class Block:
 
     @classmethod
     def choices(cls, layers: Sequence[nn.Module]) -> dict[str, tuple[str, dict[int, str]]]:
-        """The measured storage and forms of each product role, timed over these layers' weights."""
-        return {role: choose_forms([fused_weight(cls.linears(layer, role)) for layer in layers]) for role in cls.ROLES}
+        """The measured storage and forms of each product role, timed over some of these layers' weights (fused
+        copies made only when measuring, and only of as many layers as `timed_layers` says)."""
+        if ROW_INVARIANT:
+            return {role: ROW_INVARIANT_CHOICE for role in cls.ROLES}
+        picked = timed_layers(layers, cls.linears)
+        return {role: choose_forms([fused_weight(cls.linears(layer, role)) for layer in picked]) for role in cls.ROLES}
 
     def __init__(self, layer: nn.Module, choices: dict[str, tuple[str, dict[int, str]]]):
         a, m = layer.self_attn, layer.mlp
@@ -281,19 +314,33 @@ class Block:
         self.qkv, self.o, self.gate_up, self.down = (Product(self.linears(layer, r), choices[r]) for r in self.ROLES)
         self.inter = m.gate_proj.weight.shape[0]
 
-    def __call__(self, x: torch.Tensor, cache: StaticCache, slot: int, start: int, cos: torch.Tensor,
-                 sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (t, hidden) at positions start..start+t-1 -> (t, hidden); writes the layer's keys/values."""
+    def __call__(self, x: torch.Tensor, cache: StaticCache, slot: int, start: int | torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, mask: torch.Tensor | None | str) -> torch.Tensor:
+        """x (t, hidden) at positions start..start+t-1 -> (t, hidden); writes the layer's keys/values. `start` may be
+        the positions themselves, a (t,) device tensor (the static step). `mask` CAUSAL: a long prefill from
+        position 0 (see FUSED_PREFILL_ROWS)."""
         t, hd, H, KV = x.shape[0], self.head_dim, self.heads, self.kv_heads
         qkv = self.qkv(rms_norm(x, self.ln1, self.eps1))
         qk = rope(qkv[:, : (H + KV) * hd].view(t, H + KV, hd), cos, sin)  # q and k rotated in one go
         v = qkv[:, (H + KV) * hd:].view(t, KV, hd).transpose(0, 1)
-        keys, values = cache.write(slot, start, qk[:, H:].transpose(0, 1), v)
+        k = qk[:, H:].transpose(0, 1)
+        keys, values = (cache.write(slot, start, k, v) if isinstance(start, int) else
+                        cache.write_at(slot, start, k, v))
         q = qk[:, :H].transpose(0, 1)
+        if isinstance(mask, str):  # CAUSAL: keys 0..t-1 only, heads repeated, no mask: a fused kernel's case
+            keys, values = (kv[:, :t].repeat_interleave(H // KV, 0) for kv in (keys, values))
+            att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                                 is_causal=True, scale=self.scaling)
+            return self._rest(x, att, t)
         if cache.fixed_span and t < MIN_QUERY_ROWS:  # see MIN_QUERY_ROWS
             q, mask = _padded(q, mask, keys.shape[1], MIN_QUERY_ROWS)
         att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
                                              scale=self.scaling, enable_gqa=KV != H)
+        return self._rest(x, att, t)
+
+    def _rest(self, x: torch.Tensor, att: torch.Tensor, t: int) -> torch.Tensor:
+        """The attention output's projection, the residual and the MLP."""
+        hd, H = self.head_dim, self.heads
         x = x + self.o(att[0, :, :t].transpose(0, 1).reshape(t, H * hd))
         gu = self.gate_up(rms_norm(x, self.ln2, self.eps2))
         return x + self.down(F.silu(gu[:, : self.inter]) * gu[:, self.inter:])
@@ -304,6 +351,11 @@ class Block:
 # span, calls of fewer rows are padded to this many (copies of the last row, dropped after): one-token steps, chains'
 # two-row verifies and long verifies then round alike.
 MIN_QUERY_ROWS = 4
+# A prefill from position 0 of at least this many tokens attends with is_causal over its own keys, heads repeated, no
+# mask: a bool mask with enable_gqa rules out the fused kernels on a GPU (the math kernel would hold every score: ~16
+# GiB a layer at 16k tokens). Shorter prefills keep the masked call over the capacity (their bits unchanged).
+FUSED_PREFILL_ROWS = 1024
+CAUSAL = "causal"
 
 
 def _padded(q: torch.Tensor, mask: torch.Tensor | None, span: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,7 +385,6 @@ class Tables:
     def __init__(self, rotary: nn.Module, dtype: torch.dtype, device: torch.device):
         self.rotary, self.dtype, self.device = rotary, dtype, device
         self.cos = self.sin = torch.empty(0, device=device)
-        self.causal = torch.empty(0, 0, dtype=torch.bool, device=device)
 
     def _grow(self, n: int) -> None:
         if n > self.cos.shape[0]:
@@ -343,7 +394,6 @@ class Tables:
             cos, sin = self.rotary(probe, position_ids=pos)
             half = sin.shape[-1] // 2
             self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)  # rotate_half's sign
-            self.causal = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
 
     def at(self, start: int, t: int, tree: "TreeRows | None" = None, span: int | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -359,8 +409,23 @@ class Tables:
                 mask = torch.cat([mask, mask.new_zeros(t, span - mask.shape[1])], dim=1)
             return self.cos[tree.positions], self.sin[tree.positions], mask
         self._grow(max(end, span))
-        mask = None if t == 1 and span == end else self.causal[start:end, :span]
+        if start == 0 and t >= FUSED_PREFILL_ROWS:
+            return self.cos[:end], self.sin[:end], CAUSAL
+        mask = None if t == 1 and span == end else causal_mask(torch.arange(start, end, device=self.device), span)
         return self.cos[start:end], self.sin[start:end], mask
+
+    def at_positions(self, positions: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, mask) for queries at `positions` (a device tensor: the static step; the tables must already
+        cover them, `reserve`), each seeing keys 0..its position of `span`."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions), causal_mask(positions, span)
+
+    def reserve(self, n: int) -> None:
+        self._grow(n)
+
+
+def causal_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
+    """(t, span) bool: query i sees keys 0..positions[i] (made per call, t x span: no table of size^2 kept)."""
+    return torch.arange(span, device=positions.device) <= positions.unsqueeze(1)
 
 
 class TreeRows(NamedTuple):
@@ -381,7 +446,11 @@ class Engine:
         choices = Block.choices(d.layers)
         self.blocks = [Block(layer, choices) for layer in d.layers]
         self.norm, self.norm_eps = d.norm.weight, d.norm.variance_epsilon
-        self.head = Product([model.lm_head], choose_forms([model.lm_head.weight.detach()]))
+        # a head tied to the embedding keeps the (vocab, hidden) storage: stored transposed, the embedding would
+        # become a strided view and every token lookup a strided gather
+        tied = model.lm_head.weight is d.embed_tokens.weight
+        self.head = Product([model.lm_head], ROW_INVARIANT_CHOICE if tied else
+                            choose_forms([model.lm_head.weight.detach()]))
         self.dtype, self.device = self.head.weight.dtype, self.head.weight.device
         self.tables = Tables(d.rotary_emb, self.dtype, self.device)
         first = self.blocks[0]
@@ -391,10 +460,10 @@ class Engine:
         return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device, ROW_INVARIANT)
 
     def run(self, blocks: Sequence[Block], x: torch.Tensor, cache: StaticCache, first_slot: int,
-            start: int, tree: TreeRows | None = None) -> torch.Tensor:
-        """The blocks on x (t, hidden) written at positions start.., block i in cache slot first_slot + i."""
-        cache.reserve(start + x.shape[0])  # before the span is read: a write past the capacity grows it
-        cos, sin, mask = self.tables.at(start, x.shape[0], tree, cache.span(start + x.shape[0]))
+            start: int | torch.Tensor, tree: TreeRows | None = None) -> torch.Tensor:
+        """The blocks on x (t, hidden) written at positions start.. (or at the positions of a device tensor: the
+        static step), block i in cache slot first_slot + i."""
+        cos, sin, mask = _rows(self.tables, cache, start, x.shape[0], tree)
         for i, block in enumerate(blocks):
             x = block(x, cache, first_slot + i, start, cos, sin, mask)
         return x
@@ -406,6 +475,15 @@ class Engine:
         b = self.blocks[0]
         return (f"qkv {b.qkv.describe()}, o {b.o.describe()}, gate_up {b.gate_up.describe()}, "
                 f"down {b.down.describe()}, lm_head {self.head.describe()}")
+
+
+def _rows(tables: Tables, cache: StaticCache, start: int | torch.Tensor, t: int, tree: TreeRows | None) -> tuple:
+    """(cos, sin, mask) of t rows at start.. (the cache grown first: the span is read after), or at the positions of
+    a device tensor, over the whole capacity (the static step: nothing grows, no host integer)."""
+    if isinstance(start, int):
+        cache.reserve(start + t)
+        return tables.at(start, t, tree, cache.span(start + t))
+    return tables.at_positions(start, cache.capacity)
 
 
 def weights_key(module: nn.Module) -> tuple:
@@ -443,8 +521,7 @@ class ExitEngine:
                tree: TreeRows | None = None) -> torch.Tensor:
         """The exit's private blocks on shared states x (t, hidden), attention blocks in cache slots first_slot..;
         an MLP adapter has no attention, no cache slot."""
-        cache.reserve(start + x.shape[0])
-        cos, sin, mask = tables.at(start, x.shape[0], tree, cache.span(start + x.shape[0]))
+        cos, sin, mask = _rows(tables, cache, start, x.shape[0], tree)
         slot = first_slot
         for block in self.blocks:
             if isinstance(block, Block):
@@ -467,6 +544,9 @@ def exit_engine_for(exit: nn.Module) -> ExitEngine:
 # TruncatedLlama's generation steps on the lean engine
 
 
+STATIC_CAPACITY_STEP = 256  # compiled static steps: cache capacities in multiples of this (fewer graphs)
+
+
 class LeanSteps:
     """Generation steps for a base model and its EarlyExit on the lean engine; every tensor is (1, k, ...) at
     positions start..start+k-1. One StaticCache holds the base's layers (slots 0..N-1) and the exit's private
@@ -474,7 +554,45 @@ class LeanSteps:
 
     def __init__(self, base: nn.Module, exit: nn.Module):
         self.base, self.exit = base, exit
+        self._static, self.static_rows, self.compiled, self._pool = None, 0, False, {}
         self._build()  # now (its products timed), not inside the first timed generation
+
+    def use_static(self, compile: bool | str = False, max_rows: int = 16) -> None:
+        """Run chain steps of up to `max_rows` tokens (one-token steps, drafts, chain verifies) as the static step:
+        positions passed as a device tensor, keys and values written with index_copy_, attention over the cache's
+        whole capacity with a mask made from the positions, so every shape and address is fixed for a row count and
+        nothing is read back. `compile`: run it under torch.compile (True, or a mode: "reduce-overhead" captures a
+        CUDA graph per row count on a GPU); False: eagerly (the same numbers as the default step). Prefills, trees
+        and longer inputs keep the default step. A cache must be made with its final capacity (new_cache).
+
+        Compiled, each (row count, with or without the exit's blocks) is one graph, so dynamo's recompile limit is
+        raised to hold them all; and new_cache rounds capacities up to STATIC_CAPACITY_STEP and hands out one cache
+        per capacity, its buffers kept (static addresses: a captured graph writes into them), zeroed per request:
+        a cache made later of the same capacity replaces the earlier one."""
+        self.static_rows, self.compiled = max_rows, bool(compile)
+        steps = (self._extend_at, self._verify_at)
+        if compile:
+            mode = None if compile is True else compile
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * max_rows + 2)
+            steps = tuple(torch.compile(f, mode=mode, dynamic=False, fullgraph=True) for f in steps)
+        self._static = steps
+
+    def _static_fits(self, cache: StaticCache, start: int, t: int, tree: TreeRows | None) -> bool:
+        return (self._static is not None and tree is None and t <= self.static_rows and cache.fixed_span
+                and (start > 0 or t == 1) and start + t <= cache.capacity)  # prefills stay eager
+
+    def _extend_at(self, ids: torch.Tensor, cache: StaticCache, positions: torch.Tensor, with_exit: bool) -> tuple:
+        eng = self.engine
+        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(ids), cache, 0, positions)
+        return h, self.exit_engine.hidden(h, cache, len(eng.blocks), positions, eng.tables) if with_exit else None
+
+    def _verify_at(self, h: torch.Tensor, cache: StaticCache, positions: torch.Tensor) -> torch.Tensor:
+        eng, s = self.engine, self.exit.shared_layers
+        return eng.logits(eng.run(eng.blocks[s:], h, cache, s, positions))
+
+    def _positions(self, cache: StaticCache, start: int, t: int, device: torch.device) -> torch.Tensor:
+        self.engine.tables.reserve(cache.capacity)  # the tables cover the capacity before a static call
+        return torch.arange(start, start + t, device=device)
 
     def _build(self) -> None:
         """The engines of the base and of the exit: re-built if their weights were replaced since (e.g. .to())."""
@@ -484,21 +602,43 @@ class LeanSteps:
     def new_cache(self, capacity: int = 256) -> StaticCache:
         """An empty cache for every base layer and the exit's attention blocks, `capacity` positions reserved."""
         self._build()
-        return self.engine.new_cache(len(self.engine.blocks) + self.exit.num_cache_slots, capacity)
+        slots = len(self.engine.blocks) + self.exit.num_cache_slots
+        if not self.compiled:
+            return self.engine.new_cache(slots, capacity)
+        capacity = -(-max(capacity, 1) // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
+        cache = self._pool.get(capacity)
+        if cache is None or len(cache.lengths) != slots:
+            cache = self._pool[capacity] = self.engine.new_cache(slots, capacity)
+            torch._dynamo.mark_static_address(cache.k)  # a captured graph writes into these buffers in place
+            torch._dynamo.mark_static_address(cache.v)
+        else:
+            cache.k.zero_(), cache.v.zero_()
+            cache.lengths = [0] * slots
+        return cache
 
     def extend(self, input_ids: torch.Tensor, cache: StaticCache, start: int, *, with_exit: bool = True,
                tree: TreeRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embed + shared layers (+ the exit's private blocks): (shared states, the state entering the exit norm).
         `tree`: the rows are nodes of a draft tree (their RoPE positions and tree mask)."""
-        eng = self.engine
-        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start, tree)
-        e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
+        eng, t = self.engine, input_ids.shape[1]
+        if self._static_fits(cache, start, t, tree):
+            h, e = self._static[0](input_ids[0], cache, self._positions(cache, start, t, input_ids.device), with_exit)
+            n, shared = len(eng.blocks), self.exit.shared_layers
+            cache.written(list(range(shared)) + (list(range(n, n + self.exit.num_cache_slots)) if with_exit else []),
+                          start + t)
+        else:
+            h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start, tree)
+            e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
         return h.unsqueeze(0), None if e is None else e.unsqueeze(0)
 
     def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int,
                tree: TreeRows | None = None) -> torch.Tensor:
         """The remaining layers + final norm + LM head on shared states: the target's logits."""
-        eng, s = self.engine, self.exit.shared_layers
+        eng, s, t = self.engine, self.exit.shared_layers, shared_hidden.shape[1]
+        if self._static_fits(cache, start, t, tree):
+            logits = self._static[1](shared_hidden[0], cache, self._positions(cache, start, t, shared_hidden.device))
+            cache.written(range(s, len(eng.blocks)), start + t)
+            return logits.unsqueeze(0)
         return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start, tree)).unsqueeze(0)
 
     def exit_logits(self, e: torch.Tensor) -> torch.Tensor:

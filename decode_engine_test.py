@@ -178,3 +178,79 @@ def test_smollm2_bf16_greedy_is_exact():
         for kw in (dict(gamma=1), dict(gamma=4), dict(gamma=4, draft="lookup"), dict(gamma=1, draft="exit+lookup")):
             sp, _ = speculative_generate(tl, ids, 40, **kw)
             assert torch.equal(sp, ar), (text, kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The static step (positions as a device tensor, fixed shapes: capturable as a CUDA graph) and long prefills
+
+STATIC_RUNS = [dict(gamma=3), dict(gamma=2, temperature=1.0, top_p=0.9), dict(gamma=4, draft="lookup"),
+               dict(gamma=1, draft="exit+lookup", lookup_tokens=3), dict(gamma=2, tree_width=2)]
+
+
+def static_outputs(tl, prompt, runs, new=24):
+    from generate import autoregressive_generate, speculative_generate
+    outs = [autoregressive_generate(tl, prompt, new)[0]]
+    for kw in runs:
+        outs.append(speculative_generate(tl, prompt, new, generator=torch.Generator().manual_seed(0), **kw)[0])
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_static_step_run_eagerly_gives_the_default_steps_tokens(dtype):
+    """The same numbers, only positions passed as a tensor and keys written by index_copy_: identical tokens in both
+    dtypes (greedy, sampled, lookup, trees), and the cache holds the same keys."""
+    base = make_tiny_llama(layers=4, init_std=0.2, seed=3).to(dtype)
+    prompt = torch.tensor([[5, 17, 5, 17, 40, 5, 17, 9, 5, 17]])
+    default, static = TruncatedLlama(base, 2), TruncatedLlama(base, 2)
+    static.steps.use_static()
+    for a, b in zip(static_outputs(default, prompt, STATIC_RUNS), static_outputs(static, prompt, STATIC_RUNS)):
+        assert torch.equal(a, b)
+
+
+def test_the_compiled_static_step_equals_the_eager_one():
+    """torch.compile (fullgraph, static shapes: what mode reduce-overhead captures as CUDA graphs on a GPU) of the
+    static step: on a CPU, the same greedy tokens, logits within float32 rounding; prefills stay eager."""
+    base = make_tiny_llama(layers=2, init_std=0.2, seed=3)
+    prompt = torch.tensor([[5, 17, 5, 17, 40, 5, 17, 9, 5, 17]])
+    eager, compiled = TruncatedLlama(base, 1), TruncatedLlama(base, 1)
+    eager.steps.use_static()
+    compiled.steps.use_static(compile=True, max_rows=4)
+    for a, b in zip(static_outputs(eager, prompt, [dict(gamma=2)]), static_outputs(compiled, prompt, [dict(gamma=2)])):
+        assert torch.equal(a, b)
+    with torch.inference_mode():
+        logits = []
+        for tl in (eager, compiled):
+            cache = tl.new_cache(64)
+            tl.full_step(prompt[:, :6], cache, 0)
+            logits.append(torch.cat([tl.full_step(prompt[:, 6:9], cache, 6), tl.full_step(prompt[:, 9:], cache, 9)], 1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+
+
+def test_a_long_prefill_takes_the_causal_kernel_and_agrees(monkeypatch):
+    """Prefills from position 0 of FUSED_PREFILL_ROWS tokens or more attend with is_causal and no mask (a fused
+    kernel's case on a GPU); their logits agree with the masked path's, and no size^2 table is kept."""
+    base = make_tiny_llama(layers=2, init_std=0.2, seed=3)
+    ids = torch.randint(0, 259, (1, 40), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for rows in (10**6, 16):
+        monkeypatch.setattr(decode_engine, "FUSED_PREFILL_ROWS", rows)
+        tl = TruncatedLlama(base, 1)
+        with torch.inference_mode():
+            cache = tl.new_cache(64)
+            got[rows] = torch.cat([tl.full_step(ids[:, :39], cache, 0), tl.full_step(ids[:, 39:], cache, 39)], 1)
+    torch.testing.assert_close(got[16], got[10**6], rtol=0, atol=1e-5)
+    assert not hasattr(decode_engine.engine_for(base).tables, "causal")
+
+
+def test_measuring_forms_times_a_bounded_subset_and_keeps_a_tied_embedding_contiguous(monkeypatch):
+    """With measured forms (ROW_INVARIANT off): only the first layers up to TIMED_BYTES are copied for timing, and a
+    head tied to the embedding is never stored transposed (the embedding would become a strided view)."""
+    monkeypatch.setattr(decode_engine, "ROW_INVARIANT", False)
+    base = make_tiny_llama(layers=6, tie=True, seed=2)
+    one_layer = sum(w.weight.numel() * 4 for role in decode_engine.Block.ROLES
+                    for w in decode_engine.Block.linears(base.model.layers[0], role))
+    monkeypatch.setattr(decode_engine, "TIMED_BYTES", 2 * one_layer)
+    assert len(decode_engine.timed_layers(base.model.layers, decode_engine.Block.linears)) == 2
+    engine = decode_engine.engine_for(base)
+    assert engine.head.storage == "w" and base.model.embed_tokens.weight.is_contiguous()
+    assert base.lm_head.weight is base.model.embed_tokens.weight

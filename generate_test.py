@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import generate
+import sampling
 from conftest import make_tiny_llama
 from generate import Policy, autoregressive_generate, speculative_generate
 from truncated_llama import TruncatedLlama
@@ -170,7 +171,7 @@ def test_broken_acceptance_rule_fails_the_same_test(small_vocab_model, monkeypat
         out = tl(prompt)
         overlap = torch.minimum(out.logits[0, -1].softmax(-1), out.exit_logits[0, -1].softmax(-1)).sum()
     assert overlap < 0.9
-    monkeypatch.setattr(generate, "residual_distribution", lambda p, q: p)
+    monkeypatch.setattr(sampling, "residual_distribution", lambda p, q: p)
     counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=2, temperature=1.0)
     assert chi_square_pvalue(counts, exact) < 1e-6
 
@@ -485,7 +486,7 @@ def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
     base, prompt = small_vocab_model
     tl = TruncatedLlama(base, 1)
     exact = exact_distribution(base, prompt, Policy(1.0))
-    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, u: u < p_x)
+    monkeypatch.setattr(sampling, "accept_draft", lambda p_x, q_x, u: u < p_x)
     counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=1, temperature=1.0, tree_width=3)
     assert chi_square_pvalue(counts, exact) < 1e-6
 
@@ -579,7 +580,7 @@ def test_a_broken_rule_for_a_deterministic_proposal_fails_the_same_test(small_vo
     prompt = torch.tensor([[1, 3, 2, 4, 1]])
     tl = TruncatedLlama(base, 1)
     exact = exact_distribution(base, prompt, Policy(1.0))
-    monkeypatch.setattr(generate, "accept_draft", lambda p_x, q_x, u: p_x > 0)
+    monkeypatch.setattr(sampling, "accept_draft", lambda p_x, q_x, u: p_x > 0)
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):

@@ -128,12 +128,28 @@ def header(out, rows, tf_rows, exits, commands):
         blocks, seq_len = max(found, default=0) or None, flag_value(every, "--tf_seq_len")  # 0: a run that skipped it
         shape = f" ({blocks} blocks{f' x {seq_len} tokens' if seq_len else ''})" if blocks else ""
         lines.append(f"- teacher-forced: {tf_rows[0]['tokens']} held-out tokens{shape}")
+    lines += greedy_bits_line(rows)
     when = datetime.date.today().isoformat()
     results = out / EVAL / RESULTS
     if results.is_file():
         stamp = datetime.datetime.fromtimestamp(results.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
         when += f" (report); {EVAL}/{RESULTS} last written {stamp}"
     return lines + [f"- date: {when}", ""]
+
+
+def greedy_bits_line(rows):
+    """How many greedy cells decoded every prompt as the baseline did, where the dtype rounds (not float32): the row-
+    invariant step makes them equal on CPUs; on a GPU, one-token steps and multi-row verifies may take kernels that
+    round apart (not yet measured), and the best line leaves out any greedy cell where a prompt parted."""
+    greedy = [r for r in rows if r.get("greedy_match") and r.get("dtype") not in (None, "float32")]
+    if not greedy:
+        return []
+    whole = sum(a == b for a, b in (r["greedy_match"].split("/") for r in greedy))
+    where = sorted({"GPU" if r.get("gpu") else "CPU" for r in greedy})
+    return [f"- greedy in {greedy[0]['dtype']} ({'/'.join(where)}): {whole} of {len(greedy)} greedy cells decoded "
+            f"every prompt as the baseline did; a cell where one parted is left out of the best line"
+            + ("; on a GPU a one-token step and a multi-row verify may round apart (docs/design.md)"
+               if "GPU" in where else "")]
 
 
 def training_section(out, exits):

@@ -239,3 +239,12 @@ def test_a_cell_measured_twice_keeps_its_paired_row():
             make_row("e/exit_L2", 2, 4, 0.7, 1.1, 0.5, paired=False)]
     assert [r["speedup"] for r in report.chains(rows)] == [1.3]
     assert [r["speedup"] for r in report.chains(rows[:1] + rows[2:])] == [1.1]  # neither paired: the later one
+
+
+def test_the_header_counts_greedy_cells_that_stayed_bitwise_in_bf16():
+    rows = [{"greedy_match": "8/8", "dtype": "bfloat16", "gpu": "NVIDIA H200"},
+            {"greedy_match": "6/8", "dtype": "bfloat16", "gpu": "NVIDIA H200"},
+            {"greedy_match": None, "dtype": "bfloat16"}, {"greedy_match": "8/8", "dtype": "float32"}]
+    line, = report.greedy_bits_line(rows)
+    assert "1 of 2 greedy cells" in line and "(GPU)" in line and "round apart" in line
+    assert report.greedy_bits_line(rows[3:]) == []
