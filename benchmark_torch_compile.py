@@ -299,14 +299,15 @@ def check_lossless(model, prompts, layers, gammas, new):
     return rows
 
 
-def static_variants(model, layer, device):
+def static_variants(model, layer, device, compiled=True):
     """Our loops three ways on one base: the default lean step ("eager"), the static step run eagerly ("static":
     positions as a device tensor, attention over the whole capacity) and the static step under torch.compile
     ("compiled": mode reduce-overhead on CUDA, which captures a CUDA graph per row count; the default mode on a CPU).
-    Returns {variant: TruncatedLlama}."""
+    Returns {variant: TruncatedLlama} (without "compiled" when `compiled` is False)."""
     variants = {}
     for name, compile in (("eager", None), ("static", False),
-                          ("compiled", "reduce-overhead" if torch.device(device).type == "cuda" else True)):
+                          ("compiled", "reduce-overhead" if torch.device(device).type == "cuda" else True))[
+                             : 3 if compiled else 2]:
         tl = TruncatedLlama(model, layer)
         if compile is not None:
             tl.steps.use_static(compile=compile)
@@ -315,11 +316,11 @@ def static_variants(model, layer, device):
 
 
 @torch.inference_mode()
-def compile_comparison(model, prompts, layer, gamma, new, device):
+def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True):
     """Our loops (autoregressive, speculative with the untrained exit at `layer`) on the default step, the static
     step and the compiled static step (static_variants), prompts in turns; compilation's time reported apart, and
     whether each variant's greedy output equals the default step's."""
-    variants = static_variants(model, layer, device)
+    variants = static_variants(model, layer, device, compiled)
     run = {"ours_ar": lambda tl, ids: autoregressive_generate(tl, ids, new)[0],
            "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
     t = time.perf_counter()
@@ -339,7 +340,7 @@ def compile_comparison(model, prompts, layer, gamma, new, device):
                 same[f"{name}_{v}"] += torch.equal(outs[v].cpu(), outs["eager"].cpu())
     result.update({f"{k}_tok_s": round(tokens[k] / seconds[k], 2) for k in keys})
     for name in run:
-        for v in ("static", "compiled"):
+        for v in [v for v in variants if v != "eager"]:
             result[f"{name}_{v}_vs_eager"] = round(result[f"{name}_{v}_tok_s"] / result[f"{name}_eager_tok_s"], 3)
     result["equal_to_eager"] = {k: f"{same[k]}/{len(prompts)}" for k in keys if not k.endswith("eager")}
     return result
@@ -458,7 +459,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check_layers", type=int, nargs="*", default=[], help="also check greedy losslessness here")
     ap.add_argument("--check_gammas", type=int, nargs="*", default=[2, 4, 8])
-    ap.add_argument("--compile", action="store_true", help="also time the static step, eagerly and under torch.compile, against the default step")
+    ap.add_argument("--compile", nargs="?", const="all", choices=("all", "static"),
+                    help="also time the static step, eagerly and under torch.compile (all), or eagerly only "
+                         "(static), against the default step")
     ap.add_argument("--lookup_peer", type=int, default=0, metavar="K",
                     help="also time prompt lookup of K tokens, ours against transformers' (0: skip)")
     ap.add_argument("--lookup_temperatures", type=float, nargs="+", default=[0.0, 0.7],
@@ -536,7 +539,7 @@ def main(argv=None):
                                               args.max_new_tokens)
         if args.compile:
             part["compile"] = compile_comparison(model, prompts, (layers or [default_layer(n)])[0], args.gammas[0],
-                                                 args.max_new_tokens, device)
+                                                 args.max_new_tokens, device, compiled=args.compile == "all")
             print(json.dumps(part["compile"]), flush=True)
         report.append(part)
         del model, ref

@@ -18,7 +18,9 @@ gpt-fast does:
   blocks after them.
 - `LeanSteps` is TruncatedLlama's generation steps (extend / verify / exit logits) on this engine.
 
-The step runs eagerly: benchmark_torch_compile.py --compile times it under torch.compile, slower on our CPU.
+The step runs eagerly. `LeanSteps.use_static` runs chain steps as the static step instead (positions as a device
+tensor, fixed shapes and addresses: torch.compile can capture it as a CUDA graph); benchmark_torch_compile.py
+--compile times the three. Long prefills from position 0 take the fused causal kernel (FUSED_PREFILL_ROWS).
 `supports(model)` says whether a model's layers have the Llama structure this step reproduces; other models keep
 transformers' layers (TruncatedLlama's HFSteps). The tests compare this step with transformers' forward.
 """

@@ -417,7 +417,7 @@ def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
         paths = (logq.view(-1, 1) + top_logq.double()).masked_fill(~expand.view(-1, 1) | (top_logq == -math.inf),
                                                                    -math.inf)  # a pruned head's tokens only
         best, flat = paths.view(-1).sort(descending=True, stable=True)  # ties: the earlier proposal first
-        m = min(width, room)
+        m = min(width, room, paths.numel())
         picked = torch.cat([best[:m], flat[:m].double(), top_ids.view(-1)[flat[:m]].double(), expand.double()])
         values = picked.tolist()  # the level's one host read
         best, flat, toks, expand = values[:m], values[m:2 * m], values[2 * m:3 * m], values[3 * m:]
