@@ -6,6 +6,7 @@
     python benchmark_torch_compile.py --compile             # + the static step, eager and under torch.compile
     python benchmark_torch_compile.py --random_weights --shape llama-3.1-8b --device cuda --dtype bfloat16  # a GPU
     python benchmark_torch_compile.py --train_step --exit_layer 15 --batch_size 8 --seq_len 256   # a training step
+    python benchmark_torch_compile.py --versus /tmp/before --num_prompts 6 --max_new_tokens 64   # against a checkout
 
 For each dtype it prints, all measured in the same run:
   machine      CPU model and flags (or GPU), threads, dtype
@@ -26,6 +27,8 @@ For each dtype it prints, all measured in the same run:
 With --random_weights it downloads and reads nothing: a random model of the named --shape (SHAPES) is made on the
 device in the dtype, and the prompts are random token ids (timing only: the exits' acceptance means nothing).
 With --exits K.. it times a step of K exits trained together on one base pass against K separate runs.
+With --versus DIR it times instead our loops (VERSUS_RUNS) in this checkout and in DIR, each in its own process,
+generation by generation in turns: whether a change made decoding slower, and whether it changed any token.
 With --train_step it times instead one `train.py --train head` step (distill.distill_forward, backward, AdamW)
 against a plain forward of the base model on the same random batch, side by side, and prints their ratio.
 Wall-clock figures are reported, never asserted.
@@ -347,6 +350,91 @@ def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# This checkout against another one (--versus DIR): "is it slower than before?" measured side by side
+
+# Run in each checkout's directory (its own generate.py, truncated_llama.py): loads the model once, then times one
+# generation per request line {"ids", "new", "layer", "kw" (None: autoregressive)}; answers seconds and tokens.
+VERSUS_WORKER = r"""
+import json, sys, time, torch
+sys.path.insert(0, ".")
+from generate import autoregressive_generate, speculative_generate
+from truncated_llama import TruncatedLlama, load_base_model, resolve_dtype
+setup = json.loads(sys.argv[1])
+torch.set_num_threads(setup["threads"])
+model, _ = load_base_model(setup["model"], dtype=resolve_dtype(setup["dtype"])[0])
+steps = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    tl = steps.setdefault(job["layer"], TruncatedLlama(model, job["layer"]))
+    ids, kw = torch.tensor([job["ids"]]), job["kw"]
+    t = time.perf_counter()
+    if kw is None:
+        out, _ = autoregressive_generate(tl, ids, job["new"])
+    else:
+        seed = kw.pop("seed", None)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        out, _ = speculative_generate(tl, ids, job["new"], generator=gen, **kw)
+    print(json.dumps({"seconds": time.perf_counter() - t, "tokens": out.tolist()}), flush=True)
+"""
+
+VERSUS_RUNS = {  # name -> (exit layer, speculative_generate's arguments or None for autoregressive decoding)
+    "autoregressive": (8, None), "exit_L8_g4": (8, dict(gamma=4)), "exit_L3_g1": (3, dict(gamma=1)),
+    "exit_L3_T0.7_g2": (3, dict(gamma=2, temperature=0.7, top_p=0.95, seed=0)),
+    "tree_L3_2x2": (3, dict(gamma=2, tree_width=2)), "lookup_g4": (8, dict(gamma=4, draft="lookup"))}
+
+
+def versus(args, prompts, dtype_name, num_layers, rounds=2):
+    """Our loops in this checkout and in `args.versus` (another checkout, e.g. a git worktree of the last release),
+    each in its own process on the CPU, every generation run by one then the other, the order alternating, `rounds`
+    times over the prompts: tokens/s of each, their ratio, and how many generations gave identical tokens. Exit
+    layers past the model's depth are taken at its last layer but one."""
+    import subprocess
+    from pathlib import Path
+    setup = json.dumps({"model": args.model, "dtype": dtype_name, "threads": torch.get_num_threads()})
+    here = str(Path(__file__).resolve().parent)
+    sides = {side: subprocess.Popen([sys.executable, "-c", VERSUS_WORKER, setup], cwd=where, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for side, where in (("this", here), ("versus", args.versus))}
+    try:
+        for side, p in sides.items():
+            if p.stdout.readline().strip() != "ready":
+                raise UsageError(f"--versus: the worker in {args.versus if side == 'versus' else here} did not start "
+                                 "(is it a checkout of this repository?).")
+
+        def ask(side, ids, name):
+            layer, kw = VERSUS_RUNS[name]
+            layer, p = min(layer, num_layers - 1), sides[side]
+            p.stdin.write(json.dumps({"ids": ids, "new": args.max_new_tokens, "layer": layer, "kw": kw}) + "\n")
+            p.stdin.flush()
+            return json.loads(p.stdout.readline())
+
+        for name in VERSUS_RUNS:  # warm-up
+            for side in sides:
+                ask(side, prompts[0][0, :16].tolist(), name)
+        seconds, tokens, same = {}, {}, dict.fromkeys(VERSUS_RUNS, 0)
+        for r in range(rounds):
+            for i, ids in enumerate(prompts):
+                for name in VERSUS_RUNS:
+                    answers = {side: ask(side, ids[0].tolist(), name)
+                               for side in (("this", "versus") if (i + r) % 2 == 0 else ("versus", "this"))}
+                    for side, a in answers.items():
+                        seconds[side, name] = seconds.get((side, name), 0.0) + a["seconds"]
+                        tokens[side, name] = tokens.get((side, name), 0) + len(a["tokens"])
+                    same[name] += answers["this"]["tokens"] == answers["versus"]["tokens"]
+    finally:
+        for p in sides.values():
+            p.kill()
+    rows = {}
+    for name in VERSUS_RUNS:
+        this, other = (tokens[s, name] / seconds[s, name] for s in ("this", "versus"))
+        rows[name] = {"this_tok_s": round(this, 2), "versus_tok_s": round(other, 2), "this_vs": round(this / other, 3),
+                      "identical": f"{same[name]}/{rounds * len(prompts)}"}
+    return {"versus": args.versus, "rounds": rounds, "prompts": len(prompts), "new_tokens": args.max_new_tokens,
+            "runs": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # A training step
 
 
@@ -467,6 +555,9 @@ def main(argv=None):
     ap.add_argument("--lookup_temperatures", type=float, nargs="+", default=[0.0, 0.7],
                     help="the policies of --lookup_peer (0: greedy; else top_p 0.95)")
     ap.add_argument("--no_steps", action="store_true", help="skip the step-cost table")
+    ap.add_argument("--versus", metavar="DIR",
+                    help="instead: time our loops in this checkout against the checkout in DIR (e.g. `git worktree "
+                         "add /tmp/before main`), side by side on the same prompts, and exit")
     ap.add_argument("--random_weights", action="store_true",
                     help="a random model of --shape and random prompts: nothing downloaded (timing only)")
     ap.add_argument("--shape", choices=SHAPES, default=None,
@@ -508,6 +599,12 @@ def main(argv=None):
     report = []
     for dtype_arg in args.dtype:
         dtype, dtype_name = resolve_dtype(dtype_arg, device)
+        if args.versus:
+            model, tok = load_base_model(args.model)
+            report.append(versus(args, sharegpt_prompts(tok, args.num_prompts, args.seed), dtype_name,
+                                 model.config.num_hidden_layers))
+            print(json.dumps(report[-1]), flush=True)
+            continue
         model, prompts, what = subject(args, dtype, device)
         n = model.config.num_hidden_layers
         layers = exit_layers(args, n)

@@ -82,3 +82,16 @@ def test_bad_random_weights_flags_are_one_sentence_exit_2(monkeypatch, capsys, e
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith(f"benchmark_torch_compile.py: error: {says}"), err
     assert len(err.splitlines()) == 1
+
+
+def test_versus_times_this_checkout_against_another_side_by_side(tiny_dir, monkeypatch):
+    """--versus DIR: both sides in their own processes, every generation in turns; against itself, every run's tokens
+    are identical and both sides report a speed."""
+    from pathlib import Path
+    monkeypatch.setattr(btc, "VERSUS_RUNS", {k: btc.VERSUS_RUNS[k] for k in ("autoregressive", "exit_L3_T0.7_g2")})
+    monkeypatch.setattr(btc, "sharegpt_prompts", lambda tok, n, seed: [torch.tensor([[5, 17, 5, 17, 40, 5, 9]])] * n)
+    report = btc.main(["--model", str(tiny_dir), "--versus", str(Path(btc.__file__).parent), "--num_prompts", "2",
+                       "--max_new_tokens", "8", "--dtype", "float32"])
+    runs = report[0]["runs"]
+    assert set(runs) == {"autoregressive", "exit_L3_T0.7_g2"}
+    assert all(r["identical"] == "4/4" and r["this_tok_s"] > 0 and r["versus_tok_s"] > 0 for r in runs.values())
