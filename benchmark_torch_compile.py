@@ -327,9 +327,10 @@ def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True)
     run = {"ours_ar": lambda tl, ids: autoregressive_generate(tl, ids, new)[0],
            "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
     t = time.perf_counter()
-    for tl in variants.values():  # warm-up, and compilation
+    for tl in variants.values():  # warm-up, and compilation (the shortest and the longest prompt: each cache size)
         for fn in run.values():
-            fn(tl, prompts[0])
+            for ids in (min(prompts, key=lambda p: p.shape[1]), max(prompts, key=lambda p: p.shape[1])):
+                fn(tl, ids)
     result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
     keys = [f"{name}_{v}" for name in run for v in variants]
     seconds, tokens, same = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)

@@ -567,17 +567,37 @@ class LeanSteps:
         CUDA graph per row count on a GPU); False: eagerly (the same numbers as the default step). Prefills, trees
         and longer inputs keep the default step. A cache must be made with its final capacity (new_cache).
 
-        Compiled, each (row count, with or without the exit's blocks) is one graph, so dynamo's recompile limit is
-        raised to hold them all; and new_cache rounds capacities up to STATIC_CAPACITY_STEP and hands out one cache
-        per capacity, its buffers kept (static addresses: a captured graph writes into them), zeroed per request:
-        a cache made later of the same capacity replaces the earlier one."""
+        Compiled: each (row count, with or without the exit's blocks, cache) is one graph, so dynamo's recompile
+        limits are raised (a process-wide setting) to hold a sweep's; every weight and the RoPE tables (made for
+        the model's whole context first) are marked static, so a CUDA graph reads them in place rather than copying
+        them in at each replay; what a call returns is cloned (a graph's outputs live in buffers its next replay
+        overwrites: a chain's drafts replay one graph); and new_cache rounds capacities up to STATIC_CAPACITY_STEP
+        and hands out one cache per (capacity, layout), its buffers kept (static addresses: a graph writes into
+        them), zeroed per request: a cache made later of the same capacity replaces the earlier one."""
+        if not ROW_INVARIANT:
+            raise ValueError("the static step attends over the cache's whole capacity: it needs "
+                             "decode_engine.ROW_INVARIANT (the default).")
         self.static_rows, self.compiled = max_rows, bool(compile)
         steps = (self._extend_at, self._verify_at)
         if compile:
             mode = None if compile is True else compile
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * max_rows + 2)
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, 256)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+            self.engine.tables.reserve(self.base.config.max_position_embeddings)
+            for t in self._static_tensors():
+                torch._dynamo.mark_static_address(t)
             steps = tuple(torch.compile(f, mode=mode, dynamic=False, fullgraph=True) for f in steps)
         self._static = steps
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a static step reads besides its inputs and the cache: weights, norms, RoPE tables."""
+        eng, ex = self.engine, self.exit_engine
+        blocks = [b for b in eng.blocks + ex.blocks if isinstance(b, Block)]
+        products = [p for b in blocks for p in (b.qkv, b.o, b.gate_up, b.down)] + [eng.head, ex.head]
+        return ([p.weight for p in products] + [p.bias for p in products if p.bias is not None]
+                + [w for b in blocks for w in (b.ln1, b.ln2)] + [eng.norm, ex.norm, eng.embed.weight, eng.tables.cos,
+                                                                 eng.tables.sin])
 
     def _static_fits(self, cache: StaticCache, start: int, t: int, tree: TreeRows | None) -> bool:
         return (self._static is not None and tree is None and t <= self.static_rows and cache.fixed_span
@@ -604,13 +624,14 @@ class LeanSteps:
     def new_cache(self, capacity: int = 256) -> StaticCache:
         """An empty cache for every base layer and the exit's attention blocks, `capacity` positions reserved."""
         self._build()
-        slots = len(self.engine.blocks) + self.exit.num_cache_slots
+        slots, eng = len(self.engine.blocks) + self.exit.num_cache_slots, self.engine
         if not self.compiled:
-            return self.engine.new_cache(slots, capacity)
+            return eng.new_cache(slots, capacity)
         capacity = -(-max(capacity, 1) // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
-        cache = self._pool.get(capacity)
-        if cache is None or len(cache.lengths) != slots:
-            cache = self._pool[capacity] = self.engine.new_cache(slots, capacity)
+        key = (capacity, slots, eng.kv_heads, eng.head_dim, eng.dtype, str(eng.device))
+        cache = self._pool.get(key)
+        if cache is None:
+            cache = self._pool[key] = eng.new_cache(slots, capacity)
             torch._dynamo.mark_static_address(cache.k)  # a captured graph writes into these buffers in place
             torch._dynamo.mark_static_address(cache.v)
         else:
@@ -625,6 +646,8 @@ class LeanSteps:
         eng, t = self.engine, input_ids.shape[1]
         if self._static_fits(cache, start, t, tree):
             h, e = self._static[0](input_ids[0], cache, self._positions(cache, start, t, input_ids.device), with_exit)
+            if self.compiled:  # a graph's outputs are overwritten by its next replay
+                h, e = h.clone(), None if e is None else e.clone()
             n, shared = len(eng.blocks), self.exit.shared_layers
             cache.written(list(range(shared)) + (list(range(n, n + self.exit.num_cache_slots)) if with_exit else []),
                           start + t)
@@ -639,6 +662,7 @@ class LeanSteps:
         eng, s, t = self.engine, self.exit.shared_layers, shared_hidden.shape[1]
         if self._static_fits(cache, start, t, tree):
             logits = self._static[1](shared_hidden[0], cache, self._positions(cache, start, t, shared_hidden.device))
+            logits = logits.clone() if self.compiled else logits
             cache.written(range(s, len(eng.blocks)), start + t)
             return logits.unsqueeze(0)
         return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start, tree)).unsqueeze(0)

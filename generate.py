@@ -28,7 +28,7 @@ from cli import check_context, device_sync
 from decode_engine import TreeRows
 from prompt_lookup import Lookup
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
-from sampling import Policy, accept_tree, judge_chain, read_chain, sample  # noqa: F401 (sample: part of the API)
+from sampling import Policy, accept_tree, judge_chain, read_chain, sample, walk_tables  # noqa: F401 (sample: API)
 
 
 class Cache(Protocol):
@@ -344,6 +344,7 @@ class Tree:
         self.tokens, self.depth, self.logq, self.children = [root], [0], [0.0], [[]]
         self.ancestors = [{0}]  # each node's ancestors and itself
         self.source = [None]  # who proposed each node: "exit", "lookup" or "both"
+        self.verify_rows = self.walk = None  # set by draft_tree once the tree is final (on the device)
 
     def add(self, parent: int, token: int, logq: float, source: str = "exit") -> int:
         i = len(self.tokens)
@@ -373,7 +374,8 @@ class Tree:
 
     def rows(self, nodes: list) -> TreeRows:
         """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors. Built
-        on the host from the tree's bookkeeping and copied to the device (a copy to the device is not a read)."""
+        on the host from the tree's bookkeeping and copied to the device, where nothing is queued (right after a
+        read): on a GPU a copy from pageable host memory waits for the queue."""
         n, width = self.n, nodes[-1] + 1
         mask = torch.zeros(len(nodes), n + width, dtype=torch.bool)
         mask[:, :n] = True
@@ -432,6 +434,8 @@ def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
         level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
         logq = torch.tensor([tree.logq[i] for i in level], dtype=torch.float64, device=device)
     pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
+    # the tree is final: its verify rows and the walk's tables go to the device now, while nothing is queued
+    tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, device)
     if pending:
         ids = torch.tensor([[tree.tokens[i] for i in pending]], device=device)
         h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
@@ -449,7 +453,7 @@ def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch
     tree, hidden, q_logits, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
                                                     timings, graft, root)
     t0 = _lap(timings, None, last.device)
-    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.rows(list(range(len(tree.tokens)))))[0]
+    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.verify_rows)[0]
     t0 = _lap(timings, "verify", last.device, t0)
     path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
     _lap(timings, "accept", last.device, t0)

@@ -620,13 +620,14 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Host reads per cycle: each is a stall on a GPU (host_reads.py). A chain, greedy or sampled, and a lookup cycle read
-# back once; a tree once per draft level and once for its walk. Counted on a CPU, where the reads cost nothing.
+# back once (the target: at most 2); a tree once per draft level and once for its walk (target: at most 4).
+# Counted on a CPU, where the reads cost nothing.
 
-READ_BUDGETS = [  # (speculative_generate's arguments, host reads allowed a cycle)
-    (dict(gamma=4), 2), (dict(gamma=4, temperature=1.0), 2), (dict(gamma=4, temperature=0.8, top_p=0.9, top_k=50), 2),
-    (dict(gamma=4, draft="lookup"), 2), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 2),
-    (dict(gamma=2, tree_width=2), 4), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
-    (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 4)]
+READ_BUDGETS = [  # (speculative_generate's arguments, host reads allowed a cycle: 1 a chain, a tree's levels + 1)
+    (dict(gamma=4), 1), (dict(gamma=4, temperature=1.0), 1), (dict(gamma=4, temperature=0.8, top_p=0.9, top_k=50), 1),
+    (dict(gamma=4, draft="lookup"), 1), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 1),
+    (dict(gamma=2, tree_width=2), 3), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
+    (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 3)]
 
 
 @pytest.mark.parametrize("kw,budget", READ_BUDGETS)
@@ -640,7 +641,7 @@ def test_host_reads_per_cycle_stay_within_budget(kw, budget, monkeypatch):
         _, s = speculative_generate(tl, prompt, 40, generator=torch.Generator().manual_seed(0), **kw)
     cycles = s["target_calls"]
     assert cycles >= 8
-    assert reads.count <= budget * cycles + 2, (reads.count / cycles, dict(reads.where))  # + the root and the stats
+    assert reads.count <= budget * cycles + 3, (reads.count / cycles, dict(reads.where))  # + the root, prompt, stats
 
 
 def test_host_reads_are_counted():

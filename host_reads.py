@@ -12,8 +12,10 @@ budget (generate_test.py) and the GPU smoke script can report them per cycle.
 
 The count sees the aten ops that read a value back (`item` / `_local_scalar_dense` behind int/float/bool/.item(),
 `is_nonzero`, `equal`, `nonzero`, `masked_select`, indexing with a boolean mask, a copy to the CPU) and `.tolist()`
-/ `.numpy()` / `.cpu()` (which on a CPU tensor reach no aten op, so they are wrapped here). A copy to the device
-(`.to(device)` of a host tensor) is not a read: it does not wait for the queue.
+/ `.numpy()` / `.cpu()` (which on a CPU tensor reach no aten op, so they are wrapped here; the copy they make from a
+GPU is not counted again). Not counted, so kept where the queue is empty (right after a read) by the loop's own
+rule: a copy of host data to a GPU (`torch.tensor(list, device=...)`), which waits for the queue when the host
+memory is pageable; and ops that wait inside a kernel launch (`repeat_interleave` with tensor repeats, `unique`).
 """
 from collections import Counter
 
@@ -21,6 +23,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 READS = {"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "allclose"}
+
+
+def _copy_to_cpu(name: str, args: tuple) -> bool:
+    """`cpu_tensor.copy_(gpu_tensor)`: a read."""
+    return (name == "copy_" and len(args) > 1 and all(isinstance(a, torch.Tensor) for a in args[:2])
+            and args[0].device.type == "cpu" and args[1].device.type != "cpu")
 
 
 def _to_cpu(name: str, args: tuple, kwargs: dict) -> bool:
@@ -41,7 +49,7 @@ class HostReads(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.where = Counter()
-        self._saved = {}
+        self._saved, self._inside = {}, 0  # inside a wrapped method: its own copy to the CPU is not counted again
 
     @property
     def count(self) -> int:
@@ -50,7 +58,8 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if name in READS or _to_cpu(name, args, kwargs) or _bool_index(name, args):
+        if not self._inside and (name in READS or _to_cpu(name, args, kwargs) or _bool_index(name, args)
+                                 or _copy_to_cpu(name, args)):
             self.where[name] += 1
         return func(*args, **kwargs)
 
@@ -60,7 +69,11 @@ class HostReads(TorchDispatchMode):
 
             def counted(t, *a, _original=original, _method=method, **k):
                 self.where[_method] += 1
-                return _original(t, *a, **k)
+                self._inside += 1
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self._inside -= 1
 
             setattr(torch.Tensor, method, counted)
         return super().__enter__()

@@ -183,6 +183,15 @@ def read_chain(drafts: torch.Tensor, k: torch.Tensor, token: torch.Tensor, draws
     return drafts, k, token
 
 
+def walk_tables(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tree's structure for accept_tree's walk on the device: each node's children (-1 padded to the widest) and
+    each node's token. Made on the host; draft_tree makes them before queuing its last step (on a GPU, a copy from
+    pageable host memory waits for the queue)."""
+    width = max(1, max(len(c) for c in tree.children))
+    return (torch.tensor([c + [-1] * (width - len(c)) for c in tree.children], device=device),
+            torch.tensor(tree.tokens, device=device))
+
+
 def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None
                 ) -> tuple:
     """Walk the tree from the root with the target's p at each node; returns (the accepted path of nodes, the
@@ -197,9 +206,8 @@ def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optiona
     (a step past the walk's end changes nothing), and is read back once: the path, the token, how many uniform numbers
     it used (Uniforms)."""
     device, greedy = p_logits.device, policy.greedy
-    width, depth = max(1, max(len(c) for c in tree.children)), max(tree.depth)
-    kids = torch.tensor([c + [-1] * (width - len(c)) for c in tree.children], device=device)
-    tokens = torch.tensor(tree.tokens, device=device)
+    kids, tokens = tree.walk if getattr(tree, "walk", None) is not None else walk_tables(tree, device)
+    width, depth = kids.shape[1], max(tree.depth)
     p = policy.probs(p_logits)
     draws = None if greedy else Uniforms((depth + 1) * width + 1, generator, device)
     zero = torch.zeros((), dtype=torch.long, device=device)

@@ -312,7 +312,7 @@ def check_cache_memory(args, su, data):
     host memory: see distill.StateCache) will not fit in the machine's free memory, less the exits' on a CPU run.
     Checked once the data is loaded, since the cache grows with the number of training blocks."""
     available = available_bytes(torch.device("cpu")) if args.cache_states else None
-    if available is None:
+    if available is None or not data.total_steps:
         return
     blocks = min(data.total_steps, data.order.steps_per_epoch) * data.per_step // su.world  # this process's, epoch 1
     each, sharers = cache_bytes(args, su, blocks), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # on this host
