@@ -5,17 +5,9 @@ import torch
 
 import scratch_work
 from cli import UsageError, resolve_device
-from conftest import make_tiny_llama, make_tiny_tokenizer
+from train_test import tiny_dir  # noqa: F401 (fixture: a tiny model saved like a real one)
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_llama(layers=4, hidden=32, seed=0, init_std=0.3).save_pretrained(d)
-    make_tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_resolve_device():
