@@ -329,7 +329,7 @@ class Block:
         keys, values = (cache.write(slot, start, k, v) if isinstance(start, int) else
                         cache.write_at(slot, start, k, v))
         q = qk[:, :H].transpose(0, 1)
-        if isinstance(mask, str):  # CAUSAL: keys 0..t-1 only, heads repeated, no mask: a fused kernel's case
+        if mask is CAUSAL:  # keys 0..t-1 only, heads repeated, no mask: a fused kernel's case
             keys, values = (kv[:, :t].repeat_interleave(H // KV, 0) for kv in (keys, values))
             att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                                  is_causal=True, scale=self.scaling)
@@ -388,7 +388,8 @@ class Tables:
         self.rotary, self.dtype, self.device = rotary, dtype, device
         self.cos = self.sin = torch.empty(0, device=device)
 
-    def _grow(self, n: int) -> None:
+    def reserve(self, n: int) -> None:
+        """Tables for positions 0..n-1 at least (grown by doubling)."""
         if n > self.cos.shape[0]:
             size = max(n, 2 * self.cos.shape[0], 256)
             probe = torch.empty(1, 1, dtype=self.dtype, device=self.device)
@@ -405,12 +406,12 @@ class Tables:
         end = start + t
         span = end if span is None else span
         if tree is not None:
-            self._grow(tree.end)
+            self.reserve(tree.end)
             mask = tree.mask
             if span > mask.shape[1]:
                 mask = torch.cat([mask, mask.new_zeros(t, span - mask.shape[1])], dim=1)
             return self.cos[tree.positions], self.sin[tree.positions], mask
-        self._grow(max(end, span))
+        self.reserve(max(end, span))
         if start == 0 and t >= FUSED_PREFILL_ROWS:
             return self.cos[:end], self.sin[:end], CAUSAL
         mask = None if t == 1 and span == end else causal_mask(torch.arange(start, end, device=self.device), span)
@@ -420,9 +421,6 @@ class Tables:
         """(cos, sin, mask) for queries at `positions` (a device tensor: the static step; the tables must already
         cover them, `reserve`), each seeing keys 0..its position of `span`."""
         return self.cos.index_select(0, positions), self.sin.index_select(0, positions), causal_mask(positions, span)
-
-    def reserve(self, n: int) -> None:
-        self._grow(n)
 
 
 def causal_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
@@ -578,7 +576,7 @@ class LeanSteps:
             raise ValueError("the static step attends over the cache's whole capacity: it needs "
                              "decode_engine.ROW_INVARIANT (the default).")
         self.static_rows, self.compiled = max_rows, bool(compile)
-        steps = (self._extend_at, self._verify_at)
+        steps = (self._extend, self._verify)
         if compile:
             mode = None if compile is True else compile
             config = torch._dynamo.config
@@ -603,14 +601,19 @@ class LeanSteps:
         return (self._static is not None and tree is None and t <= self.static_rows and cache.fixed_span
                 and (start > 0 or t == 1) and start + t <= cache.capacity)  # prefills stay eager
 
-    def _extend_at(self, ids: torch.Tensor, cache: StaticCache, positions: torch.Tensor, with_exit: bool) -> tuple:
+    def _extend(self, ids: torch.Tensor, cache: StaticCache, start: int | torch.Tensor, with_exit: bool,
+                tree: TreeRows | None = None) -> tuple:
+        """Embed + shared layers (+ the exit's blocks) on ids (t,) at start.. or at a device tensor's positions (the
+        static step, also compiled): (shared states, exit states or None), both (t, hidden)."""
         eng = self.engine
-        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(ids), cache, 0, positions)
-        return h, self.exit_engine.hidden(h, cache, len(eng.blocks), positions, eng.tables) if with_exit else None
+        h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(ids), cache, 0, start, tree)
+        return h, self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
 
-    def _verify_at(self, h: torch.Tensor, cache: StaticCache, positions: torch.Tensor) -> torch.Tensor:
+    def _verify(self, h: torch.Tensor, cache: StaticCache, start: int | torch.Tensor,
+                tree: TreeRows | None = None) -> torch.Tensor:
+        """The remaining layers, final norm and head on shared states h (t, hidden): logits (t, vocab)."""
         eng, s = self.engine, self.exit.shared_layers
-        return eng.logits(eng.run(eng.blocks[s:], h, cache, s, positions))
+        return eng.logits(eng.run(eng.blocks[s:], h, cache, s, start, tree))
 
     def _positions(self, cache: StaticCache, start: int, t: int, device: torch.device) -> torch.Tensor:
         self.engine.tables.reserve(cache.capacity)  # the tables cover the capacity before a static call
@@ -652,8 +655,7 @@ class LeanSteps:
             cache.written(list(range(shared)) + (list(range(n, n + self.exit.num_cache_slots)) if with_exit else []),
                           start + t)
         else:
-            h = eng.run(eng.blocks[: self.exit.shared_layers], eng.embed(input_ids[0]), cache, 0, start, tree)
-            e = self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
+            h, e = self._extend(input_ids[0], cache, start, with_exit, tree)
         return h.unsqueeze(0), None if e is None else e.unsqueeze(0)
 
     def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int,
@@ -665,7 +667,7 @@ class LeanSteps:
             logits = logits.clone() if self.compiled else logits
             cache.written(range(s, len(eng.blocks)), start + t)
             return logits.unsqueeze(0)
-        return eng.logits(eng.run(eng.blocks[s:], shared_hidden[0], cache, s, start, tree)).unsqueeze(0)
+        return self._verify(shared_hidden[0], cache, start, tree).unsqueeze(0)
 
     def exit_logits(self, e: torch.Tensor) -> torch.Tensor:
         """The exit norm + head on the exit's states: the draft's full-vocabulary logits."""

@@ -206,7 +206,7 @@ def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optiona
     (a step past the walk's end changes nothing), and is read back once: the path, the token, how many uniform numbers
     it used (Uniforms)."""
     device, greedy = p_logits.device, policy.greedy
-    kids, tokens = tree.walk if getattr(tree, "walk", None) is not None else walk_tables(tree, device)
+    kids, tokens = tree.walk if tree.walk is not None else walk_tables(tree, device)
     width, depth = kids.shape[1], max(tree.depth)
     p = policy.probs(p_logits)
     draws = None if greedy else Uniforms((depth + 1) * width + 1, generator, device)
@@ -215,12 +215,12 @@ def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optiona
     for _ in range(depth + 1):
         ku = kids.index_select(0, u.view(1))[0]  # u's children, -1 padded
         kt = tokens.index_select(0, ku.clamp(min=0))
-        p_u = p.index_select(0, u.view(1))[0]
         if greedy:
             final = p_logits.index_select(0, u.view(1))[0].argmax()
             hit = (ku >= 0) & (kt == final)
             nxt = torch.where(hit.any(), ku.index_select(0, hit.int().argmax().view(1))[0], -1)
         else:
+            p_u = p.index_select(0, u.view(1))[0]
             r, nxt = p_u, torch.full((), -1, device=device)
             for w in range(width):
                 tried = ~done & (ku[w] >= 0) & (nxt < 0)
