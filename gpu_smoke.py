@@ -23,7 +23,6 @@ the exit status is 1 if any failed):
 The weights are random (benchmark_torch_compile.random_model), so acceptance and tokens per cycle say nothing about a
 real model: this run checks that every path works on the device and measures costs (c, v(k), graphs, memory).
 """
-import argparse
 import json
 import sys
 import time
@@ -32,7 +31,7 @@ import traceback
 import torch
 
 from benchmark_torch_compile import SHAPES, compile_comparison, random_model, random_prompts
-from cli import DEVICE_CHOICES, resolve_device, timed
+from cli import DEVICE_CHOICES, Parser, positive, resolve_device, run_command, timed
 from generate import autoregressive_generate, speculative_generate, step_times
 from host_reads import HostReads
 from truncated_llama import TruncatedLlama, machine_info
@@ -42,6 +41,9 @@ DRAFT_KINDS = {  # name -> speculative_generate's arguments
     "exit_tree_greedy": dict(gamma=2, tree_width=2), "exit_tree_sampled": dict(gamma=2, tree_width=2, temperature=0.8),
     "lookup_greedy": dict(gamma=4, draft="lookup"), "lookup_sampled": dict(gamma=4, draft="lookup", temperature=0.8),
     "exit+lookup_tree_greedy": dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4)}
+
+
+CHECKS = ("exact_float32", "decode", "step_costs", "prefill_memory", "train_step", "graphs")  # besides machine
 
 
 def check(name, fn, *args, **kwargs):
@@ -189,15 +191,15 @@ def fits(shape, device, dtype):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(prog="gpu_smoke.py", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     ap.add_argument("--shape", nargs="+", default=None, choices=SHAPES,
                     help="model shapes (default: llama-3.2-1b and llama-3.1-8b on a GPU, tiny on a CPU)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    ap.add_argument("--prompts", type=int, default=2)
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--prefill", type=int, default=8192, help="tokens of the prefill whose memory is measured")
-    ap.add_argument("--skip", nargs="*", default=[], help="checks to leave out (e.g. graphs)")
+    ap.add_argument("--prompts", type=positive(int), default=2)
+    ap.add_argument("--new_tokens", type=positive(int), default=64)
+    ap.add_argument("--prefill", type=positive(int), default=8192, help="tokens of the prefill whose memory is measured")
+    ap.add_argument("--skip", nargs="*", default=[], choices=CHECKS, help="checks to leave out (e.g. graphs)")
     args = ap.parse_args(argv)
     device = torch.device(resolve_device(args.device))
     dtype = getattr(torch, args.dtype)
@@ -228,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("gpu_smoke.py", sys.argv[1:], lambda stop: main(sys.argv[1:])))

@@ -1,5 +1,11 @@
 """gpu_smoke.py runs its every check on a CPU, small, so the script a GPU session will run cannot rot."""
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import gpu_smoke
 
@@ -26,3 +32,14 @@ def test_a_failing_check_is_reported_and_the_others_still_run(capsys, monkeypatc
     assert [(line["check"].split(":")[0], line["ok"]) for line in lines] == [
         ("machine", True), ("decode", True), ("step_costs", False), ("prefill_memory", True)]
     assert "ZeroDivisionError" in lines[2]["error"]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--prompts", "0"], "--prompts"), (["--skip", "decoding"], "--skip"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA GPU is available.",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"))])
+def test_bad_input_is_one_sentence_and_exit_2(argv, says):
+    run = subprocess.run([sys.executable, "gpu_smoke.py", *argv], capture_output=True, text=True,
+                         cwd=Path(gpu_smoke.__file__).parent)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("gpu_smoke.py: error:") and says in run.stderr
