@@ -39,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -391,7 +392,6 @@ def versus(args, prompts, dtype_name, num_layers, rounds=2):
     times over the prompts: tokens/s of each, their ratio, and how many generations gave identical tokens. Exit
     layers past the model's depth are taken at its last layer but one."""
     import subprocess
-    from pathlib import Path
     setup = json.dumps({"model": args.model, "dtype": dtype_name, "threads": torch.get_num_threads()})
     here = str(Path(__file__).resolve().parent)
     sides = {side: subprocess.Popen([sys.executable, "-c", VERSUS_WORKER, setup], cwd=where, text=True,
@@ -586,6 +586,8 @@ def main(argv=None):
         return exits_step_cost(args)
     if args.train_step:
         return train_step_cost(args)
+    if args.versus and not (Path(args.versus) / "generate.py").is_file():
+        raise UsageError(f"--versus: {args.versus} is not a checkout of this repository (no generate.py in it).")
     if args.shape and not args.random_weights:
         raise UsageError("--shape: only --random_weights uses it; add --random_weights, or leave --shape out.")
     if args.random_weights:

@@ -95,3 +95,8 @@ def test_versus_times_this_checkout_against_another_side_by_side(tiny_dir, monke
     runs = report[0]["runs"]
     assert set(runs) == {"autoregressive", "exit_L3_T0.7_g2"}
     assert all(r["identical"] == "4/4" and r["this_tok_s"] > 0 and r["versus_tok_s"] > 0 for r in runs.values())
+
+
+def test_versus_a_directory_that_is_no_checkout_is_one_sentence(tmp_path, capsys):
+    with pytest.raises(btc.UsageError, match=r"^--versus: .* is not a checkout of this repository"):
+        btc.main(["--versus", str(tmp_path / "nowhere")])
