@@ -11,8 +11,10 @@ gpt-fast does:
 - Weights are not copied: q/k/v (and gate/up) are concatenated once into one tensor and the base model's parameters
   become views of it, so the model stays one model in memory and training or the one-pass forward see the same
   numbers.
-- Each product is computed in the form measured fastest on this machine for its shape and row count (`Products`):
-  F.linear, W @ x^T, or x @ W^T with W stored transposed. Which storage is kept is chosen per shape by measurement.
+- Each product is computed in the form measured fastest on this machine for its shape (`Product`): on a CPU our own
+  kernel (linear_kernel.py: the weights read once for up to 64 rows, each row's bits independent of the others) or
+  torch's F.linear; with ROW_INVARIANT off, per row count among F.linear, W @ x^T, x @ W^T with W stored transposed
+  and the kernel.
 - The KV cache (`StaticCache`) is written by position; rejecting drafts is a change of length, nothing is freed.
   One cache serves a whole generation: the base model's layers in slots 0..N-1, the exit's private attention
   blocks after them.
@@ -33,66 +35,86 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+import linear_kernel
+
 # ----------------------------------------------------------------------------------------------------------------
 # Products in their fastest measured form
 
 
 def _forms() -> dict[str, tuple[str, Callable]]:
     """name -> (storage, fn(x, stored)): x is (M, in); 'w' storage is (out, in) as nn.Linear keeps it, 't' is its
-    transpose made contiguous. `mv` is for one row only."""
+    transpose made contiguous. `mv` is for one row only; `kernel` (linear_kernel.py) for up to
+    linear_kernel.MAX_ROWS rows on a CPU where it was built."""
     return {
         "linear": ("w", lambda x, w: F.linear(x, w)),
         "w@x": ("w", lambda x, w: torch.mm(w, x.t()).t()),
         "mv": ("w", lambda x, w: torch.mv(w, x[0]).unsqueeze(0)),
         "x@t": ("t", lambda x, t: torch.mm(x, t)),
         "linear_t": ("t", lambda x, t: F.linear(x, t.t())),
+        "kernel": ("w", lambda x, w: linear_kernel.linear(x.contiguous(), w)),
     }
 
 
 FORMS = _forms()
 # Row-invariant steps (the default): a token's logits get the same bits whether it is decoded alone or among the rows
-# of a verify, so that greedy self-speculation equals autoregressive decoding in bfloat16 as in float32. It costs the
-# measured product forms (every product is F.linear: `mv`, `w@x` and `x@t` may round a row differently with 1 and
-# with 5 rows, measured for the 576 x 1536 down projection) and attention over the cache's capacity (StaticCache).
+# of a verify, so that greedy self-speculation equals autoregressive decoding in bfloat16 as in float32. Each product
+# then takes one form for every row count: our kernel (row-invariant by construction, linear_kernel.py) or F.linear
+# (whose calls of 2 or more rows agree; one row is run as two where its one-row kernel rounds otherwise: `pad_one`),
+# whichever is measured faster for the shape; and attention reads the cache's capacity (StaticCache).
 # False: the forms measured fastest per row count, attention over the committed prefix only.
 ROW_INVARIANT = True
+# Which products may take the kernel: "measured" (the default: where it is faster, shape by shape), "kernel" (every
+# product it can serve), "torch" (none).
+KERNEL = "measured"
 ROW_BUCKETS = (1, 5)  # rows timed: one-token steps; short verifies (2-16 rows); longer inputs use F.linear
-_CHOICES = {}  # (out, in, dtype, device, threads) -> (storage, {bucket: form})
+_CHOICES = {}  # (out, in, dtype, device, threads, ROW_INVARIANT, KERNEL) -> (storage, {bucket: form})
 
 
 def _bucket(m: int) -> int | None:
     return 1 if m == 1 else 5 if m <= 16 else None
 
 
-def measure_forms(weights: Sequence[torch.Tensor], passes: int = 2) -> dict[str, dict[int, float]]:
-    """Seconds per product of every form at each row bucket, {form: {rows: s}}, timed on the model's own weights.
+def kernel_serves(w: torch.Tensor) -> bool:
+    """Whether our kernel can compute products with this weight (a float32 or bfloat16 CPU tensor), and is built."""
+    return (KERNEL != "torch" and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+            and linear_kernel.available())
+
+
+def measure_forms(weights: Sequence[torch.Tensor], passes: int = 2, names: Sequence[str] | None = None,
+                  rows: Sequence[int] = ROW_BUCKETS) -> dict[str, dict[int, float]]:
+    """Seconds per product of each form (default: every one that serves these weights) at each row count,
+    {form: {rows: s}}, timed on the model's own weights.
 
     Each timing runs the product over every weight given (e.g. all layers' q/k/v), in order, as a decode step does:
-    one weight timed over and over would sit in the caches and could rank the forms wrongly."""
+    one weight timed over and over would sit in the caches and could rank the forms wrongly. The forms take turns
+    within each pass, so a slow moment of the machine hits them alike."""
     w0 = weights[0]
-    stored = {"w": weights, "t": [w.t().contiguous() for w in weights]}
+    if names is None:
+        names = [n for n in FORMS if n != "kernel" or kernel_serves(w0)]
+    stored = {"w": weights}
+    if any(FORMS[n][0] == "t" for n in names):
+        stored["t"] = [w.t().contiguous() for w in weights]
     sync = torch.cuda.synchronize if w0.device.type == "cuda" else (lambda: None)
-    times = {}
-    for name, (storage, fn) in FORMS.items():
-        times[name] = {}
-        for m in ROW_BUCKETS:
-            if name == "mv" and m > 1:
-                continue
-            x = torch.randn(m, w0.shape[1], device=w0.device).to(w0.dtype)
-            best = float("inf")
-            for p in range(passes + 1):  # the first pass warms up
+    times = {name: {} for name in names}
+    for m in rows:
+        x = torch.randn(m, w0.shape[1], device=w0.device).to(w0.dtype)
+        for p in range(passes + 1):  # the first pass warms up
+            for name in names:
+                if name == "mv" and m > 1:
+                    continue
+                storage, fn = FORMS[name]
                 sync()
                 t = time.perf_counter()
                 for weight in stored[storage]:
                     fn(x, weight)
                 sync()
                 if p:
-                    best = min(best, (time.perf_counter() - t) / len(weights))
-            times[name][m] = best
+                    times[name][m] = min(times[name].get(m, float("inf")), (time.perf_counter() - t) / len(weights))
     return times
 
 
 ROW_INVARIANT_CHOICE = ("w", {m: "linear" for m in ROW_BUCKETS})
+KERNEL_CHOICE = ("w", {m: "kernel" for m in ROW_BUCKETS})
 TIMED_BYTES = 256 * 2**20  # weights timed per role when measuring: past the CPU's caches, a bounded transient
 
 
@@ -111,21 +133,31 @@ def timed_layers(layers: Sequence[nn.Module], linears: Callable) -> Sequence[nn.
 def choose_forms(weights: Sequence[torch.Tensor]) -> tuple[str, dict[int, str]]:
     """(storage, {rows bucket: form}) for weights of one shape, measured once per shape, dtype and thread count.
 
-    The storage is the one whose best forms cost least, weighting one-token steps (most of decoding) 3:1."""
-    if ROW_INVARIANT:  # F.linear gives a row the same bits whatever the row count; the other forms may not
-        return ROW_INVARIANT_CHOICE
+    Row-invariant (the default): the kernel for every row count, or F.linear for every row count, whichever costs
+    less (F.linear's one row timed as two where `pad_one` will run it so). Otherwise the storage whose best forms
+    cost least. One-token steps (most of decoding) weigh 3:1 against short verifies."""
     w0 = weights[0]
-    key = (*w0.shape, w0.dtype, str(w0.device), torch.get_num_threads())
+    if ROW_INVARIANT and not kernel_serves(w0):
+        return ROW_INVARIANT_CHOICE
+    if ROW_INVARIANT and KERNEL == "kernel":
+        return KERNEL_CHOICE
+    key = (*w0.shape, w0.dtype, str(w0.device), torch.get_num_threads(), ROW_INVARIANT, KERNEL)
     if key not in _CHOICES:
-        times = measure_forms(weights)
-        best = {}
-        for storage in ("w", "t"):
-            names = [n for n, (s, _) in FORMS.items() if s == storage]
-            picks = {m: min((n for n in names if m in times[n]), key=lambda n: times[n][m]) for m in ROW_BUCKETS}
-            cost = sum((3 if m == 1 else 1) * times[picks[m]][m] for m in ROW_BUCKETS)
-            best[storage] = (cost, picks)
-        storage = min(best, key=lambda s: best[s][0])
-        _CHOICES[key] = (storage, best[storage][1])
+        if ROW_INVARIANT:
+            one = 1 if one_row_invariant(w0) else 2
+            times = measure_forms(weights, names=("kernel", "linear"), rows=sorted({one, *ROW_BUCKETS}))
+            cost = {n: 3 * times[n][one if n == "linear" else 1] + times[n][5] for n in times}
+            _CHOICES[key] = KERNEL_CHOICE if cost["kernel"] < cost["linear"] else ROW_INVARIANT_CHOICE
+        else:
+            times = measure_forms(weights)
+            best = {}
+            for storage in ("w", "t"):
+                names = [n for n in times if FORMS[n][0] == storage]
+                picks = {m: min((n for n in names if m in times[n]), key=lambda n: times[n][m]) for m in ROW_BUCKETS}
+                cost = sum((3 if m == 1 else 1) * times[picks[m]][m] for m in ROW_BUCKETS)
+                best[storage] = (cost, picks)
+            storage = min(best, key=lambda s: best[s][0])
+            _CHOICES[key] = (storage, best[storage][1])
     return _CHOICES[key]
 
 
@@ -155,14 +187,18 @@ class Product:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.fns = {m: FORMS[name][1] for m, name in self.forms.items()}
         self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
-        self.pad_one = ROW_INVARIANT and self.storage == "w" and not one_row_invariant(stored)
+        # row-invariant on the kernel: every call of up to MAX_ROWS rows takes it (longer ones: prefills)
+        self.kernel_rows = linear_kernel.MAX_ROWS if ROW_INVARIANT and choice == KERNEL_CHOICE else 16
+        self.pad_one = (ROW_INVARIANT and self.storage == "w" and self.forms[1] == "linear"
+                        and not one_row_invariant(stored))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (k, in) -> (k, out), contiguous."""
-        if self.pad_one and x.shape[0] == 1:  # a one-row product rounds unlike the same row among others here
+        m = x.shape[0]
+        if self.pad_one and m == 1:  # a one-row product rounds unlike the same row among others here
             y = F.linear(x.expand(2, -1), self.weight)[:1]
         else:
-            y = self.fns.get(_bucket(x.shape[0]), self.default)(x, self.weight)
+            y = self.fns[_bucket(m) or 5](x, self.weight) if m <= self.kernel_rows else self.default(x, self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y if y.is_contiguous() else y.contiguous()
@@ -302,8 +338,8 @@ class Block:
     def choices(cls, layers: Sequence[nn.Module]) -> dict[str, tuple[str, dict[int, str]]]:
         """The measured storage and forms of each product role, timed over some of these layers' weights (fused
         copies made only when measuring, and only of as many layers as `timed_layers` says)."""
-        if ROW_INVARIANT:
-            return {role: ROW_INVARIANT_CHOICE for role in cls.ROLES}
+        if ROW_INVARIANT and not kernel_serves(cls.linears(layers[0], "qkv")[0].weight):
+            return {role: ROW_INVARIANT_CHOICE for role in cls.ROLES}  # F.linear: nothing to time or copy
         picked = timed_layers(layers, cls.linears)
         return {role: choose_forms([fused_weight(cls.linears(layer, role)) for layer in picked]) for role in cls.ROLES}
 
@@ -449,8 +485,8 @@ class Engine:
         # a head tied to the embedding keeps the (vocab, hidden) storage: stored transposed, the embedding would
         # become a strided view and every token lookup a strided gather
         tied = model.lm_head.weight is d.embed_tokens.weight
-        self.head = Product([model.lm_head], ROW_INVARIANT_CHOICE if tied else
-                            choose_forms([model.lm_head.weight.detach()]))
+        self.head = Product([model.lm_head], ROW_INVARIANT_CHOICE if tied and not ROW_INVARIANT else
+                            choose_forms([model.lm_head.weight.detach()]))  # row-invariant forms keep (out, in)
         self.dtype, self.device = self.head.weight.dtype, self.head.weight.device
         self.tables = Tables(d.rotary_emb, self.dtype, self.device)
         first = self.blocks[0]

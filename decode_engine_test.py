@@ -100,19 +100,28 @@ def test_every_product_form_computes_the_same_product():
 
 
 def test_forms_are_chosen_by_measurement_per_shape(monkeypatch):
-    """The storage and forms come from the timings: a form made to look fastest is picked."""
-    def fake(weights, passes=2):
-        slow = {m: 1.0 for m in decode_engine.ROW_BUCKETS}
-        times = {name: dict(slow) for name in decode_engine.FORMS}
-        times["mv"] = {1: 0.1}
-        times["w@x"][5] = 0.2
+    """The storage and forms come from the timings: a form made to look fastest is picked; row-invariant, one form
+    serves every row count: the kernel or F.linear, whichever the timings favour."""
+    kernel_cost = {}
+
+    def fake(weights, passes=2, names=None, rows=decode_engine.ROW_BUCKETS):
+        times = {name: {m: 1.0 for m in rows} for name in (names or decode_engine.FORMS)}
+        if names is None:
+            times["mv"] = {1: 0.1}
+            times["w@x"][5] = 0.2
+        if "kernel" in times:
+            times["kernel"] = {m: kernel_cost[m] for m in rows}
         return times
     monkeypatch.setattr(decode_engine, "measure_forms", fake)
     monkeypatch.setattr(decode_engine, "_CHOICES", {})
     monkeypatch.setattr(decode_engine, "ROW_INVARIANT", False)
+    kernel_cost.update({1: 2.0, 2: 2.0, 5: 2.0})
     assert decode_engine.choose_forms([torch.randn(7, 5)]) == ("w", {1: "mv", 5: "w@x"})
     monkeypatch.setattr(decode_engine, "ROW_INVARIANT", True)  # the default: one form, whatever is fastest
     assert decode_engine.choose_forms([torch.randn(7, 5)]) == ("w", {1: "linear", 5: "linear"})
+    if decode_engine.kernel_serves(torch.randn(7, 5)):
+        kernel_cost.update({1: 0.5, 2: 0.5, 5: 0.5})
+        assert decode_engine.choose_forms([torch.randn(9, 5)]) == ("w", {1: "kernel", 5: "kernel"})
 
 
 def test_row_invariant_steps_read_the_whole_capacity_and_pad_short_calls(monkeypatch):

@@ -4,7 +4,9 @@ A cell is (exit, layer L, gamma, policy, draft stop) on one set of prompts; ever
 `speculative_generate` and the baseline runs `autoregressive_generate` on the same prompts, policy and seeds. It
 writes to --out_dir (files and tables: results.py; plots: plots.py):
 
-    results.jsonl        one line per cell: the loop's stats over all prompts, tokens/s, speedup, c, predicted speedup
+    results.jsonl        one line per cell: the loop's stats over all prompts, tokens/s, speedup, c, predicted speedup,
+                         and beside them transformers' generate on the same prompts and policy (the library a user
+                         would pick): its tokens/s and our autoregressive loop's, timed in turns (--peer)
     summary.csv/.md      the same as a table
     layer_sweep.jsonl/.csv  teacher-forced metrics of every exit at every layer, from one pass per batch of text
     *.png                the plots, among them where_it_pays.png: the (a, c) map with break-even curves
@@ -132,6 +134,35 @@ def run_baseline(model, prompts, policy, max_new_tokens, seed, eos, first=0):
         seconds += s["seconds"]
     new = sum(len(t) for t in tokens)
     return {"tokens": tokens, "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0}
+
+
+def run_peer(model, prompts, policy, max_new_tokens, seed, eos):
+    """Our autoregressive loop beside transformers' `generate` on the same prompts and policy (sampling with the
+    same temperature, top-p and top-k, greedy otherwise), prompt by prompt in turns, so that a drift in the machine's
+    speed falls on both alike: the tokens/s of each, their ratio and, greedy, how many prompts gave equal tokens."""
+    ours = run_baseline(model, prompts[:1], policy, 4, seed, eos)  # warm both up, untimed
+    base, sample = model.base, policy["temperature"] > 0
+    kw = dict(do_sample=True, temperature=policy["temperature"], top_p=policy["top_p"], top_k=policy["top_k"]) \
+        if sample else dict(do_sample=False)
+    peer = lambda ids, n: base.generate(ids, max_new_tokens=n, eos_token_id=eos, pad_token_id=eos, **kw)
+    peer(prompts[0]["input_ids"], 4)
+    tokens, seconds, same = {"ours": 0, "generate": 0}, {"ours": 0.0, "generate": 0.0}, 0
+    for i, p in enumerate(prompts):
+        ours = run_baseline(model, [p], policy, max_new_tokens, seed, eos, first=i)
+        torch.manual_seed(prompt_seed(seed, i))
+        t = time.perf_counter()
+        out = peer(p["input_ids"], max_new_tokens)[0, p["input_ids"].shape[1]:].cpu()
+        if out.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds["generate"] += time.perf_counter() - t
+        tokens["generate"] += len(out)
+        tokens["ours"] += ours["new_tokens"]
+        seconds["ours"] += ours["seconds"]
+        same += not sample and torch.equal(out, ours["tokens"][0].cpu())
+    tps = {k: tokens[k] / seconds[k] if seconds[k] else 0.0 for k in tokens}
+    return {"peer_ar_tokens_per_s": tps["ours"], "generate_tokens_per_s": tps["generate"],
+            "ar_vs_generate": tps["ours"] / tps["generate"] if tps["generate"] else None,
+            "generate_greedy_match": None if sample else f"{same}/{len(prompts)}"}
 
 
 def first_difference(a, b):
@@ -392,6 +423,10 @@ def build_parser():
     g.add_argument("--paired_baseline", action="store_true",
                    help="every cell times its own autoregressive baseline, prompt by prompt in turns with its "
                         "speculative runs (twice the time; immune to drifts in the machine's speed between cells)")
+    g.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time transformers' generate beside our autoregressive loop, once per prompt set and "
+                        "policy, on the same prompts (default on; the rows then carry both tokens/s and "
+                        "speedup_vs_generate)")
     g.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                    help="auto: the GPU when there is one (one per process), else CPU")
     g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -555,7 +590,7 @@ def run_grid(args, sw, mine, own, meta, main, say):
         autoregressive_generate(warm, ids, few)
     long_prompt = max((p["input_ids"] for p in everything), key=lambda x: x.shape[1])
     timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)
-    baselines, times, model, model_key = {}, {}, None, None
+    baselines, times, model, model_key, peers = {}, {}, None, None, {}
     bar = tqdm(total=len(mine), disable=not main, desc="cells", dynamic_ncols=True)
     for count, i in enumerate(mine):
         cell = sw.cells[i]
@@ -572,7 +607,12 @@ def run_grid(args, sw, mine, own, meta, main, say):
         pkey = (cell.prompt_set, *cell.policy.values())
         if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells
             baselines[pkey] = run_baseline(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
+        if args.peer and pkey not in peers:  # once per prompt set and policy: generate does not depend on the exit
+            peers[pkey] = run_peer(model, prompts, cell.policy, args.max_new_tokens, args.seed, eos)
         row = run_cell(model, cell, prompts, args.max_new_tokens, args.seed, eos, baselines.get(pkey), times[key])
+        if args.peer:  # the speedup over generate: ours over our loop, times our loop over generate (each paired)
+            vs = peers[pkey]["ar_vs_generate"]
+            row.update(peers[pkey], speedup_vs_generate=row["speedup"] * vs if row["speedup"] and vs else None)
         dataset = {"dataset": cell.prompt_set} if cell.prompt_set else {}
         append_row(own, {"cell_id": sw.ids[i], "index": i, **meta, **dataset, "engine": model.describe_engine(),
                          **row})

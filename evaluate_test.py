@@ -101,10 +101,17 @@ def test_sweep_rows_are_consistent(full_sweep):
         assert r["v"] > 0 and r["predicted_speedup"] == pytest.approx(
             predicted_speedup(r["alpha"], r["gamma"], r["c"], r["draft_len_hist"], r["v"]))
         assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
+        # beside transformers' generate on the same prompts and policy (--peer, on by default)
+        assert r["generate_tokens_per_s"] > 0 and r["peer_ar_tokens_per_s"] > 0
+        assert r["ar_vs_generate"] == pytest.approx(r["peer_ar_tokens_per_s"] / r["generate_tokens_per_s"])
+        assert r["speedup_vs_generate"] == pytest.approx(r["speedup"] * r["ar_vs_generate"])
         if r["temperature"] == 0:
             assert r["matches_baseline"] is True and r["top_p"] == 1.0
+            assert r["generate_greedy_match"] == "2/2"  # float32: our loop gives generate's tokens
         else:
-            assert r["matches_baseline"] is None and r["top_p"] == 0.95
+            assert r["matches_baseline"] is None and r["top_p"] == 0.95 and r["generate_greedy_match"] is None
+    peers = {(r["temperature"], r["generate_tokens_per_s"]) for r in rows}
+    assert len(peers) == 2  # timed once per policy, not per cell
     assert {(r["exit"] == "untrained", r["exit_layer"]) for r in rows} == {(True, 1), (True, 3), (False, 2)}
     for name in PLOTS + ("summary.csv", "summary.md", "layer_sweep.csv"):
         assert (full_sweep / name).stat().st_size > 0, name
@@ -230,6 +237,8 @@ def test_best_line_counts_only_lossless_cells(tmp_path, capsys):
                    "x 128 tokens)\n")
     rows.append(fake_row("runs/speedup/exit_L6", 6, 1, 0.7, 1.5, None, tree_width=4, tree_nodes=0))
     assert best_line(rows).startswith("best lossless speedup: 1.50x (exit_L6, L 6, gamma 1, width 4, nodes 4, T=0.7")
+    rows[-1]["speedup_vs_generate"] = 2.1  # measured beside transformers' generate (--peer): said after the cell
+    assert best_line(rows).endswith("16 prompts x 128 tokens); 2.10x over transformers' generate")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--best_line", str(tmp_path / "nothing")])
     assert e.value.code == 2 and "--best_line" in capsys.readouterr().err
@@ -427,7 +436,7 @@ def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
                    "--temperatures", "0", "1.0", "--num_prompts", "2", "--max_new_tokens", "16", "--tf_blocks", "0",
                    "--dtype", "float32", "--out_dir", str(out)])
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("best lossless speedup: ") and last.endswith(".jsonl)")
+    assert last.startswith("best lossless speedup: ") and ".jsonl); " in last and last.endswith(" over transformers' generate")
     rows = read_rows(out / "results.jsonl")
     sets = {r["prompt_set"] for r in rows}
     assert sets == {str(assets / "prompts.jsonl"), str(second)}

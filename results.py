@@ -24,6 +24,7 @@ RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
 LAYER_SWEEP = "layer_sweep"
 # Fields that depend on the machine and the moment; everything else in a row is a pure function of the cell.
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
+                 "peer_ar_tokens_per_s", "generate_tokens_per_s", "ar_vs_generate", "speedup_vs_generate",
                  "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup", "c_lookup", "lookup_seconds",
                  "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
 SUMMARY_COLUMNS = ("prompt_set", "draft", "exit", "exit_layer", "gamma", "lookup_tokens", "ngram", "temperature", "top_p", "top_k", "draft_stop", "tree_width",
@@ -31,7 +32,9 @@ SUMMARY_COLUMNS = ("prompt_set", "draft", "exit", "exit_layer", "gamma", "lookup
                    "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
                    "avg_overlap", "avg_tv", "accept_hist", "avg_draft_len", "draft_len_hist", "matches_baseline",
                    "greedy_match", "first_diff_mean", "seconds", "tokens_per_s", "baseline_new_tokens",
-                   "baseline_seconds", "baseline_tokens_per_s", "speedup", "draft_step_ms", "full_step_ms", "c",
+                   "baseline_seconds", "baseline_tokens_per_s", "speedup", "peer_ar_tokens_per_s",
+                   "generate_tokens_per_s", "ar_vs_generate", "speedup_vs_generate", "generate_greedy_match",
+                   "draft_step_ms", "full_step_ms", "c",
                    "v", "lookup_match_rate", "c_lookup", "tokens_by_source", "predicted_speedup", "cell_id")
 
 
@@ -200,13 +203,17 @@ def greedy_label(r):
 def markdown_table(rows):
     """The summary as a Markdown table."""
     head = ["draft", "γ", "policy", "avg drafts", "accepted / drafted", "α", "avg accepted", "overlap", "tok/s",
-            "baseline tok/s", "speedup", "c", "predicted", "greedy = baseline (first diff)"]
+            "baseline tok/s", "speedup", "generate tok/s (ours beside it)", "speedup vs generate", "c", "predicted",
+            "greedy = baseline (first diff)"]
     body = []
     for r in rows:
+        peer = (f"{_fmt(r.get('generate_tokens_per_s'), 1)} ({_fmt(r.get('peer_ar_tokens_per_s'), 1)})"
+                if r.get("generate_tokens_per_s") else "")
         body.append([exit_label(r), gamma_label(r), policy_name((r["temperature"], r["top_p"], r["top_k"])),
                  _fmt(r.get("avg_draft_len"), 2), f"{r['accepted']} / {r['drafted']}", _fmt(r["alpha"], 2),
                  _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
-                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2),
+                 _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), peer,
+                 _fmt(r.get("speedup_vs_generate"), 2),
                  _fmt(r.get("c_lookup") if r.get("draft") == "lookup" else r["c"], 2),
                      _fmt(r["predicted_speedup"], 2), greedy_label(r)])
     return "\n".join(table(head, body)) + "\n"
@@ -237,8 +244,10 @@ def best_line(rows):
         if draft == "exit+lookup":
             source = f"exit+lookup: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
     where = f", {r['prompt_set']}" if r.get("prompt_set") else ""
+    peer = (f"; {r['speedup_vs_generate']:.2f}x over transformers' generate" if r.get("speedup_vs_generate")
+            else "")
     return (f"best lossless speedup: {r['speedup']:.2f}x ({source}, {policy}, {r['prompts']} prompts x "
-            f"{r['max_new_tokens']} tokens{where})")
+            f"{r['max_new_tokens']} tokens{where}){peer}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
