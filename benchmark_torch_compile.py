@@ -12,9 +12,10 @@ For each dtype it prints, all measured in the same run:
   machine      CPU model and flags (or GPU), threads, dtype
   rooflines    physical: weight bytes read per token / the memory's read rate (a sum over a tensor far larger than
                the caches); products: the model's matrix products alone, in sequence, one token, each in the lean
-               engine's form (and through F.linear for reference)
-  steps        a full step of 1 token and of 2/3/5/9 tokens (verify) over 1, and the draft's cost c at L8 (draft
-               step / full step), for transformers' layers (hf, "before") and the lean engine ("after")
+               engine's form (and through F.linear for reference), their read rate as a fraction of the memory's,
+               and k rows of them over one (k = 2, 5, 9, 17)
+  steps        a full step of 1 token and of 2/5/9/17 tokens (verify) over 1, v(k), and the draft's cost c at L8
+               (draft step / full step), for transformers' layers (hf, "before") and the lean engine ("after")
   speed        for each (L, gamma), on the same prompts and in turns (each method once per prompt, round-robin, so
                slow drifts of the machine hit every method alike):
                  hf_generate    model.generate(do_sample=False)                          (the reference)
@@ -152,12 +153,12 @@ def memory_read_rate(device, nbytes=2 << 30, repeats=5):
 
 
 @torch.inference_mode()
-def products_time(model, device, repeats=5):
-    """Seconds for one token's matrix products alone, in sequence (all layers' q/k/v, o, gate/up, down and the LM
-    head): in the lean engine's chosen forms, and through F.linear on the same weights."""
+def products_time(model, device, rows=1, repeats=5):
+    """Seconds for one step's matrix products alone on `rows` rows, in sequence (all layers' q/k/v, o, gate/up, down
+    and the LM head): in the lean engine's chosen forms, and through F.linear on the same weights."""
     engine = decode_engine.engine_for(model)
     products = [p for b in engine.blocks for p in (b.qkv, b.o, b.gate_up, b.down)] + [engine.head]
-    x = {p: torch.randn(1, p.weight.shape[0 if p.storage == "t" else 1], device=device).to(p.weight.dtype)
+    x = {p: torch.randn(rows, p.weight.shape[0 if p.storage == "t" else 1], device=device).to(p.weight.dtype)
          for p in products}
     linear = [(x[p], p.weight.t() if p.storage == "t" else p.weight) for p in products]
 
@@ -170,18 +171,31 @@ def products_time(model, device, repeats=5):
             torch.nn.functional.linear(xi, w)
 
     ours(), plain()
-    return (min(timed(ours, device)[1] for _ in range(repeats)),
-            min(timed(plain, device)[1] for _ in range(repeats)))
+    best = {"ours": float("inf"), "plain": float("inf")}
+    for _ in range(repeats):  # in turns, so that a slow moment of the machine hits both
+        best["ours"] = min(best["ours"], timed(ours, device)[1])
+        best["plain"] = min(best["plain"], timed(plain, device)[1])
+    return best["ours"], best["plain"]
+
+
+VERIFY_ROWS = (2, 5, 9, 17)  # v(k) is read at these: a chain of 1, 4, 8 and 16 drafts
 
 
 def rooflines(model, device):
+    """Two rooflines and where we stand: the weights' bytes over the memory's read rate (physical), and one step's
+    products alone (ours and F.linear's), their read rate as a fraction of the memory's, and what k rows of products
+    cost over one (the products' part of v(k); 1.0 while the weights' reading binds, more once the arithmetic does)."""
     nbytes = weight_bytes_per_token(model)
     rate = memory_read_rate(device)
     ours_s, linear_s = products_time(model, device)
+    k_rows = {k: products_time(model, device, rows=k) for k in VERIFY_ROWS}
     return {"weight_mb_per_token": round(nbytes / 1e6, 1), "memory_read_gb_s": round(rate / 1e9, 1),
             "physical_tok_s": round(rate / nbytes, 1),
             "products_ms": round(1e3 * ours_s, 2), "products_gb_s": round(nbytes / ours_s / 1e9, 1),
-            "products_tok_s": round(1 / ours_s, 1), "products_f_linear_ms": round(1e3 * linear_s, 2)}
+            "products_fraction_of_read_rate": round(nbytes / ours_s / rate, 2),
+            "products_tok_s": round(1 / ours_s, 1), "products_f_linear_ms": round(1e3 * linear_s, 2),
+            "products_k_over_1": {k: round(t / ours_s, 2) for k, (t, _) in k_rows.items()},
+            "products_f_linear_k_over_1": {k: round(t / linear_s, 2) for k, (_, t) in k_rows.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +203,7 @@ def rooflines(model, device):
 
 
 @torch.inference_mode()
-def step_costs(models, prompt, draft_layer=8, sizes=(2, 3, 5, 9), rounds=7):
+def step_costs(models, prompt, draft_layer=8, sizes=VERIFY_ROWS, rounds=7):
     """Per engine ({engine: model}): a one-token full step (ms), k-token full steps over it, and c = draft step /
     full step at `draft_layer`, from evaluate.step_times (medians of warm calls, kinds interleaved)."""
     out = {}

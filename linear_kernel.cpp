@@ -64,7 +64,7 @@ bool has_avx512() {
 bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 // ---------------------------------------------------------------------------------------------------------------
-namespace avx2 {  // 8 lanes; 16 registers: up to 5 rows of x a tile (5 sums, 5 of x, 1 of W)
+namespace avx2 {  // 8 lanes, 16 registers: tiles of up to 5 rows of x
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 inline __m256 tail_f32(const float* p, int64_t n) {  // no masked loads of 16-bit values here: a zeroed buffer
@@ -109,7 +109,7 @@ struct Fma {  // float32 x; float32 or bfloat16 W (widened exactly)
 }  // namespace avx2
 
 // ---------------------------------------------------------------------------------------------------------------
-namespace avx512 {  // 16 lanes; 32 registers: up to 6 rows of x a tile
+namespace avx512 {  // 16 lanes, 32 registers: tiles of up to 6 rows of x
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
 inline __mmask16 first16(int64_t n) { return __mmask16((1u << n) - 1); }

@@ -5,48 +5,35 @@
 //   W_BYTES, zero(), load_x(p), load_x_tail(p, n), load_w(p), load_w_tail(p, n) (n < KV elements, zeros past
 //   them), fma(acc, x, w) (acc + the lane-wise products of x and w), reduce(acc) (the lanes summed in a fixed order).
 
-// out[i * stride + j] = x row i . W row j (the whole of K), for NB rows of W and MB rows of x: NB * MB sums in
-// registers, plus MB of x and one of W (at most 21 of AVX-512's 32 registers, 13 of AVX2's 16). Each sum is one
-// chain of fused multiply-adds over k (one vector step of KV elements at a time, the tail of K with zeros past it),
-// its lanes then summed by reduce(): the same operations for an element whatever NB, MB or its place in the tile.
-template <class Ops, int NB, int MB>
+// out[i * stride] = x row i . W's row w (the whole of K), for MB rows of x: MB sums in registers, plus one vector of
+// W and one of x (8 of AVX-512's 32 registers, 7 of AVX2's 16). Each sum is one chain of multiply-adds over k (one
+// vector step of KV elements at a time, the tail of K with zeros past it), its lanes then summed by reduce(): the
+// same operations for an element whatever MB or its place in the tile.
+template <class Ops, int MB>
 inline void tile(const typename Ops::X* x, int64_t K, const char* w, float* out, int64_t stride) {
-  using Acc = typename Ops::Acc;
   constexpr int64_t KV = Ops::KV, WS = Ops::W_BYTES;
-  const int64_t row_bytes = K * WS;
-  Acc acc[NB][MB];
-  for (int j = 0; j < NB; ++j)
-    for (int i = 0; i < MB; ++i) acc[j][i] = Ops::zero();
+  typename Ops::Acc acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = Ops::zero();
   const int64_t full = K - K % KV;
   for (int64_t k = 0; k < full; k += KV) {
-    decltype(Ops::load_x(x)) xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = Ops::load_x(x + i * K + k);
-    for (int j = 0; j < NB; ++j) {  // each weight vector used by every row of x as soon as it is loaded
-      const auto wv = Ops::load_w(w + j * row_bytes + k * WS);
-      for (int i = 0; i < MB; ++i) acc[j][i] = Ops::fma(acc[j][i], xv[i], wv);
-    }
+    const auto wv = Ops::load_w(w + k * WS);  // used by every row of x once loaded
+    for (int i = 0; i < MB; ++i) acc[i] = Ops::fma(acc[i], Ops::load_x(x + i * K + k), wv);
   }
   if (full < K) {  // the tail of K: lanes past it are zeros in both operands
-    const int64_t n = K - full;
-    decltype(Ops::load_x(x)) xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = Ops::load_x_tail(x + i * K + full, n);
-    for (int j = 0; j < NB; ++j) {
-      const auto wv = Ops::load_w_tail(w + j * row_bytes + full * WS, n);
-      for (int i = 0; i < MB; ++i) acc[j][i] = Ops::fma(acc[j][i], xv[i], wv);
-    }
+    const auto wv = Ops::load_w_tail(w + full * WS, K - full);
+    for (int i = 0; i < MB; ++i) acc[i] = Ops::fma(acc[i], Ops::load_x_tail(x + i * K + full, K - full), wv);
   }
-  for (int j = 0; j < NB; ++j)
-    for (int i = 0; i < MB; ++i) out[i * stride + j] = Ops::reduce(acc[j][i]);
+  for (int i = 0; i < MB; ++i) out[i * stride] = Ops::reduce(acc[i]);
 }
 
 // `tile` for mb <= MB rows of x (the last ones).
-template <class Ops, int NB, int MB>
+template <class Ops, int MB>
 inline void tile_rows(int mb, const typename Ops::X* x, int64_t K, const char* w, float* out, int64_t stride) {
   static_assert(MB >= 1 && MB <= 8, "tiles of 1 to 8 rows");
-  if (mb == MB) return tile<Ops, NB, MB>(x, K, w, out, stride);  // the usual case
+  if (mb == MB) return tile<Ops, MB>(x, K, w, out, stride);  // the usual case
   switch (mb) {
 #define LK_ROWS(r) \
-    case r: if constexpr (MB > r) return tile<Ops, NB, r>(x, K, w, out, stride);
+    case r: if constexpr (MB > r) return tile<Ops, r>(x, K, w, out, stride);
     LK_ROWS(1) LK_ROWS(2) LK_ROWS(3) LK_ROWS(4) LK_ROWS(5) LK_ROWS(6) LK_ROWS(7)
 #undef LK_ROWS
     default: return;
@@ -55,9 +42,9 @@ inline void tile_rows(int mb, const typename Ops::X* x, int64_t K, const char* w
 
 // A panel: outputs n0..n0+rows-1 (rows <= PANEL) of every row of x (M <= MAX_ROWS), their sums into out (M, PANEL).
 // W's rows one after the other, each against every row of x, MB rows at a time (the row of W stays in L1
-// meanwhile): W is then read as a single stream, which the hardware prefetches best (measured on an AMD EPYC: 26-31
-// GB/s for a one-row product against 18-21 GB/s with 4 to 16 rows of W read side by side), and the rows of x give
-// the multiply-adds their independent chains.
+// meanwhile): W is then read as a single stream, which the hardware prefetches best (measured on an AMD EPYC with
+// SmolLM2's shapes: 26-31 GB/s for a one-row product, against 18-21 GB/s with 4 to 16 rows of W read side by side
+// for fewer loads per multiply-add), and the rows of x give the multiply-adds independent chains.
 template <class Ops, int MB>
 void panel(const void* xv, int64_t M, int64_t K, const void* w, int64_t n0, int64_t rows, float* out) {
   const auto* x = static_cast<const typename Ops::X*>(xv);
@@ -65,11 +52,11 @@ void panel(const void* xv, int64_t M, int64_t K, const void* w, int64_t n0, int6
   const char* wp = static_cast<const char*>(w) + n0 * row_bytes;
   for (int64_t j = 0; j < rows; ++j)
     for (int64_t i0 = 0; i0 < M; i0 += MB)
-      tile_rows<Ops, 1, MB>(int(M - i0 < MB ? M - i0 : MB), x + i0 * K, K, wp + j * row_bytes,
-                            out + i0 * PANEL + j, PANEL);
+      tile_rows<Ops, MB>(int(M - i0 < MB ? M - i0 : MB), x + i0 * K, K, wp + j * row_bytes, out + i0 * PANEL + j,
+                         PANEL);
 }
 
-// The plan of a product of M rows: the tiles' height by row count.
+// The plan of a product of M rows: the tiles' height by row count (one tile up to Ops::MB rows).
 template <class Ops>
 PanelFn plan(int64_t M) {
   switch (M) {
