@@ -9,8 +9,8 @@
 // element falls in or on how the outputs are split across threads. So a token's logits get the same bits decoded
 // alone or among the rows of a verify, without padding a row to two.
 //
-// The weights are streamed once per call (up to MAX_ROWS rows of x): each row of W is multiplied against every row
-// of x while it sits in L1 (linear_kernel_tiles.h), W's rows one after the other, a single stream per thread.
+// The weights are streamed once per call (up to MAX_ROWS rows of x): each row of W (each few rows, for 6 rows of x or
+// more) is multiplied against every row of x while it sits in L1 (linear_kernel_tiles.h).
 // OpenMP splits the outputs across threads in panels of PANEL rows of W (torch's own OpenMP runtime: the extension
 // links the same libgomp). The instruction set is chosen at run time: AVX-512 BF16 for bfloat16 x and W where the
 // CPU has it, else AVX-512, else AVX2 + FMA.
@@ -64,7 +64,7 @@ bool has_avx512() {
 bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 
 // ---------------------------------------------------------------------------------------------------------------
-namespace avx2 {  // 8 lanes, 16 registers: tiles of up to 5 rows of x
+namespace avx2 {  // 8 lanes, 16 registers
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 inline __m256 tail_f32(const float* p, int64_t n) {  // no masked loads of 16-bit values here: a zeroed buffer
@@ -84,7 +84,7 @@ struct Fma {  // float32 x; float32 or bfloat16 W (widened exactly)
   using Acc = __m256;
   using W = __m256;
   using X = float;
-  static constexpr int64_t KV = 8, MB = 5, W_BYTES = BF16W ? 2 : 4;
+  static constexpr int64_t KV = 8, NB = 3, MB = 3, W_BYTES = BF16W ? 2 : 4;
   static Acc zero() { return _mm256_setzero_ps(); }
   static __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 load_x_tail(const float* p, int64_t n) { return tail_f32(p, n); }
@@ -109,7 +109,7 @@ struct Fma {  // float32 x; float32 or bfloat16 W (widened exactly)
 }  // namespace avx2
 
 // ---------------------------------------------------------------------------------------------------------------
-namespace avx512 {  // 16 lanes, 32 registers: tiles of up to 6 rows of x
+namespace avx512 {  // 16 lanes, 32 registers
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
 inline __mmask16 first16(int64_t n) { return __mmask16((1u << n) - 1); }
@@ -119,7 +119,7 @@ struct Fma {
   using Acc = __m512;
   using W = __m512;
   using X = float;
-  static constexpr int64_t KV = 16, MB = 6, W_BYTES = BF16W ? 2 : 4;
+  static constexpr int64_t KV = 16, NB = 4, MB = 4, W_BYTES = BF16W ? 2 : 4;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 load_x_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first16(n), p); }
@@ -147,7 +147,7 @@ struct Dot {
   using Acc = __m512;
   using W = __m512bh;
   using X = uint16_t;
-  static constexpr int64_t KV = 32, MB = 6, W_BYTES = 2;
+  static constexpr int64_t KV = 32, NB = 1, MB = 6, W_BYTES = 2;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512bh load(const void* p) {  // memcpy: a plain unaligned load (a cast from __m512i costs a spill in GCC 12)
     __m512bh v;
