@@ -205,6 +205,18 @@ def device_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def lap(timings: dict | None, phase: str | None, device: torch.device, t0: float = 0.0) -> float:
+    """Opt-in phase timing: with a `timings` dict, add the seconds since t0 to timings[phase] (device synchronised);
+    returns the time now. Without one, nothing is synchronised or measured."""
+    if timings is None:
+        return 0.0
+    device_sync(device)
+    now = time.perf_counter()
+    if phase is not None:
+        timings[phase] = timings.get(phase, 0.0) + now - t0
+    return now
+
+
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple:
     """(fn(), its wall-clock seconds), the device synchronised before and after."""
     device_sync(device)

@@ -614,11 +614,11 @@ def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="pr
 
 
 TASKS = "sharegpt:tasks"  # --dataset shorthand for the three ShareGPT task groups
+TASK_GROUPS = ("code", "given_text", "open")  # those groups (share_gpt_dataset.task_group sorts prompts into them)
 
 
 def dataset_names(values):
     """--dataset's values with sharegpt:tasks spelled out as its groups (sharegpt:code, ...), each once."""
-    from share_gpt_dataset import TASK_GROUPS
     names = [[f"sharegpt:{g}" for g in TASK_GROUPS] if v == TASKS else [v] for v in values]
     return list(dict.fromkeys(n for group in names for n in group))
 

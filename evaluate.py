@@ -36,7 +36,8 @@ import decode_engine
 from checkpoints import CheckpointError, write_atomically
 from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers,
                  resolve_device, run_command)
-from data_utils import DATASETS, TASKS, dataset_names, load_eval_data
+from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data
+from drafts import SOURCES
 from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
@@ -60,7 +61,7 @@ class Cell:
     draft_stop: float = 0.0  # adaptive draft length: stop when the draft's top probability is below this (0: off)
     tree_width: int = 1      # candidates per expanded node of a draft tree of depth gamma (1: a chain)
     tree_nodes: int = 0      # the tree's node budget (0: tree_width x gamma; always 0 for a chain)
-    draft: str = "exit"      # the draft source: exit, lookup (no exit: exit "none", layer 0) or exit+lookup
+    draft: str = "exit"      # the draft source (drafts.DRAFTS); one without the exit has exit "none", layer 0
     lookup_tokens: int = 0   # exit+lookup: the lookup's proposal length (0: gamma); lookup cells: gamma is it
     ngram: int = 3           # the lookup's longest n-gram
     prompt_set: str = ""     # which --dataset the prompts come from ("" when there is one)
@@ -80,23 +81,27 @@ def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), 
     """Every cell, in a fixed order: exits (as given), then prompt set, draft source, gamma, temperature, top_p,
     top_k, draft_stop, tree width and nodes, lookup length. Greedy ignores top_p and top_k, so greedy cells are kept
     once, with top_p 1.0 and top_k 0; a chain (width 1) has no node budget, and a budget of width x gamma is the
-    default one (0). Lookup cells need no exit: they come once (exit "none", layer 0), as chains, gamma being the
-    lookup's length; exit cells have no lookup length."""
+    default one (0). Sources without the exit (lookup, recycle) come once (exit "none", layer 0), with no draft_stop;
+    lookup cells are chains, gamma being the lookup's length; only exit+lookup cells have a lookup length of their
+    own."""
     cells = []
-    exits = list(exits) + ([("none", 0)] if "lookup" in drafts else [])
+    exits = list(exits) + ([("none", 0)] if any(not SOURCES[d].exit for d in drafts) else [])
     for (name, layer), ps, d, g, t, p, k, s, w, m, lt in itertools.product(
             exits, prompt_sets, drafts, gammas, temperatures, top_ps, top_ks, draft_stops, tree_widths, tree_nodes,
             lookup_tokens):
-        if (d == "lookup") != (name == "none"):
+        kind = SOURCES[d]
+        if kind.exit == (name == "none"):
             continue
-        if d == "lookup":
-            s, w, m = 0.0, 1, 0
-        if d != "exit+lookup":
+        if not kind.exit:  # no q: no draft_stop
+            s = 0.0
+        if not kind.trees:
+            w, m = 1, 0
+        if not (kind.exit and kind.lookup):  # a lookup length of its own beside gamma: exit + lookup only
             lt = 0
         m = 0 if w == 1 or m == w * g else m
         lt = 0 if lt == g else lt
         cell = Cell(name, layer, g, float(t), 1.0 if t == 0 else float(p), 0 if t == 0 else k, float(s), w, m, d, lt,
-                    ngram if d != "exit" else 3, ps)
+                    ngram if kind.lookup else 3, ps)
         if cell not in cells:
             cells.append(cell)
     return cells
@@ -224,8 +229,9 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     v = sum(n * verify_s.get(d + 1, full_s) for d, n in enumerate(len_hist)) / max(sum(len_hist), 1) / full_s
     rows = lists["draft_rows_hist"]  # a tree's draft steps by their rows, each at its measured cost
     draft_cost = sum(n * draft_rows_s.get(r, draft_s) for r, n in enumerate(rows)) / full_s
-    c_lookup = total["lookup_seconds"] / max(calls, 1) / full_s if cell.draft != "exit" else None
-    if cell.draft != "exit":  # cycles of several kinds, each at its measured cost
+    c_lookup = total["lookup_seconds"] / max(calls, 1) / full_s if SOURCES[cell.draft].lookup else None
+    kind = SOURCES[cell.draft]
+    if kind.lookup or not kind.exit:  # cycles of several kinds, deterministic trees: each at its measured cost
         predicted = predicted_mixed_speedup(total["new_tokens"], cycles, lambda k: verify_s.get(k, full_s) / full_s,
                                             c, draft_cost, total["lookup_seconds"] / full_s)
     elif cell.tree_width == 1:
@@ -272,7 +278,7 @@ def cell_cost(cell, num_layers, baseline=0.0):
     cost model with drafts accepted with probability L/N (a lookup's: 1/2), a draft step L/N of a full step (a
     lookup's: free), a verification of k tokens 1 + k/16 steps; plus `baseline`, its share of the autoregressive
     baseline's step a token (all of it when paired, else a share of the one its exit and policy run once)."""
-    a, c = (0.5, 0.0) if cell.draft == "lookup" else (cell.exit_layer / num_layers,) * 2
+    a, c = (0.5, 0.0) if not SOURCES[cell.draft].exit else (cell.exit_layer / num_layers,) * 2
     verify = 1 + ((cell.tree_nodes or cell.tree_width * cell.gamma) + 1) / 16
     return (cell.gamma * c + verify) / tokens_per_cycle(a, cell.gamma) + baseline
 
@@ -388,8 +394,10 @@ def build_parser():
     g.add_argument("--drafts", nargs="+", default=["exit"], choices=DRAFTS, metavar="SOURCE",
                    help="draft sources: exit (the early exit), lookup (prompt lookup: the tokens that followed the "
                         "newest n-gram's latest earlier occurrence; needs no exit, run once, as chains of up to gamma "
-                        "tokens) and exit+lookup (a chain: the lookup's proposal when it matches, else the exit's; a "
-                        "tree: the exit's tree with the lookup's path grafted on)")
+                        "tokens), exit+lookup (a chain: the lookup's proposal when it matches, else the exit's; a "
+                        "tree: the exit's tree with the lookup's path grafted on) and recycle (a tree of depth gamma "
+                        "from the target's own top next tokens of earlier passes, --tree_widths children a node; needs "
+                        "no exit)")
     g.add_argument("--lookup_tokens", nargs="+", type=int, default=[0], metavar="K",
                    help="exit+lookup: the lookup's proposal length (0: gamma; the exit drafts gamma)")
     g.add_argument("--ngram", type=int, default=3, help="the lookup's longest n-gram (it tries n = this .. 1)")
@@ -456,7 +464,6 @@ def check_args(args):
             check_policy(draft=d, lookup_tokens=k, ngram=args.ngram)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from share_gpt_dataset import TASK_GROUPS
     groups = [f"sharegpt:{g}" for g in TASK_GROUPS] + [TASKS]
     for d in args.dataset:
         if d not in DATASETS and d not in groups and not Path(d).is_file():
@@ -522,7 +529,7 @@ def load_sweep(args, device):
         exit, _ = load_exit(path, base, base_fingerprint=fingerprint)
         checkpoints.append((path, exit.requires_grad_(False).eval()))
         exit_ids[path] = _file_hash(Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE)
-    if args.drafts != ["lookup"] and not layers and not checkpoints:
+    if any(SOURCES[d].exit for d in args.drafts) and not layers and not checkpoints:
         raise UsageError("--exit_layers/--exit_ckpt: there is no exit to evaluate; give layers or checkpoints.")
     names = dataset_names(args.dataset)
     prompts, blocks = {}, []
@@ -600,7 +607,7 @@ def run_grid(args, sw, mine, own, meta, main, say):
                                                          engine=args.engine), key, {}  # lookup: no exit runs
         if key not in times:
             biggest = max((c.tree_nodes or c.tree_width * c.gamma)
-                          + (0 if c.draft == "exit" else c.lookup_tokens or c.gamma) for c in sw.cells)
+                          + (c.lookup_tokens or c.gamma if SOURCES[c.draft].lookup else 0) for c in sw.cells)
             times[key] = step_times(model, timing_ids, range(2, biggest + 2),
                                     draft_sizes=range(2, max(args.tree_widths) + 1))
         prompts = sw.prompts[cell.prompt_set]

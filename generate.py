@@ -10,25 +10,24 @@
 
 No layer ever recomputes a position, and after each cycle the cache holds exactly the committed tokens.
 
-Reading order: `speculative_generate` (the loop) -> `speculate_cycle` (one cycle) -> `draft`, then sampling.py (the
-policy and the acceptance rules, on the device); then trees of drafts (`tree_cycle`: `draft_tree`, one verify over
-the tree, sampling.accept_tree), which the loop runs instead of a chain when tree_width > 1. A cycle reads back from
-the device once (a tree: once per level and once for its walk), so a GPU runs ahead of Python (host_reads.py). The
-model is anything with the `Steps` methods (truncated_llama's TruncatedLlama); this module needs neither the sweep
-(evaluate.py) nor the trainer (train.py).
+Reading order: `speculative_generate` (the loop: each cycle asks its draft source for a Proposal, `run_cycle`
+verifies it in one pass and `judge`s it, chains and trees alike, then commits and tells the source), drafts.py (the
+sources: the exit's chain and `draft`, its tree and `draft_tree`, prompt lookup, both), then sampling.py (the policy
+and the acceptance rules, on the device). A cycle reads back from the device once (a tree: once per level and once
+for its walk), so a GPU runs ahead of Python (host_reads.py). The model is anything with the `Steps` methods
+(truncated_llama's TruncatedLlama); this module needs neither the sweep (evaluate.py) nor the trainer (train.py).
 """
-import math
 import statistics
 import time
 from typing import NamedTuple, Optional, Protocol
 
 import torch
 
-from cli import check_context, device_sync
+from cli import check_context, device_sync, lap
 from decode_engine import TreeRows
-from prompt_lookup import Lookup
+from drafts import DRAFTS, SOURCES, Proposal, Turn, make_source
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
-from sampling import Policy, accept_tree, judge_chain, read_chain, sample, walk_tables  # noqa: F401 (sample: API)
+from sampling import Policy, accept_tree, check_sampling, judge_chain, read_chain, sample  # noqa: F401 (sample: API)
 
 
 class Cache(Protocol):
@@ -68,7 +67,6 @@ class Steps(Protocol):
 SWEEP_FLAGS = {"gamma": "--gammas", "temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k",
                "draft_stop": "--draft_stop", "tree_width": "--tree_widths", "tree_nodes": "--tree_nodes",
                "draft": "--drafts", "lookup_tokens": "--lookup_tokens", "ngram": "--ngram"}
-DRAFTS = ("exit", "lookup", "exit+lookup")  # the draft sources: the early exit, prompt lookup, both in one cycle
 
 
 def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -84,18 +82,13 @@ def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0
     if not isinstance(ngram, int) or isinstance(ngram, bool) or not 1 <= ngram <= 16:
         raise ValueError(f"{flags.get('ngram', '--ngram')}: the lookup's longest n-gram must be an integer in 1..16, "
                          f"got {ngram}.")
-    if draft == "lookup" and tree_width != 1:
-        raise ValueError(f"{flags.get('tree_width', '--tree_widths')}: a lookup draft is a chain (tree width 1); "
-                         f"trees need the exit (--drafts exit or exit+lookup), got width {tree_width}.")
+    if not SOURCES[draft].trees and tree_width != 1:
+        raise ValueError(f"{flags.get('tree_width', '--tree_widths')}: a {draft} draft is a chain (tree width 1); "
+                         f"trees need another source ({', '.join(d for d in DRAFTS if SOURCES[d].trees)}), "
+                         f"got width {tree_width}.")
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"{flags['temperature']}: temperature must be a number >= 0 (0 means greedy), "
-                         f"got {temperature}.")
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"{flags['top_p']}: top_p must be in (0, 1], got {top_p}.")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"{flags['top_k']}: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, flags=flags)
     if not (isinstance(draft_stop, (int, float)) and 0 <= draft_stop < 1):
         raise ValueError(f"{flags.get('draft_stop', '--draft_stop')}: draft_stop must be in [0, 1) (0 turns it off), "
                          f"got {draft_stop}.")
@@ -129,7 +122,8 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     `ngram`..1 tokens occurred before in prompt + reply; a proposal is deterministic, q one-hot, so x is accepted with
     probability p(x); no match: the cycle is one plain step), "exit+lookup" (a chain: the lookup's proposal when it
     has one, else the exit's chain; a tree, tree_width > 1: the exit's tree with the lookup's proposal grafted on as
-    one more path, duplicates merged, all verified in one pass).
+    one more path, duplicates merged, all verified in one pass), "recycle" (a tree of depth gamma, tree_width children a
+    node, from the target's own top next tokens of earlier verify passes for each token id; no model call).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
@@ -160,46 +154,23 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
                  tree_width=tree_width, tree_nodes=tree_nodes, draft=draft, lookup_tokens=lookup_tokens, ngram=ngram)
     _check_prompt(model, input_ids, max_new_tokens)
     policy = Policy(temperature, top_p, top_k, checked=True)
-    eos = _as_set(eos_token_id) if eos_token_id is not None else set()
+    eos = frozenset(_as_set(eos_token_id)) if eos_token_id is not None else frozenset()
     t0 = time.perf_counter()
-    budget = (tree_nodes or tree_width * gamma) if tree_width > 1 else gamma
-    lookup_len = (lookup_tokens or gamma) if draft != "exit" else 0
-    cache, n, last = _prefill(model, input_ids, with_exit=draft != "lookup", room=max_new_tokens,
-                              drafts=budget + lookup_len + 1)
+    source = make_source(draft, input_ids[0], gamma=gamma, tree_width=tree_width, tree_nodes=tree_nodes,
+                         draft_stop=draft_stop, lookup_tokens=lookup_tokens, ngram=ngram, eos=eos)
+    cache, n, last = _prefill(model, input_ids, with_exit=source.uses_exit, room=max_new_tokens,
+                              drafts=source.max_rows + 1, observe=source.observe if source.observes else None)
     root = int(last)  # the newest token's id, kept on the host from here (a tree's root)
-    lookup, lookup_s, matched = None, 0.0, []
-    if lookup_len:
-        lap = time.perf_counter()
-        lookup = Lookup(input_ids[0].tolist(), ngram)
-        lookup_s += time.perf_counter() - lap
-    tokens, sources, per_cycle, per_cycle_drafted, judged, rows, overlap_rows, kinds = [], [], [], [], [], [], 0, []
+    cycles, tokens, sources = [], [], []
     # summed on the device in float64 (the same sums as Python floats), read once at the end: no sync per cycle
     overlap_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     done = False
     while not done and len(tokens) < max_new_tokens:
-        room = max_new_tokens - len(tokens) - 1  # the target always adds one token per cycle
-        g = min(gamma, room)
-        proposal = []
-        if lookup is not None and room > 0:
-            lap = time.perf_counter()
-            proposal = _cut_at(lookup.propose(min(lookup_len, room)), eos)
-            lookup_s += time.perf_counter() - lap
-            matched.append(bool(proposal))
-        if draft == "lookup" or (proposal and tree_width == 1):
-            cycle = lookup_cycle(model, policy, cache, n, last, proposal, generator, with_exit=draft != "lookup")
-        elif tree_width > 1 and g > 0:
-            cycle = tree_cycle(model, policy, cache, n, last, g, tree_width, budget, draft_stop, generator, timings,
-                               graft=proposal, root=root)
-        else:
-            cycle = speculate_cycle(model, policy, cache, n, last, g, draft_stop, generator)
-        k = cycle.accepted
-        kinds.append(cycle.kind)
-        per_cycle.append(k)
-        per_cycle_drafted.append(cycle.nodes)
-        judged.append(k + cycle.rejected)
-        rows += cycle.level_rows
+        turn = Turn(model, policy, cache, n, last, root, max_new_tokens - len(tokens) - 1, generator, timings)
+        cycle = run_cycle(turn, source.propose(turn), source.observe if source.observes else None)
+        cycles.append(cycle)
         overlap_sum += cycle.overlap
-        overlap_rows += cycle.overlap_rows
+        k = cycle.accepted
         committed = cycle.drafts[:k] + [cycle.token]
         for i, t in enumerate(committed):
             tokens.append(t)
@@ -208,38 +179,29 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
                 done = True
                 break
         if cycle.path is not None:  # a tree: the accepted path's keys and values move to n.., the rest goes
-            lap = _lap(timings, None, input_ids.device)
+            t1 = lap(timings, None, input_ids.device)
             cache.keep(n, [n + i for i in cycle.path])
-            _lap(timings, "cache moves", input_ids.device, lap)
+            lap(timings, "cache moves", input_ids.device, t1)
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
         root, last = cycle.token, torch.tensor([[cycle.token]], device=input_ids.device)  # a copy to the device
-        if lookup is not None:
-            lap = time.perf_counter()
-            lookup.add(committed)
-            lookup_s += time.perf_counter() - lap
-    depth = max([gamma, lookup_len] + per_cycle)
-    stats = cycle_stats(per_cycle, per_cycle_drafted, overlap_sum.item(), depth, judged, overlap_rows)
-    if tree_width > 1:
-        hist = [0] * (max(rows, default=0) + 1)
-        for r in rows:
-            hist[r] += 1
-        stats.update(nodes_per_cycle=stats["drafted"] / max(len(per_cycle), 1), draft_rows_hist=hist,
-                     tree_width=tree_width, tree_nodes=budget)
-    stats.update(from_draft=[s is not None for s in sources], token_sources=sources, cycle_kinds=kinds,
-                 source_counts={s: sum(x == s for x in sources) for s in ("exit", "lookup", "both")}
+        source.commit(committed)
+    return _finish(tokens, loop_stats(cycles, sources, overlap_sum.item(), max(gamma, source.depth), source, cache,
+                                      model.num_layers), t0, input_ids.device)
+
+
+def loop_stats(cycles: list, sources: list, overlap_sum: float, depth: int, source, cache, num_layers: int) -> dict:
+    """speculative_generate's stats (see there) from its cycle records and each new token's source."""
+    per_cycle = [c.accepted for c in cycles]
+    stats = cycle_stats(per_cycle, [c.nodes for c in cycles], overlap_sum, max([depth] + per_cycle),
+                        [c.accepted + c.rejected for c in cycles], sum(c.overlap_rows for c in cycles))
+    stats.update(from_draft=[s is not None for s in sources], token_sources=sources,
+                 cycle_kinds=[c.kind for c in cycles],
+                 source_counts={s: sum(x == s for x in sources) for s in ("exit", "lookup", "both", "recycled")}
                  | {"target": sum(x is None for x in sources)},
-                 lookup_matched=matched, lookup_match_rate=sum(matched) / len(matched) if matched else None,
-                 lookup_seconds=lookup_s, cache_positions=[cache.length(i) for i in range(model.num_layers)])
-    return _finish(tokens, stats, t0, input_ids.device)
-
-
-def _cut_at(proposal: list, eos: set) -> list:
-    """A proposal up to and including its first end-of-sequence token: nothing after it could be kept."""
-    for i, t in enumerate(proposal):
-        if t in eos:
-            return proposal[: i + 1]
-    return proposal
+                 lookup_matched=[], lookup_match_rate=None, lookup_seconds=0.0,
+                 cache_positions=[cache.length(i) for i in range(num_layers)])
+    return stats | source.stats(cycles)
 
 
 class Cycle(NamedTuple):
@@ -263,216 +225,63 @@ class Cycle(NamedTuple):
     kind: str = "exit"
 
 
-def speculate_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int,
-                    draft_stop: float = 0.0, generator: Optional[torch.Generator] = None) -> Cycle:
-    """Draft up to g tokens, verify them with the remaining layers in one pass, accept some: one Cycle. The cache
-    then holds positions up to n + drafts; the caller crops it to what it commits. Drafts, their judgement and the
-    target's token stay on the device until the cycle's one host read (read_chain)."""
-    hidden, q_rows, drafts = draft(model, policy, cache, n, last, g, draft_stop, generator)
-    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n)[0]
+def run_cycle(turn: Turn, proposal: Proposal, observe=None) -> Cycle:
+    """Verify a proposal in one pass and judge it: one Cycle. The cache then holds positions up to n + the drafts
+    written; the caller keeps what it commits. `observe(inputs, logits)`: given every verified row's input token and
+    the target's logits there (a source that learns from them: drafts.Recycled)."""
+    device = turn.last.device
+    t0 = lap(turn.timings, None, device)
+    p_logits = verify(turn, proposal)
+    if observe is not None:
+        tree = proposal.tree
+        observe(tree.walk[1] if tree is not None else torch.cat([turn.last.view(1), proposal.tokens]), p_logits)
+    t0 = lap(turn.timings, "verify", device, t0)
+    cycle = judge(turn.policy, proposal, p_logits, turn.generator)
+    lap(turn.timings, "accept", device, t0)
+    return cycle
+
+
+def verify(turn: Turn, proposal: Proposal) -> torch.Tensor:
+    """The target's logits at `last` and at every drafted token (a tree's nodes), in one call: the remaining layers on
+    the drafts' layer-L states, or every layer on the tokens when no draft step ran (a deterministic proposal)."""
+    tree = {} if proposal.tree is None else {"tree": proposal.tree.verify_rows}
+    if proposal.hidden is None and proposal.tree is not None:  # a deterministic tree: every layer on its nodes
+        h, _ = turn.model.extend(proposal.tree.walk[1].view(1, -1), turn.cache, turn.n, with_exit=proposal.with_exit,
+                                 **tree)
+        return turn.model.verify(h, turn.cache, turn.n, **tree)[0]
+    if proposal.hidden is None:
+        ids = torch.cat([turn.last.view(1), proposal.tokens]).view(1, -1)
+        return turn.model.full_step(ids, turn.cache, turn.n, with_exit=proposal.with_exit)[0]
+    return turn.model.verify(torch.cat(proposal.hidden, dim=1), turn.cache, turn.n, **tree)[0]
+
+
+def judge(policy: Policy, proposal: Proposal, p_logits: torch.Tensor,
+          generator: Optional[torch.Generator] = None) -> Cycle:
+    """The exact acceptance rule on a verified proposal, on the device, then the cycle's host read: a chain by
+    sampling.judge_chain (a deterministic chain's q one-hot at each token x: x is accepted with probability
+    min(1, p(x) / 1) = p(x) and a rejection samples from normalise(max(0, p - onehot(x))) = p without x), a tree by
+    sampling.accept_tree (several candidates a node). The overlap stat: sum_x min(p, q) over the drafted positions
+    (a tree: its expanded nodes the walk reached; a deterministic token: p(x))."""
+    tree = proposal.tree
+    if tree is not None:
+        path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
+        seen = [u for u in path if u in proposal.q_logits]
+        overlap = (sum(torch.minimum(p[u:u + 1], policy.probs(proposal.q_logits[u])).sum() for u in seen)
+                   if seen else 0.0)
+        return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
+                     len(tree.tokens) - 1, path, proposal.level_rows, tuple(tree.source[i] for i in path[1:]), "tree")
     p = policy.probs(p_logits)
-    q = torch.cat(q_rows) if q_rows else None
+    drafts, q, overlap = proposal.tokens, proposal.q, 0.0
     d = drafts.shape[0]
-    overlap = torch.minimum(p[:d], q).sum() if d else 0.0
-    drafts, k, token = read_chain(drafts, *judge_chain(policy, p_logits, p, q, drafts, generator))
-    return Cycle(drafts, k, token, overlap, d, int(k < d), d, sources=("exit",) * d)
-
-
-def draft(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
-          generator: Optional[torch.Generator] = None) -> tuple:
-    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit, each
-    fed to the next step on the device (no host read). Returns (the layer-L states of `last` and of every draft, to
-    verify; the drafts' q rows; the drafts, a (d,) tensor). With `draft_stop`, drafting ends when the draft's top
-    probability falls below it (a host read per draft: the host decides whether to go on)."""
-    hidden, q_rows, drafts, tok = [], [], [], last
-    for j in range(g):
-        h, logits = model.draft_step(tok, cache, n + j)
-        hidden.append(h)
-        q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
-        if draft_stop and float(q_j.max()) < draft_stop:
-            return hidden, q_rows, _stacked(drafts, last)  # `tok` already went through the shared layers (h)
-        q_rows.append(q_j)
-        tok = policy.draft_token(logits[0, -1:], q_j, generator).view(1, 1)
-        drafts.append(tok)
-    h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
-    return hidden + [h], q_rows, _stacked(drafts, last)
-
-
-def _stacked(tokens: list, like: torch.Tensor) -> torch.Tensor:
-    return torch.cat(tokens).view(-1) if tokens else like.new_zeros(0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt lookup (prompt_lookup.Lookup proposes; a proposal is verified as a draft whose q is one-hot)
-
-
-def lookup_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, proposal: list,
-                 generator: Optional[torch.Generator] = None, with_exit: bool = True) -> Cycle:
-    """Verify a deterministic proposal (prompt lookup's) with every layer in one pass: one Cycle.
-
-    Its q is one-hot at each proposed token x, so the speculative-sampling rule accepts x with probability
-    min(1, p(x) / 1) = p(x) and, at a rejection, samples from normalise(max(0, p - onehot(x))) = p without x,
-    renormalised; greedy accepts while x = argmax p. The same rule as the exit's (judge_chain), so
-    the output is exact for the same reason. An empty proposal makes this a plain one-token step. `with_exit`: also
-    fill the exit's cache slots (when the exit drafts in later cycles)."""
-    d = len(proposal)
-    drafts = torch.tensor(proposal, dtype=torch.long, device=last.device)
-    ids = torch.cat([last.view(1), drafts]).view(1, -1)
-    p_logits = model.full_step(ids, cache, n, with_exit=with_exit)[0]
-    p = policy.probs(p_logits)
-    q, overlap = None, 0.0
-    if d:
+    if d and q is None:
         rows = torch.arange(d, device=p.device)
         q = torch.zeros(d, p.shape[-1], dtype=p.dtype, device=p.device)
         q[rows, drafts] = 1.0
-        overlap = p[rows, drafts].double().sum()  # sum_x min(p, onehot) = p(x): the expected acceptance
+        overlap = p[rows, drafts].double().sum()
+    elif d:
+        overlap = torch.minimum(p[:d], q).sum()
     drafts, k, token = read_chain(drafts, *judge_chain(policy, p_logits, p, q, drafts, generator))
-    return Cycle(drafts, k, token, overlap, d, int(k < d), d, sources=("lookup",) * d, kind="lookup")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trees of drafts: several candidates per position, verified in one pass
-
-
-class Tree:
-    """One cycle's draft tree. Node 0 is `last`, the newest committed token (not yet in the cache); node i is written at
-    cache position n + i (nodes are added level by level) and sits at RoPE position n + its depth. `logq`: the log of
-    the draft's probability of the path to it, which alone decides what is kept and expanded."""
-
-    def __init__(self, n: int, root: int, device: torch.device):
-        self.n, self.device = n, device
-        self.tokens, self.depth, self.logq, self.children = [root], [0], [0.0], [[]]
-        self.ancestors = [{0}]  # each node's ancestors and itself
-        self.source = [None]  # who proposed each node: "exit", "lookup" or "both"
-        self.verify_rows = self.walk = None  # set by draft_tree once the tree is final (on the device)
-
-    def add(self, parent: int, token: int, logq: float, source: str = "exit") -> int:
-        i = len(self.tokens)
-        self.tokens.append(token)
-        self.depth.append(self.depth[parent] + 1)
-        self.logq.append(logq)
-        self.children.append([])
-        self.children[parent].append(i)
-        self.ancestors.append(self.ancestors[parent] | {i})
-        self.source.append(source)
-        return i
-
-    def graft(self, path: list, source: str = "lookup") -> list:
-        """Add a path of tokens below the root (prompt lookup's proposal), following the nodes already there while
-        their tokens agree (a merged node is marked "both"), so no node has two children with one token. Returns the
-        new nodes (consecutive indices)."""
-        u, new = 0, []
-        for tok in path:
-            child = next((c for c in self.children[u] if self.tokens[c] == tok), None)
-            if child is None:
-                child = self.add(u, tok, 0.0, source)
-                new.append(child)
-            elif self.source[child] != source:
-                self.source[child] = "both"
-            u = child
-        return new
-
-    def rows(self, nodes: list) -> TreeRows:
-        """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors. Built
-        on the host from the tree's bookkeeping and copied to the device, where nothing is queued (right after a
-        read): on a GPU a copy from pageable host memory waits for the queue."""
-        n, width = self.n, nodes[-1] + 1
-        mask = torch.zeros(len(nodes), n + width, dtype=torch.bool)
-        mask[:, :n] = True
-        for r, i in enumerate(nodes):
-            mask[r, [n + a for a in self.ancestors[i]]] = True
-        positions = [n + self.depth[i] for i in nodes]
-        return TreeRows(torch.tensor(positions, device=self.device), mask.to(self.device), max(positions) + 1)
-
-
-def draft_tree(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
-               budget: int, draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = (),
-               root: Optional[int] = None) -> tuple:
-    """A tree of drafts after `last` (its token id `root`, read from `last` when not given), one draft step per level
-    over all of its nodes as rows. Each expanded node proposes its `width` most likely tokens by the draft's logits
-    (at the policy's temperature, before top-k / top-p: a candidate outside q's nucleus can still be the target's
-    token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes;
-    a node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
-    device and read back once per level (the next level's rows are its size). `graft`: a path proposed by another
-    source (prompt lookup), added below the root (Tree.graft). Only the drafts decide, so the output stays exact. The
-    deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call. Returns (the tree,
-    the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft step)."""
-    device = last.device
-    tree = Tree(n, int(last) if root is None else root, device)
-    hidden, q_logits, level, level_rows = [], {}, [0], []
-    logq = torch.zeros(1, dtype=torch.float64, device=device)  # the level's path log-probabilities
-    t0 = _lap(timings, None, device)
-    for _ in range(depth):
-        room = budget - (len(tree.tokens) - 1)
-        if room <= 0:
-            break  # `level` is still to run through the shared layers
-        ids = torch.tensor([[tree.tokens[i] for i in level]], device=device)
-        h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
-        hidden.append(h)
-        level_rows.append(len(level))
-        scores = logits[0].float() / (policy.temperature if not policy.greedy else 1.0)
-        top, top_ids = scores.topk(min(width, scores.shape[-1]), dim=-1)
-        top_logq = top - scores.logsumexp(-1, keepdim=True)
-        expand = torch.ones(len(level), dtype=torch.bool, device=device)
-        if draft_stop:  # q under the policy, compared in float64 as a Python float would be
-            expand = policy.probs(logits[0]).amax(-1).double() >= draft_stop
-        paths = (logq.view(-1, 1) + top_logq.double()).masked_fill(~expand.view(-1, 1) | (top_logq == -math.inf),
-                                                                   -math.inf)  # a pruned head's tokens only
-        best, flat = paths.view(-1).sort(descending=True, stable=True)  # ties: the earlier proposal first
-        m = min(width, room, paths.numel())
-        picked = torch.cat([best[:m], flat[:m].double(), top_ids.view(-1)[flat[:m]].double(), expand.double()])
-        values = picked.tolist()  # the level's one host read
-        best, flat, toks, expand = values[:m], values[m:2 * m], values[2 * m:3 * m], values[3 * m:]
-        for r, i in enumerate(level):
-            if expand[r]:
-                q_logits[i] = logits[0, r:r + 1]
-        kept = sorted((int(f), lq, int(t)) for lq, f, t in zip(best, flat, toks) if lq > -math.inf)
-        if not kept:
-            level = []  # every node of this level went through a draft step already
-            break
-        # by parent, each one's children most likely first (a flat index is parent row x width + rank)
-        level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
-        logq = torch.tensor([tree.logq[i] for i in level], dtype=torch.float64, device=device)
-    pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
-    # the tree is final: its verify rows and the walk's tables go to the device now, while nothing is queued
-    tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, device)
-    if pending:
-        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=device)
-        h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
-        hidden.append(h)
-    _lap(timings, "draft levels", device, t0)
-    return tree, hidden, q_logits, level_rows
-
-
-def tree_cycle(model: Steps, policy: "Policy", cache: Cache, n: int, last: torch.Tensor, depth: int, width: int,
-               budget: int, draft_stop: float = 0.0, generator: Optional[torch.Generator] = None,
-               timings: Optional[dict] = None, graft: list = (), root: Optional[int] = None) -> Cycle:
-    """Draft a tree, verify every node in one pass of the remaining layers (tree mask, RoPE at n + depth), walk it:
-    one Cycle, whose `path` the caller keeps in the cache (StaticCache.keep). The overlap stat is over the expanded
-    nodes the walk reached."""
-    tree, hidden, q_logits, level_rows = draft_tree(model, policy, cache, n, last, depth, width, budget, draft_stop,
-                                                    timings, graft, root)
-    t0 = _lap(timings, None, last.device)
-    p_logits = model.verify(torch.cat(hidden, dim=1), cache, n, tree=tree.verify_rows)[0]
-    t0 = _lap(timings, "verify", last.device, t0)
-    path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
-    _lap(timings, "accept", last.device, t0)
-    seen = [u for u in path if u in q_logits]
-    overlap = sum(torch.minimum(p[u:u + 1], policy.probs(q_logits[u])).sum() for u in seen) if seen else 0.0
-    return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
-                 len(tree.tokens) - 1, path, tuple(level_rows), tuple(tree.source[i] for i in path[1:]), "tree")
-
-
-def _lap(timings: Optional[dict], phase: Optional[str], device: torch.device, t0: float = 0.0) -> float:
-    """Opt-in phase timing: with a `timings` dict, add the seconds since t0 to timings[phase] (device synchronised);
-    returns the time now. Without one, nothing is synchronised or measured."""
-    if timings is None:
-        return 0.0
-    device_sync(device)
-    now = time.perf_counter()
-    if phase is not None:
-        timings[phase] = timings.get(phase, 0.0) + now - t0
-    return now
+    return Cycle(drafts, k, token, overlap, d, int(k < d), d, sources=proposal.sources, kind=proposal.kind)
 
 
 @torch.inference_mode()
@@ -507,14 +316,16 @@ def _check_prompt(model, input_ids, max_new_tokens):
 SLACK = 64  # cache positions reserved past the new tokens for a cycle's drafts, in multiples of this
 
 
-def _prefill(model, input_ids, with_exit, room=0, drafts=0):
+def _prefill(model, input_ids, with_exit, room=0, drafts=0, observe=None):
     """All prompt tokens but the last go into every layer's cache; the last one is fed by the first step.
     `room`: positions the generation will add, `drafts`: how many more a cycle may write (the lean engine reserves
     them up front). The capacity is prompt + room + a multiple of SLACK, so that autoregressive and speculative
     decoding of one prompt get the same capacity, the span every attention call reads (decode_engine.StaticCache)."""
     cache = model.new_cache(input_ids.shape[1] + room + SLACK * (drafts // SLACK + 1))
     if input_ids.shape[1] > 1:
-        model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
+        logits = model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
+        if observe is not None:  # the prompt's tokens and the target's logits after each
+            observe(input_ids[0, :-1], logits[0])
     return cache, input_ids.shape[1] - 1, input_ids[:, -1:]
 
 

@@ -10,6 +10,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import generate
 import sampling
 from conftest import make_tiny_llama
+from drafts import ExitTree, Turn
 from generate import Policy, autoregressive_generate, speculative_generate
 from truncated_llama import TruncatedLlama
 from tuned_llama import EarlyExit
@@ -405,7 +406,8 @@ def test_tree_cache_holds_the_accepted_path_as_a_fresh_prefill_would():
         cache, n, last = generate._prefill(tl, prompt, with_exit=True, room=64)
         committed = prompt[0].tolist()
         for _ in range(6):
-            cycle = generate.tree_cycle(tl, policy, cache, n, last, 3, 3, 7)
+            turn = Turn(tl, policy, cache, n, last, int(last), 64)
+            cycle = generate.run_cycle(turn, ExitTree(3, 3, 7).propose(turn))
             cache.keep(n, [n + i for i in cycle.path])
             n += cycle.accepted + 1
             committed += cycle.drafts + [cycle.token]
@@ -589,6 +591,82 @@ def test_a_broken_rule_for_a_deterministic_proposal_fails_the_same_test(small_vo
     assert chi_square_pvalue(counts, exact) < 1e-6
 
 
+# Recycled predictions (drafts.Recycled): a tree from the target's own top-k of earlier passes, no model call.
+
+RECYCLE_GREEDY = [dict(gamma=1), dict(gamma=3), dict(gamma=3, tree_width=2), dict(gamma=4, tree_width=3, tree_nodes=8),
+                  dict(gamma=2, tree_width=4, tree_nodes=3)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_greedy_recycled_drafts_equal_autoregressive_and_generate(tie):
+    base, prompt, new, ref = looping_reference(tie)
+    recycled = 0
+    for layer, kw in itertools.product((2, 4), RECYCLE_GREEDY):
+        tl = TruncatedLlama(base, layer)
+        sp, stats = speculative_generate(tl, prompt, new, draft="recycle", **kw)
+        assert torch.equal(sp, ref), (layer, kw)
+        assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
+        assert stats["source_counts"]["exit"] == stats["source_counts"]["lookup"] == 0
+        assert stats["source_counts"]["target"] == stats["target_calls"]
+        assert max(stats["per_cycle_drafted"]) <= (kw.get("tree_nodes") or kw.get("tree_width", 1) * kw["gamma"])
+        recycled += stats["source_counts"]["recycled"]
+        for n in (1, 2, 5):  # the drafts fit the tokens left
+            sp, stats = speculative_generate(tl, prompt, n, draft="recycle", **kw)
+            assert torch.equal(sp, ref[:n]) and max(stats["per_cycle"]) <= n - 1, (kw, n)
+    assert recycled > 50
+
+
+def test_recycled_table_holds_the_latest_top_tokens_after_each_input():
+    """After a prefill, the table's row for each prompt token is the target's top entries at its last occurrence."""
+    from drafts import Recycled
+    base, prompt, _, _ = looping_reference()
+    source = Recycled(gamma=2, width=2, budget=4, top=3)
+    tl = TruncatedLlama(base, 2)
+    with torch.inference_mode():
+        generate._prefill(tl, prompt, with_exit=False, room=8, observe=source.observe)
+        logits = base(prompt).logits[0, :-1]
+    for i, tok in enumerate(prompt[0, :-1].tolist()):
+        if tok not in prompt[0, i + 1:-1].tolist():  # its last occurrence before the newest token
+            assert source.table[tok].tolist() == logits[i].topk(3).indices.tolist(), i
+    assert (source.table[200] == -1).all()  # a token never seen: no prediction
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, gamma=2), dict(temperature=1.0, gamma=2, tree_width=2),
+                                dict(temperature=0.8, top_p=0.9, top_k=3, gamma=3, tree_width=2, tree_nodes=4),
+                                dict(temperature=1.3, top_p=0.8, gamma=1, tree_width=3)])
+def test_sampling_recycled_drafts_match_target_distribution(small_vocab_model, kw):
+    base, _ = small_vocab_model
+    prompt = torch.tensor([[1, 3, 2, 4, 1]])  # "1" seen in the prompt: the table drafts from the first cycle on
+    tl = TruncatedLlama(base, 1)
+    exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    recycled = 0
+    for _ in range(SAMPLES):
+        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft="recycle", **kw)
+        counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
+        recycled += s["source_counts"]["recycled"]
+    assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    assert recycled > 300  # the recycled drafts were really judged and accepted
+
+
+def test_a_broken_rule_for_recycled_trees_fails_the_same_test(small_vocab_model, monkeypatch):
+    """Not renormalising after a rejected candidate (accepting c with p(c), not r(c) / sum r) must be caught."""
+    base, _ = small_vocab_model
+    prompt = torch.tensor([[1, 3, 2, 4, 1]])
+    tl = TruncatedLlama(base, 1)
+    exact = exact_distribution(base, prompt, Policy(1.0))
+    monkeypatch.setattr(sampling, "accept_draft", lambda p_x, q_x, u: u < p_x)
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    for _ in range(SAMPLES):
+        tokens, _ = speculative_generate(tl, prompt, 3, generator=g, draft="recycle", gamma=1, tree_width=3,
+                                         temperature=1.0)
+        counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
+    assert chi_square_pvalue(counts, exact) < 1e-6
+
+
 def test_lookup_flags_are_checked():
     tl = TruncatedLlama(make_tiny_llama(layers=4), 2)
     for kw, flag in ((dict(draft="medusa"), "--drafts"), (dict(lookup_tokens=-1), "--lookup_tokens"),
@@ -609,13 +687,15 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
         ref = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=eos)[0, ids.shape[1]:]
     tl = TruncatedLlama(model, 4)
     assert torch.equal(autoregressive_generate(tl, ids, new, eos_token_id=eos)[0], ref)
-    lookup_tokens = 0
+    lookup_tokens = recycled = 0
     for kw in (dict(draft="lookup", gamma=4), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
-               dict(draft="exit+lookup", gamma=1, lookup_tokens=4, tree_width=2)):
+               dict(draft="exit+lookup", gamma=1, lookup_tokens=4, tree_width=2),
+               dict(draft="recycle", gamma=3, tree_width=2, tree_nodes=6)):
         sp, stats = speculative_generate(tl, ids, new, eos_token_id=eos, **kw)
         assert torch.equal(sp, ref), kw
         lookup_tokens += stats["source_counts"]["lookup"] + stats["source_counts"]["both"]
-    assert lookup_tokens > 10
+        recycled += stats["source_counts"]["recycled"]
+    assert lookup_tokens > 10 and recycled > 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,11 +703,12 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
 # back once (the issue's target: at most 2); a tree once per draft level and once for its walk (target: at most 4).
 # Counted on a CPU, where the reads cost nothing.
 
-READ_BUDGETS = [  # (speculative_generate's arguments, host reads allowed a cycle: 1 a chain, a tree's levels + 1)
+READ_BUDGETS = [  # (speculative_generate's arguments, reads allowed a cycle: 1 a chain, a tree's levels + 1, recycled 2)
     (dict(gamma=4), 1), (dict(gamma=4, temperature=1.0), 1), (dict(gamma=4, temperature=0.8, top_p=0.9, top_k=50), 1),
     (dict(gamma=4, draft="lookup"), 1), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 1),
     (dict(gamma=2, tree_width=2), 3), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
-    (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 3)]
+    (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 3),
+    (dict(gamma=3, tree_width=2, draft="recycle"), 2), (dict(gamma=3, tree_width=2, draft="recycle", temperature=1.0), 2)]
 
 
 @pytest.mark.parametrize("kw,budget", READ_BUDGETS)

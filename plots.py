@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from checkpoints import LOG_FILE
+from drafts import SOURCES
 from results import BREAK_EVEN_GAMMAS, break_even_c, describe_machine, exit_label, gamma_label, policy_name, sizes
 
 MARKERS = "s^Dv*P"
@@ -205,15 +206,15 @@ def plot_where_it_pays(rows, path, model_name):
     colour = {g: f"C{i % 10}" for i, g in enumerate(gammas)}
     for g in BREAK_EVEN_GAMMAS:
         ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
-    # a lookup cell's c is the lookup's own time (no draft step); exit+lookup cells keep the exit's
-    pts = [{**r, "c": r.get("c_lookup") or 0.0} if r.get("draft") == "lookup" else r for r in rows
+    # a cell without the exit has as c the lookup's own time (no draft step); exit+lookup cells keep the exit's
+    pts = [{**r, "c": r.get("c_lookup") or 0.0} if not SOURCES[r.get("draft") or "exit"].exit else r for r in rows
            if r.get("alpha") is not None and r.get("c") is not None]
-    lookups = [r for r in pts if r.get("draft") == "lookup"]
+    lookups = [r for r in pts if not SOURCES[r.get("draft") or "exit"].exit]
     if lookups:
         ax.scatter([r["alpha"] for r in lookups], [r["c"] for r in lookups], marker="X", s=80, zorder=4,
                    c=[colour[r["gamma"]] for r in lookups], edgecolors="k", linewidths=0.5,
-                   label="prompt lookup (c: its own time; colour: γ)")
-    pts_exit = [r for r in pts if r.get("draft") != "lookup"]
+                   label="lookup or recycled (no model call; c: the lookup's own time; colour: γ)")
+    pts_exit = [r for r in pts if SOURCES[r.get("draft") or "exit"].exit]
     kinds = ((True, False, "o", "greedy chains"), (False, False, "^", "sampling chains"),
              (True, True, "*", "greedy trees (α per level)"), (False, True, "P", "sampling trees (α per level)"))
     for greedy, tree, marker, label in kinds:

@@ -1,5 +1,5 @@
 """Prompt lookup's index: the draft source that costs nothing (no model call), proposing text that already occurred
-(prompt + reply). generate.py's lookup_cycle verifies what it proposes; this module is plain Python on token ids."""
+(prompt + reply). drafts.PromptLookup proposes it, generate.py's loop verifies it; this module is plain Python on token ids."""
 
 
 class Lookup:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from checkpoints import CONFIG_FILE, LOG_FILE
+from drafts import DRAFTS
 from cli import Parser, UsageError, run_command
 from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name, gamma_label,
@@ -305,7 +306,7 @@ def sources_section(rows):
     ok = [r for r in rows if r.get("speedup") is not None and (r["temperature"] > 0 or r.get("matches_baseline"))]
     body = []
     for name in sets:
-        for draft in ("exit", "lookup", "exit+lookup"):
+        for draft in DRAFTS:
             some = [r for r in ok if r.get("prompt_set") == name and (r.get("draft") or "exit") == draft]
             if some:
                 r = max(some, key=lambda r: r["speedup"])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from checkpoints import write_atomically
+from drafts import SOURCES
 
 
 RESULTS, SUMMARY_CSV, SUMMARY_MD = "results.jsonl", "summary.csv", "summary.md"
@@ -145,12 +146,12 @@ def exit_name(row):
 
 
 def exit_label(row):
-    """The draft source of a row: `exit_L3 L3`, `lookup`, `exit_L3 L3 + lookup`."""
-    draft = row.get("draft") or "exit"
-    if draft == "lookup":
-        return "lookup"
+    """The draft source of a row: `exit_L3 L3`, `lookup`, `exit_L3 L3 + lookup`, `recycled`."""
+    kind = SOURCES[row.get("draft") or "exit"]
+    if not kind.exit:
+        return kind.label
     label = f"{exit_name(row)} L{row['exit_layer']}"
-    return label + " + lookup" if draft == "exit+lookup" else label
+    return label + " + lookup" if kind.lookup else label
 
 
 def prompt_sets(rows):
@@ -183,7 +184,8 @@ def gamma_label(row):
     `2, tree 4x8, stop 0.3`, `1, lookup 4`."""
     stop, width = row.get("draft_stop") or 0, row.get("tree_width") or 1
     tree = f", tree {width}x{row.get('tree_nodes') or width * row['gamma']}" if width > 1 else ""
-    lookup = f", lookup {row.get('lookup_tokens') or row['gamma']}" if row.get("draft") == "exit+lookup" else ""
+    kind = SOURCES[row.get("draft") or "exit"]
+    lookup = f", lookup {row.get('lookup_tokens') or row['gamma']}" if kind.exit and kind.lookup else ""
     return f"{row['gamma']}{tree}{lookup}" + (f", stop {stop:g}" if stop else "")
 
 
@@ -214,7 +216,7 @@ def markdown_table(rows):
                  _fmt(r["avg_accepted"], 2), _fmt(r["avg_overlap"]), _fmt(r["tokens_per_s"], 1),
                  _fmt(r["baseline_tokens_per_s"], 1), _fmt(r["speedup"], 2), peer,
                  _fmt(r.get("speedup_vs_generate"), 2),
-                 _fmt(r.get("c_lookup") if r.get("draft") == "lookup" else r["c"], 2),
+                 _fmt(r["c"] if SOURCES[r.get("draft") or "exit"].exit else r.get("c_lookup"), 2),
                      _fmt(r["predicted_speedup"], 2), greedy_label(r)])
     return "\n".join(table(head, body)) + "\n"
 
@@ -236,12 +238,13 @@ def best_line(rows):
         policy += f", draft_stop {r['draft_stop']:g}"
     width = r.get("tree_width") or 1
     tree = f", width {width}, nodes {r.get('tree_nodes') or width * r['gamma']}" if width > 1 else ", width 1 (chain)"
-    draft = r.get("draft") or "exit"
-    if draft == "lookup":
-        source = f"lookup, n-gram {r.get('ngram', 3)}, gamma {r['gamma']}, chain"
+    kind = SOURCES[r.get("draft") or "exit"]
+    if not kind.exit:
+        source = (f"{kind.label}" + (f", n-gram {r.get('ngram', 3)}" if kind.lookup else "") + f", gamma {r['gamma']}"
+                  + (tree if kind.trees else ", chain"))
     else:
         source = f"{exit_name(r)}, L {r['exit_layer']}, gamma {r['gamma']}{tree}"
-        if draft == "exit+lookup":
+        if kind.lookup:
             source = f"exit+lookup: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
     where = f", {r['prompt_set']}" if r.get("prompt_set") else ""
     peer = (f"; {r['speedup_vs_generate']:.2f}x over transformers' generate" if r.get("speedup_vs_generate")

@@ -1,5 +1,6 @@
 """The sampling policy and the exact acceptance rules, run on the device: what generate.py's loop judges drafts by.
 
+    check_sampling    the values a policy accepts (one sentence naming the flag otherwise)
     Policy            temperature, top-k, top-p: logits -> the distribution a token is drawn from (p and q alike)
     judge_chain       a chain of drafts: k accepted (while equal to argmax p, or with probability min(1, p/q)), then
                       the target's token (the correction from normalise(max(0, p - q)), or the bonus from p)
@@ -9,9 +10,25 @@
 Each rule keeps its drafts, decisions and random numbers on the device and hands the loop one tensor to read back a
 cycle (read_chain; accept_tree's walk): on a GPU each read of a value is a stall (host_reads.py counts them).
 """
+import math
 from typing import Optional
 
 import torch
+
+
+SAMPLING_FLAGS = {"temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k"}
+
+
+def check_sampling(*, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, flags: dict = SAMPLING_FLAGS
+                   ) -> None:
+    """Raise ValueError (one sentence, naming the command-line flag from `flags`) for a policy no rule can use."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{flags['temperature']}: temperature must be a number >= 0 (0 means greedy), "
+                         f"got {temperature}.")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"{flags['top_p']}: top_p must be in (0, 1], got {top_p}.")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"{flags['top_k']}: top_k must be an integer >= 0 (0 disables it), got {top_k}.")
 
 
 class Policy:
@@ -30,9 +47,8 @@ class Policy:
     SHORTCUTS = ("cpu",)  # device types where top-k / top-p read a value back to skip work
 
     def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, *, checked: bool = False):
-        if not checked:  # checked: the caller already ran check_policy on these values
-            from generate import check_policy  # generate imports this module
-            check_policy(temperature=temperature, top_p=top_p, top_k=top_k)
+        if not checked:  # checked: the caller already ran check_sampling (generate.check_policy) on these values
+            check_sampling(temperature=temperature, top_p=top_p, top_k=top_k)
         self.greedy = temperature == 0
         self.temperature = float(temperature)
         self.top_k = top_k if not self.greedy else 0

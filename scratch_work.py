@@ -23,14 +23,15 @@ from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, Trunc
 from checkpoints import CheckpointError, load_exit
 
 PROG = "scratch_work.py"
-GREEN, BLUE, MAGENTA, RESET = "\033[32m", "\033[34m", "\033[35m", "\033[0m"
-MARKS = {"exit": (GREEN, "[", "]"), "lookup": (BLUE, "{", "}"), "both": (MAGENTA, "<", ">")}
+GREEN, BLUE, MAGENTA, YELLOW, RESET = "\033[32m", "\033[34m", "\033[35m", "\033[33m", "\033[0m"
+MARKS = {"exit": (GREEN, "[", "]"), "lookup": (BLUE, "{", "}"), "both": (MAGENTA, "<", ">"),
+         "recycled": (YELLOW, "|", "|")}
 
 
 def coloured(tokenizer, tokens, sources, colour=True):
     """Decode token by token (prefix differences keep multi-byte characters whole), marking drafted ones by their
     source (generate's token_sources): the exit green or [..], prompt lookup blue or {..}, both (a tree node both
-    proposed) magenta or <..>; the target's own tokens plain. Plain booleans (True: drafted) mark as the exit."""
+    proposed) magenta or <..>, recycled predictions yellow or |..|; the target's own tokens plain. Plain booleans (True: drafted) mark as the exit."""
     out, prev = [], ""
     for i, s in enumerate(sources):
         s = "exit" if s is True else None if s is False else s
@@ -127,11 +128,12 @@ def main(argv=None):
                                                 generator=torch.Generator(device).manual_seed(args.seed), **policy)
     tl_tokens = tokens.tolist()
     print(f"--- prompt ({ids.shape[1]} tokens)\n{text.strip()[:600]}\n")
-    legend = ("green: the exit's, blue: the lookup's, magenta: both" if not args.no_color else
-              "[the exit's], {the lookup's}, <both>")
+    legend = ("green: the exit's, blue: the lookup's, magenta: both, yellow: recycled" if not args.no_color else
+              "[the exit's], {the lookup's}, <both>, |recycled|")
     tree = f", tree width {args.tree_width}" if args.tree_width > 1 else ""
     source = {"exit": f"exit layer {layer}/{n}", "lookup": f"prompt lookup (n-gram {args.ngram})",
-              "exit+lookup": f"exit layer {layer}/{n} + prompt lookup"}[args.draft]
+              "exit+lookup": f"exit layer {layer}/{n} + prompt lookup",
+              "recycle": "recycled predictions (the target's own earlier top next tokens)"}[args.draft]
     print(f"--- reply: {source}, gamma {args.gamma}{tree}, temperature {args.temperature} "
           f"(drafted and accepted tokens, {legend})")
     print(coloured(tok, tl_tokens, stats["token_sources"], colour=not args.no_color))

@@ -166,7 +166,6 @@ def evaluation_prompts(tokenizer, conversations, num_prompts, *, max_prompt_toke
 # ----------------------------------------------------------------------------------------------------------------
 # Task groups: the test prompts split by what they ask for, so that every result can be read per kind of task.
 
-TASK_GROUPS = ("code", "given_text", "open")
 CODE_MARKS = ("```", "def ", "function ", "function(", "class ", "import ", "#include", "console.log", "select ",
               "public static", "</", "=>", "();", "python", "javascript", "typescript", "java ", "c++", "c#", " sql",
               "html", "css", "code", "script", "regex", "api ", "json", "bash", "react", "django", "node.js")
@@ -192,5 +191,5 @@ def task_group(text):
 
 
 def in_group(conversations, group):
-    """The conversations whose first user turn falls in task `group` (one of TASK_GROUPS)."""
+    """The conversations whose first user turn falls in task `group` (one of data_utils.TASK_GROUPS)."""
     return [c for c in conversations if task_group(first_user_prompt(c)[-1]["content"]) == group]

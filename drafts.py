@@ -1,0 +1,436 @@
+"""Draft sources: each way of drafting is one class behind one small interface (as transformers' candidate
+generators): `propose` drafts for the current tokens, `commit` is told the tokens the loop kept. A source never runs
+the verify or the acceptance rule: generate.py's loop verifies every Proposal in one pass and judges it through one
+entry point (chains and trees alike), so a new source is one class here plus its name in `make_source`.
+
+    ExitChain      the early exit drafts up to gamma tokens, one at a time (with draft_stop: fewer when unsure)
+    ExitTree       the early exit drafts a tree: depth gamma, `width` candidates a node, at most `budget` nodes
+    PromptLookup   prompt_lookup.Lookup's proposal, deterministic (no model call; q one-hot)
+    Recycled       a tree from the target's own top-k next tokens of earlier passes, deterministic (no model call)
+    ExitAndLookup  the lookup's proposal when it has one, else the exit's chain; with a tree: the exit's tree with
+                   the lookup's proposal grafted on as one more path
+
+A Proposal is what the verify and the rules need: the drafted tokens (a chain; a tree keeps its own), the draft's
+q rows (None: deterministic, judged with q one-hot), the layer-L states when the drafts already ran the shared
+layers (None: the verify runs every layer on the tokens), and which source proposed each token.
+"""
+import math
+import time
+from typing import NamedTuple, Optional
+
+import torch
+
+from cli import lap
+from decode_engine import TreeRows
+from prompt_lookup import Lookup
+from sampling import walk_tables
+
+
+
+class Kind(NamedTuple):
+    """What a draft source is, for the sweep's cells, tables and cost model (which never test its name): whether it
+    drafts with the early exit (a cell needs an exit layer; q exists, so draft_stop applies), whether prompt lookup
+    proposes (a lookup length and cost), whether it drafts trees, and its label in tables."""
+    exit: bool
+    lookup: bool
+    trees: bool
+    label: str
+
+
+SOURCES = {"exit": Kind(True, False, True, "exit"), "lookup": Kind(False, True, False, "lookup"),
+           "exit+lookup": Kind(True, True, True, "exit + lookup"), "recycle": Kind(False, False, True, "recycled")}
+DRAFTS = tuple(SOURCES)  # the names `make_source` reads
+
+
+class Turn(NamedTuple):
+    """Where the loop stands when it asks for a proposal: the cache holds positions [0, n); `last` (a (1, 1) device
+    tensor, token id `root` on the host) is the newest committed token, not yet in the cache; `room` more drafts fit
+    before max_new_tokens (the target always adds one)."""
+    model: object
+    policy: object
+    cache: object
+    n: int
+    last: torch.Tensor
+    root: int
+    room: int
+    generator: Optional[torch.Generator] = None
+    timings: Optional[dict] = None
+
+
+class Proposal(NamedTuple):
+    """One cycle's drafts, as the verify and the rules take them. A chain: `tokens` (d,) on the device, `q` its (d, V)
+    draft distributions or None (deterministic: q one-hot), `hidden` the layer-L states of `last` and every draft
+    (the verify runs the remaining layers) or None (the verify runs every layer on last + tokens, `with_exit`: also
+    filling the exit's cache). A tree: `tree` (its tokens, parents, sources and verify rows), `hidden`, and `q_logits`
+    {node: its draft logits row}; `level_rows` the rows of each draft step. `sources`: who proposed each chain token
+    (a tree keeps its own); `kind`: "exit", "lookup" or "tree" (the stats' cycle kinds)."""
+    tokens: Optional[torch.Tensor]
+    q: Optional[torch.Tensor] = None
+    hidden: Optional[list] = None
+    sources: tuple = ()
+    kind: str = "exit"
+    with_exit: bool = True
+    tree: Optional["Tree"] = None
+    q_logits: Optional[dict] = None
+    level_rows: tuple = ()
+
+
+class DraftSource:
+    """The interface: `propose(turn) -> Proposal`, `commit(tokens)` after each cycle, `stats(cycles)` for the loop's
+    stats. `uses_exit`: the exit's cache is filled from the prefill on; `max_rows`: the most drafts a cycle writes
+    to the cache (the lean engine reserves them); `depth`: the longest path a cycle can accept."""
+    uses_exit = True
+    observes = False  # True: `observe` is given every verified row's input token and target logits
+    max_rows = 0
+    depth = 0
+
+    def propose(self, turn: Turn) -> Proposal:
+        raise NotImplementedError
+
+    def commit(self, tokens: list) -> None:
+        pass
+
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        pass
+
+    def stats(self, cycles: list) -> dict:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The early exit: a chain
+
+
+class ExitChain(DraftSource):
+    """Up to gamma drafts from the early exit, one draft step each (`draft`)."""
+
+    def __init__(self, gamma: int, draft_stop: float = 0.0):
+        self.gamma, self.draft_stop = gamma, draft_stop
+        self.max_rows = self.depth = gamma
+
+    def propose(self, turn: Turn, g: Optional[int] = None) -> Proposal:
+        g = min(self.gamma, turn.room) if g is None else g
+        hidden, q_rows, drafts = draft(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, self.draft_stop,
+                                       turn.generator)
+        q = torch.cat(q_rows) if q_rows else None
+        return Proposal(drafts, q, hidden, ("exit",) * drafts.shape[0])
+
+
+def draft(model, policy, cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
+          generator: Optional[torch.Generator] = None) -> tuple:
+    """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit, each
+    fed to the next step on the device (no host read). Returns (the layer-L states of `last` and of every draft, to
+    verify; the drafts' q rows; the drafts, a (d,) tensor). With `draft_stop`, drafting ends when the draft's top
+    probability falls below it (a host read per draft: the host decides whether to go on)."""
+    hidden, q_rows, drafts, tok = [], [], [], last
+    for j in range(g):
+        h, logits = model.draft_step(tok, cache, n + j)
+        hidden.append(h)
+        q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
+        if draft_stop and float(q_j.max()) < draft_stop:
+            return hidden, q_rows, _stacked(drafts, last)  # `tok` already went through the shared layers (h)
+        q_rows.append(q_j)
+        tok = policy.draft_token(logits[0, -1:], q_j, generator).view(1, 1)
+        drafts.append(tok)
+    h, _ = model.extend(tok, cache, n + g)  # the last draft token's shared layers (and exit blocks)
+    return hidden + [h], q_rows, _stacked(drafts, last)
+
+
+def _stacked(tokens: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tokens).view(-1) if tokens else like.new_zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt lookup (prompt_lookup.Lookup proposes; a proposal is verified as a draft whose q is one-hot)
+
+
+class PromptLookup(DraftSource):
+    """Up to `tokens` tokens that followed the newest n-gram's latest earlier occurrence in prompt + reply, cut after
+    an end-of-sequence token. No match: an empty proposal, and the cycle is one plain step. `uses_exit`: whether the
+    exit's cache is filled too (when the exit drafts in other cycles: ExitAndLookup)."""
+
+    def __init__(self, prompt, tokens: int, ngram: int = 3, eos: frozenset = frozenset(), uses_exit: bool = False):
+        self.tokens, self.eos, self.uses_exit = tokens, eos, uses_exit
+        self.max_rows = self.depth = tokens
+        self.matched, self.seconds = [], 0.0  # per cycle that consulted it: whether it proposed; its own time
+        t = time.perf_counter()
+        self.index = Lookup(prompt.tolist() if torch.is_tensor(prompt) else list(prompt), ngram)
+        self.seconds += time.perf_counter() - t
+
+    def tokens_for(self, room: int) -> list:
+        """The proposal as token ids (host), counted in `matched`; nothing when no draft fits."""
+        if room <= 0:
+            return []
+        t = time.perf_counter()
+        proposal = _cut_at(self.index.propose(min(self.tokens, room)), self.eos)
+        self.seconds += time.perf_counter() - t
+        self.matched.append(bool(proposal))
+        return proposal
+
+    def propose(self, turn: Turn) -> Proposal:
+        return self.deterministic(turn, self.tokens_for(turn.room))
+
+    def deterministic(self, turn: Turn, proposal: list) -> Proposal:
+        drafts = torch.tensor(proposal, dtype=torch.long, device=turn.last.device)
+        return Proposal(drafts, None, None, ("lookup",) * len(proposal), "lookup", with_exit=self.uses_exit)
+
+    def commit(self, tokens: list) -> None:
+        t = time.perf_counter()
+        self.index.add(tokens)
+        self.seconds += time.perf_counter() - t
+
+    def stats(self, cycles: list) -> dict:
+        m = self.matched
+        return dict(lookup_matched=m, lookup_match_rate=sum(m) / len(m) if m else None, lookup_seconds=self.seconds)
+
+
+def _cut_at(proposal: list, eos: frozenset) -> list:
+    """A proposal up to and including its first end-of-sequence token: nothing after it could be kept."""
+    for i, t in enumerate(proposal):
+        if t in eos:
+            return proposal[: i + 1]
+    return proposal
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trees of drafts: several candidates per position, verified in one pass
+
+
+class ExitTree(DraftSource):
+    """A tree from the early exit (`draft_tree`): depth gamma, `width` candidates per expanded node, at most `budget`
+    nodes. With no room for a draft, the cycle is a plain step (the chain's, with no draft)."""
+
+    def __init__(self, gamma: int, width: int, budget: int, draft_stop: float = 0.0):
+        self.gamma, self.width, self.budget, self.draft_stop = gamma, width, budget, draft_stop
+        self.max_rows, self.depth = budget, gamma
+        self.chain = ExitChain(gamma, draft_stop)
+
+    def propose(self, turn: Turn, graft: list = ()) -> Proposal:
+        g = min(self.gamma, turn.room)
+        if g <= 0:
+            return self.chain.propose(turn, g=0)
+        tree, hidden, q_logits, level_rows = draft_tree(
+            turn.model, turn.policy, turn.cache, turn.n, turn.last, g, self.width, self.budget, self.draft_stop,
+            turn.timings, graft, turn.root)
+        return Proposal(None, None, hidden, kind="tree", tree=tree, q_logits=q_logits, level_rows=tuple(level_rows))
+
+    def stats(self, cycles: list) -> dict:
+        rows = [r for c in cycles for r in c.level_rows]
+        hist = [0] * (max(rows, default=0) + 1)
+        for r in rows:
+            hist[r] += 1
+        return dict(nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1), draft_rows_hist=hist,
+                    tree_width=self.width, tree_nodes=self.budget)
+
+
+class Tree:
+    """One cycle's draft tree. Node 0 is `last`, the newest committed token (not yet in the cache); node i is written at
+    cache position n + i (nodes are added level by level) and sits at RoPE position n + its depth. `logq`: the log of
+    the draft's probability of the path to it, which alone decides what is kept and expanded."""
+
+    def __init__(self, n: int, root: int, device: torch.device):
+        self.n, self.device = n, device
+        self.tokens, self.depth, self.logq, self.children = [root], [0], [0.0], [[]]
+        self.ancestors = [{0}]  # each node's ancestors and itself
+        self.source = [None]  # who proposed each node: "exit", "lookup" or "both"
+        self.verify_rows = self.walk = None  # set by draft_tree once the tree is final (on the device)
+
+    def add(self, parent: int, token: int, logq: float, source: str = "exit") -> int:
+        i = len(self.tokens)
+        self.tokens.append(token)
+        self.depth.append(self.depth[parent] + 1)
+        self.logq.append(logq)
+        self.children.append([])
+        self.children[parent].append(i)
+        self.ancestors.append(self.ancestors[parent] | {i})
+        self.source.append(source)
+        return i
+
+    def graft(self, path: list, source: str = "lookup") -> list:
+        """Add a path of tokens below the root (prompt lookup's proposal), following the nodes already there while
+        their tokens agree (a merged node is marked "both"), so no node has two children with one token. Returns the
+        new nodes (consecutive indices)."""
+        u, new = 0, []
+        for tok in path:
+            child = next((c for c in self.children[u] if self.tokens[c] == tok), None)
+            if child is None:
+                child = self.add(u, tok, 0.0, source)
+                new.append(child)
+            elif self.source[child] != source:
+                self.source[child] = "both"
+            u = child
+        return new
+
+    def rows(self, nodes: list) -> TreeRows:
+        """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors. Built
+        on the host from the tree's bookkeeping and copied to the device, where nothing is queued (right after a
+        read): on a GPU a copy from pageable host memory waits for the queue."""
+        n, width = self.n, nodes[-1] + 1
+        mask = torch.zeros(len(nodes), n + width, dtype=torch.bool)
+        mask[:, :n] = True
+        for r, i in enumerate(nodes):
+            mask[r, [n + a for a in self.ancestors[i]]] = True
+        positions = [n + self.depth[i] for i in nodes]
+        return TreeRows(torch.tensor(positions, device=self.device), mask.to(self.device), max(positions) + 1)
+
+
+def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, width: int, budget: int,
+               draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = (),
+               root: Optional[int] = None) -> tuple:
+    """A tree of drafts after `last` (its token id `root`, read from `last` when not given), one draft step per level
+    over all of its nodes as rows. Each expanded node proposes its `width` most likely tokens by the draft's logits
+    (at the policy's temperature, before top-k / top-p: a candidate outside q's nucleus can still be the target's
+    token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes;
+    a node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
+    device and read back once per level (the next level's rows are its size). `graft`: a path proposed by another
+    source (prompt lookup), added below the root (Tree.graft). Only the drafts decide, so the output stays exact. The
+    deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call. Returns (the tree,
+    the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft step)."""
+    device = last.device
+    tree = Tree(n, int(last) if root is None else root, device)
+    hidden, q_logits, level, level_rows = [], {}, [0], []
+    logq = torch.zeros(1, dtype=torch.float64, device=device)  # the level's path log-probabilities
+    t0 = lap(timings, None, device)
+    for _ in range(depth):
+        room = budget - (len(tree.tokens) - 1)
+        if room <= 0:
+            break  # `level` is still to run through the shared layers
+        ids = torch.tensor([[tree.tokens[i] for i in level]], device=device)
+        h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
+        hidden.append(h)
+        level_rows.append(len(level))
+        scores = logits[0].float() / (policy.temperature if not policy.greedy else 1.0)
+        top, top_ids = scores.topk(min(width, scores.shape[-1]), dim=-1)
+        top_logq = top - scores.logsumexp(-1, keepdim=True)
+        expand = torch.ones(len(level), dtype=torch.bool, device=device)
+        if draft_stop:  # q under the policy, compared in float64 as a Python float would be
+            expand = policy.probs(logits[0]).amax(-1).double() >= draft_stop
+        paths = (logq.view(-1, 1) + top_logq.double()).masked_fill(~expand.view(-1, 1) | (top_logq == -math.inf),
+                                                                   -math.inf)  # a pruned head's tokens only
+        best, flat = paths.view(-1).sort(descending=True, stable=True)  # ties: the earlier proposal first
+        m = min(width, room, paths.numel())
+        picked = torch.cat([best[:m], flat[:m].double(), top_ids.view(-1)[flat[:m]].double(), expand.double()])
+        values = picked.tolist()  # the level's one host read
+        best, flat, toks, expand = values[:m], values[m:2 * m], values[2 * m:3 * m], values[3 * m:]
+        for r, i in enumerate(level):
+            if expand[r]:
+                q_logits[i] = logits[0, r:r + 1]
+        kept = sorted((int(f), lq, int(t)) for lq, f, t in zip(best, flat, toks) if lq > -math.inf)
+        if not kept:
+            level = []  # every node of this level went through a draft step already
+            break
+        # by parent, each one's children most likely first (a flat index is parent row x width + rank)
+        level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
+        logq = torch.tensor([tree.logq[i] for i in level], dtype=torch.float64, device=device)
+    pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
+    # the tree is final: its verify rows and the walk's tables go to the device now, while nothing is queued
+    tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, device)
+    if pending:
+        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=device)
+        h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
+        hidden.append(h)
+    lap(timings, "draft levels", device, t0)
+    return tree, hidden, q_logits, level_rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recycled predictions: the target's own earlier top-k, a tree at no model cost
+
+
+class Recycled(DraftSource):
+    """Token Recycling's draft: for every token id, the target's `top` most likely next tokens from the latest
+    verify pass that saw it as an input (every verified row: rejected drafts and tree nodes too; the prefill for the
+    prompt's tokens), a (vocabulary, top) table kept on the device (`observe`). A cycle drafts a tree from the newest
+    token by breadth-first expansion: each node's `width` first entries, to depth gamma, at most `budget` nodes,
+    gathered on the device level by level and read back once. The proposal is deterministic (no q): the tree walk's
+    rule (sampling.accept_tree) is exact for any candidates fixed before p is seen, and these come from earlier
+    passes only. No entry yet for the newest token: a plain step."""
+    uses_exit, observes = False, True
+
+    def __init__(self, gamma: int, width: int, budget: int, top: int = 8, uses_exit: bool = False):
+        self.gamma, self.width, self.budget, self.top = gamma, width, budget, max(top, width)
+        self.max_rows, self.depth, self.uses_exit = budget, gamma, uses_exit
+        self.table = None  # (vocabulary, top) long; -1: no prediction seen yet
+
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        """inputs (k,) token ids and their (k, V) target logits: each id's row becomes the logits' top entries."""
+        if self.table is None:
+            vocab = logits.shape[-1]
+            self.top = min(self.top, vocab)
+            self.table = torch.full((vocab, self.top), -1, dtype=torch.long, device=logits.device)
+        self.table.index_copy_(0, inputs.view(-1), logits.topk(self.top, dim=-1).indices)
+
+    def propose(self, turn: Turn) -> Proposal:
+        g, empty = min(self.gamma, turn.room), turn.last.new_zeros(0)
+        plain = Proposal(empty, None, None, (), "recycled", with_exit=self.uses_exit)
+        if g <= 0 or self.table is None:
+            return plain
+        levels, frontier, total = [], turn.last.view(1), 0
+        for _ in range(g):  # breadth first, on the device: each level's tokens from its parents' rows
+            kids = self.table.index_select(0, frontier.clamp(min=0))[:, : self.width]
+            kids = kids.masked_fill((frontier < 0).view(-1, 1), -1).reshape(-1)[: self.budget - total]
+            levels.append(kids)
+            total += kids.shape[0]
+            if total >= self.budget:
+                break
+            frontier = kids
+        values = torch.cat(levels).tolist()  # the cycle's one read of the drafts
+        tree = Tree(turn.n, turn.root, turn.last.device)
+        parents, start = [0], 0
+        for kids in levels:
+            nodes = []
+            for j, tok in enumerate(values[start:start + kids.shape[0]]):
+                parent = parents[j // self.width]
+                if tok >= 0 and parent is not None and len(tree.tokens) <= self.budget:
+                    nodes.append(tree.add(parent, tok, 0.0, "recycled"))
+                else:
+                    nodes.append(None)
+            parents, start = nodes, start + kids.shape[0]
+        if len(tree.tokens) == 1:
+            return plain
+        tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, turn.last.device)
+        return Proposal(None, kind="tree", with_exit=self.uses_exit, tree=tree, q_logits={})
+
+    def stats(self, cycles: list) -> dict:
+        return dict(nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1), tree_width=self.width,
+                    tree_nodes=self.budget)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Both in one cycle
+
+
+class ExitAndLookup(DraftSource):
+    """The lookup's proposal when it has one, else the exit's chain (`exit` an ExitChain); with an ExitTree, the
+    exit's tree with the lookup's proposal grafted on below the root (duplicates merged), verified in one pass."""
+
+    def __init__(self, exit: DraftSource, lookup: PromptLookup):
+        self.exit, self.lookup = exit, lookup
+        self.max_rows, self.depth = exit.max_rows + lookup.max_rows, max(exit.depth, lookup.depth)
+
+    def propose(self, turn: Turn) -> Proposal:
+        proposal = self.lookup.tokens_for(turn.room)
+        if isinstance(self.exit, ExitTree):
+            return self.exit.propose(turn, graft=proposal)
+        return self.lookup.deterministic(turn, proposal) if proposal else self.exit.propose(turn)
+
+    def commit(self, tokens: list) -> None:
+        self.lookup.commit(tokens)
+
+    def stats(self, cycles: list) -> dict:
+        return self.exit.stats(cycles) | self.lookup.stats(cycles)
+
+
+def make_source(draft: str, prompt, *, gamma: int, tree_width: int = 1, tree_nodes: int = 0,
+                draft_stop: float = 0.0, lookup_tokens: int = 0, ngram: int = 3,
+                eos: frozenset = frozenset()) -> DraftSource:
+    """The draft source named `draft` (one of DRAFTS; the values checked by generate.check_policy), for a generation
+    from `prompt` (its token ids, a 1-D tensor or a list)."""
+    budget = tree_nodes or tree_width * gamma
+    if draft == "recycle":
+        return Recycled(gamma, tree_width, budget)
+    exit = ExitTree(gamma, tree_width, budget, draft_stop) if tree_width > 1 else ExitChain(gamma, draft_stop)
+    if draft == "exit":
+        return exit
+    lookup = PromptLookup(prompt, lookup_tokens or gamma, ngram, eos, uses_exit=draft != "lookup")
+    return lookup if draft == "lookup" else ExitAndLookup(exit, lookup)
