@@ -697,7 +697,7 @@ def run(args, stop=None):
     say(dtype_line(args.dtype, sw.dtype_name, sw.machine))  # after every check: an error stays the only line
     drafts = f" x {len(args.drafts)} draft sources" if len(args.drafts) > 1 else ""
     sets = f" x {len(sw.prompts)} prompt sets" if len(sw.prompts) > 1 else ""
-    say(f"{len(sw.cells)} cells ({len(sw.exits)} exits{drafts}{sets} x {gammas} gammas x "
+    say(f"{len(sw.cells)} cells ({len({c.exit for c in sw.cells})} exits{drafts}{sets} x {gammas} gammas x "
         f"{len({(c.temperature, c.top_p, c.top_k) for c in sw.cells})} policies"
         f"{f' x {stops} draft stops' if stops > 1 else ''}{f' x {trees} trees' if trees > 1 else ''}) on "
         f"{len(next(iter(sw.prompts.values())))} prompts "
