@@ -15,18 +15,19 @@ $(STAMP): requirements.txt requirements-assets.txt
 
 setup: $(STAMP)
 
-# make run's first demo: prompt lookup (the draft that needs no trained exit) on a prompt that hands over a text, where
-# the reply copies from it; the drafted tokens it accepted are in {braces}.
+# make run's first demo: --draft auto (prompt lookup, recycled predictions and the untrained exit, chosen each cycle by
+# the measured step costs) on a prompt that hands over a text, where the reply copies from it; accepted drafts are
+# marked by source ({lookup}, |recycled|, [exit]).
 RUN_PROMPT ?= Rewrite this paragraph so that a child can read it, keeping its sentences: The lighthouse keeper climbed \
 the one hundred and twelve stairs every evening at dusk. He lit the great lamp, wound the clockwork that turned it, \
 and wrote the wind, the sea and the passing ships in his logbook before he slept.
 
-# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one prompt drafted by prompt lookup
+# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one prompt drafted by --draft auto
 # and verified (drafted tokens marked by source), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
 # tokens a cell.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
-	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft lookup --gamma 4 "$(RUN_PROMPT)"
+	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft auto --gamma 4 "$(RUN_PROMPT)"
 	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4 15 26" REPORT_GRID="4 15 26" \
 		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 2 4 8" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
 		REPORT_PROMPTS=2 REPORT_TOKENS=24 REPORT_TF=2

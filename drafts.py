@@ -38,7 +38,8 @@ class Kind(NamedTuple):
 
 
 SOURCES = {"exit": Kind(True, False, True, "exit"), "lookup": Kind(False, True, False, "lookup"),
-           "exit+lookup": Kind(True, True, True, "exit + lookup"), "recycle": Kind(False, False, True, "recycled")}
+           "exit+lookup": Kind(True, True, True, "exit + lookup"), "recycle": Kind(False, False, True, "recycled"),
+           "auto": Kind(True, True, True, "auto")}
 DRAFTS = tuple(SOURCES)  # the names `make_source` reads
 
 
@@ -76,8 +77,8 @@ class Proposal(NamedTuple):
 
 
 class DraftSource:
-    """The interface: `propose(turn) -> Proposal`, `commit(tokens)` after each cycle, `stats(cycles)` for the loop's
-    stats. `uses_exit`: the exit's cache is filled from the prefill on; `max_rows`: the most drafts a cycle writes
+    """The interface: `propose(turn) -> Proposal`, `commit(tokens, cycle)` after each cycle (the tokens kept and the
+    generate.Cycle record: what was accepted), `stats(cycles)` for the loop's stats. `uses_exit`: the exit's cache is filled from the prefill on; `max_rows`: the most drafts a cycle writes
     to the cache (the lean engine reserves them); `depth`: the longest path a cycle can accept."""
     uses_exit = True
     observes = False  # True: `observe` is given every verified row's input token and target logits
@@ -87,7 +88,7 @@ class DraftSource:
     def propose(self, turn: Turn) -> Proposal:
         raise NotImplementedError
 
-    def commit(self, tokens: list) -> None:
+    def commit(self, tokens: list, cycle) -> None:
         pass
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
@@ -174,7 +175,7 @@ class PromptLookup(DraftSource):
         drafts = torch.tensor(proposal, dtype=torch.long, device=turn.last.device)
         return Proposal(drafts, None, None, ("lookup",) * len(proposal), "lookup", with_exit=self.uses_exit)
 
-    def commit(self, tokens: list) -> None:
+    def commit(self, tokens: list, cycle=None) -> None:
         t = time.perf_counter()
         self.index.add(tokens)
         self.seconds += time.perf_counter() - t
@@ -360,40 +361,55 @@ class Recycled(DraftSource):
             self.table = torch.full((vocab, self.top), -1, dtype=torch.long, device=logits.device)
         self.table.index_copy_(0, inputs.view(-1), logits.topk(self.top, dim=-1).indices)
 
-    def propose(self, turn: Turn) -> Proposal:
-        g, empty = min(self.gamma, turn.room), turn.last.new_zeros(0)
-        plain = Proposal(empty, None, None, (), "recycled", with_exit=self.uses_exit)
-        if g <= 0 or self.table is None:
-            return plain
+    def candidates(self, turn: Turn, depth: int, width: int, budget: int) -> list:
+        """Up to `budget` nodes breadth first from the newest token, to `depth`, `width` children a node, as (parent:
+        an index into this list or -1 for the root, token, depth, rank among its siblings); gathered on the device
+        level by level, read back once. Empty when the table has nothing for the newest token."""
+        if depth <= 0 or budget <= 0 or self.table is None:
+            return []
+        width = min(width, self.top)
         levels, frontier, total = [], turn.last.view(1), 0
-        for _ in range(g):  # breadth first, on the device: each level's tokens from its parents' rows
-            kids = self.table.index_select(0, frontier.clamp(min=0))[:, : self.width]
-            kids = kids.masked_fill((frontier < 0).view(-1, 1), -1).reshape(-1)[: self.budget - total]
+        for _ in range(depth):  # each level's tokens from its parents' rows
+            kids = self.table.index_select(0, frontier.clamp(min=0))[:, :width]
+            kids = kids.masked_fill((frontier < 0).view(-1, 1), -1).reshape(-1)[: budget - total]
             levels.append(kids)
             total += kids.shape[0]
-            if total >= self.budget:
+            if total >= budget:
                 break
             frontier = kids
-        values = torch.cat(levels).tolist()  # the cycle's one read of the drafts
-        tree = Tree(turn.n, turn.root, turn.last.device)
-        parents, start = [0], 0
-        for kids in levels:
-            nodes = []
+        values = torch.cat(levels).tolist()  # the one read of the drafts
+        nodes, parents, start = [], [-1], 0
+        for d, kids in enumerate(levels, 1):
+            level = []
             for j, tok in enumerate(values[start:start + kids.shape[0]]):
-                parent = parents[j // self.width]
-                if tok >= 0 and parent is not None and len(tree.tokens) <= self.budget:
-                    nodes.append(tree.add(parent, tok, 0.0, "recycled"))
+                parent = parents[j // width]
+                if tok >= 0 and parent is not None:
+                    nodes.append((parent, tok, d, j % width))
+                    level.append(len(nodes) - 1)
                 else:
-                    nodes.append(None)
-            parents, start = nodes, start + kids.shape[0]
-        if len(tree.tokens) == 1:
+                    level.append(None)
+            parents, start = level, start + kids.shape[0]
+        return nodes
+
+    def propose(self, turn: Turn) -> Proposal:
+        plain = Proposal(turn.last.new_zeros(0), None, None, (), "recycled", with_exit=self.uses_exit)
+        nodes = self.candidates(turn, min(self.gamma, turn.room), self.width, self.budget)
+        if not nodes:
             return plain
-        tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, turn.last.device)
-        return Proposal(None, kind="tree", with_exit=self.uses_exit, tree=tree, q_logits={})
+        tree, index = Tree(turn.n, turn.root, turn.last.device), []
+        for parent, tok, _, _ in nodes:
+            index.append(tree.add(0 if parent < 0 else index[parent], tok, 0.0, "recycled"))
+        return deterministic_tree(tree, self.uses_exit)
 
     def stats(self, cycles: list) -> dict:
         return dict(nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1), tree_width=self.width,
                     tree_nodes=self.budget)
+
+
+def deterministic_tree(tree: "Tree", uses_exit: bool) -> Proposal:
+    """A tree of proposals with no q (recycled, lookup), verified on every layer in one call and walked."""
+    tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, tree.device)
+    return Proposal(None, kind="tree", with_exit=uses_exit, tree=tree, q_logits={})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,19 +430,132 @@ class ExitAndLookup(DraftSource):
             return self.exit.propose(turn, graft=proposal)
         return self.lookup.deterministic(turn, proposal) if proposal else self.exit.propose(turn)
 
-    def commit(self, tokens: list) -> None:
+    def commit(self, tokens: list, cycle=None) -> None:
         self.lookup.commit(tokens)
 
     def stats(self, cycles: list) -> dict:
         return self.exit.stats(cycles) | self.lookup.stats(cycles)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Auto: each cycle, the proposal that promises the most tokens per unit of this machine's time
+
+
+class AutoDraft(DraftSource):
+    """Each cycle, from every source it has (prompt lookup's path and the recycled tree, merged into one
+    deterministic tree; or the exit's chain), the proposal with the most expected committed tokens per unit of time,
+    or none. A node's chance to be accepted once its parent is: an estimate per (source, depth, rank among siblings)
+    learned online from earlier cycles (Beta(1, 1): (accepted + 1) / (judged + 2)), times its parent's. The tree
+    keeps the k likeliest nodes (a parent is always likelier than its child), k chosen to maximise (1 + expected
+    accepted) / v(k + 1); the exit's chain of g drafts, (1 + sum of its depths' chances) / (g c + v(g + 1)). v and c
+    are this machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row and a draft step over a
+    full one, measured once per model). Every choice uses only earlier cycles and the drafts themselves, never this
+    cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed)."""
+    observes = True
+    PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
+
+    def __init__(self, prompt, gamma: int, budget: int, lookup_tokens: int, measure, ngram: int = 3,
+                 eos: frozenset = frozenset(), width: int = 4):
+        self.lookup = PromptLookup(prompt, lookup_tokens, ngram, eos, uses_exit=True)
+        self.recycled = Recycled(gamma, width, budget, uses_exit=True)
+        self.exit = ExitChain(gamma)
+        self.gamma, self.budget, self.width, self.measure, self.costs = gamma, budget, width, measure, None
+        self.max_rows = max(budget + lookup_tokens, gamma)
+        self.depth = max(gamma, lookup_tokens)
+        self.counts = {}  # (source, depth, rank) -> [accepted, judged]
+        self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
+        self.choices = {"tree": 0, "exit": 0, "none": 0}
+
+    def chance(self, key: tuple) -> float:
+        a, j = self.counts.get(key, (0, 0))
+        return (a + 2 * self.PRIOR[key[0]]) / (j + 2)
+
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        self.recycled.observe(inputs, logits)
+
+    def propose(self, turn: Turn) -> Proposal:
+        if self.costs is None:
+            self.costs = self.measure(self.max_rows + 1)  # (c, {k: v(k)})
+        c = self.costs[0]
+        path = self.lookup.tokens_for(turn.room)
+        cand = [(d - 2, tok, ("lookup", d, 0)) for d, tok in enumerate(path, 1)]  # (parent in cand or -1, ...)
+        for parent, tok, d, rank in self.recycled.candidates(turn, min(self.gamma, turn.room), self.width,
+                                                             self.budget):
+            cand.append((parent + len(path) if parent >= 0 else -1, tok, ("recycled", d, rank)))
+        entries, where, seen = [], {-1: -1}, {}  # entries: (parent entry or -1, token, key, chance of its path)
+        for i, (parent, tok, key) in enumerate(cand):
+            pe = where.get(parent)
+            if pe is not None and (pe, tok) not in seen:  # a token both propose at one place: one node, the first key
+                seen[(pe, tok)] = len(entries)
+                entries.append((pe, tok, key, (entries[pe][3] if pe >= 0 else 1.0) * self.chance(key)))
+            where[i] = seen.get((pe, tok)) if pe is not None else None
+        ranked = sorted(range(len(entries)), key=lambda e: -entries[e][3])  # stable: a parent before its child
+        tree_k, tree_value, expected = 0, 1.0, 0.0  # k = 0: a plain step, one token for one step
+        for k, e in enumerate(ranked, 1):
+            expected += entries[e][3]
+            value = (1 + expected) / self.v(k + 1)
+            if value > tree_value:
+                tree_k, tree_value = k, value
+        chain_g, chain_value, expected, p = 0, tree_value, 0.0, 1.0
+        for g in range(1, min(self.gamma, turn.room) + 1):
+            p *= self.chance(("exit", g, 0))
+            expected += p
+            value = (1 + expected) / (g * c + self.v(g + 1))
+            if value > chain_value:
+                chain_g, chain_value = g, value
+        if chain_g:
+            self.choices["exit"] += 1
+            self.last = ("exit", chain_g)
+            return self.exit.propose(turn, g=chain_g)
+        if not tree_k:
+            self.choices["none"] += 1
+            self.last = None
+            return Proposal(turn.last.new_zeros(0), None, None, (), "lookup", with_exit=True)
+        chosen, node_of = set(ranked[:tree_k]), {-1: 0}
+        tree, self.last = Tree(turn.n, turn.root, turn.last.device), ("tree", [])
+        for e, (pe, tok, key, _) in enumerate(entries):  # parent-first order
+            if e in chosen:
+                node_of[e] = tree.add(node_of[pe], tok, 0.0, key[0])
+                self.last[1].append((node_of[e], node_of[pe], key))
+        self.choices["tree"] += 1
+        return deterministic_tree(tree, True)
+
+    def v(self, k: int) -> float:
+        """A k-row full step over a one-row step (measured; linear past the largest measured)."""
+        v = self.costs[1]
+        return v[k] if k in v else v[max(v)] * k / max(v)
+
+    def commit(self, tokens: list, cycle=None) -> None:
+        self.lookup.commit(tokens)
+        if self.last is None or cycle is None:
+            return
+        if self.last[0] == "exit":  # depths 1..k accepted, k + 1 judged and rejected (if drafted)
+            for d in range(1, min(cycle.accepted + 1, cycle.nodes) + 1):
+                a = self.counts.setdefault(("exit", d, 0), [0, 0])
+                a[0] += d <= cycle.accepted
+                a[1] += 1
+            return
+        on_path = set(cycle.path or [0])
+        for node, parent, key in self.last[1]:
+            if parent in on_path:  # judged: its parent was reached
+                a = self.counts.setdefault(key, [0, 0])
+                a[0] += node in on_path
+                a[1] += 1
+
+    def stats(self, cycles: list) -> dict:
+        return dict(auto_choices=dict(self.choices), nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1)
+                    ) | self.lookup.stats(cycles)
+
+
 def make_source(draft: str, prompt, *, gamma: int, tree_width: int = 1, tree_nodes: int = 0,
                 draft_stop: float = 0.0, lookup_tokens: int = 0, ngram: int = 3,
-                eos: frozenset = frozenset()) -> DraftSource:
+                eos: frozenset = frozenset(), measure=None) -> DraftSource:
     """The draft source named `draft` (one of DRAFTS; the values checked by generate.check_policy), for a generation
     from `prompt` (its token ids, a 1-D tensor or a list)."""
     budget = tree_nodes or tree_width * gamma
+    if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}) of this machine
+        return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or 4, measure, ngram, eos,
+                         max(tree_width, 2))
     if draft == "recycle":
         return Recycled(gamma, tree_width, budget)
     exit = ExitTree(gamma, tree_width, budget, draft_stop) if tree_width > 1 else ExitChain(gamma, draft_stop)

@@ -38,7 +38,7 @@ from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, 
                  resolve_device, run_command)
 from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data
 from drafts import SOURCES
-from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate, step_times
+from generate import DRAFTS, autoregressive_generate, check_policy, remember_costs, speculative_generate, step_times
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
                      finished_cells, markdown_table, merge_results, predicted_mixed_speedup, predicted_speedup,
@@ -397,7 +397,8 @@ def build_parser():
                         "tokens), exit+lookup (a chain: the lookup's proposal when it matches, else the exit's; a "
                         "tree: the exit's tree with the lookup's path grafted on) and recycle (a tree of depth gamma "
                         "from the target's own top next tokens of earlier passes, --tree_widths children a node; needs "
-                        "no exit)")
+                        "no exit) and auto (each cycle, a tree of lookup's path and recycled predictions, the exit's "
+                        "chain or nothing, whichever promises most tokens per unit of the measured step costs)")
     g.add_argument("--lookup_tokens", nargs="+", type=int, default=[0], metavar="K",
                    help="exit+lookup: the lookup's proposal length (0: gamma; the exit drafts gamma)")
     g.add_argument("--ngram", type=int, default=3, help="the lookup's longest n-gram (it tries n = this .. 1)")
@@ -606,10 +607,12 @@ def run_grid(args, sw, mine, own, meta, main, say):
             model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer or 1, trained.get(cell.exit),
                                                          engine=args.engine), key, {}  # lookup: no exit runs
         if key not in times:
-            biggest = max((c.tree_nodes or c.tree_width * c.gamma)
-                          + (c.lookup_tokens or c.gamma if SOURCES[c.draft].lookup else 0) for c in sw.cells)
+            biggest = max([12] + [(c.tree_nodes or c.tree_width * c.gamma)  # 12: auto's default trees
+                                  + (c.lookup_tokens or c.gamma if SOURCES[c.draft].lookup else 0) for c in sw.cells])
             times[key] = step_times(model, timing_ids, range(2, biggest + 2),
                                     draft_sizes=range(2, max(args.tree_widths) + 1))
+        draft_s, full_s, verify_s, _ = times[key]  # what --drafts auto weighs its proposals by
+        remember_costs(model, draft_s / full_s, {k: t / full_s for k, t in verify_s.items()})
         prompts = sw.prompts[cell.prompt_set]
         pkey = (cell.prompt_set, *cell.policy.values())
         if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells

@@ -19,6 +19,7 @@ for its walk), so a GPU runs ahead of Python (host_reads.py). The model is anyth
 """
 import statistics
 import time
+import weakref
 from typing import NamedTuple, Optional, Protocol
 
 import torch
@@ -123,7 +124,9 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     probability p(x); no match: the cycle is one plain step), "exit+lookup" (a chain: the lookup's proposal when it
     has one, else the exit's chain; a tree, tree_width > 1: the exit's tree with the lookup's proposal grafted on as
     one more path, duplicates merged, all verified in one pass), "recycle" (a tree of depth gamma, tree_width children a
-    node, from the target's own top next tokens of earlier verify passes for each token id; no model call).
+    node, from the target's own top next tokens of earlier verify passes for each token id; no model call), "auto"
+    (each cycle: a tree of lookup's path and recycled predictions, the exit's chain or nothing, by the expected tokens
+    per unit of the machine's measured step costs, `step_costs`; drafts.AutoDraft).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
@@ -157,7 +160,8 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     eos = frozenset(_as_set(eos_token_id)) if eos_token_id is not None else frozenset()
     t0 = time.perf_counter()
     source = make_source(draft, input_ids[0], gamma=gamma, tree_width=tree_width, tree_nodes=tree_nodes,
-                         draft_stop=draft_stop, lookup_tokens=lookup_tokens, ngram=ngram, eos=eos)
+                         draft_stop=draft_stop, lookup_tokens=lookup_tokens, ngram=ngram, eos=eos,
+                         measure=lambda rows: step_costs(model, input_ids, rows))
     cache, n, last = _prefill(model, input_ids, with_exit=source.uses_exit, room=max_new_tokens,
                               drafts=source.max_rows + 1, observe=source.observe if source.observes else None)
     root = int(last)  # the newest token's id, kept on the host from here (a tree's root)
@@ -185,7 +189,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
         root, last = cycle.token, torch.tensor([[cycle.token]], device=input_ids.device)  # a copy to the device
-        source.commit(committed)
+        source.commit(committed, cycle)
     return _finish(tokens, loop_stats(cycles, sources, overlap_sum.item(), max(gamma, source.depth), source, cache,
                                       model.num_layers), t0, input_ids.device)
 
@@ -343,6 +347,24 @@ def _as_set(eos):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The step timer
+
+COSTS = weakref.WeakKeyDictionary()  # model -> (c, {k: v(k)}): measured once per model (`step_costs`)
+
+
+def step_costs(model: Steps, input_ids: torch.Tensor, rows: int) -> tuple:
+    """(c, {k: v(k) for k = 1..rows}) for `model` on this machine: a draft step over a one-token full step, and a
+    k-token full step over a one-token one; measured once per model (step_times, 5 rounds, on the prompt repeated to
+    `rows` tokens), or as `remember_costs` was told (its users extrapolate past the largest k)."""
+    if model not in COSTS:
+        ids = input_ids.repeat(1, -(-(rows + 1) // input_ids.shape[1]))[:, : max(rows + 1, input_ids.shape[1])]
+        draft_s, full_s, verify_s, _ = step_times(model, ids, range(2, rows + 1), repeats=5)
+        remember_costs(model, draft_s / full_s, {k: t / full_s for k, t in verify_s.items()})
+    return COSTS[model]
+
+
+def remember_costs(model: Steps, c: float, v: dict) -> None:
+    """Costs measured elsewhere (evaluate.py times every model it sweeps): c and {k: v(k)}, v(1) = 1."""
+    COSTS[model] = (c, {1: 1.0, **v})
 
 
 @torch.inference_mode()

@@ -667,6 +667,64 @@ def test_a_broken_rule_for_recycled_trees_fails_the_same_test(small_vocab_model,
     assert chi_square_pvalue(counts, exact) < 1e-6
 
 
+# Auto (drafts.AutoDraft): each cycle the proposal with the most expected tokens per unit of measured time.
+
+AUTO_GREEDY = [dict(gamma=2), dict(gamma=4, lookup_tokens=6), dict(gamma=3, tree_nodes=12)]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_greedy_auto_equals_autoregressive_and_generate(tie):
+    base, prompt, new, ref = looping_reference(tie)
+    by_source, choices = {"exit": 0, "lookup": 0, "recycled": 0}, {"tree": 0, "exit": 0, "none": 0}
+    for layer, kw in itertools.product((2, 5), AUTO_GREEDY):  # a poor exit (perturbed) and a good one (one layer short)
+        tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block") if layer == 2 else None)
+        generate.remember_costs(tl, 0.05, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})  # a GPU-like machine
+        sp, stats = speculative_generate(tl, prompt, new, draft="auto", **kw)
+        assert torch.equal(sp, ref), (layer, kw)
+        assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
+        assert stats["source_counts"]["target"] == stats["target_calls"]
+        for s in by_source:
+            by_source[s] += stats["source_counts"][s]
+        for c in choices:
+            choices[c] += stats["auto_choices"][c]
+    assert min(by_source.values()) > 0 and choices["tree"] > 0 and choices["exit"] > 0, (by_source, choices)
+
+
+def test_auto_drafts_nothing_where_nothing_pays():
+    """With a verify of 2 rows costing 2 steps and a draft step a full one, no proposal can pay: plain steps."""
+    base, prompt, new, ref = looping_reference()
+    tl = TruncatedLlama(base, 2)
+    generate.remember_costs(tl, 1.0, {k: float(k) for k in range(2, 20)})
+    sp, stats = speculative_generate(tl, prompt, new, draft="auto", gamma=3)
+    assert torch.equal(sp, ref)
+    assert stats["auto_choices"]["tree"] == stats["auto_choices"]["exit"] == 0 and stats["drafted"] == 0
+
+
+@pytest.mark.parametrize("prompt,kw,used", [
+    ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), ("lookup", "recycled")),  # "1" seen: lookup and the table
+    ([1, 3, 2, 4, 1], dict(temperature=0.8, top_p=0.9, top_k=3, gamma=2), ("lookup", "recycled")),
+    ([1, 3, 2, 4], dict(temperature=1.3, top_p=0.8, gamma=2, lookup_tokens=2, tree_nodes=4), ("exit", "recycled"))])
+def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw, used):
+    """`used`: the sources whose drafts must really be accepted (a prompt whose last token was never seen before
+    gives neither lookup nor the table anything for the first cycle, so the exit drafts it)."""
+    base, _ = small_vocab_model
+    prompt = torch.tensor([prompt])
+    tl = TruncatedLlama(base, 2)  # one layer short of the top: an exit good enough to be chosen
+    generate.remember_costs(tl, 0.05, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})
+    exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(VOCAB**3, dtype=torch.float64)
+    sources = {"exit": 0, "lookup": 0, "recycled": 0}
+    for _ in range(SAMPLES):
+        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft="auto", **kw)
+        counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
+        for k in sources:
+            sources[k] += s["source_counts"][k]
+    assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    assert all(sources[k] > 100 for k in used), sources
+
+
 def test_lookup_flags_are_checked():
     tl = TruncatedLlama(make_tiny_llama(layers=4), 2)
     for kw, flag in ((dict(draft="medusa"), "--drafts"), (dict(lookup_tokens=-1), "--lookup_tokens"),
@@ -690,7 +748,7 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
     lookup_tokens = recycled = 0
     for kw in (dict(draft="lookup", gamma=4), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
                dict(draft="exit+lookup", gamma=1, lookup_tokens=4, tree_width=2),
-               dict(draft="recycle", gamma=3, tree_width=2, tree_nodes=6)):
+               dict(draft="recycle", gamma=3, tree_width=2, tree_nodes=6), dict(draft="auto", gamma=2)):
         sp, stats = speculative_generate(tl, ids, new, eos_token_id=eos, **kw)
         assert torch.equal(sp, ref), kw
         lookup_tokens += stats["source_counts"]["lookup"] + stats["source_counts"]["both"]
@@ -708,7 +766,8 @@ READ_BUDGETS = [  # (speculative_generate's arguments, reads allowed a cycle: 1 
     (dict(gamma=4, draft="lookup"), 1), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 1),
     (dict(gamma=2, tree_width=2), 3), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
     (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 3),
-    (dict(gamma=3, tree_width=2, draft="recycle"), 2), (dict(gamma=3, tree_width=2, draft="recycle", temperature=1.0), 2)]
+    (dict(gamma=3, tree_width=2, draft="recycle"), 2), (dict(gamma=3, tree_width=2, draft="recycle", temperature=1.0), 2),
+    (dict(gamma=2, draft="auto"), 2), (dict(gamma=2, draft="auto", temperature=1.0), 2)]
 
 
 @pytest.mark.parametrize("kw,budget", READ_BUDGETS)

@@ -61,9 +61,11 @@ def parse_args(argv=None):
     ap.add_argument("--tree_width", type=int, default=1,
                     help="draft a tree: each expanded node proposes this many tokens (default 1: a chain)")
     ap.add_argument("--tree_nodes", type=int, default=0, help="the tree's node budget (default 0: width x gamma)")
-    ap.add_argument("--draft", choices=DRAFTS, default="exit",
-                    help="draft source: exit (default), lookup (prompt lookup, no exit) or exit+lookup (both in "
-                         "one cycle: the lookup when it matches, else the exit; with --tree_width, one tree)")
+    ap.add_argument("--draft", choices=DRAFTS, default="auto",
+                    help="draft source: auto (default: each cycle, a tree of lookup's path and recycled predictions, "
+                         "the exit's chain or nothing, whichever the measured step costs favour), exit, lookup "
+                         "(prompt lookup, no exit), exit+lookup (the lookup when it matches, else the exit; with "
+                         "--tree_width, one tree) or recycle (a tree of the model's own earlier top next tokens)")
     ap.add_argument("--lookup_tokens", type=int, default=0,
                     help="exit+lookup: the lookup's proposal length (default 0: gamma)")
     ap.add_argument("--ngram", type=int, default=3, help="the lookup's longest n-gram (default 3)")
@@ -133,7 +135,8 @@ def main(argv=None):
     tree = f", tree width {args.tree_width}" if args.tree_width > 1 else ""
     source = {"exit": f"exit layer {layer}/{n}", "lookup": f"prompt lookup (n-gram {args.ngram})",
               "exit+lookup": f"exit layer {layer}/{n} + prompt lookup",
-              "recycle": "recycled predictions (the target's own earlier top next tokens)"}[args.draft]
+              "recycle": "recycled predictions (the target's own earlier top next tokens)",
+              "auto": f"auto (prompt lookup, recycled predictions, exit layer {layer}/{n}, chosen each cycle)"}[args.draft]
     print(f"--- reply: {source}, gamma {args.gamma}{tree}, temperature {args.temperature} "
           f"(drafted and accepted tokens, {legend})")
     print(coloured(tok, tl_tokens, stats["token_sources"], colour=not args.no_color))
