@@ -30,16 +30,16 @@ from sampling import walk_tables
 class Kind(NamedTuple):
     """What a draft source is, for the sweep's cells, tables and cost model (which never test its name): whether it
     drafts with the early exit (a cell needs an exit layer; q exists, so draft_stop applies), whether prompt lookup
-    proposes (a lookup length and cost), whether it drafts trees, and its label in tables."""
+    proposes (a lookup length and cost), whether it drafts trees, and its label in tables ({exit}: the exit's)."""
     exit: bool
     lookup: bool
     trees: bool
     label: str
 
 
-SOURCES = {"exit": Kind(True, False, True, "exit"), "lookup": Kind(False, True, False, "lookup"),
-           "exit+lookup": Kind(True, True, True, "exit + lookup"), "recycle": Kind(False, False, True, "recycled"),
-           "auto": Kind(True, True, True, "auto")}
+SOURCES = {"exit": Kind(True, False, True, "{exit}"), "lookup": Kind(False, True, False, "lookup"),
+           "exit+lookup": Kind(True, True, True, "{exit} + lookup"), "recycle": Kind(False, False, True, "recycled"),
+           "auto": Kind(True, True, True, "auto: {exit}")}
 DRAFTS = tuple(SOURCES)  # the names `make_source` reads
 
 
@@ -554,7 +554,7 @@ def make_source(draft: str, prompt, *, gamma: int, tree_width: int = 1, tree_nod
     from `prompt` (its token ids, a 1-D tensor or a list)."""
     budget = tree_nodes or tree_width * gamma
     if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}) of this machine
-        return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or 4, measure, ngram, eos,
+        return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or gamma, measure, ngram, eos,
                          max(tree_width, 2))
     if draft == "recycle":
         return Recycled(gamma, tree_width, budget)

@@ -146,12 +146,8 @@ def exit_name(row):
 
 
 def exit_label(row):
-    """The draft source of a row: `exit_L3 L3`, `lookup`, `exit_L3 L3 + lookup`, `recycled`."""
-    kind = SOURCES[row.get("draft") or "exit"]
-    if not kind.exit:
-        return kind.label
-    label = f"{exit_name(row)} L{row['exit_layer']}"
-    return label + " + lookup" if kind.lookup else label
+    """The draft source of a row: `exit_L3 L3`, `lookup`, `exit_L3 L3 + lookup`, `recycled`, `auto: exit_L3 L3`."""
+    return SOURCES[row.get("draft") or "exit"].label.format(exit=f"{exit_name(row)} L{row['exit_layer']}")
 
 
 def prompt_sets(rows):
@@ -245,7 +241,7 @@ def best_line(rows):
     else:
         source = f"{exit_name(r)}, L {r['exit_layer']}, gamma {r['gamma']}{tree}"
         if kind.lookup:
-            source = f"exit+lookup: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
+            source = f"{r['draft']}: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
     where = f", {r['prompt_set']}" if r.get("prompt_set") else ""
     peer = (f"; {r['speedup_vs_generate']:.2f}x over transformers' generate" if r.get("speedup_vs_generate")
             else "")
