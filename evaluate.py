@@ -188,7 +188,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     total = dict.fromkeys(keys, 0)
     lists = dict.fromkeys(("accept_hist", "draft_len_hist", "judged_by_depth", "accepted_by_depth",
                            "draft_rows_hist"), [])
-    same, first_diffs, matched, by_source, cycles = 0, [], [], {}, []
+    same, first_diffs, matched, by_source, cycles, choices = 0, [], [], {}, [], {}
     paired = baseline is None
     if paired:
         baseline = {"tokens": [], "new_tokens": 0, "seconds": 0.0}
@@ -206,6 +206,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
             total[k] += s[k]
         matched += s["lookup_matched"]
         by_source = {k: by_source.get(k, 0) + n for k, n in s["source_counts"].items()}
+        choices = {k: choices.get(k, 0) + n for k, n in s.get("auto_choices", {}).items()}  # auto: cycles by choice
         cycles += list(zip(s["cycle_kinds"], s["per_cycle_drafted"]))
         for k in lists:
             lists[k] = add_lists(lists[k], s.get(k, []))
@@ -257,6 +258,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "predicted_speedup": predicted, "paired_baseline": paired,
         "lookup_match_rate": sum(matched) / len(matched) if matched else None, "c_lookup": c_lookup,
         "lookup_seconds": total["lookup_seconds"], "tokens_by_source": by_source,
+        **({"auto_choices": choices, "nodes_per_cycle": drafted / calls if calls else None} if choices else {}),
     }
 
 

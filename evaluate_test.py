@@ -422,6 +422,28 @@ def test_draft_sources_and_prompt_sets_are_grid_dimensions():
                                                                              "prompts": {"": "h"}})
 
 
+def test_sweep_with_recycled_and_auto_drafts(assets, tmp_path, capsys):
+    """--drafts recycle auto: recycled cells once (no exit), auto cells per exit; rows carry tokens by source and
+    auto's choices (one per cycle); greedy cells equal the baseline; both labelled in the table."""
+    out = tmp_path / "auto"
+    evaluate.main(["--model", str(assets / "model"), "--dataset", str(assets / "prompts.jsonl"),
+                   "--exit_ckpt", str(assets / "exit_L2"), "--exit_layers", "--drafts", "recycle", "auto",
+                   "--gammas", "2", "--tree_widths", "2", "--temperatures", "0", "1.0", "--num_prompts", "2",
+                   "--max_new_tokens", "16", "--tf_blocks", "0", "--dtype", "float32", "--out_dir", str(out)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("best lossless speedup: ")
+    rows = read_rows(out / "results.jsonl")
+    assert sorted(r["draft"] for r in rows) == ["auto", "auto", "recycle", "recycle"]
+    for r in rows:
+        assert sum(r["tokens_by_source"].values()) == r["new_tokens"]
+        assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)
+        if r["draft"] == "recycle":
+            assert r["exit"] == "none" and r["tokens_by_source"]["exit"] == r["tokens_by_source"]["lookup"] == 0
+        else:
+            assert r["exit"] != "none" and sum(r["auto_choices"].values()) == r["target_calls"]
+    summary = (out / "summary.md").read_text()
+    assert "| recycled |" in summary and "| auto: exit_L2 L2 |" in summary
+
+
 def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
     """--drafts exit lookup exit+lookup over two prompt sets: lookup cells once per set (no exit), rows carrying the
     source, match rate, tokens by source and the lookup's c; a table, plots and a best line per set; greedy cells
