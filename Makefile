@@ -97,7 +97,8 @@ speedup-train: setup
 
 # The measuring half alone, on the exit speedup-train left (run it again for a second measurement of the same exit):
 # (a) ShareGPT test prompts: the exit (gamma 1, a chain and a width-2 tree), prompt lookup (gamma 4) and both in one
-# cycle (exit+lookup: the exit's gamma 1 and the lookup's 4 tokens, as a chain and as a width-2 tree), greedy and T 0.7,
+# cycle (exit+lookup: the exit's gamma 1 and the lookup's 4 tokens, as a chain and as a width-2 tree), and --drafts auto
+# (gamma 3: it picks per cycle among lookup, recycled predictions and the exit), greedy and T 0.7,
 # (b) the same sources on each ShareGPT task group (code, a given text, open questions: share_gpt_dataset.task_group),
 # added with --resume, (c) our prompt lookup against transformers' (generate(prompt_lookup_num_tokens=4)), each over
 # its own autoregressive loop, in one run. The last line is the best lossless cell of (a) and (b), naming its source.
@@ -112,10 +113,12 @@ speedup-sweep: setup
 	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_SWEEP) \
 		--out_dir $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts auto --gammas 3 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts exit --gammas 1 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
 	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
 	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_GROUP) \
 		--out_dir $(SPEEDUP)/eval/tasks
+	$(SPEEDUP_EVAL) --drafts auto --gammas 3 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
 	$(PY) benchmark_torch_compile.py --layers --no_steps --lookup_peer 4 --num_prompts 4 --max_new_tokens 128 \
 		--out $(SPEEDUP)/eval/lookup_peer.json
 	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval $(SPEEDUP)/eval/tasks

@@ -168,6 +168,16 @@ class PromptLookup(DraftSource):
         self.matched.append(bool(proposal))
         return proposal
 
+    def branches_for(self, room: int, b: int) -> list:
+        """Up to b distinct proposals (Lookup.branches), each cut like `tokens_for`'s, counted once in `matched`."""
+        if room <= 0:
+            return []
+        t = time.perf_counter()
+        paths = [_cut_at(p, self.eos) for p in self.index.branches(min(self.tokens, room), b)]
+        self.seconds += time.perf_counter() - t
+        self.matched.append(bool(paths))
+        return paths
+
     def propose(self, turn: Turn) -> Proposal:
         return self.deterministic(turn, self.tokens_for(turn.room))
 
@@ -442,9 +452,9 @@ class ExitAndLookup(DraftSource):
 
 
 class AutoDraft(DraftSource):
-    """Each cycle, from every source it has (prompt lookup's path and the recycled tree, merged into one
-    deterministic tree; or the exit's chain), the proposal with the most expected committed tokens per unit of time,
-    or none. A node's chance to be accepted once its parent is: an estimate per (source, depth, rank among siblings)
+    """Each cycle, from every source it has (prompt lookup's continuations, up to BRANCHES of them, and the recycled
+    tree, merged into one deterministic tree; or the exit's chain), the proposal with the most expected committed
+    tokens per unit of time, or none. A node's chance to be accepted once its parent is: an estimate per (source, depth, rank among siblings)
     learned online from earlier cycles (Beta(1, 1): (accepted + 1) / (judged + 2)), times its parent's. The tree
     keeps the k likeliest nodes (a parent is always likelier than its child), k chosen to maximise (1 + expected
     accepted) / v(k + 1); the exit's chain of g drafts, (1 + sum of its depths' chances) / (g c + v(g + 1)). v and c
@@ -453,6 +463,7 @@ class AutoDraft(DraftSource):
     cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed)."""
     observes = True
     PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
+    BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
 
     def __init__(self, prompt, gamma: int, budget: int, lookup_tokens: int, measure, ngram: int = 3,
                  eos: frozenset = frozenset(), width: int = 4):
@@ -460,7 +471,7 @@ class AutoDraft(DraftSource):
         self.recycled = Recycled(gamma, width, budget, uses_exit=True)
         self.exit = ExitChain(gamma)
         self.gamma, self.budget, self.width, self.measure, self.costs = gamma, budget, width, measure, None
-        self.max_rows = max(budget + lookup_tokens, gamma)
+        self.max_rows = max(budget + self.BRANCHES * lookup_tokens, gamma)
         self.depth = max(gamma, lookup_tokens)
         self.counts = {}  # (source, depth, rank) -> [accepted, judged]
         self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
@@ -477,11 +488,14 @@ class AutoDraft(DraftSource):
         if self.costs is None:
             self.costs = self.measure(self.max_rows + 1)  # (c, {k: v(k)})
         c = self.costs[0]
-        path = self.lookup.tokens_for(turn.room)
-        cand = [(d - 2, tok, ("lookup", d, 0)) for d, tok in enumerate(path, 1)]  # (parent in cand or -1, ...)
+        cand = []  # (parent: an index into cand or -1 for the root, token, key)
+        for rank, path in enumerate(self.lookup.branches_for(turn.room, self.BRANCHES)):
+            for d, tok in enumerate(path, 1):
+                cand.append((len(cand) - 1 if d > 1 else -1, tok, ("lookup", d, rank)))
+        base = len(cand)
         for parent, tok, d, rank in self.recycled.candidates(turn, min(self.gamma, turn.room), self.width,
                                                              self.budget):
-            cand.append((parent + len(path) if parent >= 0 else -1, tok, ("recycled", d, rank)))
+            cand.append((parent + base if parent >= 0 else -1, tok, ("recycled", d, rank)))
         entries, where, seen = [], {-1: -1}, {}  # entries: (parent entry or -1, token, key, chance of its path)
         for i, (parent, tok, key) in enumerate(cand):
             pe = where.get(parent)
