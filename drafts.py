@@ -160,20 +160,20 @@ class PromptLookup(DraftSource):
 
     def tokens_for(self, room: int) -> list:
         """The proposal as token ids (host), counted in `matched`; nothing when no draft fits."""
-        if room <= 0:
-            return []
-        t = time.perf_counter()
-        proposal = _cut_at(self.index.propose(min(self.tokens, room)), self.eos)
-        self.seconds += time.perf_counter() - t
-        self.matched.append(bool(proposal))
-        return proposal
+        paths = self._consult(room, lambda k: [p] if (p := self.index.propose(k)) else [])
+        return paths[0] if paths else []
 
     def branches_for(self, room: int, b: int) -> list:
         """Up to b distinct proposals (Lookup.branches), each cut like `tokens_for`'s, counted once in `matched`."""
+        return self._consult(room, lambda k: self.index.branches(k, b))
+
+    def _consult(self, room: int, find) -> list:
+        """`find(k)`'s proposals of up to k tokens, cut after an end-of-sequence token, timed, counted in `matched`
+        (one entry per cycle with room for a draft)."""
         if room <= 0:
             return []
         t = time.perf_counter()
-        paths = [_cut_at(p, self.eos) for p in self.index.branches(min(self.tokens, room), b)]
+        paths = [_cut_at(p, self.eos) for p in find(min(self.tokens, room))]
         self.seconds += time.perf_counter() - t
         self.matched.append(bool(paths))
         return paths
@@ -193,6 +193,11 @@ class PromptLookup(DraftSource):
     def stats(self, cycles: list) -> dict:
         m = self.matched
         return dict(lookup_matched=m, lookup_match_rate=sum(m) / len(m) if m else None, lookup_seconds=self.seconds)
+
+
+def nodes_per_cycle(cycles: list) -> float:
+    """Drafted tokens (a tree's nodes) per cycle."""
+    return sum(c.nodes for c in cycles) / max(len(cycles), 1)
 
 
 def _cut_at(proposal: list, eos: frozenset) -> list:
@@ -230,8 +235,8 @@ class ExitTree(DraftSource):
         hist = [0] * (max(rows, default=0) + 1)
         for r in rows:
             hist[r] += 1
-        return dict(nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1), draft_rows_hist=hist,
-                    tree_width=self.width, tree_nodes=self.budget)
+        return dict(nodes_per_cycle=nodes_per_cycle(cycles), draft_rows_hist=hist, tree_width=self.width,
+                    tree_nodes=self.budget)
 
 
 class Tree:
@@ -412,8 +417,7 @@ class Recycled(DraftSource):
         return deterministic_tree(tree, self.uses_exit)
 
     def stats(self, cycles: list) -> dict:
-        return dict(nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1), tree_width=self.width,
-                    tree_nodes=self.budget)
+        return dict(nodes_per_cycle=nodes_per_cycle(cycles), tree_width=self.width, tree_nodes=self.budget)
 
 
 def deterministic_tree(tree: "Tree", uses_exit: bool) -> Proposal:
@@ -557,8 +561,7 @@ class AutoDraft(DraftSource):
                 a[1] += 1
 
     def stats(self, cycles: list) -> dict:
-        return dict(auto_choices=dict(self.choices), nodes_per_cycle=sum(c.nodes for c in cycles) / max(len(cycles), 1)
-                    ) | self.lookup.stats(cycles)
+        return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles)) | self.lookup.stats(cycles)
 
 
 def make_source(draft: str, prompt, *, gamma: int, tree_width: int = 1, tree_nodes: int = 0,
