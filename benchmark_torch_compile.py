@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import decode_engine
 from cli import DEVICE_CHOICES, Parser, UsageError, resolve_device, run_command, timed
-from generate import autoregressive_generate, speculative_generate, step_times
+from generate import autoregressive_generate, plan, speculative_generate, step_times
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, resolve_dtype)
 
@@ -235,7 +235,7 @@ def methods_for(model, ref, layer, gamma, new):
         "hf_generate": hf_generate,
         "ours_ar": lambda ids: autoregressive_generate(tl, ids, new)[0],
         "hf_early_exit": hf_early_exit,
-        "ours_spec": lambda ids: speculative_generate(tl, ids, new, gamma=gamma)[0],
+        "ours_spec": lambda ids: speculative_generate(tl, ids, new, **plan(gamma=gamma))[0],
     }
 
 
@@ -281,8 +281,8 @@ def lookup_peer(model, ref, prompts, k, new, temperature, device, top_p=0.95):
         "hf_lookup": lambda ids, i: ref.generate(ids, max_new_tokens=new, min_new_tokens=new,
                                                  prompt_lookup_num_tokens=k, **sample),
         "ours_ar": lambda ids, i: autoregressive_generate(tl, ids, new, generator=g(i), **policy)[0],
-        "ours_lookup": lambda ids, i: speculative_generate(tl, ids, new, gamma=k, draft="lookup", generator=g(i),
-                                                           **policy)[0],
+        "ours_lookup": lambda ids, i: speculative_generate(tl, ids, new, **plan(gamma=k, draft="lookup", **policy),
+                                                           generator=g(i))[0],
     }
     for fn in methods.values():  # warm-up
         fn(prompts[0][:, :16], 0)
@@ -308,7 +308,7 @@ def check_lossless(model, prompts, layers, gammas, new):
         tl = TruncatedLlama(model, layer)
         base = [autoregressive_generate(tl, ids, new)[0] for ids in prompts]
         for gamma in gammas:
-            runs = [speculative_generate(tl, ids, new, gamma=gamma) for ids in prompts]
+            runs = [speculative_generate(tl, ids, new, **plan(gamma=gamma)) for ids in prompts]
             same = sum(torch.equal(t, b) for (t, _), b in zip(runs, base))
             acc = statistics.fmean(s["avg_accepted"] for _, s in runs)
             rows.append({"exit_layer": layer, "gamma": gamma, "identical_prompts": f"{same}/{len(prompts)}",
@@ -340,7 +340,7 @@ def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True)
     whether each variant's greedy output equals the default step's."""
     variants = static_variants(model, layer, device, compiled)
     run = {"ours_ar": lambda tl, ids: autoregressive_generate(tl, ids, new)[0],
-           "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, gamma=gamma)[0]}
+           "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, **plan(gamma=gamma))[0]}
     t = time.perf_counter()
     for tl in variants.values():  # warm-up, and compilation (the shortest and the longest prompt: each cache size)
         for fn in run.values():
@@ -374,6 +374,10 @@ VERSUS_WORKER = r"""
 import json, sys, time, torch
 sys.path.insert(0, ".")
 from generate import autoregressive_generate, speculative_generate
+try:  # a checkout from before Drafting (2026-12-07) takes the settings flat
+    from generate import plan
+except ImportError:
+    plan = lambda **kw: kw
 from truncated_llama import TruncatedLlama, load_base_model, resolve_dtype
 setup = json.loads(sys.argv[1])
 torch.set_num_threads(setup["threads"])
@@ -390,7 +394,7 @@ for line in sys.stdin:
     else:
         seed = kw.pop("seed", None)
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        out, _ = speculative_generate(tl, ids, job["new"], generator=gen, **kw)
+        out, _ = speculative_generate(tl, ids, job["new"], generator=gen, **plan(**kw))
     print(json.dumps({"seconds": time.perf_counter() - t, "tokens": out.tolist()}), flush=True)
 """
 

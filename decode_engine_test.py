@@ -172,7 +172,7 @@ def test_smollm2_lean_logits_equal_transformers_forward(smollm2):
 def test_smollm2_bf16_greedy_is_exact():
     """Row-invariant steps (the default): greedy self-speculation equals autoregressive decoding bitwise in bfloat16,
     for a chain, a lookup draft and a verify of several rows. Before them, 4 of 8 ShareGPT prompts parted."""
-    from generate import autoregressive_generate, speculative_generate
+    from generate import autoregressive_generate, plan, speculative_generate
     from truncated_llama import load_base_model
     if not torch.backends.cpu.get_cpu_capability() or torch.bfloat16 is None:
         pytest.skip("no bf16")
@@ -185,7 +185,7 @@ def test_smollm2_bf16_greedy_is_exact():
                                       return_tensors="pt", return_dict=True)["input_ids"]
         ar, _ = autoregressive_generate(tl, ids, 40)
         for kw in (dict(gamma=1), dict(gamma=4), dict(gamma=4, draft="lookup"), dict(gamma=1, draft="exit+lookup")):
-            sp, _ = speculative_generate(tl, ids, 40, **kw)
+            sp, _ = speculative_generate(tl, ids, 40, **plan(**kw))
             assert torch.equal(sp, ar), (text, kw)
 
 
@@ -197,10 +197,10 @@ STATIC_RUNS = [dict(gamma=3), dict(gamma=2, temperature=1.0, top_p=0.9), dict(ga
 
 
 def static_outputs(tl, prompt, runs, new=24):
-    from generate import autoregressive_generate, speculative_generate
+    from generate import autoregressive_generate, plan, speculative_generate
     outs = [autoregressive_generate(tl, prompt, new)[0]]
     for kw in runs:
-        outs.append(speculative_generate(tl, prompt, new, generator=torch.Generator().manual_seed(0), **kw)[0])
+        outs.append(speculative_generate(tl, prompt, new, **plan(**kw), generator=torch.Generator().manual_seed(0))[0])
     return outs
 
 

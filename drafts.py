@@ -564,11 +564,24 @@ class AutoDraft(DraftSource):
         return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles)) | self.lookup.stats(cycles)
 
 
-def make_source(draft: str, prompt, *, gamma: int, tree_width: int = 1, tree_nodes: int = 0,
-                draft_stop: float = 0.0, lookup_tokens: int = 0, ngram: int = 3,
-                eos: frozenset = frozenset(), measure=None) -> DraftSource:
-    """The draft source named `draft` (one of DRAFTS; the values checked by generate.check_policy), for a generation
-    from `prompt` (its token ids, a 1-D tensor or a list)."""
+class Drafting(NamedTuple):
+    """How each cycle drafts (speculative_generate's settings besides the policy; checked by generate.check_policy):
+    the source's name `draft` (one of DRAFTS), `gamma` (the draft length, a tree's depth; with draft_stop, its cap),
+    `tree_width` (candidates per expanded node; 1: a chain), `tree_nodes` (a tree's node budget; 0: width x gamma),
+    `draft_stop` (stop drafting when the draft's top probability is below it; 0: off), `lookup_tokens` (the lookup's
+    proposal length; 0: gamma) and `ngram` (the lookup's longest n-gram)."""
+    draft: str = "exit"
+    gamma: int = 1
+    tree_width: int = 1
+    tree_nodes: int = 0
+    draft_stop: float = 0.0
+    lookup_tokens: int = 0
+    ngram: int = 3
+
+
+def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), measure=None) -> DraftSource:
+    """The draft source `drafting` names, for a generation from `prompt` (its token ids, a 1-D tensor or a list)."""
+    draft, gamma, tree_width, tree_nodes, draft_stop, lookup_tokens, ngram = drafting
     budget = tree_nodes or tree_width * gamma
     if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}) of this machine
         return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or gamma, measure, ngram, eos,

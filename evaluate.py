@@ -38,7 +38,8 @@ from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, 
                  resolve_device, run_command)
 from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data
 from drafts import SOURCES
-from generate import DRAFTS, autoregressive_generate, check_policy, remember_costs, speculative_generate, step_times
+from generate import (DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, remember_costs,
+                      speculative_generate, step_times)
 from losses import exit_metric_sums, summarize_metrics, target_rows
 from results import (LAYER_SWEEP, RESULTS, SUMMARY_COLUMNS, SUMMARY_CSV, SUMMARY_MD, append_row, best_line,
                      finished_cells, markdown_table, merge_results, predicted_mixed_speedup, predicted_speedup,
@@ -72,8 +73,9 @@ class Cell:
 
     @property
     def drafting(self):
-        """The cell's draft source as speculative_generate's keywords."""
-        return dict(draft=self.draft, lookup_tokens=self.lookup_tokens, ngram=self.ngram)
+        """How the cell drafts, as speculative_generate takes it."""
+        return Drafting(self.draft, self.gamma, self.tree_width, self.tree_nodes, self.draft_stop, self.lookup_tokens,
+                        self.ngram)
 
 
 def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), tree_widths=(1,), tree_nodes=(0,),
@@ -199,9 +201,8 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
             baseline["new_tokens"] += one["new_tokens"]
             baseline["seconds"] += one["seconds"]
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
-        out, s = speculative_generate(model, p["input_ids"], max_new_tokens, gamma=cell.gamma, eos_token_id=eos,
-                                      generator=g, draft_stop=cell.draft_stop, tree_width=cell.tree_width,
-                                      tree_nodes=cell.tree_nodes, **cell.drafting, **cell.policy)
+        out, s = speculative_generate(model, p["input_ids"], max_new_tokens, cell.drafting, Policy(**cell.policy),
+                                      eos_token_id=eos, generator=g)
         for k in keys:
             total[k] += s[k]
         matched += s["lookup_matched"]
@@ -594,9 +595,9 @@ def run_grid(args, sw, mine, own, meta, main, say):
     if mine:
         warm = TruncatedLlama(sw.base, first.exit_layer or 1, trained.get(first.exit), engine=args.engine)
         few, ids = min(8, args.max_new_tokens), everything[0]["input_ids"]
-        speculative_generate(warm, ids, few, gamma=2)  # first calls allocate; keep them untimed
+        speculative_generate(warm, ids, few, Drafting(gamma=2))  # first calls allocate; keep them untimed
         if max(args.tree_widths) > 1:
-            speculative_generate(warm, ids, few, gamma=2, tree_width=max(args.tree_widths))
+            speculative_generate(warm, ids, few, Drafting(gamma=2, tree_width=max(args.tree_widths)))
         autoregressive_generate(warm, ids, few)
     long_prompt = max((p["input_ids"] for p in everything), key=lambda x: x.shape[1])
     timing_ids = torch.cat([long_prompt, long_prompt[:, -1:].expand(1, args.max_new_tokens // 2)], dim=1)

@@ -26,7 +26,7 @@ import torch
 
 from cli import check_context, device_sync, lap
 from decode_engine import TreeRows
-from drafts import DRAFTS, SOURCES, Proposal, Turn, make_source
+from drafts import DRAFTS, SOURCES, Drafting, Proposal, Turn, make_source
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
 from sampling import Policy, accept_tree, check_sampling, judge_chain, read_chain, sample  # noqa: F401 (sample: API)
 
@@ -101,16 +101,20 @@ def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0
                          f"integer >= 0 (0: tree_width x gamma), got {tree_nodes}.")
 
 
+def plan(*, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, **drafting) -> dict:
+    """Flat settings, named as the sweep's cells and flags name them (Drafting's fields and the policy's), as
+    speculative_generate's `drafting` and `policy`: speculative_generate(model, ids, n, **plan(gamma=4, top_p=0.9))."""
+    return {"drafting": Drafting(**drafting), "policy": Policy(temperature, top_p, top_k)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loops
 
 
 @torch.inference_mode()
-def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: int, *, gamma: int,
-                         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                         eos_token_id: Optional[int | list[int]] = None, generator: Optional[torch.Generator] = None,
-                         draft_stop: float = 0.0, tree_width: int = 1, tree_nodes: int = 0, draft: str = "exit",
-                         lookup_tokens: int = 0, ngram: int = 3, timings: Optional[dict] = None) -> tuple:
+def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: int, drafting: Drafting = Drafting(),
+                         policy: Optional[Policy] = None, *, eos_token_id: Optional[int | list[int]] = None,
+                         generator: Optional[torch.Generator] = None, timings: Optional[dict] = None) -> tuple:
     """Self-speculative decoding with `model` (a Steps: truncated_llama's TruncatedLlama). Returns (new tokens, stats).
 
     Lossless: greedy returns exactly the autoregressive tokens; sampling returns exactly the target's distribution
@@ -118,15 +122,17 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     accepted with probability min(1, p(x)/q(x)); the first rejection samples from normalise(max(0, p - q)); when all
     are accepted a bonus token is sampled from the next p. Greedy accepts while the draft equals argmax p.
 
-    Draft sources (`draft`): "exit" (the early exit drafts gamma tokens, one at a time, or a tree of depth gamma),
-    "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens` tokens, 0 meaning gamma, copied from where the newest
-    `ngram`..1 tokens occurred before in prompt + reply; a proposal is deterministic, q one-hot, so x is accepted with
-    probability p(x); no match: the cycle is one plain step), "exit+lookup" (a chain: the lookup's proposal when it
-    has one, else the exit's chain; a tree, tree_width > 1: the exit's tree with the lookup's proposal grafted on as
-    one more path, duplicates merged, all verified in one pass), "recycle" (a tree of depth gamma, tree_width children a
-    node, from the target's own top next tokens of earlier verify passes for each token id; no model call), "auto"
-    (each cycle: a tree of lookup's path and recycled predictions, the exit's chain or nothing, by the expected tokens
-    per unit of the machine's measured step costs, `step_costs`; drafts.AutoDraft).
+    `drafting` (drafts.Drafting) names the draft source and its sizes; `policy` (sampling.Policy) is greedy unless
+    given; `plan(...)` makes both from flat settings. Draft sources (`draft`): "exit" (the early exit drafts gamma
+    tokens, one at a time, or a tree of depth gamma), "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens`
+    tokens, 0 meaning gamma, copied from where the newest `ngram`..1 tokens occurred before in prompt + reply; a
+    proposal is deterministic, q one-hot, so x is accepted with probability p(x); no match: the cycle is one plain
+    step), "exit+lookup" (a chain: the lookup's proposal when it has one, else the exit's chain; a tree, tree_width
+    > 1: the exit's tree with the lookup's proposal grafted on as one more path, duplicates merged, all verified in
+    one pass), "recycle" (a tree of depth gamma, tree_width children a node, from the target's own top next tokens
+    of earlier verify passes for each token id; no model call), "auto" (each cycle: a tree of lookup's path and
+    recycled predictions, the exit's chain or nothing, by the expected tokens per unit of the machine's measured
+    step costs, `step_costs`; drafts.AutoDraft).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
@@ -153,15 +159,12 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     (draft steps by rows), and avg_overlap is over the expanded nodes. `timings` (a dict, opt-in) collects the seconds
     of each phase of a tree cycle: draft levels, verify, accept, cache moves.
     """
-    check_policy(gamma=gamma, temperature=temperature, top_p=top_p, top_k=top_k, draft_stop=draft_stop,
-                 tree_width=tree_width, tree_nodes=tree_nodes, draft=draft, lookup_tokens=lookup_tokens, ngram=ngram)
+    check_policy(**drafting._asdict())
     _check_prompt(model, input_ids, max_new_tokens)
-    policy = Policy(temperature, top_p, top_k, checked=True)
+    policy = policy if policy is not None else Policy()
     eos = frozenset(_as_set(eos_token_id)) if eos_token_id is not None else frozenset()
     t0 = time.perf_counter()
-    source = make_source(draft, input_ids[0], gamma=gamma, tree_width=tree_width, tree_nodes=tree_nodes,
-                         draft_stop=draft_stop, lookup_tokens=lookup_tokens, ngram=ngram, eos=eos,
-                         measure=lambda rows: step_costs(model, input_ids, rows))
+    source = make_source(drafting, input_ids[0], eos=eos, measure=lambda rows: step_costs(model, input_ids, rows))
     cache, n, last = _prefill(model, input_ids, with_exit=source.uses_exit, room=max_new_tokens,
                               drafts=source.max_rows + 1, observe=source.observe if source.observes else None)
     root = int(last)  # the newest token's id, kept on the host from here (a tree's root)
@@ -190,8 +193,9 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
         cache.crop(n)  # rejected drafts' positions go
         root, last = cycle.token, torch.tensor([[cycle.token]], device=input_ids.device)  # a copy to the device
         source.commit(committed, cycle)
-    return _finish(tokens, loop_stats(cycles, sources, overlap_sum.item(), max(gamma, source.depth), source, cache,
-                                      model.num_layers), t0, input_ids.device)
+    stats = loop_stats(cycles, sources, overlap_sum.item(), max(drafting.gamma, source.depth), source, cache,
+                       model.num_layers)
+    return _finish(tokens, stats, t0, input_ids.device)
 
 
 def loop_stats(cycles: list, sources: list, overlap_sum: float, depth: int, source, cache, num_layers: int) -> dict:

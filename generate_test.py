@@ -11,7 +11,7 @@ import generate
 import sampling
 from conftest import make_tiny_llama
 from drafts import ExitTree, Turn
-from generate import Policy, autoregressive_generate, speculative_generate
+from generate import Policy, autoregressive_generate, plan, speculative_generate
 from truncated_llama import TruncatedLlama
 from tuned_llama import EarlyExit
 
@@ -43,7 +43,7 @@ def test_greedy_equals_autoregressive_and_generate(tie):
         ar, _ = autoregressive_generate(tl, prompt, new)
         assert torch.equal(ar, ref)
         for gamma, stop in itertools.product((1, 2, 4, 7, 100), (0.0, 0.06)):  # 100 > max_new_tokens
-            sp, stats = speculative_generate(tl, prompt, new, gamma=gamma, draft_stop=stop)
+            sp, stats = speculative_generate(tl, prompt, new, **plan(gamma=gamma, draft_stop=stop))
             assert torch.equal(sp, ref), (layer, gamma, stop)
             assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6  # exactly the committed tokens
             caps = cycle_caps(stats["per_cycle"], gamma, new)
@@ -75,7 +75,7 @@ def test_greedy_lossless_with_trained_looking_exits(kw):
     tl = TruncatedLlama(base, 3, perturbed_exit(base, 3, **kw))
     ar, _ = autoregressive_generate(tl, prompt, 30)
     for gamma, stop in ((1, 0.0), (3, 0.0), (6, 0.0), (6, 0.05)):
-        sp, stats = speculative_generate(tl, prompt, 30, gamma=gamma, draft_stop=stop)
+        sp, stats = speculative_generate(tl, prompt, 30, **plan(gamma=gamma, draft_stop=stop))
         assert torch.equal(sp, ar), (kw, gamma, stop)
         assert stats["drafted"] > 0
     if "vocab" in kw:  # the pruned draft only ever proposes its own tokens
@@ -110,7 +110,7 @@ def empirical_counts(tl, prompt, n, seed, length=3, lengths=None, **kw):
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(VOCAB**length, dtype=torch.float64)
     for _ in range(n):
-        tokens, s = speculative_generate(tl, prompt, length, generator=g, **kw)
+        tokens, s = speculative_generate(tl, prompt, length, **plan(**kw), generator=g)
         if lengths is not None:
             lengths += s["per_cycle_drafted"]
         counts[sum(int(t) * VOCAB ** (length - 1 - i) for i, t in enumerate(tokens))] += 1
@@ -186,8 +186,8 @@ def test_stats_invariants(temperature, stop):
     prompt = torch.randint(0, 259, (1, 5), generator=torch.Generator().manual_seed(2))
     tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block"))
     gamma = 3
-    tokens, s = speculative_generate(tl, prompt, 40, gamma=gamma, temperature=temperature, top_p=0.9,
-                                     generator=torch.Generator().manual_seed(0), draft_stop=stop)
+    tokens, s = speculative_generate(tl, prompt, 40, **plan(gamma=gamma, temperature=temperature, top_p=0.9,
+                                     draft_stop=stop), generator=torch.Generator().manual_seed(0))
     assert s["new_tokens"] == len(tokens) == 40
     assert 0 <= s["accepted"] <= s["drafted"]
     assert sum(s["accept_hist"]) == s["target_calls"] == len(s["per_cycle"])
@@ -220,7 +220,7 @@ def test_eos_stops_generation_and_is_included():
     ar, _ = autoregressive_generate(tl, prompt, 30, eos_token_id=eos)
     assert torch.equal(ar, cut)
     for gamma in (1, 4, 8):
-        sp, s = speculative_generate(tl, prompt, 30, gamma=gamma, eos_token_id=[eos, 10_000])
+        sp, s = speculative_generate(tl, prompt, 30, **plan(gamma=gamma), eos_token_id=[eos, 10_000])
         assert torch.equal(sp, cut)
         assert s["new_tokens"] == len(cut)
 
@@ -229,7 +229,7 @@ def test_greedy_overlap_uses_temperature_one_distributions():
     base = make_tiny_llama(layers=3, init_std=0.3, seed=8)
     tl = TruncatedLlama(base, 1)
     prompt = torch.tensor([[3, 4, 5]])
-    _, s = speculative_generate(tl, prompt, 2, gamma=1)
+    _, s = speculative_generate(tl, prompt, 2, **plan(gamma=1))
     with torch.no_grad():
         out = tl(prompt)
     want = torch.minimum(out.logits[0, -1].softmax(-1), out.exit_logits[0, -1].softmax(-1)).sum().item()
@@ -244,14 +244,14 @@ def test_greedy_overlap_uses_temperature_one_distributions():
 def test_bad_values_raise_one_clear_sentence(kw, flag):
     tl = TruncatedLlama(make_tiny_llama(layers=2), 1)
     with pytest.raises(ValueError, match=flag) as e:
-        speculative_generate(tl, torch.tensor([[1, 2]]), 4, **kw)
+        speculative_generate(tl, torch.tensor([[1, 2]]), 4, **plan(**kw))
     assert str(e.value).count(".") >= 1 and "\n" not in str(e.value)
 
 
 def test_generation_past_the_models_positions_is_a_value_error():
     tl = TruncatedLlama(make_tiny_llama(layers=2), 1)  # max_position_embeddings 512
     prompt = torch.ones(1, 500, dtype=torch.long)
-    for generate_fn, kw in ((speculative_generate, dict(gamma=2)), (autoregressive_generate, {})):
+    for generate_fn, kw in ((speculative_generate, plan(gamma=2)), (autoregressive_generate, {})):
         with pytest.raises(ValueError, match=r"^--max_new_tokens 13 plus the prompt's 500 tokens needs 513 positions, "
                                              r"more than this model's limit of 512 positions \(max_position_embeddings\); "
                                              r"use --max_new_tokens 12 or less\.$"):
@@ -312,7 +312,7 @@ def test_smollm2_greedy_self_speculation_is_lossless(smollm2):
     for layer in (8, 22):
         tl = TruncatedLlama(model, layer)
         ar, _ = autoregressive_generate(tl, ids, 48, eos_token_id=tok.eos_token_id)
-        sp, stats = speculative_generate(tl, ids, 48, gamma=4, eos_token_id=tok.eos_token_id)
+        sp, stats = speculative_generate(tl, ids, 48, **plan(gamma=4), eos_token_id=tok.eos_token_id)
         assert torch.equal(sp, ar), layer
     assert stats["accepted"] > 0  # the untrained exit at layer 22 agrees often enough to accept some drafts
 
@@ -330,7 +330,7 @@ def test_smollm2_greedy_trees_equal_autoregressive_and_generate(smollm2):
         ar, _ = autoregressive_generate(tl, ids, new)
         assert torch.equal(ar, ref), layer
         for gamma, width, nodes in ((1, 4, 0), (2, 4, 8)):
-            sp, stats = speculative_generate(tl, ids, new, gamma=gamma, tree_width=width, tree_nodes=nodes)
+            sp, stats = speculative_generate(tl, ids, new, **plan(gamma=gamma, tree_width=width, tree_nodes=nodes))
             assert torch.equal(sp, ar), (layer, gamma, width)
     assert stats["accepted"] > 0
 
@@ -347,7 +347,8 @@ def test_judged_drafts_count_one_rejection_per_cycle_that_stops_early():
     # the loop's own counts: without a stop, cycles draft min(gamma, tokens still needed - 1); with one, at most that
     base = make_tiny_llama(layers=4, init_std=0.2, seed=5)
     for stop in (0.0, 0.06):
-        _, s = speculative_generate(TruncatedLlama(base, 3), torch.tensor([[1, 2, 3]]), 23, gamma=4, draft_stop=stop)
+        _, s = speculative_generate(TruncatedLlama(base, 3), torch.tensor([[1, 2, 3]]), 23, **plan(gamma=4,
+                                    draft_stop=stop))
         caps = cycle_caps(s["per_cycle"], 4, 23)
         assert sum(s["per_cycle_drafted"]) == s["drafted"]
         assert (s["per_cycle_drafted"] == caps) == (stop == 0)
@@ -371,8 +372,8 @@ def test_greedy_trees_equal_autoregressive_and_generate(tie):
     for layer in (1, 3, 5):
         tl = TruncatedLlama(base, layer)
         for (gamma, width, nodes), stop in itertools.product(TREES, (0.0, 0.06)):
-            sp, stats = speculative_generate(tl, prompt, new, gamma=gamma, tree_width=width, tree_nodes=nodes,
-                                             draft_stop=stop)
+            sp, stats = speculative_generate(tl, prompt, new, **plan(gamma=gamma, tree_width=width, tree_nodes=nodes,
+                                             draft_stop=stop))
             assert torch.equal(sp, ref), (layer, gamma, width, nodes, stop)
             assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6  # exactly the committed tokens
             budget = nodes or width * gamma
@@ -390,7 +391,7 @@ def test_greedy_trees_lossless_with_trained_looking_exits(kw):
     tl = TruncatedLlama(base, 3, perturbed_exit(base, 3, **kw))
     ar, _ = autoregressive_generate(tl, prompt, 30)
     for gamma, width, nodes in TREES:
-        sp, stats = speculative_generate(tl, prompt, 30, gamma=gamma, tree_width=width, tree_nodes=nodes)
+        sp, stats = speculative_generate(tl, prompt, 30, **plan(gamma=gamma, tree_width=width, tree_nodes=nodes))
         assert torch.equal(sp, ar), (kw, gamma, width)
         assert stats["accepted"] > 0
 
@@ -424,9 +425,9 @@ def test_tree_width_one_is_the_chain():
     tl = TruncatedLlama(base, 2)
     prompt = torch.tensor([[1, 2, 3]])
     for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, draft_stop=0.05)):
-        chain = speculative_generate(tl, prompt, 20, gamma=3, generator=torch.Generator().manual_seed(4), **kw)
-        tree = speculative_generate(tl, prompt, 20, gamma=3, tree_width=1, tree_nodes=9,
-                                    generator=torch.Generator().manual_seed(4), **kw)
+        chain = speculative_generate(tl, prompt, 20, **plan(gamma=3, **kw), generator=torch.Generator().manual_seed(4))
+        tree = speculative_generate(tl, prompt, 20, **plan(gamma=3, tree_width=1, tree_nodes=9, **kw),
+                                    generator=torch.Generator().manual_seed(4))
         assert torch.equal(chain[0], tree[0])
         drop = ("seconds", "tokens_per_s")
         assert {k: v for k, v in chain[1].items() if k not in drop} == {k: v for k, v in tree[1].items()
@@ -440,8 +441,8 @@ def test_a_width_4_tree_at_depth_1_never_needs_more_target_calls_than_the_chain(
     for layer, seed in itertools.product((1, 2, 3, 4), range(3)):
         tl = TruncatedLlama(base, layer)
         prompt = torch.randint(0, 259, (1, 8), generator=torch.Generator().manual_seed(seed))
-        chain_tokens, chain = speculative_generate(tl, prompt, 32, gamma=1)
-        tree_tokens, tree = speculative_generate(tl, prompt, 32, gamma=1, tree_width=4)
+        chain_tokens, chain = speculative_generate(tl, prompt, 32, **plan(gamma=1))
+        tree_tokens, tree = speculative_generate(tl, prompt, 32, **plan(gamma=1, tree_width=4))
         assert torch.equal(chain_tokens, tree_tokens)
         assert tree["target_calls"] <= chain["target_calls"], (layer, seed)
         more += tree["accepted"] > chain["accepted"]
@@ -451,11 +452,12 @@ def test_a_width_4_tree_at_depth_1_never_needs_more_target_calls_than_the_chain(
 def test_trees_need_the_lean_engine_and_valid_sizes():
     base = make_tiny_llama(layers=4)
     with pytest.raises(ValueError, match=r"^--tree_widths: trees of drafts need the lean engine"):
-        speculative_generate(TruncatedLlama(base, 2, engine="hf"), torch.tensor([[1, 2]]), 4, gamma=2, tree_width=2)
+        speculative_generate(TruncatedLlama(base, 2, engine="hf"), torch.tensor([[1, 2]]), 4, **plan(gamma=2,
+                             tree_width=2))
     tl = TruncatedLlama(base, 2)
     for kw, flag in ((dict(tree_width=0), "--tree_widths"), (dict(tree_nodes=-1), "--tree_nodes")):
         with pytest.raises(ValueError, match=f"^{flag}: "):
-            speculative_generate(tl, torch.tensor([[1, 2]]), 4, gamma=2, **kw)
+            speculative_generate(tl, torch.tensor([[1, 2]]), 4, **plan(gamma=2, **kw))
 
 
 TREE_CASES = [  # (temperature, top_p, top_k, exit layer, gamma = depth, width, nodes, draft_stop, draft vocabulary)
@@ -517,7 +519,7 @@ def test_greedy_lookup_and_exit_with_lookup_equal_autoregressive_and_generate(ti
     by_source = {"exit": 0, "lookup": 0, "both": 0}
     for layer, kw in itertools.product((2, 4), LOOKUP_GREEDY):
         tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block"))
-        sp, stats = speculative_generate(tl, prompt, new, **kw)
+        sp, stats = speculative_generate(tl, prompt, new, **plan(**kw))
         assert torch.equal(sp, ref), (layer, kw)
         assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
         assert sum(stats["source_counts"].values()) == new == len(stats["token_sources"])
@@ -536,11 +538,11 @@ def test_lookup_proposals_stop_at_eos_and_the_length_limit():
     tl = TruncatedLlama(base, 2)
     eos = int(ref[20])  # a token the reply repeats: the lookup proposes it, and the reply must end there
     for kw in (dict(draft="lookup", gamma=6), dict(draft="exit+lookup", gamma=1, lookup_tokens=6, tree_width=2)):
-        sp, stats = speculative_generate(tl, prompt, new, eos_token_id=eos, **kw)
+        sp, stats = speculative_generate(tl, prompt, new, **plan(**kw), eos_token_id=eos)
         stop = int((ref == eos).nonzero()[0]) + 1
         assert torch.equal(sp, ref[:stop]), kw
         for n in (1, 2, 7):
-            sp, stats = speculative_generate(tl, prompt, n, **kw)
+            sp, stats = speculative_generate(tl, prompt, n, **plan(**kw))
             assert torch.equal(sp, ref[:n]) and max(stats["per_cycle"]) <= n - 1, (kw, n)
             if kw["draft"] == "lookup":  # a chain: its proposals fit the tokens left
                 assert max(stats["per_cycle_drafted"]) <= n - 1
@@ -564,7 +566,7 @@ def test_sampling_lookup_matches_target_distribution(small_vocab_model, draft, k
     sources = {"exit": 0, "lookup": 0, "both": 0, "target": 0}
     exit_cycles = 0
     for _ in range(SAMPLES):
-        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft=draft, **kw)
+        tokens, s = speculative_generate(tl, prompt, 3, **plan(draft=draft, **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
         for k in sources:
             sources[k] += s["source_counts"][k]
@@ -586,7 +588,7 @@ def test_a_broken_rule_for_a_deterministic_proposal_fails_the_same_test(small_vo
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
-        tokens, _ = speculative_generate(tl, prompt, 3, generator=g, draft="lookup", gamma=2, temperature=1.0)
+        tokens, _ = speculative_generate(tl, prompt, 3, **plan(draft="lookup", gamma=2, temperature=1.0), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
     assert chi_square_pvalue(counts, exact) < 1e-6
 
@@ -603,7 +605,7 @@ def test_greedy_recycled_drafts_equal_autoregressive_and_generate(tie):
     recycled = 0
     for layer, kw in itertools.product((2, 4), RECYCLE_GREEDY):
         tl = TruncatedLlama(base, layer)
-        sp, stats = speculative_generate(tl, prompt, new, draft="recycle", **kw)
+        sp, stats = speculative_generate(tl, prompt, new, **plan(draft="recycle", **kw))
         assert torch.equal(sp, ref), (layer, kw)
         assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
         assert stats["source_counts"]["exit"] == stats["source_counts"]["lookup"] == 0
@@ -611,7 +613,7 @@ def test_greedy_recycled_drafts_equal_autoregressive_and_generate(tie):
         assert max(stats["per_cycle_drafted"]) <= (kw.get("tree_nodes") or kw.get("tree_width", 1) * kw["gamma"])
         recycled += stats["source_counts"]["recycled"]
         for n in (1, 2, 5):  # the drafts fit the tokens left
-            sp, stats = speculative_generate(tl, prompt, n, draft="recycle", **kw)
+            sp, stats = speculative_generate(tl, prompt, n, **plan(draft="recycle", **kw))
             assert torch.equal(sp, ref[:n]) and max(stats["per_cycle"]) <= n - 1, (kw, n)
     assert recycled > 50
 
@@ -643,7 +645,7 @@ def test_sampling_recycled_drafts_match_target_distribution(small_vocab_model, k
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     recycled = 0
     for _ in range(SAMPLES):
-        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft="recycle", **kw)
+        tokens, s = speculative_generate(tl, prompt, 3, **plan(draft="recycle", **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
         recycled += s["source_counts"]["recycled"]
     assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
@@ -661,8 +663,8 @@ def test_a_broken_rule_for_recycled_trees_fails_the_same_test(small_vocab_model,
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     for _ in range(SAMPLES):
-        tokens, _ = speculative_generate(tl, prompt, 3, generator=g, draft="recycle", gamma=1, tree_width=3,
-                                         temperature=1.0)
+        tokens, _ = speculative_generate(tl, prompt, 3, **plan(draft="recycle", gamma=1, tree_width=3,
+                                         temperature=1.0), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
     assert chi_square_pvalue(counts, exact) < 1e-6
 
@@ -679,7 +681,7 @@ def test_greedy_auto_equals_autoregressive_and_generate(tie):
     for layer, kw in itertools.product((2, 5), AUTO_GREEDY):  # a poor exit (perturbed) and a good one (one layer short)
         tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block") if layer == 2 else None)
         generate.remember_costs(tl, 0.05, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})  # a GPU-like machine
-        sp, stats = speculative_generate(tl, prompt, new, draft="auto", **kw)
+        sp, stats = speculative_generate(tl, prompt, new, **plan(draft="auto", **kw))
         assert torch.equal(sp, ref), (layer, kw)
         assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
         assert stats["source_counts"]["target"] == stats["target_calls"]
@@ -695,7 +697,7 @@ def test_auto_drafts_nothing_where_nothing_pays():
     base, prompt, new, ref = looping_reference()
     tl = TruncatedLlama(base, 2)
     generate.remember_costs(tl, 1.0, {k: float(k) for k in range(2, 20)})
-    sp, stats = speculative_generate(tl, prompt, new, draft="auto", gamma=3)
+    sp, stats = speculative_generate(tl, prompt, new, **plan(draft="auto", gamma=3))
     assert torch.equal(sp, ref)
     assert stats["auto_choices"]["tree"] == stats["auto_choices"]["exit"] == 0 and stats["drafted"] == 0
 
@@ -716,7 +718,7 @@ def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     sources = {"exit": 0, "lookup": 0, "recycled": 0}
     for _ in range(SAMPLES):
-        tokens, s = speculative_generate(tl, prompt, 3, generator=g, draft="auto", **kw)
+        tokens, s = speculative_generate(tl, prompt, 3, **plan(draft="auto", **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
         for k in sources:
             sources[k] += s["source_counts"][k]
@@ -730,7 +732,7 @@ def test_lookup_flags_are_checked():
     for kw, flag in ((dict(draft="medusa"), "--drafts"), (dict(lookup_tokens=-1), "--lookup_tokens"),
                      (dict(ngram=0), "--ngram"), (dict(draft="lookup", tree_width=2), "--tree_widths")):
         with pytest.raises(ValueError, match=f"^{flag}: "):
-            speculative_generate(tl, torch.tensor([[1, 2]]), 4, gamma=2, **kw)
+            speculative_generate(tl, torch.tensor([[1, 2]]), 4, **plan(gamma=2, **kw))
 
 
 @pytest.mark.slow
@@ -749,7 +751,7 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
     for kw in (dict(draft="lookup", gamma=4), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
                dict(draft="exit+lookup", gamma=1, lookup_tokens=4, tree_width=2),
                dict(draft="recycle", gamma=3, tree_width=2, tree_nodes=6), dict(draft="auto", gamma=2)):
-        sp, stats = speculative_generate(tl, ids, new, eos_token_id=eos, **kw)
+        sp, stats = speculative_generate(tl, ids, new, **plan(**kw), eos_token_id=eos)
         assert torch.equal(sp, ref), kw
         lookup_tokens += stats["source_counts"]["lookup"] + stats["source_counts"]["both"]
         recycled += stats["source_counts"]["recycled"]
@@ -778,7 +780,7 @@ def test_host_reads_per_cycle_stay_within_budget(kw, budget, monkeypatch):
     base, prompt, _, _ = looping_reference()
     tl = TruncatedLlama(base, 2)
     with HostReads() as reads:
-        _, s = speculative_generate(tl, prompt, 40, generator=torch.Generator().manual_seed(0), **kw)
+        _, s = speculative_generate(tl, prompt, 40, **plan(**kw), generator=torch.Generator().manual_seed(0))
     cycles = s["target_calls"]
     assert cycles >= 8
     assert reads.count <= budget * cycles + 3, (reads.count / cycles, dict(reads.where))  # + the root, prompt, stats

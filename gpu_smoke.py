@@ -32,7 +32,7 @@ import torch
 
 from benchmark_torch_compile import SHAPES, compile_comparison, random_model, random_prompts
 from cli import DEVICE_CHOICES, Parser, positive, resolve_device, run_command, timed
-from generate import autoregressive_generate, speculative_generate, step_times
+from generate import autoregressive_generate, plan, speculative_generate, step_times
 from host_reads import HostReads
 from truncated_llama import TruncatedLlama, machine_info
 
@@ -80,19 +80,20 @@ def exact_float32(device, new=32):
     equal = {}
     for name, kw in DRAFT_KINDS.items():
         if "greedy" in name:
-            equal[name] = torch.equal(speculative_generate(tl, prompt, new, **kw)[0], ar)
-        equal[f"{name}_static"] = torch.equal(speculative_generate(static, prompt, new, generator=generator(device),
-                                                                   **kw)[0],
-                                              speculative_generate(tl, prompt, new, generator=generator(device),
-                                                                   **kw)[0])
-    sampled = [speculative_generate(tl, prompt, new, generator=generator(device, 5), **DRAFT_KINDS["exit_chain_sampled"])
+            equal[name] = torch.equal(speculative_generate(tl, prompt, new, **plan(**kw))[0], ar)
+        equal[f"{name}_static"] = torch.equal(speculative_generate(static, prompt, new, **plan(**kw),
+                                                                   generator=generator(device))[0],
+                                              speculative_generate(tl, prompt, new, **plan(**kw),
+                                                                   generator=generator(device))[0])
+    sampled = [speculative_generate(tl, prompt, new, **plan(**DRAFT_KINDS["exit_chain_sampled"]),
+                                    generator=generator(device, 5))
                [0] for _ in range(2)]
     equal["sampled_repeats_from_its_seed"] = torch.equal(*sampled)
     compiled = TruncatedLlama(model, 2)
     compiled.steps.use_static(compile="reduce-overhead" if device.type == "cuda" else True, max_rows=5)
     for _ in range(2):  # the second time replays the graphs
         equal["exit_chain_greedy_compiled"] = torch.equal(
-            speculative_generate(compiled, prompt, new, **DRAFT_KINDS["exit_chain_greedy"])[0], ar)
+            speculative_generate(compiled, prompt, new, **plan(**DRAFT_KINDS["exit_chain_greedy"]))[0], ar)
     return {"ok": all(equal.values()), "equal": equal}
 
 
@@ -104,11 +105,11 @@ def decode(model, prompts, layer, new, device):
     for name, kw in DRAFT_KINDS.items():
         tokens, seconds, cycles, same = 0, 0.0, 0, 0
         for ids, (want, _) in zip(prompts, ar):
-            got, s = speculative_generate(tl, ids, new, generator=generator(device), **kw)
+            got, s = speculative_generate(tl, ids, new, **plan(**kw), generator=generator(device))
             tokens, seconds, cycles = tokens + len(got), seconds + s["seconds"], cycles + s["target_calls"]
             same += torch.equal(got.cpu(), want.cpu())
         with HostReads() as reads:  # counted apart: counting slows every op
-            _, s = speculative_generate(tl, prompts[0], new, generator=generator(device), **kw)
+            _, s = speculative_generate(tl, prompts[0], new, **plan(**kw), generator=generator(device))
         rows[name] = {"tokens_per_s": round(tokens / seconds, 2), "tokens_per_cycle": round(tokens / cycles, 2),
                       "host_reads_per_cycle": round(reads.count / s["target_calls"], 2)}
         if "greedy" in name:

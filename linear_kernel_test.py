@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import decode_engine
 import linear_kernel
 from conftest import make_tiny_llama
-from generate import autoregressive_generate, speculative_generate
+from generate import autoregressive_generate, plan, speculative_generate
 from truncated_llama import TruncatedLlama
 
 needs_kernel = pytest.mark.skipif(not linear_kernel.available(), reason="linear_kernel not built here")
@@ -89,7 +89,7 @@ def test_without_a_compiler_torchs_products_serve_and_it_is_said_once(no_kernel,
     ref = base.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 9:]
     tl = TruncatedLlama(base, 2)
     assert "kernel" not in tl.describe_engine()
-    assert torch.equal(speculative_generate(tl, prompt, 16, gamma=3)[0], ref)
+    assert torch.equal(speculative_generate(tl, prompt, 16, **plan(gamma=3))[0], ref)
 
 
 def test_linear_kernel_off_is_taken_at_its_word(monkeypatch, capsys):
@@ -128,7 +128,7 @@ def test_the_engine_takes_the_kernel_and_pads_nothing(kernel_everywhere, monkeyp
         assert torch.equal(ar, ref)
     for kw in (dict(gamma=1), dict(gamma=4), dict(gamma=16), dict(gamma=3, draft="lookup"), dict(gamma=2, tree_width=2),
                dict(gamma=1, draft="exit+lookup", lookup_tokens=3)):
-        assert torch.equal(speculative_generate(tl, prompt, 24, **kw)[0], ar), kw
+        assert torch.equal(speculative_generate(tl, prompt, 24, **plan(**kw))[0], ar), kw
 
 
 @pytest.mark.slow
@@ -148,4 +148,4 @@ def test_smollm2_greedy_on_the_kernel_equals_autoregressive_and_generate(kernel_
             ref = base.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
             assert torch.equal(ar, ref), text
         for kw in (dict(gamma=4), dict(gamma=2, tree_width=2), dict(gamma=4, draft="lookup")):
-            assert torch.equal(speculative_generate(tl, ids, 32, **kw)[0], ar), (text, kw)
+            assert torch.equal(speculative_generate(tl, ids, 32, **plan(**kw))[0], ar), (text, kw)

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from cli import DEVICE_CHOICES, DataError, Parser, UsageError, resolve_device
-from generate import DRAFTS, autoregressive_generate, check_policy, speculative_generate
+from generate import DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
@@ -122,10 +122,11 @@ def main(argv=None):
         print(f"{PROG}: error: {trees_need_lean('--tree_width')}", file=sys.stderr)
         sys.exit(2)
     timings = {} if args.profile else None
-    tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, gamma=args.gamma, draft_stop=args.draft_stop,
-                                         tree_width=args.tree_width, tree_nodes=args.tree_nodes, timings=timings,
-                                         draft=args.draft, lookup_tokens=args.lookup_tokens, ngram=args.ngram,
-                                         generator=torch.Generator(device).manual_seed(args.seed), **policy)
+    drafting = Drafting(args.draft, args.gamma, args.tree_width, args.tree_nodes, args.draft_stop, args.lookup_tokens,
+                        args.ngram)
+    tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, drafting, Policy(args.temperature, args.top_p,
+                                         args.top_k), eos_token_id=tok.eos_token_id, timings=timings,
+                                         generator=torch.Generator(device).manual_seed(args.seed))
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
                                                 generator=torch.Generator(device).manual_seed(args.seed), **policy)
     tl_tokens = tokens.tolist()
