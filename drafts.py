@@ -30,16 +30,22 @@ from sampling import walk_tables
 class Kind(NamedTuple):
     """What a draft source is, for the sweep's cells, tables and cost model (which never test its name): whether it
     drafts with the early exit (a cell needs an exit layer; q exists, so draft_stop applies), whether prompt lookup
-    proposes (a lookup length and cost), whether it drafts trees, and its label in tables ({exit}: the exit's)."""
+    proposes (a lookup length and cost), whether it drafts trees, its label in tables ({exit}: the exit's) and its
+    description in a demo's heading ({exit}: the exit's layer of the model's, {ngram}: the lookup's)."""
     exit: bool
     lookup: bool
     trees: bool
     label: str
+    describe: str
 
 
-SOURCES = {"exit": Kind(True, False, True, "{exit}"), "lookup": Kind(False, True, False, "lookup"),
-           "exit+lookup": Kind(True, True, True, "{exit} + lookup"), "recycle": Kind(False, False, True, "recycled"),
-           "auto": Kind(True, True, True, "auto: {exit}")}
+SOURCES = {"exit": Kind(True, False, True, "{exit}", "exit layer {exit}"),
+           "lookup": Kind(False, True, False, "lookup", "prompt lookup (n-gram {ngram})"),
+           "exit+lookup": Kind(True, True, True, "{exit} + lookup", "exit layer {exit} + prompt lookup"),
+           "recycle": Kind(False, False, True, "recycled",
+                           "recycled predictions (the target's own earlier top next tokens)"),
+           "auto": Kind(True, True, True, "auto: {exit}",
+                        "auto (prompt lookup, recycled predictions, exit layer {exit}, chosen each cycle)")}
 DRAFTS = tuple(SOURCES)  # the names `make_source` reads
 
 

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from cli import DEVICE_CHOICES, DataError, Parser, UsageError, resolve_device
-from generate import DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
+from generate import DRAFTS, SOURCES, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
@@ -134,10 +134,7 @@ def main(argv=None):
     legend = ("green: the exit's, blue: the lookup's, magenta: both, yellow: recycled" if not args.no_color else
               "[the exit's], {the lookup's}, <both>, |recycled|")
     tree = f", tree width {args.tree_width}" if args.tree_width > 1 else ""
-    source = {"exit": f"exit layer {layer}/{n}", "lookup": f"prompt lookup (n-gram {args.ngram})",
-              "exit+lookup": f"exit layer {layer}/{n} + prompt lookup",
-              "recycle": "recycled predictions (the target's own earlier top next tokens)",
-              "auto": f"auto (prompt lookup, recycled predictions, exit layer {layer}/{n}, chosen each cycle)"}[args.draft]
+    source = SOURCES[args.draft].describe.format(exit=f"{layer}/{n}", ngram=args.ngram)
     print(f"--- reply: {source}, gamma {args.gamma}{tree}, temperature {args.temperature} "
           f"(drafted and accepted tokens, {legend})")
     print(coloured(tok, tl_tokens, stats["token_sources"], colour=not args.no_color))
