@@ -133,14 +133,15 @@ def prompt_seed(seed, index):
 def run_baseline(model, prompts, policy, max_new_tokens, seed, eos, first=0):
     """The autoregressive reference for one policy: every prompt's tokens and the total time (`first`: the index
     of prompts[0] in the sweep's prompts, which picks its sampling seed)."""
-    tokens, seconds = [], 0.0
+    tokens, each = [], []
     for i, p in enumerate(prompts, start=first):
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = autoregressive_generate(model, p["input_ids"], max_new_tokens, eos_token_id=eos, generator=g, **policy)
         tokens.append(out)
-        seconds += s["seconds"]
-    new = sum(len(t) for t in tokens)
-    return {"tokens": tokens, "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0}
+        each.append(s["seconds"])
+    new, seconds = sum(len(t) for t in tokens), sum(each)
+    return {"tokens": tokens, "new_tokens": new, "seconds": seconds, "tokens_per_s": new / seconds if seconds else 0.0,
+            "seconds_each": each}
 
 
 def run_peer(model, prompts, policy, max_new_tokens, seed, eos):
@@ -192,19 +193,23 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
                            "draft_rows_hist"), [])
     same, first_diffs, matched, by_source, cycles, choices = 0, [], [], {}, [], {}
     paired = baseline is None
+    per_prompt = []  # [new tokens, seconds, verify calls, the baseline's new tokens, its seconds]: the intervals'
     if paired:
-        baseline = {"tokens": [], "new_tokens": 0, "seconds": 0.0}
+        baseline = {"tokens": [], "new_tokens": 0, "seconds": 0.0, "seconds_each": []}
     for i, p in enumerate(prompts):
         if paired:
             one = run_baseline(model, [p], cell.policy, max_new_tokens, seed, eos, first=i)
             baseline["tokens"] += one["tokens"]
             baseline["new_tokens"] += one["new_tokens"]
             baseline["seconds"] += one["seconds"]
+            baseline["seconds_each"] += one["seconds_each"]
         g = torch.Generator(p["input_ids"].device).manual_seed(prompt_seed(seed, i))
         out, s = speculative_generate(model, p["input_ids"], max_new_tokens, cell.drafting, Policy(**cell.policy),
                                       eos_token_id=eos, generator=g)
         for k in keys:
             total[k] += s[k]
+        per_prompt.append([s["new_tokens"], round(s["seconds"], 6), s["target_calls"], len(baseline["tokens"][i]),
+                           round(baseline["seconds_each"][i], 6)])
         matched += s["lookup_matched"]
         by_source = {k: by_source.get(k, 0) + n for k, n in s["source_counts"].items()}
         choices = {k: choices.get(k, 0) + n for k, n in s.get("auto_choices", {}).items()}  # auto: cycles by choice
@@ -258,7 +263,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "draft_step_ms": 1e3 * draft_s, "full_step_ms": 1e3 * full_s, "c": c, "v": v,
         "predicted_speedup": predicted, "paired_baseline": paired,
         "lookup_match_rate": sum(matched) / len(matched) if matched else None, "c_lookup": c_lookup,
-        "lookup_seconds": total["lookup_seconds"], "tokens_by_source": by_source,
+        "lookup_seconds": total["lookup_seconds"], "tokens_by_source": by_source, "per_prompt": per_prompt,
         **({"auto_choices": choices, "nodes_per_cycle": drafted / calls if calls else None} if choices else {}),
     }
 

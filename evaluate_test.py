@@ -101,6 +101,14 @@ def test_sweep_rows_are_consistent(full_sweep):
         assert r["v"] > 0 and r["predicted_speedup"] == pytest.approx(
             predicted_speedup(r["alpha"], r["gamma"], r["c"], r["draft_len_hist"], r["v"]))
         assert r["c"] > 0 and r["new_tokens"] == r["baseline_new_tokens"] == 2 * 10
+        # per prompt (the intervals' input): its tokens, seconds and verify calls, and its baseline's, summing to the row
+        each = r["per_prompt"]
+        assert len(each) == r["prompts"] == 2
+        assert [sum(x[i] for x in each) for i in (0, 2, 3)] == [r["new_tokens"], r["target_calls"],
+                                                               r["baseline_new_tokens"]]
+        assert sum(x[1] for x in each) == pytest.approx(r["seconds"], abs=1e-5)
+        if not r["paired_baseline"]:
+            assert sum(x[4] for x in each) == pytest.approx(r["baseline_seconds"], abs=1e-5)
         # beside transformers' generate on the same prompts and policy (--peer, on by default)
         assert r["generate_tokens_per_s"] > 0 and r["peer_ar_tokens_per_s"] > 0
         assert r["ar_vs_generate"] == pytest.approx(r["peer_ar_tokens_per_s"] / r["generate_tokens_per_s"])

@@ -6,7 +6,8 @@
 
     python report.py OUT [--command "make report ..."]     # writes OUT/REPORT.md, OUT/*_report.png
 
-REPORT.md: the machine, commands and sizes; the training of each exit; acceptance against the exit layer; speed
+REPORT.md: the machine, commands and sizes; where it pays (per prompt set and policy, the best cell of each draft
+source with 95% intervals over the prompts, by results.HEADLINE_RULE); the training of each exit; acceptance against the exit layer; speed
 against gamma; where drafting pays; the cost model per cell. A missing piece (no teacher-forced sweep, no untrained
 exits, ...) is one line saying so. Paths in it are relative to OUT, so it can be copied elsewhere with its PNGs. The
 last line of REPORT.md and of stdout is the best lossless speedup (results.best_line, as evaluate.py --best_line).
@@ -18,11 +19,11 @@ import sys
 from pathlib import Path
 
 from checkpoints import CONFIG_FILE, LOG_FILE
-from drafts import DRAFTS
 from cli import Parser, UsageError, run_command
 from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
-from results import (LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name, gamma_label,
-                     policy_name, prompt_sets, read_results, read_rows, sizes, table)
+from results import (HEADLINE_RULE, LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name,
+                     gamma_label, interval, lossless, policy_name, prompt_sets, read_results, read_rows, sizes, table,
+                     with_interval)
 
 REPORT, EVAL = "REPORT.md", "eval"
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
@@ -296,28 +297,53 @@ def where_section(rows, out, model_name):
         ["exit", "L", "γ (cap)", "policy", "best draft stop", "speedup", "speedup without a stop"], body) + [""]
 
 
-def sources_section(rows):
-    """Per prompt set: the best lossless cell of each draft source (the exit, prompt lookup, both), side by side, and
-    the set's best line. Empty when every cell drafts from the exit on one prompt set."""
-    sets = prompt_sets(rows)
-    if len(sets) == 1 and all((r.get("draft") or "exit") == "exit" for r in rows):
-        return []
-    lines = ["## Draft sources per prompt set", ""]
-    ok = [r for r in rows if r.get("speedup") is not None and (r["temperature"] > 0 or r.get("matches_baseline"))]
-    body = []
-    for name in sets:
-        for draft in DRAFTS:
-            some = [r for r in ok if r.get("prompt_set") == name and (r.get("draft") or "exit") == draft]
-            if some:
-                r = max(some, key=lambda r: r["speedup"])
-                body.append([name or "-", draft, exit_label(r), gamma_label(r),
-                             policy_name((r["temperature"], r["top_p"], r["top_k"])), num(r.get("lookup_match_rate"), 2),
-                             num(r.get("tokens_per_cycle"), 2), num(r["speedup"], 2), num(r.get("predicted_speedup"), 2)])
-    lines += table(["prompt set", "source", "cell", "γ", "policy", "lookup match", "tokens / cycle", "speedup",
-                    "predicted"], body) + [""]
-    if len(sets) > 1:
-        lines += [f"- {name}: {best_line([r for r in rows if r.get('prompt_set') == name])}" for name in sets] + [""]
-    return lines
+def headline_section(rows):
+    """REPORT.md's opening table: per prompt set and policy, the best lossless cell of each draft source with its
+    speedup and mean accepted tokens per verify call (the bonus token included, as the field counts them), each with
+    its 95% interval over the prompts, tokens/s beside our autoregressive loop's and transformers' generate's, and
+    which source wins: one only when its interval parts from every other source's."""
+    ok = [r for r in rows if lossless(r)]
+    if not ok:
+        return ["## Where it pays", "", "No lossless timed cell: nothing to rank.", ""]
+    lines = ["## The best cell of each draft source", "", f"Rule: {HEADLINE_RULE}.", ""]
+    body, verdicts = [], []
+    policies = list(dict.fromkeys((r["temperature"], r["top_p"], r["top_k"]) for r in ok))
+    for name in prompt_sets(ok):
+        for pol in policies:
+            best = {}
+            for r in ok:
+                if r.get("prompt_set") == name and (r["temperature"], r["top_p"], r["top_k"]) == pol:
+                    d = r.get("draft") or "exit"
+                    if d not in best or r["speedup"] > best[d]["speedup"]:
+                        best[d] = r
+            if not best:
+                continue
+            for d in sorted(best, key=lambda d: -best[d]["speedup"]):
+                r = best[d]
+                body.append([name or "-", policy_name(pol), exit_label(r), gamma_label(r), with_interval(r),
+                             with_interval(r, "tokens_per_call"), num(r["tokens_per_s"], 1),
+                             num(r["baseline_tokens_per_s"], 1), num(r.get("generate_tokens_per_s"), 1),
+                             r.get("greedy_match") or "-"])
+            verdicts.append(f"- {name or 'prompts'}, {policy_name(pol)}: {winner(best)}")
+    lines += table(["prompt set", "policy", "source", "γ", "speedup [95%]", "tokens / verify call [95%]", "tok/s",
+                    "autoregressive tok/s", "generate tok/s", "greedy identical"], body) + [""]
+    return lines + verdicts + [""]
+
+
+def winner(best):
+    """Which source wins among `best` (source -> its best row): named only when its interval's low end is above
+    every other source's high end; otherwise the leader and the sources it cannot be told from."""
+    order = sorted(best, key=lambda d: -best[d]["speedup"])
+    top = best[order[0]]
+    if len(order) == 1:
+        return f"{exit_label(top)} ({top['speedup']:.2f}x), the only source measured"
+    lo = (interval(top) or (None,))[0]
+    tied = [d for d in order[1:] if lo is None or (interval(best[d]) or (0, best[d]["speedup"]))[1] >= lo]
+    if not tied:
+        return f"{exit_label(top)} wins ({top['speedup']:.2f}x; its interval parts from every other source's)"
+    return (f"{exit_label(top)} leads ({top['speedup']:.2f}x) but cannot be told from "
+            + ", ".join(f"{exit_label(best[d])} ({best[d]['speedup']:.2f}x)" for d in tied)
+            + (" (no intervals: fewer than two prompts)" if lo is None else " (their intervals overlap)"))
 
 
 def cost_section(grid):
@@ -416,9 +442,9 @@ def write_report(out, commands=(), args=None):
     caption = f"{model} on {machines}; {sizes(rows) or 'no cells'} per cell"
     grid, left_out = grid_rows(rows, args)
     line = best_line(rows)
-    lines = (header(out, rows, tf_rows, exits, commands) + training_section(out, exits)
+    lines = (header(out, rows, tf_rows, exits, commands) + headline_section(rows) + training_section(out, exits)
              + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
-             + sources_section(rows) + where_section(rows, out, model) + cost_section(grid) + [line])
+             + where_section(rows, out, model) + cost_section(grid) + [line])
     lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return line

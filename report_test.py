@@ -148,7 +148,7 @@ def test_report_has_every_section_with_the_right_numbers(full, capsys):
     assert line.startswith("best lossless speedup: 2.20x (exit_L2, L 2, gamma 8")  # the tree at 3.0x is not lossless
     assert stdout[-1] == line == md.splitlines()[-1]
     headings = [x for x in md.splitlines() if x.startswith("#")]
-    assert headings == ["# Self-speculation report: smollm2-135m", "## Training",
+    assert headings == ["# Self-speculation report: smollm2-135m", "## The best cell of each draft source", "## Training",
                         "## Against the exit layer (T=0.7, top_p=0.95, γ=4)",
                         "## Against γ (trained exits, top_p=0.95)", "## Where it pays", "## Cost model per cell"]
     assert "\n\n\n" not in md
@@ -248,3 +248,45 @@ def test_the_header_counts_greedy_cells_that_stayed_bitwise_in_bf16():
     line, = report.greedy_bits_line(rows)
     assert "1 of 2 greedy cells" in line and "(GPU)" in line and "round apart" in line
     assert report.greedy_bits_line(rows[3:]) == []
+
+
+def per_prompt(speedups, tokens=100, calls=50):
+    """per_prompt records of prompts whose own speedups are `speedups`, their baselines of different speeds."""
+    return [[tokens, tokens / (10.0 * (i + 1) * s), calls, tokens, tokens / (10.0 * (i + 1))]
+            for i, s in enumerate(speedups)]
+
+
+def test_the_opening_table_ranks_sources_only_where_their_intervals_part(tmp_path):
+    def row(draft, temperature, speedups, layer=3):
+        r = make_row(f"{tmp_path}/exit_L3" if draft != "lookup" else "none", layer if draft != "lookup" else 0, 4,
+                     temperature, 0.0, 0.5, draft=draft, per_prompt=per_prompt(speedups))
+        each = r["per_prompt"]
+        r["tokens_per_s"] = sum(x[0] for x in each) / sum(x[1] for x in each)
+        r["baseline_tokens_per_s"] = sum(x[3] for x in each) / sum(x[4] for x in each)
+        r["speedup"] = r["tokens_per_s"] / r["baseline_tokens_per_s"]
+        r["tokens_per_cycle"] = sum(x[0] for x in each) / sum(x[2] for x in each)
+        return r
+    rows = [row("exit", 0.7, [1.10, 1.12, 1.08, 1.11]), row("lookup", 0.7, [1.60, 1.70, 1.55, 1.65]),
+            row("exit", 1.0, [1.20, 1.35, 0.95, 1.25]), row("lookup", 1.0, [1.25, 1.05, 1.15, 1.00])]
+    write_eval(tmp_path, rows, where_it_pays=False)
+    report.main([str(tmp_path)])
+    md = (tmp_path / "REPORT.md").read_text()
+    lines = section(md, "The best cell of each draft source")
+    assert "Rule: a cell's speedup is its tokens/s over our autoregressive loop's" in "\n".join(lines)
+    body = as_dicts(tables(lines)[0])
+    assert [(b["policy"], b["source"]) for b in body] == [("T=0.7, top_p=0.95", "lookup"),
+                                                            ("T=0.7, top_p=0.95", "exit_L3 L3"),
+                                                            ("T=1, top_p=0.95", "exit_L3 L3"),
+                                                            ("T=1, top_p=0.95", "lookup")]
+    value, lo, hi = _parse(body[0]["speedup [95%]"])
+    assert 1.55 <= lo < value < hi <= 1.70  # within the prompts' own speedups, around the pooled one
+    assert body[0]["tokens / verify call [95%]"] == "2.00 [2.00, 2.00]"  # every prompt: 100 tokens in 50 calls
+    verdicts = [x for x in lines if x.startswith("- ")]
+    assert verdicts[0].endswith("T=0.7, top_p=0.95: lookup wins (1.62x; its interval parts from every other source's)")
+    assert "T=1, top_p=0.95: exit_L3 L3 leads" in verdicts[1] and "cannot be told from lookup" in verdicts[1]
+
+
+def _parse(cell):
+    value, rest = cell.split(" [")
+    lo, hi = rest.rstrip("]").split(", ")
+    return float(value), float(lo), float(hi)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import random
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ LAYER_SWEEP = "layer_sweep"
 TIMING_FIELDS = ("seconds", "tokens_per_s", "baseline_seconds", "baseline_tokens_per_s", "speedup",
                  "peer_ar_tokens_per_s", "generate_tokens_per_s", "ar_vs_generate", "speedup_vs_generate",
                  "draft_step_ms", "full_step_ms", "c", "v", "predicted_speedup", "c_lookup", "lookup_seconds",
-                 "cpu", "cpu_flags", "threads", "torch", "gpu", "engine")  # the machine, and the forms it measured
+                 "cpu", "cpu_flags", "threads", "torch", "gpu", "engine", "per_prompt")  # the machine, and the forms it measured
 SUMMARY_COLUMNS = ("prompt_set", "draft", "exit", "exit_layer", "gamma", "lookup_tokens", "ngram", "temperature", "top_p", "top_k", "draft_stop", "tree_width",
                    "tree_nodes", "tokens_per_cycle", "accept_by_depth", "prompts",
                    "new_tokens", "target_calls", "drafted", "accepted", "avg_accepted", "acceptance_rate", "alpha",
@@ -218,15 +219,56 @@ def markdown_table(rows):
     return "\n".join(table(head, body)) + "\n"
 
 
-def best_line(rows):
-    """One line naming the cell with the best measured speedup that is lossless: every sampling cell (exact by
-    construction; the chi-square tests check it), and a greedy cell only if its tokens equal the autoregressive
-    baseline's on every prompt (matches_baseline).
+# The headline rule, stated once: every "best" figure (evaluate.py --best_line, make speedup's and make report's last
+# line, REPORT.md's opening table, the README's table) is chosen by it.
+HEADLINE_RULE = ("a cell's speedup is its tokens/s over our autoregressive loop's on the same prompts, policy and "
+                 "seeds; the best is the largest among the lossless cells: every sampling cell (exact by "
+                 "construction, checked by the chi-square tests) and a greedy cell only when every prompt's tokens "
+                 "equal the baseline's; intervals are 95% bootstrap intervals over the prompts, each resample pairing "
+                 "a prompt's speculative run with its own baseline run")
 
-        best lossless speedup: X.XXx (<exit>, L <l>, gamma <g>, <policy>, <n> prompts x <m> tokens)
+
+def lossless(r):
+    """Whether a row counts for the headline (HEADLINE_RULE): timed, and sampled or identical on every prompt."""
+    return r.get("speedup") is not None and (r["temperature"] > 0 or r.get("matches_baseline") is True)
+
+
+def interval(row, what="speedup", draws=2000, seed=0):
+    """The 95% bootstrap interval (lo, hi) of a row's `what` ("speedup", or "tokens_per_call": new tokens per verify
+    call, the bonus token included) over its prompts: `draws` resamples of the prompts with replacement, each prompt
+    keeping its own baseline run (per_prompt: [new tokens, seconds, verify calls, baseline's tokens, its seconds]).
+    None with fewer than two prompts or no per-prompt record (rows from before 2026-12-07)."""
+    each = row.get("per_prompt") or []
+    if len(each) < 2:
+        return None
+    rng, n, values = random.Random(seed), len(each), []
+    for _ in range(draws):
+        pick = [each[rng.randrange(n)] for _ in range(n)]
+        new, sec, calls, base_new, base_sec = (sum(x[i] for x in pick) for i in range(5))
+        if what == "speedup":
+            values.append((new / sec) / (base_new / base_sec) if sec and base_new and base_sec else 0.0)
+        else:
+            values.append(new / calls if calls else 0.0)
+    values.sort()
+    return values[int(0.025 * (draws - 1))], values[int(0.975 * (draws - 1))]
+
+
+def with_interval(row, what="speedup", digits=2):
+    """'1.22 [1.10, 1.35]': a row's figure and its 95% interval (the figure alone when there is none)."""
+    value = row.get(what if what != "tokens_per_call" else "tokens_per_cycle")
+    if value is None:
+        return "-"
+    ci = interval(row, what)
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def best_line(rows):
+    """One line naming the cell with the best measured speedup that is lossless (HEADLINE_RULE), with its 95%
+    interval over the prompts when the row has per-prompt records:
+
+        best lossless speedup: X.XXx (<exit>, L <l>, gamma <g>, <policy>, <n> prompts x <m> tokens)[; 95% ...]
     """
-    ok = [r for r in rows if r.get("speedup") is not None
-          and (r["temperature"] > 0 or r.get("matches_baseline") is True)]
+    ok = [r for r in rows if lossless(r)]
     if not ok:
         return "best lossless speedup: none (no sampling cell, and no greedy cell whose tokens match the baseline)"
     r = max(ok, key=lambda r: r["speedup"])
@@ -244,10 +286,12 @@ def best_line(rows):
         if kind.lookup:
             source = f"{r['draft']}: {source}, lookup {r.get('lookup_tokens') or r['gamma']}"
     where = f", {r['prompt_set']}" if r.get("prompt_set") else ""
+    ci = interval(r)
+    ci = f"; 95% interval {ci[0]:.2f}-{ci[1]:.2f}x over the prompts" if ci else ""
     peer = (f"; {r['speedup_vs_generate']:.2f}x over transformers' generate" if r.get("speedup_vs_generate")
             else "")
     return (f"best lossless speedup: {r['speedup']:.2f}x ({source}, {policy}, {r['prompts']} prompts x "
-            f"{r['max_new_tokens']} tokens{where}){peer}")
+            f"{r['max_new_tokens']} tokens{where}){ci}{peer}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import results
-from results import merge_results, predicted_speedup, read_rows
+from results import interval, merge_results, predicted_speedup, read_rows, with_interval
 
 
 def test_predicted_speedup_formula():
@@ -46,3 +46,18 @@ def test_read_results_holds_each_cell_once(tmp_path):
     (tmp_path / "results.rank0.jsonl").write_text(json.dumps(row("a", 2)) + "\n" + json.dumps(row("b", 3)) + "\n")
     assert results.read_results(tmp_path) == [row("b", 1), row("a", 2)]  # results.jsonl's row of b; the cut line
     assert results.read_results(tmp_path / "none") == []
+
+
+def test_the_interval_pairs_each_prompt_with_its_own_baseline():
+    # every prompt exactly 1.5x over its own baseline, the prompts' speeds far apart: a paired resample cannot move
+    # the speedup, an unpaired one would
+    each = [[100, 100 / (1.5 * v), 40, 100, 100 / v] for v in (5.0, 20.0, 80.0, 10.0)]
+    assert interval({"per_prompt": each}) == pytest.approx((1.5, 1.5))
+    # one prompt 3x, three 1x: the interval spans them and holds the pooled figure
+    each = [[100, 1.0 / s, 50, 100, 1.0] for s in (3.0, 1.0, 1.0, 1.0)]
+    lo, hi = interval({"per_prompt": each})
+    pooled = (400 / sum(x[1] for x in each)) / 100
+    assert 1.0 <= lo < pooled < hi <= 3.0
+    assert interval({"per_prompt": each}, "tokens_per_call") == pytest.approx((2.0, 2.0))
+    assert interval({"per_prompt": each[:1]}) is None and interval({}) is None
+    assert with_interval({"speedup": pooled, "per_prompt": each}).startswith(f"{pooled:.2f} [")
