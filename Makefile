@@ -22,41 +22,31 @@ RUN_PROMPT ?= Rewrite this paragraph so that a child can read it, keeping its se
 the one hundred and twelve stairs every evening at dusk. He lit the great lamp, wound the clockwork that turned it, \
 and wrote the wind, the sea and the passing ships in his logbook before he slept.
 
-# The main job: the user's report in small (7 min 17 s on a fresh clone with the install, 2 idle cores, AMD EPYC): one prompt drafted by --draft auto
-# and verified (drafted tokens marked by source), then `make report` with 3 exits, 30 steps, gamma 1-8 and 2 prompts x 24
-# tokens a cell.
+# The main job: the user's report in small, where it pays first (about 8 min on a fresh clone with the install, 2 idle
+# cores, AMD EPYC; measured figures in docs/results.md): one prompt drafted by --draft auto and verified (drafted
+# tokens marked by source, its speed beside autoregressive), then `make report` with one shallow exit trained 30
+# steps, the layer scan, gamma 1 and 4, and every draft source on ShareGPT's given-text prompts (text that repeats,
+# where lookup pays), 2 prompts x 48 tokens a cell. Its last line is the best lossless cell, naming its source.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
 	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft auto --gamma 4 "$(RUN_PROMPT)"
-	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4 15 26" REPORT_GRID="4 15 26" \
-		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 2 4 8" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
-		REPORT_PROMPTS=2 REPORT_TOKENS=24 REPORT_TF=2
+	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4" REPORT_GRID="4" \
+		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 4" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
+		REPORT_PROMPTS=2 REPORT_TOKENS=48 REPORT_TF=2 REPORT_SETS=sharegpt:given_text \
+		REPORT_SOURCES="exit lookup exit+lookup auto" REPORT_SOURCE_GAMMAS=4 REPORT_SOURCE_TEMPS="0 0.7" REPORT_SOURCE_WIDTHS=1
 
 # The user's report (docs/findings.md is one run of it): (a) train exits at layers spanning the depth in one run
 # (train.py --exit_layers: one pass of the frozen base per step feeds them all; two processes x one thread), (b) the
 # layer scan: untrained exits every 3 layers and the trained ones, gamma 4, T 0.7, top_p 0.95, with the teacher-forced
 # per-layer curves, (c) the gamma grid: an early, a mid and a late trained exit x gamma 1 2 4 8 16 (the user asked for
 # 2-16; 1 is where drafting pays on our CPUs) x T 0.7 and 1.0,
-# top_p 0.95, top_k 0, each cell against its own autoregressive baseline (--paired_baseline), (d) report.py:
-# out/report/REPORT.md with its tables and plots, ending with the best lossless speedup line.
+# top_p 0.95, top_k 0, each cell against its own autoregressive baseline (--paired_baseline), (d) every draft source
+# (the shallowest grid exit's chains, prompt lookup, exit+lookup, recycled predictions, auto) x gamma 1 2 4 8 x T 0.7
+# and 1.0 on each prompt set (ShareGPT and its three task groups; REPORT_SETS takes any --dataset, e.g. the field's
+# question.jsonl) into OUT/eval/sources, (e) report.py: out/report/REPORT.md, opening with the best cell of each
+# source per prompt set and policy (95% intervals over the prompts), then its tables and plots, ending with the best
+# lossless speedup line (results.HEADLINE_RULE).
 # Sizes are the user's to change, e.g. `make report REPORT_STEPS=1000 REPORT_PROMPTS=16 REPORT_TOKENS=128`.
-REPORT         ?= out/report
-REPORT_LAYERS  ?= 3 9 15 21 27
-REPORT_GRID    ?= 3 15 27
-REPORT_SCAN    ?= 3:27:3
-REPORT_GAMMAS  ?= 1 2 4 8 16
-REPORT_STEPS   ?= 300
-REPORT_LSTSQ   ?= 48
-REPORT_EVAL    ?= 100
-REPORT_VAL     ?= 8
-REPORT_PROMPTS ?= 4
-REPORT_TOKENS  ?= 64
-REPORT_TF      ?= 8
-REPORT_TRAIN   ?= --train head,norm,adapter --adapter_init next --draft_vocab 8192 --head_init lstsq \
-	--lstsq_blocks $(REPORT_LSTSQ) --lr 4e-3 --head_lr 3e-3 --max_steps $(REPORT_STEPS) --batch_size 2 --seq_len 256 \
-	--warmup 20 --eval_every $(REPORT_EVAL) --eval_batches $(REPORT_VAL) --save_every 50 --dtype auto
-REPORT_POLICY  := --top_p 0.95 --top_k 0 --num_prompts $(REPORT_PROMPTS) --max_new_tokens $(REPORT_TOKENS)
-
 report: setup
 	rm -rf $(REPORT)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --exit_layers $(REPORT_LAYERS) \
@@ -65,6 +55,9 @@ report: setup
 		--gammas 4 --temperatures 0.7 $(REPORT_POLICY) --tf_blocks $(REPORT_TF) --out_dir $(REPORT)/eval
 	$(PY) evaluate.py --exit_layers --exit_ckpt $(foreach l,$(REPORT_GRID),$(REPORT)/exit_L$(l)) --gammas $(REPORT_GAMMAS) \
 		--temperatures 0.7 1.0 $(REPORT_POLICY) --paired_baseline --tf_blocks 0 --out_dir $(REPORT)/eval --resume
+	$(PY) evaluate.py --exit_layers --exit_ckpt $(REPORT)/exit_L$(firstword $(REPORT_GRID)) --drafts $(REPORT_SOURCES) \
+		--gammas $(REPORT_SOURCE_GAMMAS) --tree_widths $(REPORT_SOURCE_WIDTHS) --temperatures $(REPORT_SOURCE_TEMPS) $(REPORT_POLICY) \
+		--dataset $(REPORT_SETS) --paired_baseline --tf_blocks 0 --out_dir $(REPORT)/eval/sources --resume
 	@$(PY) report.py $(REPORT) --command "make report$(if $(filter out/report,$(REPORT)),, REPORT=$(REPORT))"
 
 # The speedup check (63 min on the 2 idle cores of an AMD EPYC without AMX, 2026-12-01; the training half took 24 min

@@ -551,7 +551,7 @@ class BatchOrder:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation prompts and held-out text (evaluate.py's --dataset): a built-in dataset's test split, a ShareGPT task
-# group, or a prompts.jsonl file
+# group, a prompts.jsonl file, or a task of a Spec-Bench question.jsonl file
 
 
 def prompt_messages(record):
@@ -575,22 +575,32 @@ def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, s
     naming it (skipped and counted with skip_bad_lines); so is a file with fewer than num_prompts prompts."""
     bad = BadEntries("--dataset", skip=skip_bad_lines)
     records, info = read_json_records(path, flag="--dataset", bad=bad)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    prompts, seqs = [], []
+    chats = []
     for i, (r, line) in enumerate(zip(records, info["lines"])):
         messages = prompt_messages(r)
         if messages is None:
             bad.found(path, f"line {line}", 'has no usable prompt (a non-empty "prompt" string, or "messages": a list '
                                             'of {"role", "content"} strings)')
-            continue
+        else:
+            chats.append((r.get("id", i), messages))
+    bad.report()
+    return chat_prompts(chats, path, tokenizer, num_prompts, max_prompt_tokens, seq_len, blocks)
+
+
+def chat_prompts(chats, source, tokenizer, num_prompts, max_prompt_tokens, seq_len, blocks):
+    """(prompts, held-out blocks) from `chats`, (id, messages) pairs in order, as load_prompt_file describes; fewer
+    than num_prompts prompts is an error naming `source`."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    join = lambda turns: "\n\n".join(m["content"] for m in turns)
+    prompts, seqs = [], []
+    for id, messages in chats:
         asked = messages
         while len(asked) > 1 and asked[-1]["role"] == "assistant":
             asked = asked[:-1]
-        join = lambda turns: "\n\n".join(m["content"] for m in turns)
         text = render_chat(tokenizer, asked, add_generation_prompt=True) if chat else join(asked)
         ids = encode(tokenizer, text)
         if len(prompts) < num_prompts and 0 < len(ids) <= max_prompt_tokens:
-            prompts.append(prompt_dict(r.get("id", i), ids, text))
+            prompts.append(prompt_dict(id, ids, text))
         if not blocks:
             continue
         if chat and any(m["role"] == "assistant" for m in messages):
@@ -598,9 +608,74 @@ def load_prompt_file(path, tokenizer, num_prompts, max_prompt_tokens, seq_len, s
         else:
             full = encode(tokenizer, render_chat(tokenizer, messages) if chat else join(messages))
             seqs.append((full, [1] * len(full)))
-    bad.report()
-    check_prompt_count(prompts, num_prompts, max_prompt_tokens, path)
+    check_prompt_count(prompts, num_prompts, max_prompt_tokens, source)
     return prompts, sample_blocks(seqs, lambda some: pack_sequences(some, seq_len), blocks) if blocks else []
+
+
+# Spec-Bench's question.jsonl: one {"question_id", "category", "turns": [str, ...]} a line. MT-bench's eight
+# categories form one task set, `conversation`; each other category is a set of its own.
+MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+QUESTION_TASKS = {**{c: "conversation" for c in MT_BENCH},
+                  **{c: c for c in ("translation", "summarization", "qa", "math_reasoning", "rag")}}  # category -> set
+QUESTION_SETS = tuple(dict.fromkeys(QUESTION_TASKS.values()))  # conversation, translation, ..., rag: their order
+QUESTION_KEYS = ("question_id", "category", "turns")
+
+
+def question_file_sets(path):
+    """The task sets (in QUESTION_SETS order) with records in `path` when it is a question.jsonl-format file (its
+    first record has QUESTION_KEYS), else None. Read leniently: the loader names the bad lines."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        records, _ = read_json_records(path)
+    except DataError:
+        return None
+    if not all(k in records[0] for k in QUESTION_KEYS):
+        return None
+    present = {QUESTION_TASKS.get(r.get("category")) for r in records}
+    sets = [t for t in QUESTION_SETS if t in present]
+    if not sets:
+        raise DataError(f"--dataset: {path} has no question of a known category ({', '.join(QUESTION_TASKS)}).")
+    return sets
+
+
+def question_set(name):
+    """(PATH, TASK) for a --dataset name PATH:TASK (split at the last ':') whose PATH is an existing file, else None."""
+    path, colon, task = name.rpartition(":")
+    if not colon or path in DATASETS or not os.path.isfile(path):
+        return None
+    return path, task
+
+
+def question_problem(record):
+    """What is wrong with a question.jsonl record, completing "line 3 of PATH ...", or None."""
+    turns = record.get("turns")
+    if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns) and turns[0].strip()):
+        return 'has no "turns": a list of strings, the first not empty'
+    if record.get("category") not in QUESTION_TASKS:
+        return f"has category {record.get('category')!r}, which is none of {', '.join(QUESTION_TASKS)}"
+    return None
+
+
+def load_question_set(path, task, tokenizer, num_prompts, max_prompt_tokens, seq_len, skip_bad_lines=False,
+                      blocks=0):
+    """The questions of one task set (QUESTION_SETS) of a question.jsonl file, each its first turn as a single user
+    message, loaded as load_prompt_file loads its lines. Every line of the file is checked: a malformed one, or one
+    of an unknown category, is an error naming it (skipped and counted with skip_bad_lines)."""
+    if task not in QUESTION_SETS:
+        raise DataError(f"--dataset: {task!r} is not a task set of {path}; the sets are {', '.join(QUESTION_SETS)}.")
+    bad = BadEntries("--dataset", skip=skip_bad_lines)
+    records, info = read_json_records(path, flag="--dataset", bad=bad)
+    chats = []
+    for i, (r, line) in enumerate(zip(records, info["lines"])):
+        problem = question_problem(r)
+        if problem:
+            bad.found(path, f"line {line}", problem)
+        elif QUESTION_TASKS[r["category"]] == task:
+            chats.append((r.get("question_id", i), [{"role": "user", "content": r["turns"][0]}]))
+    bad.report()
+    return chat_prompts(chats, f"the {task} questions of {path}", tokenizer, num_prompts, max_prompt_tokens, seq_len,
+                        blocks)
 
 
 def check_prompt_count(prompts, num_prompts, max_prompt_tokens, source, kind="prompt"):
@@ -618,17 +693,25 @@ TASK_GROUPS = ("code", "given_text", "open")  # those groups (share_gpt_dataset.
 
 
 def dataset_names(values):
-    """--dataset's values with sharegpt:tasks spelled out as its groups (sharegpt:code, ...), each once."""
-    names = [[f"sharegpt:{g}" for g in TASK_GROUPS] if v == TASKS else [v] for v in values]
-    return list(dict.fromkeys(n for group in names for n in group))
+    """--dataset's values with sharegpt:tasks spelled out as its groups (sharegpt:code, ...) and a question.jsonl file
+    PATH as its task sets present (PATH:conversation, PATH:translation, ...: QUESTION_SETS), each once."""
+    def spelled_out(v):
+        if v == TASKS:
+            return [f"sharegpt:{g}" for g in TASK_GROUPS]
+        sets = None if v in DATASETS else question_file_sets(v)
+        return [f"{v}:{t}" for t in sets] if sets else [v]
+    return list(dict.fromkeys(n for v in values for n in spelled_out(v)))
 
 
 def load_eval_data(args, tokenizer, dataset, blocks):
     """(prompts, `blocks` held-out blocks for the teacher-forced sweep) from one --dataset value: the test split of
     ShareGPT, XSum or SlimPajama (the same 98/1/1 split by id as train.py's default), a ShareGPT task group
     (sharegpt:code, sharegpt:given_text, sharegpt:open: share_gpt_dataset.task_group's rule, over the held-out test
-    and validation splits, which a task group needs to hold enough prompts), or a prompts.jsonl file."""
+    and validation splits, which a task group needs to hold enough prompts), a prompts.jsonl file, or PATH:TASK, the
+    questions of one task set of a Spec-Bench question.jsonl file (load_question_set)."""
     n, mpt, seed, seq_len = args.num_prompts, args.max_prompt_tokens, args.seed, args.tf_seq_len
+    if question_set(dataset):
+        return load_question_set(*question_set(dataset), tokenizer, n, mpt, seq_len, args.skip_bad_lines, blocks)
     if dataset not in DATASETS and not dataset.startswith("sharegpt:"):
         return load_prompt_file(dataset, tokenizer, n, mpt, seq_len, args.skip_bad_lines, blocks)
     name, _, group = dataset.partition(":")

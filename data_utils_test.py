@@ -335,3 +335,115 @@ def test_sticky_batch_order_keeps_each_ranks_blocks():
     # epoch 0 is the plain order
     plain = data_utils.BatchOrder(23, 2, 2, 2, 5)
     assert all(plain.indices(s, m, r) == order.indices(s, m, r) for s in range(2) for m in range(2) for r in range(2))
+
+
+# -----------------------------------------------------------------------------
+# Spec-Bench's question.jsonl: one prompt set per task
+
+QUESTION_CATEGORIES = ("writing", "coding", "stem", "translation", "summarization", "qa", "math_reasoning", "rag")
+
+
+def write_questions(path, extra=()):
+    """Two questions of each of QUESTION_CATEGORIES (the MT-bench ones with a second turn and a reference), in the
+    real schema, then `extra` records; returns the records."""
+    records = []
+    for i, c in enumerate(QUESTION_CATEGORIES * 2):
+        r = {"question_id": 81 + i, "category": c, "turns": [f"first {c} {i}"]}
+        if c in data_utils.MT_BENCH:
+            r["turns"].append(f"second {c} {i}")
+            r["reference"] = [f"answer {i}"]
+        records.append(r)
+    records += list(extra)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def question_args(**kw):
+    from types import SimpleNamespace
+    return SimpleNamespace(**{"num_prompts": 2, "max_prompt_tokens": 100, "seed": 0, "tf_seq_len": 8,
+                              "skip_bad_lines": False, **kw})
+
+
+def test_a_question_file_is_spelled_out_as_its_task_sets(tmp_path):
+    p = tmp_path / "question.jsonl"
+    write_questions(p)
+    sets = ["conversation", "translation", "summarization", "qa", "math_reasoning", "rag"]
+    assert data_utils.dataset_names([str(p)]) == [f"{p}:{s}" for s in sets]
+    assert data_utils.dataset_names(["sharegpt:tasks", str(p), f"{p}:qa", "xsum"]) == (
+        ["sharegpt:code", "sharegpt:given_text", "sharegpt:open"] + [f"{p}:{s}" for s in sets] + ["xsum"])
+    # only the sets with records present, still in the fixed order
+    p.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": ["t"]}) + "\n"
+                         for i, c in enumerate(["rag", "humanities", "translation"])))
+    assert data_utils.dataset_names([str(p)]) == [f"{p}:conversation", f"{p}:translation", f"{p}:rag"]
+    # a prompts.jsonl file stays one set
+    q = tmp_path / "prompts.jsonl"
+    q.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert data_utils.dataset_names([str(q)]) == [str(q)]
+    p.write_text('{"question_id": 1, "category": "poetry", "turns": ["t"]}\n')
+    with pytest.raises(DataError, match=r"^--dataset: .*question\.jsonl has no question of a known category "
+                                        r"\(writing, .*, rag\)\.$"):
+        data_utils.dataset_names([str(p)])
+
+
+def test_each_task_set_loads_the_first_turns_of_its_own_questions(tmp_path, tiny_tokenizer):
+    p = tmp_path / "question.jsonl"
+    records = write_questions(p)
+    render = lambda text: tiny_tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                             add_generation_prompt=True)
+    args = question_args(num_prompts=6)
+    prompts, blocks = data_utils.load_eval_data(args, tiny_tokenizer, f"{p}:conversation", 0)
+    mt = [r for r in records if r["category"] in ("writing", "coding", "stem")]
+    assert [p_["id"] for p_ in prompts] == [str(r["question_id"]) for r in mt]  # three categories merged, file order
+    assert [p_["text"] for p_ in prompts] == [render(r["turns"][0]) for r in mt] and blocks == []
+    assert not any("second" in p_["text"] or "answer" in p_["text"] for p_ in prompts)  # first turn only
+    args = question_args()
+    for task in ("translation", "summarization", "qa", "math_reasoning", "rag"):
+        prompts, _ = data_utils.load_eval_data(args, tiny_tokenizer, f"{p}:{task}", 0)
+        mine = [r for r in records if r["category"] == task]
+        assert [p_["text"] for p_ in prompts] == [render(r["turns"][0]) for r in mine]
+        assert prompts[0]["input_ids"].tolist() == [tiny_tokenizer(render(mine[0]["turns"][0]),
+                                                                    add_special_tokens=False)["input_ids"]]
+    # held-out blocks: all of them (more asked for than there are) are the qa questions' first turns, packed
+    _, blocks = data_utils.load_eval_data(question_args(tf_seq_len=4), tiny_tokenizer, f"{p}:qa", 100)
+    a, b = [tiny_tokenizer.apply_chat_template([{"role": "user", "content": r["turns"][0]}], return_dict=False)
+            for r in records if r["category"] == "qa"]
+    packed = torch.cat([b_["input_ids"] for b_ in blocks]).tolist()
+    assert len(packed) == (len(a) + len(b)) // 4 * 4 and packed in ((a + b)[:len(packed)], (b + a)[:len(packed)])
+    assert all(b_["loss_mask"].all() for b_ in blocks)
+
+
+def test_a_task_set_with_too_few_questions_or_a_bad_record_is_an_error(tmp_path, tiny_tokenizer, caplog):
+    p = tmp_path / "question.jsonl"
+    write_questions(p)
+    with pytest.raises(DataError, match=r"^--num_prompts 3: the rag questions of .*question\.jsonl has only 2 prompts "
+                                        r"of at most 100 tokens \(--max_prompt_tokens\)"):
+        data_utils.load_eval_data(question_args(num_prompts=3), tiny_tokenizer, f"{p}:rag", 0)
+    with pytest.raises(DataError, match=r"^--num_prompts 2: the qa questions .* has only 0 prompts of at most 5 "):
+        data_utils.load_eval_data(question_args(max_prompt_tokens=5), tiny_tokenizer, f"{p}:qa", 0)
+    with pytest.raises(DataError, match=r"^--dataset: 'chat' is not a task set of .*question\.jsonl; the sets are "
+                                        r"conversation, translation, summarization, qa, math_reasoning, rag\.$"):
+        data_utils.load_eval_data(question_args(), tiny_tokenizer, f"{p}:chat", 0)
+    write_questions(p, extra=[{"question_id": 99, "category": "poetry", "turns": ["first poem"]}])
+    with pytest.raises(DataError, match=r"^--dataset: line 17 of .*question\.jsonl has category 'poetry', which is "
+                                        r"none of writing, roleplay, .*, rag; fix it, or pass --skip_bad_lines"):
+        data_utils.load_eval_data(question_args(), tiny_tokenizer, f"{p}:qa", 0)
+    for bad in ({"turns": "first x"}, {"turns": []}, {"turns": [3]}, {"turns": [""]}, {}):
+        write_questions(p, extra=[{"question_id": 99, "category": "qa", **bad}])
+        with pytest.raises(DataError, match=r'^--dataset: line 17 of .*question\.jsonl has no "turns": a list of '
+                                            r"strings, the first not empty; fix it"):
+            data_utils.load_eval_data(question_args(), tiny_tokenizer, f"{p}:translation", 0)
+    write_questions(p, extra=[{"question_id": 99, "category": "qa", "turns": [3]},
+                              {"question_id": 100, "category": "qa", "turns": ["third qa"]}])
+    with caplog.at_level(logging.INFO, logger="data_utils"):
+        prompts, _ = data_utils.load_eval_data(question_args(num_prompts=3, skip_bad_lines=True), tiny_tokenizer,
+                                               f"{p}:qa", 0)
+    assert [p_["id"] for p_ in prompts] == ["86", "94", "100"]
+    assert f"skipped 1 bad entry (--skip_bad_lines): line 17 of {p}" in caplog.text
+
+
+def test_a_colon_splits_off_a_task_only_after_an_existing_file(tmp_path):
+    p = tmp_path / "question.jsonl"
+    write_questions(p)
+    assert data_utils.question_set(f"{p}:rag") == (str(p), "rag")
+    assert data_utils.question_set(f"{p}:x:rag") is None  # the part before the last ':' is not a file
+    assert data_utils.question_set("sharegpt:code") is None and data_utils.question_set(str(p)) is None

@@ -36,7 +36,7 @@ import decode_engine
 from checkpoints import CheckpointError, write_atomically
 from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers,
                  resolve_device, run_command)
-from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data
+from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data, question_set
 from drafts import SOURCES
 from generate import (DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, remember_costs,
                       speculative_generate, step_times)
@@ -415,8 +415,10 @@ def build_parser():
                    help="prompt sets, each a cell dimension with its own tables, plots and best line: sharegpt | "
                         "xsum | slimpajama (their test split) | sharegpt:code, sharegpt:given_text, sharegpt:open "
                         "(ShareGPT's held-out prompts by task, share_gpt_dataset.task_group) | sharegpt:tasks (all "
-                        "three) | a prompts.jsonl file whose lines are {\"prompt\": ...} or {\"messages\": [...]}; "
-                        "the teacher-forced sweep uses the first")
+                        "three) | a prompts.jsonl file whose lines are {\"prompt\": ...} or {\"messages\": [...]} | "
+                        "the field's per-task question.jsonl ({\"question_id\", \"category\", \"turns\"}: one set "
+                        "per task, MT-bench's eight categories as conversation; PATH:TASK for one); the "
+                        "teacher-forced sweep uses the first")
     g.add_argument("--data_files", default=None,
                    help="local JSON/JSONL/Parquet files of --dataset instead of the default")
     g.add_argument("--dataset_id", default=None, help="a Hugging Face dataset id of --dataset instead of the default")
@@ -475,9 +477,9 @@ def check_args(args):
         raise UsageError(str(e)) from None
     groups = [f"sharegpt:{g}" for g in TASK_GROUPS] + [TASKS]
     for d in args.dataset:
-        if d not in DATASETS and d not in groups and not Path(d).is_file():
+        if d not in DATASETS and d not in groups and not Path(d).is_file() and not question_set(d):
             raise UsageError(f"--dataset: {d!r} is neither {', '.join(DATASETS)}, {', '.join(groups)} nor an "
-                             "existing prompts .jsonl file.")
+                             "existing prompts .jsonl file (or a question.jsonl file's PATH:TASK).")
     resolve_device(args.device)
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
@@ -671,7 +673,11 @@ def write_summary(args, sw, out_dir, tf_rows, say):
 
 
 def _folder(prompt_set):
-    """A folder name for a prompt set's plots: sharegpt:code -> sharegpt_code, data/qa.jsonl -> qa."""
+    """A folder name for a prompt set's plots: sharegpt:code -> sharegpt_code, data/qa.jsonl -> qa,
+    data/question.jsonl:rag -> question_rag."""
+    if prompt_set and question_set(prompt_set):
+        path, task = question_set(prompt_set)
+        return f"{Path(path).stem}_{task}"
     return Path(prompt_set).stem.replace(":", "_") if prompt_set else "all"
 
 

@@ -537,3 +537,26 @@ def test_teacher_forced_sweep_shared_by_processes_gives_the_one_process_rows(ass
         sweep(rank=rank, world=3, gather=lambda mine: parts.extend(mine) or mine)
     shared = sweep(rank=1, world=3, gather=lambda mine: parts[::-1])  # gathered in any order
     assert shared == one and len(one) == 3 and "overlap_t0.5" in one[0]
+
+
+def test_sweep_over_the_fields_question_file_makes_one_prompt_set_per_task(assets, tmp_path, capsys):
+    """--dataset question.jsonl (Spec-Bench's schema): one prompt set per task (MT-bench's categories together as
+    conversation), named PATH:TASK in the rows, each with its own plot folder; PATH:TASK alone takes one set."""
+    q = tmp_path / "question.jsonl"
+    records = [("writing", "Write a short poem about rain."), ("coding", "Write a function that adds two numbers."),
+               ("rag", "Using the text: the sea is blue. What colour is the sea?"),
+               ("rag", "Using the text: grass is green. What colour is grass?")]
+    q.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [t, "And then?"]}) + "\n"
+                         for i, (c, t) in enumerate(records)))
+    out = tmp_path / "q"
+    argv = ["--model", str(assets / "model"), "--exit_ckpt", str(assets / "exit_L2"), "--exit_layers", "--drafts",
+            "lookup", "--gammas", "2", "--temperatures", "0", "--num_prompts", "2", "--max_new_tokens", "8",
+            "--tf_blocks", "0", "--dtype", "float32", "--no-peer"]
+    evaluate.main(argv + ["--dataset", str(q), "--out_dir", str(out)])
+    rows = read_rows(out / "results.jsonl")
+    assert [r["prompt_set"] for r in rows] == [f"{q}:conversation", f"{q}:rag"]
+    assert (out / "question_conversation" / "speed_vs_gamma.png").is_file() and (out / "question_rag" / "speed_vs_gamma.png").is_file()
+    capsys.readouterr()
+    evaluate.main(argv + ["--dataset", f"{q}:rag", "--out_dir", str(tmp_path / "one")])
+    one = read_rows(tmp_path / "one" / "results.jsonl")  # one set: the sweep's own dataset
+    assert [(r["prompt_set"], r["dataset"]) for r in one] == [("", f"{q}:rag")]

@@ -3,6 +3,8 @@
     OUT/exit_L<l>/   trained exits (exit_config.json, log.jsonl, train_curve.png), from train.py
     OUT/eval/        the sweep (results.jsonl, layer_sweep.jsonl, summary.md, its plots), from evaluate.py: a layer
                      scan (untrained and trained exits, one policy, gamma 4) and a gamma grid of the trained exits
+    OUT/eval/sources/  every draft source (the shallowest trained exit's chains, lookup, exit+lookup, recycled, auto)
+                     per prompt set (ShareGPT and its task groups, or any --dataset), from evaluate.py
 
     python report.py OUT [--command "make report ..."]     # writes OUT/REPORT.md, OUT/*_report.png
 
@@ -25,7 +27,7 @@ from results import (HEADLINE_RULE, LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line,
                      gamma_label, interval, lossless, policy_name, prompt_sets, read_results, read_rows, sizes, table,
                      with_interval)
 
-REPORT, EVAL = "REPORT.md", "eval"
+REPORT, EVAL, SOURCES = "REPORT.md", "eval", "sources"  # OUT/eval/sources/: every draft source per prompt set
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
 WHERE_PLOT = "where_it_pays_report.png"
 
@@ -308,11 +310,12 @@ def headline_section(rows):
     lines = ["## The best cell of each draft source", "", f"Rule: {HEADLINE_RULE}.", ""]
     body, verdicts = [], []
     policies = list(dict.fromkeys((r["temperature"], r["top_p"], r["top_k"]) for r in ok))
-    for name in prompt_sets(ok):
+    set_of = lambda r: r.get("prompt_set") or r.get("dataset")  # a one-set sweep's rows: its dataset
+    for name in dict.fromkeys(set_of(r) for r in ok):
         for pol in policies:
             best = {}
             for r in ok:
-                if r.get("prompt_set") == name and (r["temperature"], r["top_p"], r["top_k"]) == pol:
+                if set_of(r) == name and (r["temperature"], r["top_p"], r["top_k"]) == pol:
                     d = r.get("draft") or "exit"
                     if d not in best or r["speedup"] > best[d]["speedup"]:
                         best[d] = r
@@ -432,6 +435,7 @@ def write_report(out, commands=(), args=None):
     out = Path(out)
     args = args or build_parser().parse_args([str(out)])
     rows = read_results(out / EVAL)
+    source_rows = read_results(out / EVAL / SOURCES) if (out / EVAL / SOURCES / RESULTS).is_file() else []
     tf_rows = read_rows(out / EVAL / f"{LAYER_SWEEP}.jsonl", key=None)
     exits = load_exits(out)
     if not rows and not exits:
@@ -441,8 +445,8 @@ def write_report(out, commands=(), args=None):
     model = Path(str(next((r["model"] for r in rows), "?"))).name
     caption = f"{model} on {machines}; {sizes(rows) or 'no cells'} per cell"
     grid, left_out = grid_rows(rows, args)
-    line = best_line(rows)
-    lines = (header(out, rows, tf_rows, exits, commands) + headline_section(rows) + training_section(out, exits)
+    line = best_line(rows + source_rows)
+    lines = (header(out, rows, tf_rows, exits, commands) + headline_section(rows + source_rows) + training_section(out, exits)
              + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
              + where_section(rows, out, model) + cost_section(grid) + [line])
     lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row

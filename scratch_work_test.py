@@ -50,7 +50,9 @@ def test_generators_live_on_the_models_device(tiny_dir, capsys, monkeypatch, tem
                        "--max_new_tokens", "12", "--temperature", temperature, "--dtype", "float32",
                        "--device", "cpu", "--no_color"])
     out = capsys.readouterr().out
-    assert [s[0] for s in seen] == ["speculative_generate", "autoregressive_generate"]
+    assert [s[0] for s in seen] == ["speculative_generate", "autoregressive_generate"] * 2  # warm-up, then timed
     assert all(g == ids == m == torch.device("cpu") for _, g, ids, m in seen)
     assert "--- accepted drafts per cycle" in out
     assert ("greedy output identical to autoregressive: True" in out) == (temperature == "0")
+    speed = out.splitlines()[-1]
+    assert speed.startswith("--- speed on this prompt: ") and " autoregressive: " in speed and "NaN" not in out
