@@ -47,6 +47,28 @@ run: setup
 # source per prompt set and policy (95% intervals over the prompts), then its tables and plots, ending with the best
 # lossless speedup line (results.HEADLINE_RULE).
 # Sizes are the user's to change, e.g. `make report REPORT_STEPS=1000 REPORT_PROMPTS=16 REPORT_TOKENS=128`.
+REPORT         ?= out/report
+REPORT_LAYERS  ?= 3 9 15 21 27
+REPORT_GRID    ?= 3 15 27
+REPORT_SCAN    ?= 3:27:3
+REPORT_GAMMAS  ?= 1 2 4 8 16
+REPORT_STEPS   ?= 300
+REPORT_LSTSQ   ?= 48
+REPORT_EVAL    ?= 100
+REPORT_VAL     ?= 8
+REPORT_PROMPTS ?= 4
+REPORT_TOKENS  ?= 64
+REPORT_TF      ?= 8
+REPORT_SETS    ?= sharegpt sharegpt:tasks
+REPORT_SOURCES ?= exit lookup exit+lookup recycle auto
+REPORT_SOURCE_GAMMAS ?= 1 2 4 8
+REPORT_SOURCE_TEMPS  ?= 0.7 1.0
+REPORT_SOURCE_WIDTHS ?= 1 2
+REPORT_TRAIN   ?= --train head,norm,adapter --adapter_init next --draft_vocab 8192 --head_init lstsq \
+	--lstsq_blocks $(REPORT_LSTSQ) --lr 4e-3 --head_lr 3e-3 --max_steps $(REPORT_STEPS) --batch_size 2 --seq_len 256 \
+	--warmup 20 --eval_every $(REPORT_EVAL) --eval_batches $(REPORT_VAL) --save_every 50 --dtype auto
+REPORT_POLICY  := --top_p 0.95 --top_k 0 --num_prompts $(REPORT_PROMPTS) --max_new_tokens $(REPORT_TOKENS)
+
 report: setup
 	rm -rf $(REPORT)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --exit_layers $(REPORT_LAYERS) \

@@ -24,7 +24,7 @@ from checkpoints import CONFIG_FILE, LOG_FILE
 from cli import Parser, UsageError, run_command
 from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
 from results import (HEADLINE_RULE, LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name,
-                     gamma_label, interval, lossless, policy_name, prompt_sets, read_results, read_rows, sizes, table,
+                     gamma_label, interval, lossless, policy_name, read_results, read_rows, sizes, table,
                      with_interval)
 
 REPORT, EVAL, SOURCES = "REPORT.md", "eval", "sources"  # OUT/eval/sources/: every draft source per prompt set
@@ -428,6 +428,47 @@ def plot_gammas(grid, args, path, caption):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Publishing: the README's and the findings' results block, written from a report's rows (and checked against them by
+# report_test.py), so that the documents cannot drift from the files they quote
+
+PUBLISHED_ROWS = Path(__file__).resolve().parent / "docs" / "report_rows.jsonl"  # the rows the documents quote
+BEGIN, END = "<!-- report: begin (report.py --publish writes this block) -->", "<!-- report: end -->"
+
+
+def published_block(rows, command):
+    """The documents' results block: where the rows were measured, the opening table, the verdicts, the best line."""
+    machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows)) or "machine unknown"
+    dates = ", ".join(sorted({r["date"] for r in rows if r.get("date")})) or "date not recorded"
+    return [BEGIN, f"From `{command}` on {machines} ({sizes(rows)} per cell; {dates}; rows: "
+                   f"[docs/report_rows.jsonl](docs/report_rows.jsonl)):", ""] + headline_section(rows)[2:] + [
+        f"`{best_line(rows)}`", END]
+
+
+def publish(out, documents, command):
+    """Copy OUT's rows to PUBLISHED_ROWS and rewrite each document's block from them (a document without the
+    markers gets none: an error naming it)."""
+    out, rows = Path(out), []
+    for d in (out / EVAL, out / EVAL / SOURCES):
+        if (d / RESULTS).is_file():  # each row dated by its file (evaluate.py writes no date)
+            day = datetime.date.fromtimestamp((d / RESULTS).stat().st_mtime).isoformat()
+            rows += [{**r, "date": day} for r in read_results(d)]
+    if not rows:
+        raise UsageError(f"--publish: {out / EVAL} holds no rows to publish.")
+    PUBLISHED_ROWS.write_text("".join(json.dumps({**r, "command": command}) + "\n" for r in rows))
+    for doc in documents:
+        text = Path(doc).read_text()
+        if BEGIN not in text or END not in text:
+            raise UsageError(f"--publish: {doc} has no results block ({BEGIN} ... {END}).")
+        head, rest = text.split(BEGIN, 1)
+        Path(doc).write_text(head + "\n".join(published_block(rows, command)) + rest.split(END, 1)[1])
+
+
+def document_blocks(text):
+    """The results blocks of a document's text, each as its lines (markers included)."""
+    return [[BEGIN] + part.split(END, 1)[0].split("\n")[1:] for part in text.split(BEGIN)[1:]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The command line
 
 def write_report(out, commands=(), args=None):
@@ -465,6 +506,9 @@ def build_parser():
     p.add_argument("--temperatures", nargs="+", type=float, default=[0.7, 1.0], help="the gamma grid's temperatures")
     p.add_argument("--top_p", type=float, default=0.95, help="top_p of the layer scan and the gamma grid")
     p.add_argument("--top_k", type=int, default=0, help="top_k of the layer scan and the gamma grid")
+    p.add_argument("--publish", nargs="+", default=[], metavar="DOC",
+                   help="also copy OUT's rows to docs/report_rows.jsonl and rewrite each DOC's results block (e.g. "
+                        "README.md docs/findings.md) from them, under the first --command")
     return p
 
 
@@ -477,6 +521,10 @@ def main(argv=None):
             raise UsageError(f"OUT: {args.out} is not a directory.")
         line = write_report(args.out, args.command, args)
         print(f"wrote {Path(args.out) / REPORT}")
+        if args.publish:
+            publish(args.out, args.publish, (args.command or [f"report.py {args.out}"])[0])
+            print(f"wrote {PUBLISHED_ROWS.relative_to(PUBLISHED_ROWS.parents[1])} and the results block of "
+                  f"{', '.join(args.publish)}")
         print(line, flush=True)
         return line
     return run_command("report.py", argv, body)

@@ -290,3 +290,36 @@ def _parse(cell):
     value, rest = cell.split(" [")
     lo, hi = rest.rstrip("]").split(", ")
     return float(value), float(lo), float(hi)
+
+
+def test_publish_writes_the_documents_block_from_the_report_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "PUBLISHED_ROWS", tmp_path / "report_rows.jsonl")
+    out = tmp_path / "run"
+    write_eval(out, sweep_rows(out, scan=False, stops=False), where_it_pays=False)
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# Guide\n\n## Results\n\n{report.BEGIN}\nstale 9.99x\n{report.END}\n\n## More\n")
+    report.main([str(out), "--command", "make run", "--publish", str(doc)])
+    text = doc.read_text()
+    assert "stale" not in text and text.startswith("# Guide\n\n## Results\n\n") and text.endswith("\n\n## More\n")
+    rows = [json.loads(x) for x in (tmp_path / "report_rows.jsonl").read_text().splitlines()]
+    assert len(rows) == len(GRID) * 4 and {r["command"] for r in rows} == {"make run"}
+    [block] = report.document_blocks(text)
+    assert block == report.published_block(rows, "make run")
+    assert block[-2] == f"`{best_line(rows)}`" and "best lossless speedup: 2.20x" in block[-2]
+    doc.write_text(text.replace("2.20", "2.30"))  # a number edited by hand no longer matches
+    assert report.document_blocks(doc.read_text()) != [block]
+    (tmp_path / "other.md").write_text("no block\n")
+    with pytest.raises(SystemExit) as e:
+        report.main([str(out), "--publish", str(tmp_path / "other.md")])
+    assert e.value.code == 2
+
+
+def test_the_readme_and_findings_quote_the_published_report_rows():
+    """README.md's and docs/findings.md's results blocks are exactly what report.py renders from the rows they
+    quote (docs/report_rows.jsonl): a number edited by hand, or rows replaced without republishing, fails here."""
+    root = report.PUBLISHED_ROWS.parents[1]
+    rows = [json.loads(x) for x in report.PUBLISHED_ROWS.read_text().splitlines()]
+    expected = report.published_block(rows, rows[0]["command"])
+    for doc in ("README.md", "docs/findings.md"):
+        blocks = report.document_blocks((root / doc).read_text())
+        assert blocks and all(b == expected for b in blocks), doc
