@@ -25,14 +25,15 @@ and wrote the wind, the sea and the passing ships in his logbook before he slept
 # The main job: the user's report in small, where it pays first (about 8 min on a fresh clone with the install, 2 idle
 # cores, AMD EPYC; measured figures in docs/results.md): one prompt drafted by --draft auto and verified (drafted
 # tokens marked by source, its speed beside autoregressive), then `make report` with one shallow exit trained 30
-# steps, the layer scan, gamma 1 and 4, and every draft source on ShareGPT's given-text prompts (text that repeats,
-# where lookup pays), 2 prompts x 48 tokens a cell. Its last line is the best lossless cell, naming its source.
+# steps, the layer scan, gamma 1 and 4, and every draft source on ShareGPT's given-text prompts and on
+# edit_prompts.jsonl (texts handed over to be edited, whose reply repeats them: where lookup pays), 2 prompts x 48
+# tokens a cell. Its last line is the best lossless cell, naming its source.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
 	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft auto --gamma 4 "$(RUN_PROMPT)"
 	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4" REPORT_GRID="4" \
 		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 4" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
-		REPORT_PROMPTS=2 REPORT_TOKENS=48 REPORT_TF=2 REPORT_SETS=sharegpt:given_text \
+		REPORT_PROMPTS=2 REPORT_TOKENS=48 REPORT_TF=2 REPORT_SETS="sharegpt:given_text edit_prompts.jsonl" \
 		REPORT_SOURCES="exit lookup exit+lookup auto" REPORT_SOURCE_GAMMAS=4 REPORT_SOURCE_TEMPS="0 0.7" REPORT_SOURCE_WIDTHS=1
 
 # The user's report (docs/findings.md is one run of it): (a) train exits at layers spanning the depth in one run

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import LOG_FILE
+from checkpoints import CONFIG_FILE, LOG_FILE
 from drafts import SOURCES
 from results import BREAK_EVEN_GAMMAS, break_even_c, describe_machine, exit_label, gamma_label, policy_name, sizes
 
@@ -206,6 +206,9 @@ def plot_where_it_pays(rows, path, model_name):
     colour = {g: f"C{i % 10}" for i, g in enumerate(gammas)}
     for g in BREAK_EVEN_GAMMAS:
         ax.plot(grid, [break_even_c(a, g, v) for a in grid], color=colour[g], label=f"break-even, γ={g}")
+    for g in gammas:  # the colours of the cells' other gammas get a key too
+        if g not in BREAK_EVEN_GAMMAS:
+            ax.scatter([], [], color=colour[g], marker="s", label=f"cells at γ={g} (no curve drawn)")
     # a cell without the exit has as c the lookup's own time (no draft step); exit+lookup cells keep the exit's
     pts = [{**r, "c": r.get("c_lookup") or 0.0} if not SOURCES[r.get("draft") or "exit"].exit else r for r in rows
            if r.get("alpha") is not None and r.get("c") is not None]
@@ -319,7 +322,11 @@ def plot_curve(out_dir):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         ax1.plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=0.8)
-    ax1.set(xlabel="step", ylabel="train loss", title="train loss")
+    config = Path(out_dir) / CONFIG_FILE  # the exit's layer and loss, when train.py has written its config
+    config = json.loads(config.read_text()) if config.is_file() else {}
+    loss = config.get("train_args", {}).get("loss", "kl")
+    which = f"exit at layer {config['exit_layer']}, " if "exit_layer" in config else ""
+    ax1.set(xlabel="step", ylabel=f"train loss ({loss})", title=f"{which}train loss: {loss}")
     for key, label in (("val/top1", "top-1 agreement"), ("val/overlap_t1", "overlap T=1.0"),
                        ("val/overlap_t07", "overlap T=0.7")):
         ax2.plot([r["step"] for r in val], [r[key] for r in val], marker="o", ms=3, label=label)

@@ -465,7 +465,7 @@ def publish(out, documents, command):
 
 def document_blocks(text):
     """The results blocks of a document's text, each as its lines (markers included)."""
-    return [[BEGIN] + part.split(END, 1)[0].split("\n")[1:] for part in text.split(BEGIN)[1:]]
+    return [[BEGIN] + part.split(END, 1)[0].strip("\n").split("\n") + [END] for part in text.split(BEGIN)[1:]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
