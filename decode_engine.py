@@ -646,10 +646,12 @@ class LeanSteps:
         return h, self.exit_engine.hidden(h, cache, len(eng.blocks), start, eng.tables, tree) if with_exit else None
 
     def _verify(self, h: torch.Tensor, cache: StaticCache, start: int | torch.Tensor,
-                tree: TreeRows | None = None) -> torch.Tensor:
-        """The remaining layers, final norm and head on shared states h (t, hidden): logits (t, vocab)."""
+                tree: TreeRows | None = None, head: bool = True) -> torch.Tensor | None:
+        """The remaining layers, final norm and head on shared states h (t, hidden): logits (t, vocab) (`head`
+        False: the layers only; None)."""
         eng, s = self.engine, self.exit.shared_layers
-        return eng.logits(eng.run(eng.blocks[s:], h, cache, s, start, tree))
+        h = eng.run(eng.blocks[s:], h, cache, s, start, tree)
+        return eng.logits(h) if head else None
 
     def _positions(self, cache: StaticCache, start: int, t: int, device: torch.device) -> torch.Tensor:
         self.engine.tables.reserve(cache.capacity)  # the tables cover the capacity before a static call
@@ -695,9 +697,12 @@ class LeanSteps:
         return h.unsqueeze(0), None if e is None else e.unsqueeze(0)
 
     def verify(self, shared_hidden: torch.Tensor, cache: StaticCache, start: int,
-               tree: TreeRows | None = None) -> torch.Tensor:
-        """The remaining layers + final norm + LM head on shared states: the target's logits."""
+               tree: TreeRows | None = None, head: bool = True) -> torch.Tensor | None:
+        """The remaining layers + final norm + LM head on shared states: the target's logits (`head` False: the
+        layers only, filling the cache; None)."""
         eng, s, t = self.engine, self.exit.shared_layers, shared_hidden.shape[1]
+        if not head:
+            return self._verify(shared_hidden[0], cache, start, tree, head=False)
         if self._static_fits(cache, start, t, tree):
             logits = self._static[1](shared_hidden[0], cache, self._positions(cache, start, t, shared_hidden.device))
             logits = logits.clone() if self.compiled else logits

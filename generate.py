@@ -58,8 +58,8 @@ class Steps(Protocol):
     def verify(self, shared_hidden: torch.Tensor, cache: Cache, start: int, *,
                tree: Optional[TreeRows] = None) -> torch.Tensor: ...
 
-    def full_step(self, input_ids: torch.Tensor, cache: Cache, start: int, *, with_exit: bool = False
-                  ) -> torch.Tensor: ...
+    def full_step(self, input_ids: torch.Tensor, cache: Cache, start: int, *, with_exit: bool = False,
+                  logits: bool = True) -> Optional[torch.Tensor]: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,8 +330,8 @@ def _prefill(model, input_ids, with_exit, room=0, drafts=0, observe=None):
     them up front). The capacity is prompt + room + a multiple of SLACK, so that autoregressive and speculative
     decoding of one prompt get the same capacity, the span every attention call reads (decode_engine.StaticCache)."""
     cache = model.new_cache(input_ids.shape[1] + room + SLACK * (drafts // SLACK + 1))
-    if input_ids.shape[1] > 1:
-        logits = model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit)
+    if input_ids.shape[1] > 1:  # logits only for a source that learns from them (the rest would drop them)
+        logits = model.full_step(input_ids[:, :-1], cache, 0, with_exit=with_exit, logits=observe is not None)
         if observe is not None:  # the prompt's tokens and the target's logits after each
             observe(input_ids[0, :-1], logits[0])
     return cache, input_ids.shape[1] - 1, input_ids[:, -1:]

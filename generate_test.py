@@ -807,3 +807,27 @@ def test_device_rules_are_exact_without_host_reads(small_vocab_model, monkeypatc
     exact = exact_distribution(base, prompt, Policy(0.8, 0.9, 3))
     counts = empirical_counts(tl, prompt, SAMPLES, seed=5, gamma=2, temperature=0.8, top_p=0.9, top_k=3)
     assert counts[exact == 0].sum() == 0 and chi_square_pvalue(counts, exact) > 1e-3
+
+
+@pytest.mark.parametrize("engine", ["lean", "hf"])
+def test_the_prefill_computes_no_logits_unless_a_source_reads_them(engine):
+    """The prompt's layers run without the final norm and head (their logits would be dropped: 2 GB for an 8k prompt
+    and a 128k vocabulary), except for a source that learns from them (recycled predictions, auto); the tokens are
+    the autoregressive ones either way."""
+    base = make_tiny_llama(layers=4, seed=3)
+    prompt = torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(1))
+    ar, _ = autoregressive_generate(TruncatedLlama(base, 2, engine=engine), prompt, 12)
+    drafts = ("exit", "lookup", "recycle", "auto") if engine == "lean" else ("exit", "lookup")
+    for draft in drafts:
+        tl = TruncatedLlama(base, 2, engine=engine)
+        calls, real = [], tl.steps.verify
+
+        def spy(h, cache, start, *a, head=True, **k):
+            calls.append((h.shape[1], start, head))
+            return real(h, cache, start, *a, head=head, **k)
+        tl.steps.verify = spy
+        generate.remember_costs(tl, 0.5, {k: 1 + k / 10 for k in range(2, 16)})  # auto: no timing run in between
+        out, _ = speculative_generate(tl, prompt, 12, **plan(draft=draft, gamma=2))
+        assert torch.equal(out, ar), draft
+        assert calls[0] == (19, 0, draft in ("recycle", "auto")), draft  # the prefill: 19 rows, head only if read
+        assert all(head for _, start, head in calls[1:]), draft  # every later call is a verify whose logits count

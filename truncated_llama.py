@@ -264,11 +264,13 @@ class HFSteps:
         mask, position_ids, pos = self.step_context(h, start, cache.exit, 0)
         return h, self.exit.hidden(h, mask=mask, position_ids=position_ids, position_embeddings=pos, cache=cache.exit)
 
-    def verify(self, shared_hidden: torch.Tensor, cache: SpecCache, start: int) -> torch.Tensor:
-        """The remaining layers + final norm + LM head on shared states: the target's logits."""
+    def verify(self, shared_hidden: torch.Tensor, cache: SpecCache, start: int, head: bool = True
+               ) -> torch.Tensor | None:
+        """The remaining layers + final norm + LM head on shared states: the target's logits (`head` False: the
+        layers only, filling the cache; None)."""
         d, s = self.base.model, self.exit.shared_layers
         h = run_layers(d.layers[s:], shared_hidden, self.step_context(shared_hidden, start, cache.base, s), cache.base)
-        return self.base.lm_head(d.norm(h))
+        return self.base.lm_head(d.norm(h)) if head else None
 
     def exit_logits(self, e: torch.Tensor) -> torch.Tensor:
         """The exit norm + head on the exit's states: the draft's full-vocabulary logits."""
@@ -418,11 +420,14 @@ class TruncatedLlama(nn.Module):
             raise ValueError(trees_need_lean("--tree_widths"))
         return {"tree": tree}
 
-    def full_step(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = False) -> torch.Tensor:
+    def full_step(self, input_ids: torch.Tensor, cache, start: int, *, with_exit: bool = False,
+                  logits: bool = True) -> torch.Tensor | None:
         """Every layer on k new tokens (prefill, autoregressive steps); `with_exit` also fills the exit's cache.
-        (An exit without attention blocks has no cache to fill, so its blocks are then not run.)"""
+        (An exit without attention blocks has no cache to fill, so its blocks are then not run.) `logits` False:
+        the layers only, no final norm or head (a prefill whose logits nobody reads: for an 8k prompt and a 128k
+        vocabulary they would be 2 GB); returns None."""
         h, _ = self.steps.extend(input_ids, cache, start, with_exit=with_exit and self.exit.num_cache_slots > 0)
-        return self.steps.verify(h, cache, start)
+        return self.steps.verify(h, cache, start, head=logits)
 
 
 def timed_load(name: str = DEFAULT_MODEL) -> float:
