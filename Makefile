@@ -3,13 +3,30 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# MODEL: a Hugging Face id or local directory for every target (default: each script's, SmolLM2-135M-Instruct), e.g.
+# `make report MODEL=meta-llama/Llama-3.2-1B-Instruct` (gated: `huggingface-cli login` or HF_TOKEN first).
+MODEL  ?=
+MODEL_FLAG = $(if $(MODEL),--model $(MODEL))
+# SYSTEM_TORCH=1: the venv sees the machine's own torch (--system-site-packages) and installs everything else, e.g.
+# an NGC container's CUDA build on a GH200 (aarch64), which PyPI's pinned CPU torch would otherwise shadow.
+SYSTEM_TORCH ?= 0
+# Processes for torchrun: one per visible GPU, or two one-thread processes on a CPU.
+NPROC  ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
 
 .PHONY: setup run report speedup speedup-train speedup-sweep test clean
 
 $(STAMP): requirements.txt requirements-assets.txt
+ifeq ($(SYSTEM_TORCH),1)
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import platform, torch; print('using the system torch', torch.__version__, 'on', platform.machine(), \
+		'cuda' if torch.cuda.is_available() else 'no cuda')"
+	grep -v '^torch==' requirements.txt > $(VENV)/requirements-without-torch.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements-without-torch.txt
+else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+endif
 	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
@@ -30,7 +47,7 @@ and wrote the wind, the sea and the passing ships in his logbook before he slept
 # tokens a cell. Its last line is the best lossless cell, naming its source.
 # Output: out/run/REPORT.md. Its figures are too small to conclude from: `make report` is the run to read.
 run: setup
-	$(PY) scratch_work.py --no_color --max_new_tokens 64 --draft auto --gamma 4 "$(RUN_PROMPT)"
+	$(PY) scratch_work.py $(MODEL_FLAG) --no_color --max_new_tokens 64 --draft auto --gamma 4 "$(RUN_PROMPT)"
 	$(MAKE) --no-print-directory report REPORT=out/run REPORT_LAYERS="4" REPORT_GRID="4" \
 		REPORT_SCAN=4:26:11 REPORT_GAMMAS="1 4" REPORT_STEPS=30 REPORT_LSTSQ=8 REPORT_EVAL=30 REPORT_VAL=2 \
 		REPORT_PROMPTS=2 REPORT_TOKENS=48 REPORT_TF=2 REPORT_SETS="sharegpt:given_text edit_prompts.jsonl" \
@@ -72,13 +89,13 @@ REPORT_POLICY  := --top_p 0.95 --top_k 0 --num_prompts $(REPORT_PROMPTS) --max_n
 
 report: setup
 	rm -rf $(REPORT)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --exit_layers $(REPORT_LAYERS) \
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py $(MODEL_FLAG) --exit_layers $(REPORT_LAYERS) \
 		$(REPORT_TRAIN) --out_dir $(REPORT)
-	$(PY) evaluate.py --exit_layers $(REPORT_SCAN) --exit_ckpt $(foreach l,$(REPORT_LAYERS),$(REPORT)/exit_L$(l)) \
+	$(PY) evaluate.py $(MODEL_FLAG) --exit_layers $(REPORT_SCAN) --exit_ckpt $(foreach l,$(REPORT_LAYERS),$(REPORT)/exit_L$(l)) \
 		--gammas 4 --temperatures 0.7 $(REPORT_POLICY) --tf_blocks $(REPORT_TF) --out_dir $(REPORT)/eval
-	$(PY) evaluate.py --exit_layers --exit_ckpt $(foreach l,$(REPORT_GRID),$(REPORT)/exit_L$(l)) --gammas $(REPORT_GAMMAS) \
+	$(PY) evaluate.py $(MODEL_FLAG) --exit_layers --exit_ckpt $(foreach l,$(REPORT_GRID),$(REPORT)/exit_L$(l)) --gammas $(REPORT_GAMMAS) \
 		--temperatures 0.7 1.0 $(REPORT_POLICY) --paired_baseline --tf_blocks 0 --out_dir $(REPORT)/eval --resume
-	$(PY) evaluate.py --exit_layers --exit_ckpt $(REPORT)/exit_L$(firstword $(REPORT_GRID)) --drafts $(REPORT_SOURCES) \
+	$(PY) evaluate.py $(MODEL_FLAG) --exit_layers --exit_ckpt $(REPORT)/exit_L$(firstword $(REPORT_GRID)) --drafts $(REPORT_SOURCES) \
 		--gammas $(REPORT_SOURCE_GAMMAS) --tree_widths $(REPORT_SOURCE_WIDTHS) --temperatures $(REPORT_SOURCE_TEMPS) $(REPORT_POLICY) \
 		--dataset $(REPORT_SETS) --paired_baseline --tf_blocks 0 --out_dir $(REPORT)/eval/sources --resume
 	@$(PY) report.py $(REPORT) --command "make report$(if $(filter out/report,$(REPORT)),, REPORT=$(REPORT))"
@@ -108,7 +125,7 @@ speedup: speedup-train speedup-sweep
 
 speedup-train: setup
 	rm -rf $(SPEEDUP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 train.py --exit_layer $(SPEEDUP_LAYER) \
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) train.py $(MODEL_FLAG) --exit_layer $(SPEEDUP_LAYER) \
 		$(SPEEDUP_TRAIN) --out_dir $(SPEEDUP_EXIT)
 
 # The measuring half alone, on the exit speedup-train left (run it again for a second measurement of the same exit):
@@ -121,7 +138,7 @@ speedup-train: setup
 SPEEDUP_SETS  ?= sharegpt:tasks
 SPEEDUP_GROUP ?= --dataset $(SPEEDUP_SETS) --temperatures 0 0.7 --top_p 0.95 --num_prompts 5 --max_new_tokens 96 \
 	--tf_blocks 0 --paired_baseline
-SPEEDUP_EVAL  := $(PY) evaluate.py --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --resume
+SPEEDUP_EVAL  = $(PY) evaluate.py $(MODEL_FLAG) --exit_layers --exit_ckpt $(SPEEDUP_EXIT) --resume
 
 speedup-sweep: setup
 	rm -rf $(SPEEDUP)/eval
@@ -135,7 +152,7 @@ speedup-sweep: setup
 	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_GROUP) \
 		--out_dir $(SPEEDUP)/eval/tasks
 	$(SPEEDUP_EVAL) --drafts auto --gammas 3 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
-	$(PY) benchmark_torch_compile.py --layers --no_steps --lookup_peer 4 --num_prompts 4 --max_new_tokens 128 \
+	$(PY) benchmark_torch_compile.py $(MODEL_FLAG) --layers --no_steps --lookup_peer 4 --num_prompts 4 --max_new_tokens 128 \
 		--out $(SPEEDUP)/eval/lookup_peer.json
 	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval $(SPEEDUP)/eval/tasks
 

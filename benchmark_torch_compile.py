@@ -333,27 +333,77 @@ def static_variants(model, layer, device, compiled=True):
     return variants
 
 
+def compiles() -> int:
+    """Frames dynamo has compiled in this process so far (first compilations and recompilations alike)."""
+    from torch._dynamo.utils import counters
+    return counters["frames"]["total"]
+
+
+class RecompiledInside(RuntimeError):
+    """torch.compile compiled inside a timed region: the timing would include compilation."""
+
+
+class NoCompileInside:
+    """A timed region that fails (RecompiledInside) when dynamo compiles anything inside it."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.before = compiles()
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None and compiles() != self.before:
+            raise RecompiledInside(f"{self.what}: torch.compile compiled {compiles() - self.before} frame(s) inside "
+                                   "the timed region; warm every row count first (warm_rows)")
+
+
+@torch.inference_mode()
+def warm_rows(tl, prompts, new, gamma):
+    """Every step shape a generation of `new` tokens with drafts of up to `gamma` can call, run once per cache
+    capacity the prompts get (generate._prefill's rule): row counts 1..gamma+1, with and without the exit's blocks,
+    each a draft step (extend) and a verify; so that no static graph is compiled (or captured) while timed."""
+    from generate import _prefill
+    seen = set()
+    for ids in prompts:
+        cache, n, last = _prefill(tl, ids, with_exit=True, room=new, drafts=gamma + 1)
+        if cache.capacity in seen:
+            continue
+        seen.add(cache.capacity)
+        for rows in range(1, gamma + 2):
+            for with_exit in (True, False):
+                h, e = tl.extend(last.expand(1, rows), cache, n, with_exit=with_exit)
+                if e is not None:
+                    tl.steps.exit_logits(e)
+                tl.verify(h, cache, n)
+                cache.crop(n)
+
+
 @torch.inference_mode()
 def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True):
     """Our loops (autoregressive, speculative with the untrained exit at `layer`) on the default step, the static
-    step and the compiled static step (static_variants), prompts in turns; compilation's time reported apart, and
-    whether each variant's greedy output equals the default step's."""
+    step and the compiled static step (static_variants), prompts in turns; compilation's time reported apart (every
+    row count warmed first, warm_rows), a compilation inside a timed region an error (NoCompileInside), and whether
+    each variant's greedy output equals the default step's."""
     variants = static_variants(model, layer, device, compiled)
     run = {"ours_ar": lambda tl, ids: autoregressive_generate(tl, ids, new)[0],
            "ours_spec": lambda tl, ids: speculative_generate(tl, ids, new, **plan(gamma=gamma))[0]}
     t = time.perf_counter()
-    for tl in variants.values():  # warm-up, and compilation (the shortest and the longest prompt: each cache size)
+    before = compiles()
+    for tl in variants.values():  # warm-up, and compilation: every row count at every prompt's cache capacity
+        warm_rows(tl, prompts, new, gamma)
         for fn in run.values():
-            for ids in (min(prompts, key=lambda p: p.shape[1]), max(prompts, key=lambda p: p.shape[1])):
-                fn(tl, ids)
-    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1)}
+            fn(tl, prompts[0])
+    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1), "frames_compiled": compiles() - before}
     keys = [f"{name}_{v}" for name in run for v in variants]
     seconds, tokens, same = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)
     for ids in prompts:
         for name, fn in run.items():
             outs = {}
             for v, tl in variants.items():
-                outs[v], s = timed(lambda: fn(tl, ids), device)
+                with NoCompileInside(f"{name}, {v}, a {ids.shape[1]}-token prompt"):
+                    outs[v], s = timed(lambda: fn(tl, ids), device)
                 seconds[f"{name}_{v}"] += s
                 tokens[f"{name}_{v}"] += len(outs[v])
                 same[f"{name}_{v}"] += torch.equal(outs[v].cpu(), outs["eager"].cpu())

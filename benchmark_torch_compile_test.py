@@ -100,3 +100,16 @@ def test_versus_times_this_checkout_against_another_side_by_side(tiny_dir, monke
 def test_versus_a_directory_that_is_no_checkout_is_one_sentence(tmp_path, capsys):
     with pytest.raises(btc.UsageError, match=r"^--versus: .* is not a checkout of this repository"):
         btc.main(["--versus", str(tmp_path / "nowhere")])
+
+
+def test_a_compilation_inside_a_timed_region_fails_the_benchmark():
+    import torch
+
+    from benchmark_torch_compile import NoCompileInside, RecompiledInside
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    f(torch.ones(3))  # compiled before timing
+    with NoCompileInside("warm"):
+        f(torch.ones(3))  # a replay: nothing compiled
+    with pytest.raises(RecompiledInside, match=r"^a new shape: torch.compile compiled 1 frame\(s\) inside"):
+        with NoCompileInside("a new shape"):
+            f(torch.ones(5))  # another static shape: a recompilation

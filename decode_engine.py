@@ -189,8 +189,8 @@ class Product:
         self.default = FORMS["linear_t" if self.storage == "t" else "linear"][1]
         # row-invariant on the kernel: every call of up to MAX_ROWS rows takes it (longer ones: prefills)
         self.kernel_rows = linear_kernel.MAX_ROWS if ROW_INVARIANT and choice == KERNEL_CHOICE else 16
-        self.pad_one = (ROW_INVARIANT and self.storage == "w" and self.forms[1] == "linear"
-                        and not one_row_invariant(stored))
+        self.pad_one = (ROW_INVARIANT and stored.device.type == "cpu" and self.storage == "w"  # a CPU's rounding
+                        and self.forms[1] == "linear" and not one_row_invariant(stored))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (k, in) -> (k, out), contiguous."""
@@ -365,15 +365,18 @@ class Block:
         keys, values = (cache.write(slot, start, k, v) if isinstance(start, int) else
                         cache.write_at(slot, start, k, v))
         q = qk[:, :H].transpose(0, 1)
-        if mask is CAUSAL:  # keys 0..t-1 only, heads repeated, no mask: a fused kernel's case
+        path = attention_path(x.device.type, t, mask, cache.fixed_span)
+        if path == "causal":  # keys 0..t-1 only, heads repeated, no mask: a fused kernel's case
             keys, values = (kv[:, :t].repeat_interleave(H // KV, 0) for kv in (keys, values))
             att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                                  is_causal=True, scale=self.scaling)
-            return self._rest(x, att, t)
-        if cache.fixed_span and t < MIN_QUERY_ROWS:  # see MIN_QUERY_ROWS
-            q, mask = _padded(q, mask, keys.shape[1], MIN_QUERY_ROWS)
-        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
-                                             scale=self.scaling, enable_gqa=KV != H)
+        elif path == "folded":
+            att = folded_attention(q, keys, values, mask, self.scaling)
+        else:
+            if path == "padded":  # see MIN_QUERY_ROWS
+                q, mask = _padded(q, mask, keys.shape[1], MIN_QUERY_ROWS)
+            att = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                                 attn_mask=mask, scale=self.scaling, enable_gqa=KV != H)
         return self._rest(x, att, t)
 
     def _rest(self, x: torch.Tensor, att: torch.Tensor, t: int) -> torch.Tensor:
@@ -394,6 +397,37 @@ MIN_QUERY_ROWS = 4
 # GiB a layer at 16k tokens). Shorter prefills keep the masked call over the capacity (their bits unchanged).
 FUSED_PREFILL_ROWS = 1024
 CAUSAL = "causal"
+
+
+def attention_path(device_type: str, t: int, mask, fixed_span: bool) -> str:
+    """Which attention call a block makes for t query rows, by device (its one decision, tested per device):
+      causal  a long prefill from position 0: is_causal over its own keys, no mask (every device; FUSED_PREFILL_ROWS)
+      padded  CPU, fixed span, t < MIN_QUERY_ROWS: rows padded so that one-token steps round like verifies
+      masked  CPU otherwise: the mask (or none) with enable_gqa, over the span
+      fused   a GPU, no mask (a one-token step over the exact span of keys): flash / cuDNN take it with GQA
+      folded  a GPU with a mask (verifies, trees, the static step over the capacity): the GQA group folded into
+              the query rows (folded_attention), so the memory-efficient kernel takes the mask and no K/V is copied
+    Flash attention refuses any mask and the memory-efficient kernel refuses enable_gqa with unequal head counts,
+    so a masked GQA call would fall to the math kernel (K and V repeated to every head, every score in float32)."""
+    if mask is CAUSAL:
+        return "causal"
+    if device_type == "cpu":
+        return "padded" if fixed_span and t < MIN_QUERY_ROWS else "masked"
+    return "fused" if mask is None else "folded"
+
+
+def folded_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Grouped-query attention as plain multi-head attention over the KV heads: q (H, t, hd) with query head h
+    reading KV head h // G (G = H / KV, Llama's grouping) becomes (KV, G t, hd), row g t + i being head kv G + g's
+    query i, and the (t, span) mask is tiled G times; keys and values (KV, span, hd) are read as they are. Returns
+    (1, H, t, hd), as scaled_dot_product_attention(..., enable_gqa=True) does."""
+    H, t, hd = q.shape
+    KV = keys.shape[0]
+    G = H // KV
+    att = F.scaled_dot_product_attention(q.reshape(1, KV, G * t, hd), keys.unsqueeze(0), values.unsqueeze(0),
+                                         attn_mask=None if mask is None else mask.repeat(G, 1), scale=scale)
+    return att.view(1, H, t, hd)
 
 
 def _padded(q: torch.Tensor, mask: torch.Tensor | None, span: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -492,8 +526,13 @@ class Engine:
         first = self.blocks[0]
         self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
 
-    def new_cache(self, slots: int, capacity: int) -> StaticCache:
-        return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device, ROW_INVARIANT)
+    def new_cache(self, slots: int, capacity: int, fixed_span: bool | None = None) -> StaticCache:
+        """A cache whose attention calls read a fixed span (the whole capacity) with ROW_INVARIANT on a CPU, where
+        bits depend on the span, or when asked (the static step's fixed shapes); on a GPU otherwise the exact span
+        of keys, so a one-token step attends with no mask (attention_path)."""
+        if fixed_span is None:
+            fixed_span = ROW_INVARIANT and self.device.type == "cpu"
+        return StaticCache(slots, self.kv_heads, self.head_dim, capacity, self.dtype, self.device, fixed_span)
 
     def run(self, blocks: Sequence[Block], x: torch.Tensor, cache: StaticCache, first_slot: int,
             start: int | torch.Tensor, tree: TreeRows | None = None) -> torch.Tensor:
@@ -666,13 +705,14 @@ class LeanSteps:
         """An empty cache for every base layer and the exit's attention blocks, `capacity` positions reserved."""
         self._build()
         slots, eng = len(self.engine.blocks) + self.exit.num_cache_slots, self.engine
+        fixed = True if self._static is not None else None  # the static step's fixed shapes; else by device
         if not self.compiled:
-            return eng.new_cache(slots, capacity)
+            return eng.new_cache(slots, capacity, fixed)
         capacity = -(-max(capacity, 1) // STATIC_CAPACITY_STEP) * STATIC_CAPACITY_STEP
         key = (capacity, slots, eng.kv_heads, eng.head_dim, eng.dtype, str(eng.device))
         cache = self._pool.get(key)
         if cache is None:
-            cache = self._pool[key] = eng.new_cache(slots, capacity)
+            cache = self._pool[key] = eng.new_cache(slots, capacity, fixed)
             torch._dynamo.mark_static_address(cache.k)  # a captured graph writes into these buffers in place
             torch._dynamo.mark_static_address(cache.v)
         else:

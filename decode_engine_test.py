@@ -263,3 +263,47 @@ def test_measuring_forms_times_a_bounded_subset_and_keeps_a_tied_embedding_conti
     engine = decode_engine.engine_for(base)
     assert engine.head.storage == "w" and base.model.embed_tokens.weight.is_contiguous()
     assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+def test_attention_takes_the_path_of_its_device():
+    """One decision per call (decode_engine.attention_path), checked per device: a CPU pads short calls over a fixed
+    span and masks with enable_gqa (its bits depend on the span: row invariance); a GPU attends with no mask over the
+    exact span for a one-token step (flash / cuDNN with GQA) and folds the GQA group into the query rows wherever a
+    mask is needed (the memory-efficient kernel takes masks, not enable_gqa); a long prefill is causal anywhere."""
+    path, mask = decode_engine.attention_path, torch.ones(3, 8, dtype=torch.bool)
+    CAUSAL = decode_engine.CAUSAL
+    assert [path("cpu", 1, None, True), path("cpu", 3, mask, True), path("cpu", 5, mask, True),
+            path("cpu", 1, None, False), path("cpu", 2048, CAUSAL, True)] == ["padded", "padded", "masked", "masked",
+                                                                             "causal"]
+    assert [path("cuda", 1, None, False), path("cuda", 5, mask, False), path("cuda", 1, mask, True),
+            path("cuda", 2048, CAUSAL, False)] == ["fused", "folded", "folded", "causal"]
+
+
+@pytest.mark.parametrize("heads,kv_heads,t,span", [(9, 3, 5, 40), (8, 2, 1, 16), (4, 4, 3, 7)])
+def test_folded_attention_is_grouped_query_attention(heads, kv_heads, t, span):
+    g = torch.Generator().manual_seed(heads * t)
+    q, k, v = (torch.randn(n, rows, 16, generator=g) for n, rows in ((heads, t), (kv_heads, span), (kv_heads, span)))
+    mask = torch.rand(t, span, generator=g) < 0.6
+    mask[:, 0] = True  # every row sees a key
+    for m in (mask, None):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=m, scale=0.25,
+                                                               enable_gqa=heads != kv_heads)
+        got = decode_engine.folded_attention(q, k, v, m, 0.25)
+        assert got.shape == ref.shape == (1, heads, t, 16)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    broken = decode_engine.folded_attention(q, k, v, mask.flip(0), 0.25)  # a mask row given to the wrong query
+    assert not torch.allclose(broken, torch.nn.functional.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, scale=0.25, enable_gqa=heads != kv_heads)) or t == 1
+
+
+def test_off_the_cpu_no_fixed_span_and_no_one_row_as_two():
+    """Row invariance is a CPU's need: on another device (here `meta`, standing in for a GPU) a cache reads the
+    exact span unless the static step asks for a fixed one, and a one-row product is not run as two rows."""
+    tl = TruncatedLlama(make_tiny_llama(layers=2), 1, engine="lean")
+    tl.new_cache(32)  # builds the engine
+    eng = tl.steps.engine
+    assert eng.new_cache(2, 32).fixed_span is decode_engine.ROW_INVARIANT
+    eng.device = torch.device("meta")
+    assert eng.new_cache(2, 32).fixed_span is False and eng.new_cache(2, 32, True).fixed_span is True
+    lin = torch.nn.Linear(64, 32, bias=False, device="meta")
+    assert decode_engine.Product([lin], decode_engine.ROW_INVARIANT_CHOICE).pad_one is False

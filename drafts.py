@@ -22,6 +22,7 @@ import torch
 
 from cli import lap
 from decode_engine import TreeRows
+from host_reads import to_device
 from prompt_lookup import Lookup
 from sampling import walk_tables
 
@@ -188,7 +189,7 @@ class PromptLookup(DraftSource):
         return self.deterministic(turn, self.tokens_for(turn.room))
 
     def deterministic(self, turn: Turn, proposal: list) -> Proposal:
-        drafts = torch.tensor(proposal, dtype=torch.long, device=turn.last.device)
+        drafts = to_device(proposal, turn.last.device)
         return Proposal(drafts, None, None, ("lookup",) * len(proposal), "lookup", with_exit=self.uses_exit)
 
     def commit(self, tokens: list, cycle=None) -> None:
@@ -293,7 +294,7 @@ class Tree:
         for r, i in enumerate(nodes):
             mask[r, [n + a for a in self.ancestors[i]]] = True
         positions = [n + self.depth[i] for i in nodes]
-        return TreeRows(torch.tensor(positions, device=self.device), mask.to(self.device), max(positions) + 1)
+        return TreeRows(to_device(positions, self.device), mask.to(self.device), max(positions) + 1)
 
 
 def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, width: int, budget: int,
@@ -317,7 +318,7 @@ def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, wid
         room = budget - (len(tree.tokens) - 1)
         if room <= 0:
             break  # `level` is still to run through the shared layers
-        ids = torch.tensor([[tree.tokens[i] for i in level]], device=device)
+        ids = to_device([[tree.tokens[i] for i in level]], device)
         h, logits = model.draft_step(ids, cache, n + level[0], tree=tree.rows(level))
         hidden.append(h)
         level_rows.append(len(level))
@@ -343,12 +344,12 @@ def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, wid
             break
         # by parent, each one's children most likely first (a flat index is parent row x width + rank)
         level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
-        logq = torch.tensor([tree.logq[i] for i in level], dtype=torch.float64, device=device)
+        logq = to_device([tree.logq[i] for i in level], device, torch.float64)
     pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
     # the tree is final: its verify rows and the walk's tables go to the device now, while nothing is queued
     tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, device)
     if pending:
-        ids = torch.tensor([[tree.tokens[i] for i in pending]], device=device)
+        ids = to_device([[tree.tokens[i] for i in pending]], device)
         h, _ = model.extend(ids, cache, n + pending[0], tree=tree.rows(pending))  # fills the exit blocks' cache too
         hidden.append(h)
     lap(timings, "draft levels", device, t0)

@@ -26,6 +26,7 @@ import torch
 
 from cli import check_context, device_sync, lap
 from decode_engine import TreeRows
+from host_reads import to_device
 from drafts import DRAFTS, SOURCES, Drafting, Proposal, Turn, make_source
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
 from sampling import Policy, accept_tree, check_sampling, judge_chain, read_chain, sample  # noqa: F401 (sample: API)
@@ -191,7 +192,7 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
             lap(timings, "cache moves", input_ids.device, t1)
         n += k + 1
         cache.crop(n)  # rejected drafts' positions go
-        root, last = cycle.token, torch.tensor([[cycle.token]], device=input_ids.device)  # a copy to the device
+        root, last = cycle.token, to_device([[cycle.token]], input_ids.device)  # pinned on a GPU: no wait
         source.commit(committed, cycle)
     stats = loop_stats(cycles, sources, overlap_sum.item(), max(drafting.gamma, source.depth), source, cache,
                        model.num_layers)
@@ -273,7 +274,9 @@ def judge(policy: Policy, proposal: Proposal, p_logits: torch.Tensor,
     tree = proposal.tree
     if tree is not None:
         path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
-        seen = [u for u in path if u in proposal.q_logits]
+        # the overlap stat needs the walk's path, known after its read: on a GPU its softmaxes would sit in the queue
+        # before the next cycle's copies, so there it is left out (a tree's avg_overlap: CPU only)
+        seen = [u for u in path if u in proposal.q_logits] if p.device.type == "cpu" else []
         overlap = (sum(torch.minimum(p[u:u + 1], policy.probs(proposal.q_logits[u])).sum() for u in seen)
                    if seen else 0.0)
         return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,

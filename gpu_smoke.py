@@ -9,6 +9,7 @@ the exit status is 1 if any failed):
     exact_float32   a small model in float32 on the device: greedy chains, trees and lookup equal autoregressive
                     decoding; the static step (eager) equals the default step, and so does the compiled static step
                     (CUDA graphs on a GPU) for a greedy chain; sampling with a device generator repeats itself
+    (decode, step_costs and prefill_memory run on a GPU with the math attention kernel excluded: a fallback fails)
     decode          per draft kind (exit chain, exit tree, lookup, exit+lookup; greedy and sampled with a device
                     generator): tokens/s, tokens per cycle, host reads per cycle (host_reads.py), and how many greedy
                     outputs equal autoregressive decoding (in bf16 a count, not an assertion: see docs/design.md)
@@ -182,6 +183,20 @@ def train_step(model, layer, device, batch=4, seq_len=256):
     return result
 
 
+FUSED_ONLY = ("decode", "step_costs", "prefill_memory")  # on a GPU: no math-kernel fallback allowed
+
+
+def fused_attention_only(device, on=True):
+    """On CUDA, scaled_dot_product_attention with the math kernel excluded (flash, memory-efficient and cuDNN only),
+    so a call that would fall back to it fails loudly (decode_engine.attention_path says which call takes which);
+    elsewhere, nothing."""
+    import contextlib
+    if device.type != "cuda" or not on:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
 def fits(shape, device, dtype):
     """Whether a model of `shape` fits on the device with room to run (its weights under half the free memory)."""
     if device.type != "cuda":
@@ -224,7 +239,8 @@ def main(argv=None):
                 "graphs": (graphs, model, prompts[:1], layer, args.new_tokens, device)}
         for name, (fn, *fn_args) in runs.items():
             if name not in args.skip and not (name == "graphs" and shape != shapes[0]):  # compiling: minutes
-                ok &= check(f"{name}:{shape}:{args.dtype}", fn, *fn_args)
+                with fused_attention_only(device, name in FUSED_ONLY):
+                    ok &= check(f"{name}:{shape}:{args.dtype}", fn, *fn_args)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -43,3 +43,16 @@ def test_bad_input_is_one_sentence_and_exit_2(argv, says):
                          cwd=Path(gpu_smoke.__file__).parent)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("gpu_smoke.py: error:") and says in run.stderr
+
+
+def test_the_gpu_checks_exclude_the_math_attention_kernel():
+    import torch
+
+    import gpu_smoke
+    assert set(gpu_smoke.FUSED_ONLY) == {"decode", "step_costs", "prefill_memory"}
+    with gpu_smoke.fused_attention_only(torch.device("cuda")):
+        assert not torch.backends.cuda.math_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.math_sdp_enabled()
+    with gpu_smoke.fused_attention_only(torch.device("cpu")):  # a CPU keeps every kernel
+        assert torch.backends.cuda.math_sdp_enabled()

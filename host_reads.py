@@ -14,13 +14,24 @@ The count sees the aten ops that read a value back (`item` / `_local_scalar_dens
 `is_nonzero`, `equal`, `nonzero`, `masked_select`, indexing with a boolean mask, a copy to the CPU) and `.tolist()`
 / `.numpy()` / `.cpu()` (which on a CPU tensor reach no aten op, so they are wrapped here; the copy they make from a
 GPU is not counted again). Not counted, so kept where the queue is empty (right after a read) by the loop's own
-rule: a copy of host data to a GPU (`torch.tensor(list, device=...)`), which waits for the queue when the host
-memory is pageable; and ops that wait inside a kernel launch (`repeat_interleave` with tensor repeats, `unique`).
+rule: a copy of host data to a GPU, which waits for the queue when the host memory is pageable (the loop's copies go
+through `to_device`: pinned memory, non-blocking, so they need not wait); and ops that wait inside a kernel launch
+(`repeat_interleave` with tensor repeats, `unique`).
 """
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+def to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of host `values` (nested lists of numbers) on `device`. On CUDA it goes through pinned memory with a
+    non-blocking copy, so the copy is queued behind the running kernels instead of waiting for them (the caching host
+    allocator keeps the pinned buffer until the copy is done); elsewhere it is made there directly."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
 
 READS = {"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "allclose"}
 

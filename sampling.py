@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from host_reads import to_device
 
 SAMPLING_FLAGS = {"temperature": "--temperatures", "top_p": "--top_p", "top_k": "--top_k"}
 
@@ -204,8 +205,7 @@ def walk_tables(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
     each node's token. Made on the host; draft_tree makes them before queuing its last step (on a GPU, a copy from
     pageable host memory waits for the queue)."""
     width = max(1, max(len(c) for c in tree.children))
-    return (torch.tensor([c + [-1] * (width - len(c)) for c in tree.children], device=device),
-            torch.tensor(tree.tokens, device=device))
+    return (to_device([c + [-1] * (width - len(c)) for c in tree.children], device), to_device(tree.tokens, device))
 
 
 def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None
