@@ -334,9 +334,10 @@ def static_variants(model, layer, device, compiled=True):
 
 
 def compiles() -> int:
-    """Frames dynamo has compiled in this process so far (first compilations and recompilations alike)."""
+    """Graphs dynamo has compiled in this process so far (first compilations and recompilations alike; counted where
+    every graph is made, fullgraph=True included, unlike counters["frames"])."""
     from torch._dynamo.utils import counters
-    return counters["frames"]["total"]
+    return counters["stats"]["unique_graphs"]
 
 
 class RecompiledInside(RuntimeError):
@@ -355,7 +356,7 @@ class NoCompileInside:
 
     def __exit__(self, *exc):
         if exc[0] is None and compiles() != self.before:
-            raise RecompiledInside(f"{self.what}: torch.compile compiled {compiles() - self.before} frame(s) inside "
+            raise RecompiledInside(f"{self.what}: torch.compile compiled {compiles() - self.before} graph(s) inside "
                                    "the timed region; warm every row count first (warm_rows)")
 
 
@@ -395,7 +396,7 @@ def compile_comparison(model, prompts, layer, gamma, new, device, compiled=True)
         warm_rows(tl, prompts, new, gamma)
         for fn in run.values():
             fn(tl, prompts[0])
-    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1), "frames_compiled": compiles() - before}
+    result = {"compile_and_warm_up_s": round(time.perf_counter() - t, 1), "graphs_compiled": compiles() - before}
     keys = [f"{name}_{v}" for name in run for v in variants]
     seconds, tokens, same = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0), dict.fromkeys(keys, 0)
     for ids in prompts:

@@ -110,6 +110,6 @@ def test_a_compilation_inside_a_timed_region_fails_the_benchmark():
     f(torch.ones(3))  # compiled before timing
     with NoCompileInside("warm"):
         f(torch.ones(3))  # a replay: nothing compiled
-    with pytest.raises(RecompiledInside, match=r"^a new shape: torch.compile compiled 1 frame\(s\) inside"):
+    with pytest.raises(RecompiledInside, match=r"^a new shape: torch.compile compiled 1 graph\(s\) inside"):
         with NoCompileInside("a new shape"):
             f(torch.ones(5))  # another static shape: a recompilation
