@@ -333,6 +333,34 @@ def static_variants(model, layer, device, compiled=True):
     return variants
 
 
+@torch.inference_mode()
+def prefill_peak(model, tokens: int, device: torch.device, logits: bool) -> dict:
+    """The peak memory of a `tokens`-token prefill (TruncatedLlama.full_step from position 0 on random ids) beyond
+    the model and the cache it fills, with the logits or the layers only: on a GPU the allocator's peak, on a CPU
+    (Linux) the process's peak RSS, reset first through /proc/self/clear_refs."""
+    tl = TruncatedLlama(model, 1)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = tl.new_cache(tokens + 16)
+    rss = lambda key: int(next(x for x in open("/proc/self/status") if x.startswith(key)).split()[1]) * 1024
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak RSS (VmHWM) is now the current RSS
+        base = rss("VmRSS:")
+    t = time.perf_counter()
+    out = tl.full_step(ids[:, :-1], cache, 0, logits=logits)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss("VmHWM:")) - base
+    return {"prefill_tokens": tokens - 1, "logits": logits, "peak_gib": round(peak / 2**30, 3),
+            "seconds": round(seconds, 1), "dtype": str(model.dtype).removeprefix("torch."),
+            "logits_gib": None if out is None else round(out.numel() * out.element_size() / 2**30, 3)}
+
+
 def compiles() -> int:
     """Graphs dynamo has compiled in this process so far (first compilations and recompilations alike; counted where
     every graph is made, fullgraph=True included, unlike counters["frames"])."""
@@ -638,6 +666,9 @@ def main(argv=None):
     ap.add_argument("--dtype", nargs="+", default=["auto"], choices=DTYPE_CHOICES,
                     help="one run per dtype, in this order (auto: bfloat16 where the hardware has it, else float32)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--prefill_memory", type=int, metavar="TOKENS",
+                    help="instead: the peak memory (RSS on a CPU, allocated on a GPU) of a TOKENS-token prefill of the "
+                         "model, with its logits and with the layers only (as generate runs it), and exit")
     g = ap.add_argument_group("--train_step: a training step against a plain forward")
     g.add_argument("--train_step", action="store_true",
                    help="time one train.py --train head step against a plain forward on one batch, print the ratio, "
@@ -668,6 +699,13 @@ def main(argv=None):
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prefill_memory:
+        dtype = resolve_dtype(args.dtype[0], device)[0]
+        model = random_model(args.shape, device, dtype) if args.random_weights else load_base_model(args.model,
+                                                                                                    dtype=dtype)[0]
+        for logits in (True, False):
+            print(json.dumps(prefill_peak(model, args.prefill_memory, torch.device(device), logits)), flush=True)
+        return 0
     report = []
     for dtype_arg in args.dtype:
         dtype, dtype_name = resolve_dtype(dtype_arg, device)

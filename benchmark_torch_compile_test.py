@@ -113,3 +113,15 @@ def test_a_compilation_inside_a_timed_region_fails_the_benchmark():
     with pytest.raises(RecompiledInside, match=r"^a new shape: torch.compile compiled 1 graph\(s\) inside"):
         with NoCompileInside("a new shape"):
             f(torch.ones(5))  # another static shape: a recompilation
+
+
+def test_prefill_peak_reports_both_ways_and_only_one_makes_logits():
+    import torch
+
+    from benchmark_torch_compile import prefill_peak, random_model
+    model = random_model("tiny", "cpu", torch.float32)
+    with_logits = prefill_peak(model, 300, torch.device("cpu"), True)
+    layers = prefill_peak(model, 300, torch.device("cpu"), False)
+    assert with_logits["logits_gib"] == round(299 * 512 * 4 / 2**30, 3) and layers["logits_gib"] is None
+    assert with_logits["prefill_tokens"] == layers["prefill_tokens"] == 299
+    assert with_logits["peak_gib"] >= 0 and layers["peak_gib"] >= 0 and layers["dtype"] == "float32"
