@@ -299,38 +299,59 @@ def where_section(rows, out, model_name):
         ["exit", "L", "γ (cap)", "policy", "best draft stop", "speedup", "speedup without a stop"], body) + [""]
 
 
+def best_per_source(rows):
+    """{(prompt set, policy): {source: its best lossless row}}, in the order the rows name them (a one-set sweep's
+    rows count under its dataset's name)."""
+    groups = {}
+    set_of = lambda r: r.get("prompt_set") or r.get("dataset")
+    for r in (r for r in rows if lossless(r)):
+        best = groups.setdefault((set_of(r), (r["temperature"], r["top_p"], r["top_k"])), {})
+        d = r.get("draft") or "exit"
+        if d not in best or r["speedup"] > best[d]["speedup"]:
+            best[d] = r
+    sets = list(dict.fromkeys(k[0] for k in groups))
+    policies = list(dict.fromkeys(k[1] for k in groups))
+    return {(n, p): groups[(n, p)] for n in sets for p in policies if (n, p) in groups}
+
+
 def headline_section(rows):
     """REPORT.md's opening table: per prompt set and policy, the best lossless cell of each draft source with its
     speedup and mean accepted tokens per verify call (the bonus token included, as the field counts them), each with
     its 95% interval over the prompts, tokens/s beside our autoregressive loop's and transformers' generate's, and
     which source wins: one only when its interval parts from every other source's."""
-    ok = [r for r in rows if lossless(r)]
-    if not ok:
+    groups = best_per_source(rows)
+    if not groups:
         return ["## Where it pays", "", "No lossless timed cell: nothing to rank.", ""]
     lines = ["## The best cell of each draft source", "", f"Rule: {HEADLINE_RULE}.", ""]
     body, verdicts = [], []
-    policies = list(dict.fromkeys((r["temperature"], r["top_p"], r["top_k"]) for r in ok))
-    set_of = lambda r: r.get("prompt_set") or r.get("dataset")  # a one-set sweep's rows: its dataset
-    for name in dict.fromkeys(set_of(r) for r in ok):
-        for pol in policies:
-            best = {}
-            for r in ok:
-                if set_of(r) == name and (r["temperature"], r["top_p"], r["top_k"]) == pol:
-                    d = r.get("draft") or "exit"
-                    if d not in best or r["speedup"] > best[d]["speedup"]:
-                        best[d] = r
-            if not best:
-                continue
-            for d in sorted(best, key=lambda d: -best[d]["speedup"]):
-                r = best[d]
-                body.append([name or "-", policy_name(pol), exit_label(r), gamma_label(r), with_interval(r),
-                             with_interval(r, "tokens_per_call"), num(r["tokens_per_s"], 1),
-                             num(r["baseline_tokens_per_s"], 1), num(r.get("generate_tokens_per_s"), 1),
-                             r.get("greedy_match") or "-"])
-            verdicts.append(f"- {name or 'prompts'}, {policy_name(pol)}: {winner(best)}")
+    for (name, pol), best in groups.items():
+        for d in sorted(best, key=lambda d: -best[d]["speedup"]):
+            r = best[d]
+            body.append([name or "-", policy_name(pol), exit_label(r), gamma_label(r), with_interval(r),
+                         with_interval(r, "tokens_per_call"), num(r["tokens_per_s"], 1),
+                         num(r["baseline_tokens_per_s"], 1), num(r.get("generate_tokens_per_s"), 1),
+                         r.get("greedy_match") or "-"])
+        verdicts.append(f"- {name or 'prompts'}, {policy_name(pol)}: {winner(best)}")
     lines += table(["prompt set", "policy", "source", "γ", "speedup [95%]", "tokens / verify call [95%]", "tok/s",
                     "autoregressive tok/s", "generate tok/s", "greedy identical"], body) + [""]
     return lines + verdicts + [""]
+
+
+def short_section(rows):
+    """The README's table: per prompt set and policy, only the leading source (its speedup and tokens per verify
+    call with intervals) and whether its interval parts from the next best source's."""
+    body = []
+    for (name, pol), best in best_per_source(rows).items():
+        order = sorted(best, key=lambda d: -best[d]["speedup"])
+        r = best[order[0]]
+        nxt = best[order[1]] if len(order) > 1 else None
+        parted = "-" if nxt is None else ("yes" if (interval(r) or (0,))[0] > (interval(nxt) or (0, 9e9))[1]
+                                          else "no")
+        body.append([name or "-", policy_name(pol), f"{exit_label(r)}, γ {gamma_label(r)}", with_interval(r),
+                     with_interval(r, "tokens_per_call"),
+                     "-" if nxt is None else f"{exit_label(nxt)} {nxt['speedup']:.2f}", parted])
+    return table(["prompt set", "policy", "leading source", "speedup [95%]", "tokens / verify call [95%]",
+                  "next best", "intervals part"], body) + [""]
 
 
 def winner(best):
@@ -435,12 +456,13 @@ PUBLISHED_ROWS = Path(__file__).resolve().parent / "docs" / "report_rows.jsonl" 
 BEGIN, END = "<!-- report: begin (report.py --publish writes this block) -->", "<!-- report: end -->"
 
 
-def published_block(rows, command):
-    """The documents' results block: where the rows were measured, the opening table, the verdicts, the best line."""
+def published_block(rows, command, short=False):
+    """The documents' results block: where the rows were measured, the opening table and its verdicts (`short`: the
+    leading source per prompt set and policy only, the README's), the best line."""
     machines = ", ".join(dict.fromkeys(describe_machine(r, r.get("dtype", "?")) for r in rows)) or "machine unknown"
     dates = ", ".join(sorted({r["date"] for r in rows if r.get("date")})) or "date not recorded"
     return [BEGIN, f"From `{command}` on {machines} ({sizes(rows)} per cell; {dates}; rows: "
-                   f"[docs/report_rows.jsonl](docs/report_rows.jsonl)):", ""] + headline_section(rows)[2:] + [
+                   f"`docs/report_rows.jsonl`):", ""] + (short_section(rows) if short else headline_section(rows)[2:]) + [
         f"`{best_line(rows)}`", END]
 
 
@@ -460,7 +482,8 @@ def publish(out, documents, command):
         if BEGIN not in text or END not in text:
             raise UsageError(f"--publish: {doc} has no results block ({BEGIN} ... {END}).")
         head, rest = text.split(BEGIN, 1)
-        Path(doc).write_text(head + "\n".join(published_block(rows, command)) + rest.split(END, 1)[1])
+        short = Path(doc).name == "README.md"  # the guide gets the short table
+        Path(doc).write_text(head + "\n".join(published_block(rows, command, short)) + rest.split(END, 1)[1])
 
 
 def document_blocks(text):

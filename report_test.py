@@ -304,7 +304,8 @@ def test_publish_writes_the_documents_block_from_the_report_rows(tmp_path, monke
     rows = [json.loads(x) for x in (tmp_path / "report_rows.jsonl").read_text().splitlines()]
     assert len(rows) == len(GRID) * 4 and {r["command"] for r in rows} == {"make run"}
     [block] = report.document_blocks(text)
-    assert block == report.published_block(rows, "make run")
+    assert block == report.published_block(rows, "make run", short=True)  # README.md: the short table
+    assert block[3].startswith("| prompt set | policy | leading source |")
     assert block[-2] == f"`{best_line(rows)}`" and "best lossless speedup: 2.20x" in block[-2]
     doc.write_text(text.replace("2.20", "2.30"))  # a number edited by hand no longer matches
     assert report.document_blocks(doc.read_text()) != [block]
@@ -319,7 +320,7 @@ def test_the_readme_and_findings_quote_the_published_report_rows():
     quote (docs/report_rows.jsonl): a number edited by hand, or rows replaced without republishing, fails here."""
     root = report.PUBLISHED_ROWS.parents[1]
     rows = [json.loads(x) for x in report.PUBLISHED_ROWS.read_text().splitlines()]
-    expected = report.published_block(rows, rows[0]["command"])
-    for doc in ("README.md", "docs/findings.md"):
+    for doc, short in (("README.md", True), ("docs/findings.md", False)):
+        expected = report.published_block(rows, rows[0]["command"], short)
         blocks = report.document_blocks((root / doc).read_text())
         assert blocks and all(b == expected for b in blocks), doc
