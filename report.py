@@ -29,6 +29,7 @@ from results import (HEADLINE_RULE, LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line,
 
 REPORT, EVAL, SOURCES = "REPORT.md", "eval", "sources"  # OUT/eval/sources/: every draft source per prompt set
 LAYER_PLOT, GAMMA_PLOT = "accepted_vs_layer_report.png", "speed_vs_gamma_report.png"
+SOURCES_PLOT, SOURCES_GAMMA_PLOT = "sources_per_task_report.png", "sources_vs_gamma_report.png"
 WHERE_PLOT = "where_it_pays_report.png"
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,6 +449,68 @@ def plot_gammas(grid, args, path, caption):
     _save(fig, path)
 
 
+def sources_plots(rows, out, caption):
+    """Two charts of the draft sources, with 95% interval bars: the best cell of each source per prompt set (one panel
+    per policy), and speedup against γ per source on the first prompt set. Lines linking them for REPORT.md, or none
+    when there is one source only."""
+    groups = best_per_source(rows)
+    if len({d for best in groups.values() for d in best}) < 2:
+        return []
+    policies = list(dict.fromkeys(p for _, p in groups))
+    sets = list(dict.fromkeys(n for n, _ in groups))
+    sources = list(dict.fromkeys(d for best in groups.values() for d in best))
+    fig, axes = _figure(len(policies), (6.5 * len(policies), 4.6))
+    axes = axes if len(policies) > 1 else [axes]
+    width = 0.8 / len(sources)
+    for ax, pol in zip(axes, policies):
+        for j, d in enumerate(sources):
+            xs, ys, errs = [], [], [[], []]
+            for i, name in enumerate(sets):
+                r = groups.get((name, pol), {}).get(d)
+                if r:
+                    lo, hi = interval(r) or (r["speedup"], r["speedup"])
+                    xs.append(i + (j - (len(sources) - 1) / 2) * width)
+                    ys.append(r["speedup"])
+                    errs[0].append(r["speedup"] - lo)
+                    errs[1].append(hi - r["speedup"])
+            if xs:
+                ax.bar(xs, ys, width, yerr=errs, capsize=2, label=d)
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_xticks(range(len(sets)), [str(n) for n in sets], fontsize=7, rotation=15)
+        ax.set(title=policy_name(pol), ylabel="speedup over autoregressive (95% interval)")
+    fig.suptitle(f"The best cell of each draft source per prompt set: {caption}", fontsize=9)
+    _save(fig, out / SOURCES_PLOT)
+    first = sets[0]
+    fig, axes = _figure(len(policies), (6 * len(policies), 4.6))
+    axes = axes if len(policies) > 1 else [axes]
+    set_of = lambda r: r.get("prompt_set") or r.get("dataset")
+    for ax, pol in zip(axes, policies):
+        for d in sources:
+            sel = sorted((r for r in rows if lossless(r) and set_of(r) == first and (r.get("draft") or "exit") == d
+                          and (r["temperature"], r["top_p"], r["top_k"]) == pol and (r.get("tree_width") or 1) == 1
+                          and not r.get("draft_stop")), key=lambda r: r["gamma"])
+            best = {}
+            for r in sel:  # one point per γ: the faster exit where several were measured
+                if r["gamma"] not in best or r["speedup"] > best[r["gamma"]]["speedup"]:
+                    best[r["gamma"]] = r
+            if best:
+                pts = [best[g] for g in sorted(best)]
+                cis = [interval(r) or (r["speedup"], r["speedup"]) for r in pts]
+                ax.errorbar([r["gamma"] for r in pts], [r["speedup"] for r in pts], capsize=3, marker="o",
+                            yerr=[[r["speedup"] - c[0] for r, c in zip(pts, cis)],
+                                  [c[1] - r["speedup"] for r, c in zip(pts, cis)]], label=d)
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_xscale("log", base=2)
+        gammas = sorted({r["gamma"] for r in rows if set_of(r) == first})
+        ax.set_xticks(gammas, [str(g) for g in gammas])
+        ax.minorticks_off()
+        ax.set(title=f"{first}, {policy_name(pol)}", xlabel="γ (chains)", ylabel="speedup (95% interval)")
+    fig.suptitle(f"Speedup against γ per draft source: {caption}", fontsize=9)
+    _save(fig, out / SOURCES_GAMMA_PLOT)
+    return [f"![the best cell of each source per prompt set]({SOURCES_PLOT})", "",
+            f"![speedup against γ per source]({SOURCES_GAMMA_PLOT})", ""]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Publishing: the README's and the findings' results block, written from a report's rows (and checked against them by
 # report_test.py), so that the documents cannot drift from the files they quote
@@ -510,7 +573,8 @@ def write_report(out, commands=(), args=None):
     caption = f"{model} on {machines}; {sizes(rows) or 'no cells'} per cell"
     grid, left_out = grid_rows(rows, args)
     line = best_line(rows + source_rows)
-    lines = (header(out, rows, tf_rows, exits, commands) + headline_section(rows + source_rows) + training_section(out, exits)
+    lines = (header(out, rows, tf_rows, exits, commands) + headline_section(rows + source_rows)
+             + sources_plots(rows + source_rows, out, caption) + training_section(out, exits)
              + layer_section(rows, tf_rows, out, args, caption) + gamma_section(grid, left_out, out, args, caption)
              + where_section(rows, out, model) + cost_section(grid) + [line])
     lines = [x for i, x in enumerate(lines) if x or (i and lines[i - 1])]  # no two blank lines in a row

@@ -324,3 +324,21 @@ def test_the_readme_and_findings_quote_the_published_report_rows():
         expected = report.published_block(rows, rows[0]["command"], short)
         blocks = report.document_blocks((root / doc).read_text())
         assert blocks and all(b == expected for b in blocks), doc
+
+
+def test_the_sources_are_charted_with_their_intervals(tmp_path):
+    rows = []
+    for draft, layer in (("exit", 3), ("lookup", 0)):
+        for gamma in (1, 2):
+            r = make_row(f"{tmp_path}/exit_L3" if layer else "none", layer, gamma, 0.7, 1.0 + gamma / 10, 0.5,
+                         draft=draft, per_prompt=per_prompt([1.0 + gamma / 10, 1.05 + gamma / 10, 0.95 + gamma / 10]))
+            rows.append(r)
+    write_eval(tmp_path, rows, where_it_pays=False)
+    report.main([str(tmp_path)])
+    md = (tmp_path / "REPORT.md").read_text()
+    for name in (report.SOURCES_PLOT, report.SOURCES_GAMMA_PLOT):
+        assert f"]({name})" in md and (tmp_path / name).stat().st_size > 10_000
+    one = tmp_path / "one"
+    write_eval(one, rows[:2], where_it_pays=False)  # one source: nothing to chart side by side
+    report.main([str(one)])
+    assert report.SOURCES_PLOT not in (one / "REPORT.md").read_text()
