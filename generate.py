@@ -26,8 +26,8 @@ import torch
 
 from cli import check_context, device_sync, lap
 from decode_engine import TreeRows
-from host_reads import to_device
 from drafts import DRAFTS, SOURCES, Drafting, Proposal, Turn, make_source
+from host_reads import to_device
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
 from sampling import Policy, accept_tree, check_sampling, judge_chain, read_chain, sample  # noqa: F401 (sample: API)
 

@@ -52,6 +52,11 @@ def sweep_commands(eval_dir):
     return re.findall(r"^`(python evaluate\.py[^`]*)`$", path.read_text(), re.M) if path.is_file() else []
 
 
+def result_dirs(out):
+    """OUT's sweep directories that hold results: OUT/eval (the exits' grid) and OUT/eval/sources (every source)."""
+    return [d for d in (Path(out) / EVAL, Path(out) / EVAL / SOURCES) if (d / RESULTS).is_file()]
+
+
 def flag_value(commands, flag):
     """The last value of `flag` in any of the command lines (None if none has it)."""
     found = [m for c in commands for m in re.findall(rf"{flag}[ =](\S+)", c)]
@@ -300,13 +305,23 @@ def where_section(rows, out, model_name):
         ["exit", "L", "γ (cap)", "policy", "best draft stop", "speedup", "speedup without a stop"], body) + [""]
 
 
+def prompt_set_of(row):
+    """A row's prompt set: its own name, or for a one-set sweep's rows (prompt_set "") the dataset's."""
+    return row.get("prompt_set") or row.get("dataset")
+
+
+def parts(a, b):
+    """Whether row a's 95% interval lies wholly above row b's (a row without one cannot be told apart)."""
+    ia, ib = interval(a), interval(b)
+    return ia is not None and ib is not None and ia[0] > ib[1]
+
+
 def best_per_source(rows):
     """{(prompt set, policy): {source: its best lossless row}}, in the order the rows name them (a one-set sweep's
     rows count under its dataset's name)."""
     groups = {}
-    set_of = lambda r: r.get("prompt_set") or r.get("dataset")
     for r in (r for r in rows if lossless(r)):
-        best = groups.setdefault((set_of(r), (r["temperature"], r["top_p"], r["top_k"])), {})
+        best = groups.setdefault((prompt_set_of(r), (r["temperature"], r["top_p"], r["top_k"])), {})
         d = r.get("draft") or "exit"
         if d not in best or r["speedup"] > best[d]["speedup"]:
             best[d] = r
@@ -346,8 +361,7 @@ def short_section(rows):
         order = sorted(best, key=lambda d: -best[d]["speedup"])
         r = best[order[0]]
         nxt = best[order[1]] if len(order) > 1 else None
-        parted = "-" if nxt is None else ("yes" if (interval(r) or (0,))[0] > (interval(nxt) or (0, 9e9))[1]
-                                          else "no")
+        parted = "-" if nxt is None else ("yes" if parts(r, nxt) else "no")
         body.append([name or "-", policy_name(pol), f"{exit_label(r)}, γ {gamma_label(r)}", with_interval(r),
                      with_interval(r, "tokens_per_call"),
                      "-" if nxt is None else f"{exit_label(nxt)} {nxt['speedup']:.2f}", parted])
@@ -362,13 +376,12 @@ def winner(best):
     top = best[order[0]]
     if len(order) == 1:
         return f"{exit_label(top)} ({top['speedup']:.2f}x), the only source measured"
-    lo = (interval(top) or (None,))[0]
-    tied = [d for d in order[1:] if lo is None or (interval(best[d]) or (0, best[d]["speedup"]))[1] >= lo]
+    tied = [d for d in order[1:] if not parts(top, best[d])]
     if not tied:
         return f"{exit_label(top)} wins ({top['speedup']:.2f}x; its interval parts from every other source's)"
     return (f"{exit_label(top)} leads ({top['speedup']:.2f}x) but cannot be told from "
             + ", ".join(f"{exit_label(best[d])} ({best[d]['speedup']:.2f}x)" for d in tied)
-            + (" (no intervals: fewer than two prompts)" if lo is None else " (their intervals overlap)"))
+            + (" (no intervals: fewer than two prompts)" if interval(top) is None else " (their intervals overlap)"))
 
 
 def cost_section(grid):
@@ -483,11 +496,10 @@ def sources_plots(rows, out, caption):
     first = sets[0]
     fig, axes = _figure(len(policies), (6 * len(policies), 4.6))
     axes = axes if len(policies) > 1 else [axes]
-    set_of = lambda r: r.get("prompt_set") or r.get("dataset")
     for ax, pol in zip(axes, policies):
         for d in sources:
-            sel = sorted((r for r in rows if lossless(r) and set_of(r) == first and (r.get("draft") or "exit") == d
-                          and (r["temperature"], r["top_p"], r["top_k"]) == pol and (r.get("tree_width") or 1) == 1
+            sel = sorted((r for r in rows if lossless(r) and prompt_set_of(r) == first
+                          and (r.get("draft") or "exit") == d and (r["temperature"], r["top_p"], r["top_k"]) == pol and (r.get("tree_width") or 1) == 1
                           and not r.get("draft_stop")), key=lambda r: r["gamma"])
             best = {}
             for r in sel:  # one point per γ: the faster exit where several were measured
@@ -501,7 +513,7 @@ def sources_plots(rows, out, caption):
                                   [c[1] - r["speedup"] for r, c in zip(pts, cis)]], label=d)
         ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_xscale("log", base=2)
-        gammas = sorted({r["gamma"] for r in rows if set_of(r) == first})
+        gammas = sorted({r["gamma"] for r in rows if prompt_set_of(r) == first})
         ax.set_xticks(gammas, [str(g) for g in gammas])
         ax.minorticks_off()
         ax.set(title=f"{first}, {policy_name(pol)}", xlabel="γ (chains)", ylabel="speedup (95% interval)")
@@ -532,11 +544,10 @@ def published_block(rows, command, short=False):
 def publish(out, documents, command):
     """Copy OUT's rows to PUBLISHED_ROWS and rewrite each document's block from them (a document without the
     markers gets none: an error naming it)."""
-    out, rows = Path(out), []
-    for d in (out / EVAL, out / EVAL / SOURCES):
-        if (d / RESULTS).is_file():  # each row dated by its file (evaluate.py writes no date)
-            day = datetime.date.fromtimestamp((d / RESULTS).stat().st_mtime).isoformat()
-            rows += [{**r, "date": day} for r in read_results(d)]
+    rows = []
+    for d in result_dirs(out):  # each row dated by its file (evaluate.py writes no date)
+        day = datetime.date.fromtimestamp((d / RESULTS).stat().st_mtime).isoformat()
+        rows += [{**r, "date": day} for r in read_results(d)]
     if not rows:
         raise UsageError(f"--publish: {out / EVAL} holds no rows to publish.")
     PUBLISHED_ROWS.write_text("".join(json.dumps({**r, "command": command}) + "\n" for r in rows))
@@ -562,7 +573,7 @@ def write_report(out, commands=(), args=None):
     out = Path(out)
     args = args or build_parser().parse_args([str(out)])
     rows = read_results(out / EVAL)
-    source_rows = read_results(out / EVAL / SOURCES) if (out / EVAL / SOURCES / RESULTS).is_file() else []
+    source_rows = read_results(out / EVAL / SOURCES) if out / EVAL / SOURCES in result_dirs(out) else []
     tf_rows = read_rows(out / EVAL / f"{LAYER_SWEEP}.jsonl", key=None)
     exits = load_exits(out)
     if not rows and not exits:

@@ -10,6 +10,7 @@ it, yields (1 - a^(d+1)) / (1 - a) tokens and costs d c + v autoregressive steps
 verification of d drafts / a one-token full step).
 """
 import csv
+import functools
 import io
 import json
 import math
@@ -237,10 +238,16 @@ def interval(row, what="speedup", draws=2000, seed=0):
     """The 95% bootstrap interval (lo, hi) of a row's `what` ("speedup", or "tokens_per_call": new tokens per verify
     call, the bonus token included) over its prompts: `draws` resamples of the prompts with replacement, each prompt
     keeping its own baseline run (per_prompt: [new tokens, seconds, verify calls, baseline's tokens, its seconds]).
-    None with fewer than two prompts or no per-prompt record (rows from before 2026-12-07)."""
+    None with fewer than two prompts or no per-prompt record (rows from before 2026-12-07). Computed once per
+    records and figure: a report asks for the same row's interval from several tables and charts."""
     each = row.get("per_prompt") or []
     if len(each) < 2:
         return None
+    return _bootstrap(tuple(map(tuple, each)), what, draws, seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bootstrap(each, what, draws, seed):
     rng, n, values = random.Random(seed), len(each), []
     for _ in range(draws):
         pick = [each[rng.randrange(n)] for _ in range(n)]
