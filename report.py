@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from checkpoints import CONFIG_FILE, LOG_FILE
+from checkpoints import CONFIG_FILE, LOG_FILE, write_atomically
 from cli import Parser, UsageError, run_command
 from plots import CURVE_FILE, MARKERS, _by_layer, _figure, _save, plot_where_it_pays
 from results import (HEADLINE_RULE, LAYER_SWEEP, RESULTS, SUMMARY_MD, best_line, describe_machine, exit_label, exit_name,
@@ -542,22 +542,23 @@ def published_block(rows, command, short=False):
 
 
 def publish(out, documents, command):
-    """Copy OUT's rows to PUBLISHED_ROWS and rewrite each document's block from them (a document without the
-    markers gets none: an error naming it)."""
+    """Copy OUT's rows to PUBLISHED_ROWS and rewrite each document's block from them, each file written atomically;
+    a document without the markers is an error naming it, before anything is written."""
     rows = []
     for d in result_dirs(out):  # each row dated by its file (evaluate.py writes no date)
         day = datetime.date.fromtimestamp((d / RESULTS).stat().st_mtime).isoformat()
         rows += [{**r, "date": day} for r in read_results(d)]
     if not rows:
         raise UsageError(f"--publish: {out / EVAL} holds no rows to publish.")
-    PUBLISHED_ROWS.write_text("".join(json.dumps({**r, "command": command}) + "\n" for r in rows))
-    for doc in documents:
-        text = Path(doc).read_text()
+    texts = {doc: Path(doc).read_text() for doc in documents}  # every document checked before anything is written
+    for doc, text in texts.items():
         if BEGIN not in text or END not in text:
             raise UsageError(f"--publish: {doc} has no results block ({BEGIN} ... {END}).")
+    write_atomically(PUBLISHED_ROWS, "".join(json.dumps({**r, "command": command}) + "\n" for r in rows))
+    for doc, text in texts.items():
         head, rest = text.split(BEGIN, 1)
         short = Path(doc).name == "README.md"  # the guide gets the short table
-        Path(doc).write_text(head + "\n".join(published_block(rows, command, short)) + rest.split(END, 1)[1])
+        write_atomically(doc, head + "\n".join(published_block(rows, command, short)) + rest.split(END, 1)[1])
 
 
 def document_blocks(text):

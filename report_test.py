@@ -310,9 +310,12 @@ def test_publish_writes_the_documents_block_from_the_report_rows(tmp_path, monke
     doc.write_text(text.replace("2.20", "2.30"))  # a number edited by hand no longer matches
     assert report.document_blocks(doc.read_text()) != [block]
     (tmp_path / "other.md").write_text("no block\n")
-    with pytest.raises(SystemExit) as e:
-        report.main([str(out), "--publish", str(tmp_path / "other.md")])
+    published = (tmp_path / "report_rows.jsonl").read_text()
+    before = doc.read_text()
+    with pytest.raises(SystemExit) as e:  # the README listed first: still nothing written, nothing half-written
+        report.main([str(out), "--command", "make report", "--publish", str(doc), str(tmp_path / "other.md")])
     assert e.value.code == 2
+    assert (tmp_path / "report_rows.jsonl").read_text() == published and doc.read_text() == before
 
 
 def test_the_readme_and_findings_quote_the_published_report_rows():
