@@ -13,7 +13,7 @@ SYSTEM_TORCH ?= 0
 # Processes for torchrun: one per visible GPU, or two one-thread processes on a CPU.
 NPROC  ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
 
-.PHONY: setup run report speedup speedup-train speedup-sweep test clean
+.PHONY: setup run report speedup speedup-train speedup-sweep heldout test clean
 
 $(STAMP): requirements.txt requirements-assets.txt
 ifeq ($(SYSTEM_TORCH),1)
@@ -129,7 +129,8 @@ speedup-train: setup
 		$(SPEEDUP_TRAIN) --out_dir $(SPEEDUP_EXIT)
 
 # The measuring half alone, on the exit speedup-train left (run it again for a second measurement of the same exit):
-# (a) ShareGPT test prompts: the exit (gamma 1, a chain and a width-2 tree), prompt lookup (gamma 4) and both in one
+# (a) ShareGPT test prompts: the exit (gamma 1, a chain and a width-2 tree), prompt lookup (gamma 4, a chain and
+# a tree of 3 continuations) and both in one
 # cycle (exit+lookup: the exit's gamma 1 and the lookup's 4 tokens, as a chain and as a width-2 tree), and --drafts auto
 # (gamma 3: it picks per cycle among lookup, recycled predictions and the exit), greedy and T 0.7,
 # (b) the same sources on each ShareGPT task group (code, a given text, open questions: share_gpt_dataset.task_group),
@@ -143,18 +144,36 @@ SPEEDUP_EVAL  = $(PY) evaluate.py $(MODEL_FLAG) --exit_layers --exit_ckpt $(SPEE
 speedup-sweep: setup
 	rm -rf $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts exit --gammas 1 --tree_widths 1 2 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
-	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
+	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 --tree_widths 1 3 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_SWEEP) \
 		--out_dir $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts auto --gammas 3 $(SPEEDUP_SWEEP) --out_dir $(SPEEDUP)/eval
 	$(SPEEDUP_EVAL) --drafts exit --gammas 1 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
-	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
+	$(SPEEDUP_EVAL) --drafts lookup --gammas 4 --tree_widths 1 3 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
 	$(SPEEDUP_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4 --tree_widths 1 2 $(SPEEDUP_GROUP) \
 		--out_dir $(SPEEDUP)/eval/tasks
 	$(SPEEDUP_EVAL) --drafts auto --gammas 3 $(SPEEDUP_GROUP) --out_dir $(SPEEDUP)/eval/tasks
 	$(PY) benchmark_torch_compile.py $(MODEL_FLAG) --layers --no_steps --lookup_peer 4 --num_prompts 4 --max_new_tokens 128 \
 		--out $(SPEEDUP)/eval/lookup_peer.json
 	@$(PY) evaluate.py --best_line $(SPEEDUP)/eval $(SPEEDUP)/eval/tasks
+
+# Prompts we did not tune on: six_tasks.jsonl, 18 questions written for this (not from ShareGPT) in the field's six
+# task types (conversation, translation, summarization, QA, math reasoning, retrieval-augmented QA; question.jsonl's
+# schema), 3 prompts x 64 tokens at T 0.7 / top_p 0.95 each, every source on the exit speedup-train left (or
+# HELDOUT_EXIT=DIR), each cell against its own paired baseline, into out/heldout (about 10 min on 2 cores).
+HELDOUT       ?= out/heldout
+HELDOUT_EXIT  ?= $(SPEEDUP_EXIT)
+HELDOUT_EVAL   = $(PY) evaluate.py $(MODEL_FLAG) --exit_layers --exit_ckpt $(HELDOUT_EXIT) --resume --dataset six_tasks.jsonl \
+	--temperatures 0.7 --top_p 0.95 --num_prompts 3 --max_new_tokens 64 --tf_blocks 0 --paired_baseline --out_dir $(HELDOUT)
+
+heldout: setup
+	rm -rf $(HELDOUT)
+	$(HELDOUT_EVAL) --drafts exit --gammas 1 2
+	$(HELDOUT_EVAL) --drafts lookup --gammas 4 --tree_widths 1 3
+	$(HELDOUT_EVAL) --drafts exit+lookup --gammas 1 --lookup_tokens 4
+	$(HELDOUT_EVAL) --drafts recycle --gammas 3 --tree_widths 2
+	$(HELDOUT_EVAL) --drafts auto --gammas 3
+	@$(PY) evaluate.py --best_line $(HELDOUT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -14,7 +14,10 @@ A Proposal is what the verify and the rules need: the drafted tokens (a chain; a
 q rows (None: deterministic, judged with q one-hot), the layer-L states when the drafts already ran the shared
 layers (None: the verify runs every layer on the tokens), and which source proposed each token.
 """
+import collections
+import itertools
 import math
+import statistics
 import time
 from typing import NamedTuple, Optional
 
@@ -31,11 +34,12 @@ from sampling import walk_tables
 class Kind(NamedTuple):
     """What a draft source is, for the sweep's cells, tables and cost model (which never test its name): whether it
     drafts with the early exit (a cell needs an exit layer; q exists, so draft_stop applies), whether prompt lookup
-    proposes (a lookup length and cost), whether it drafts trees, its label in tables ({exit}: the exit's) and its
+    proposes (a lookup length and cost), whether a tree's node budget applies (--tree_nodes; every source drafts
+    trees, lookup's by its branches alone), its label in tables ({exit}: the exit's) and its
     description in a demo's heading ({exit}: the exit's layer of the model's, {ngram}: the lookup's)."""
     exit: bool
     lookup: bool
-    trees: bool
+    nodes: bool
     label: str
     describe: str
 
@@ -155,11 +159,14 @@ def _stacked(tokens: list, like: torch.Tensor) -> torch.Tensor:
 class PromptLookup(DraftSource):
     """Up to `tokens` tokens that followed the newest n-gram's latest earlier occurrence in prompt + reply, cut after
     an end-of-sequence token. No match: an empty proposal, and the cycle is one plain step. `uses_exit`: whether the
-    exit's cache is filled too (when the exit drafts in other cycles: ExitAndLookup)."""
+    exit's cache is filled too (when the exit drafts in other cycles: ExitAndLookup). With `branches` B > 1: up to B
+    distinct continuations of that n-gram (Lookup.branches: the latest, then the most frequent), a deterministic tree
+    verified in one pass (a chain when only one continuation exists)."""
 
-    def __init__(self, prompt, tokens: int, ngram: int = 3, eos: frozenset = frozenset(), uses_exit: bool = False):
-        self.tokens, self.eos, self.uses_exit = tokens, eos, uses_exit
-        self.max_rows = self.depth = tokens
+    def __init__(self, prompt, tokens: int, ngram: int = 3, eos: frozenset = frozenset(), uses_exit: bool = False,
+                 branches: int = 1):
+        self.tokens, self.eos, self.uses_exit, self.branches = tokens, eos, uses_exit, branches
+        self.depth, self.max_rows = tokens, tokens * branches
         self.matched, self.seconds = [], 0.0  # per cycle that consulted it: whether it proposed; its own time
         t = time.perf_counter()
         self.index = Lookup(prompt.tolist() if torch.is_tensor(prompt) else list(prompt), ngram)
@@ -186,7 +193,15 @@ class PromptLookup(DraftSource):
         return paths
 
     def propose(self, turn: Turn) -> Proposal:
-        return self.deterministic(turn, self.tokens_for(turn.room))
+        if self.branches == 1:
+            return self.deterministic(turn, self.tokens_for(turn.room))
+        paths = self.branches_for(turn.room, self.branches)
+        if len(paths) <= 1:  # one continuation: a chain (no tree mask to build)
+            return self.deterministic(turn, paths[0] if paths else [])
+        tree = Tree(turn.n, turn.root, turn.last.device)
+        for path in paths:  # distinct paths: the ones sharing a prefix share its nodes
+            tree.graft(path)
+        return deterministic_tree(tree, self.uses_exit)
 
     def deterministic(self, turn: Turn, proposal: list) -> Proposal:
         drafts = to_device(proposal, turn.last.device)
@@ -228,7 +243,7 @@ class ExitTree(DraftSource):
         self.max_rows, self.depth = budget, gamma
         self.chain = ExitChain(gamma, draft_stop)
 
-    def propose(self, turn: Turn, graft: list = ()) -> Proposal:
+    def propose(self, turn: Turn, graft=None) -> Proposal:
         g = min(self.gamma, turn.room)
         if g <= 0:
             return self.chain.propose(turn, g=0)
@@ -269,20 +284,22 @@ class Tree:
         self.source.append(source)
         return i
 
-    def graft(self, path: list, source: str = "lookup") -> list:
+    def child(self, parent: int, token: int, source: str) -> int:
+        """The parent's child with this token: the one already there (marked "both" when another source proposed
+        it: no node has two children with one token), else a new node."""
+        child = next((c for c in self.children[parent] if self.tokens[c] == token), None)
+        if child is None:
+            return self.add(parent, token, 0.0, source)
+        if self.source[child] != source:
+            self.source[child] = "both"
+        return child
+
+    def graft(self, path: list, source: str = "lookup") -> None:
         """Add a path of tokens below the root (prompt lookup's proposal), following the nodes already there while
-        their tokens agree (a merged node is marked "both"), so no node has two children with one token. Returns the
-        new nodes (consecutive indices)."""
-        u, new = 0, []
+        their tokens agree."""
+        u = 0
         for tok in path:
-            child = next((c for c in self.children[u] if self.tokens[c] == tok), None)
-            if child is None:
-                child = self.add(u, tok, 0.0, source)
-                new.append(child)
-            elif self.source[child] != source:
-                self.source[child] = "both"
-            u = child
-        return new
+            u = self.child(u, tok, source)
 
     def rows(self, nodes: list) -> TreeRows:
         """The positions and mask of `nodes` (consecutive indices): each sees the prefix and its own ancestors. Built
@@ -298,15 +315,15 @@ class Tree:
 
 
 def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, width: int, budget: int,
-               draft_stop: float = 0.0, timings: Optional[dict] = None, graft: list = (),
+               draft_stop: float = 0.0, timings: Optional[dict] = None, graft=None,
                root: Optional[int] = None) -> tuple:
     """A tree of drafts after `last` (its token id `root`, read from `last` when not given), one draft step per level
     over all of its nodes as rows. Each expanded node proposes its `width` most likely tokens by the draft's logits
     (at the policy's temperature, before top-k / top-p: a candidate outside q's nucleus can still be the target's
     token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes;
     a node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
-    device and read back once per level (the next level's rows are its size). `graft`: a path proposed by another
-    source (prompt lookup), added below the root (Tree.graft). Only the drafts decide, so the output stays exact. The
+    device and read back once per level (the next level's rows are its size). `graft(tree)`: adds what other
+    sources propose (lookup's path: Tree.graft) once the exit's levels are drafted. Only the drafts decide, so the output stays exact. The
     deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call. Returns (the tree,
     the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft step)."""
     device = last.device
@@ -345,7 +362,10 @@ def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, wid
         # by parent, each one's children most likely first (a flat index is parent row x width + rank)
         level = [tree.add(level[f // top_ids.shape[1]], tok, lq) for f, lq, tok in kept]
         logq = to_device([tree.logq[i] for i in level], device, torch.float64)
-    pending = level + tree.graft(list(graft))  # the newest level and the grafted path: consecutive new nodes
+    drafted = len(tree.tokens)
+    if graft is not None:
+        graft(tree)
+    pending = level + list(range(drafted, len(tree.tokens)))  # the newest level and the grafted nodes: consecutive
     # the tree is final: its verify rows and the walk's tables go to the device now, while nothing is queued
     tree.verify_rows, tree.walk = tree.rows(list(range(len(tree.tokens)))), walk_tables(tree, device)
     if pending:
@@ -448,7 +468,7 @@ class ExitAndLookup(DraftSource):
     def propose(self, turn: Turn) -> Proposal:
         proposal = self.lookup.tokens_for(turn.room)
         if isinstance(self.exit, ExitTree):
-            return self.exit.propose(turn, graft=proposal)
+            return self.exit.propose(turn, graft=lambda tree: tree.graft(proposal))
         return self.lookup.deterministic(turn, proposal) if proposal else self.exit.propose(turn)
 
     def commit(self, tokens: list, cycle=None) -> None:
@@ -463,18 +483,27 @@ class ExitAndLookup(DraftSource):
 
 
 class AutoDraft(DraftSource):
-    """Each cycle, from every source it has (prompt lookup's continuations, up to BRANCHES of them, and the recycled
-    tree, merged into one deterministic tree; or the exit's chain), the proposal with the most expected committed
-    tokens per unit of time, or none. A node's chance to be accepted once its parent is: an estimate per (source, depth, rank among siblings)
-    learned online from earlier cycles (Beta(1, 1): (accepted + 1) / (judged + 2)), times its parent's. The tree
-    keeps the k likeliest nodes (a parent is always likelier than its child), k chosen to maximise (1 + expected
-    accepted) / v(k + 1); the exit's chain of g drafts, (1 + sum of its depths' chances) / (g c + v(g + 1)). v and c
-    are this machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row and a draft step over a
-    full one, measured once per model). Every choice uses only earlier cycles and the drafts themselves, never this
-    cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed)."""
+    """Each cycle, from every source it has, the proposal with the most expected committed tokens per second: a
+    deterministic tree (prompt lookup's continuations, up to BRANCHES of them, and the recycled tree, merged), the
+    exit's chain of g drafts, both in one tree (the exit's g likeliest tokens, one per level, with the deterministic
+    nodes grafted on, all verified in one pass), or nothing (a plain step).
+
+    A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles
+    (Beta: (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the
+    continuations, the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the
+    exit's sampled chain and ("exit", depth, "top") for its likeliest token in a tree. The deterministic tree keeps
+    its k likeliest nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is
+    (1 + the expected accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken.
+    v and c are this machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step
+    over a full one, and a full step's seconds, measured once per model); `seconds` adds what each kind of cycle took
+    beyond its steps in earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a
+    choice that pays in steps but not in seconds is not made. Every choice uses only earlier cycles and the drafts
+    themselves, never this cycle's p, so greedy and sampled output stay exact (the rules judge whatever is
+    proposed: a chain by the speculative-sampling rule, a tree by the multi-candidate walk)."""
     observes = True
     PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
+    OVERHEAD_CYCLES = (3, 9)  # a kind's overhead: none before 3 of its cycles, then the median of its latest 9
 
     def __init__(self, prompt, gamma: int, budget: int, lookup_tokens: int, measure, ngram: int = 3,
                  eos: frozenset = frozenset(), width: int = 4):
@@ -482,11 +511,13 @@ class AutoDraft(DraftSource):
         self.recycled = Recycled(gamma, width, budget, uses_exit=True)
         self.exit = ExitChain(gamma)
         self.gamma, self.budget, self.width, self.measure, self.costs = gamma, budget, width, measure, None
-        self.max_rows = max(budget + self.BRANCHES * lookup_tokens, gamma)
+        self.max_rows = budget + self.BRANCHES * lookup_tokens + gamma
         self.depth = max(gamma, lookup_tokens)
-        self.counts = {}  # (source, depth, rank) -> [accepted, judged]
+        self.counts = {}  # key -> [accepted, judged]
         self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
-        self.choices = {"tree": 0, "exit": 0, "none": 0}
+        self.choices = {"tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
+        self.overhead = {}  # choice -> seconds its latest cycles took beyond their steps' (OVERHEAD_CYCLES)
+        self.pending = None  # the cycle in flight: (its choice, its steps' seconds, when it began)
 
     def chance(self, key: tuple) -> float:
         a, j = self.counts.get(key, (0, 0))
@@ -495,55 +526,82 @@ class AutoDraft(DraftSource):
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         self.recycled.observe(inputs, logits)
 
-    def propose(self, turn: Turn) -> Proposal:
-        if self.costs is None:
-            self.costs = self.measure(self.max_rows + 1)  # (c, {k: v(k)})
-        c = self.costs[0]
+    def candidates(self, turn: Turn) -> list:
+        """The deterministic candidates, parents first: (parent: an index into the list or -1 for the root, token,
+        key, the chance of its path); a token both sources propose at one place is one entry (the first key)."""
         cand = []  # (parent: an index into cand or -1 for the root, token, key)
-        for rank, path in enumerate(self.lookup.branches_for(turn.room, self.BRANCHES)):
+        paths = self.lookup.branches_for(turn.room, self.BRANCHES)
+        matched = self.lookup.index.longest_match() if paths else 0
+        for rank, path in enumerate(paths):
             for d, tok in enumerate(path, 1):
-                cand.append((len(cand) - 1 if d > 1 else -1, tok, ("lookup", d, rank)))
+                cand.append((len(cand) - 1 if d > 1 else -1, tok, ("lookup", d, rank, matched)))
         base = len(cand)
         for parent, tok, d, rank in self.recycled.candidates(turn, min(self.gamma, turn.room), self.width,
                                                              self.budget):
             cand.append((parent + base if parent >= 0 else -1, tok, ("recycled", d, rank)))
-        entries, where, seen = [], {-1: -1}, {}  # entries: (parent entry or -1, token, key, chance of its path)
+        entries, where, seen = [], {-1: -1}, {}
         for i, (parent, tok, key) in enumerate(cand):
             pe = where.get(parent)
-            if pe is not None and (pe, tok) not in seen:  # a token both propose at one place: one node, the first key
+            if pe is not None and (pe, tok) not in seen:
                 seen[(pe, tok)] = len(entries)
                 entries.append((pe, tok, key, (entries[pe][3] if pe >= 0 else 1.0) * self.chance(key)))
             where[i] = seen.get((pe, tok)) if pe is not None else None
+        return entries
+
+    def propose(self, turn: Turn) -> Proposal:
+        if self.costs is None:
+            self.costs = self.measure(self.max_rows + 1)  # (c, {k: v(k)}, seconds of a full step)
+        c, began = self.costs[0], time.perf_counter()
+        entries = self.candidates(turn)
         ranked = sorted(range(len(entries)), key=lambda e: -entries[e][3])  # stable: a parent before its child
-        tree_k, tree_value, expected = 0, 1.0, 0.0  # k = 0: a plain step, one token for one step
-        for k, e in enumerate(ranked, 1):
-            expected += entries[e][3]
-            value = (1 + expected) / self.v(k + 1)
-            if value > tree_value:
-                tree_k, tree_value = k, value
-        chain_g, chain_value, expected, p = 0, tree_value, 0.0, 1.0
-        for g in range(1, min(self.gamma, turn.room) + 1):
-            p *= self.chance(("exit", g, 0))
-            expected += p
-            value = (1 + expected) / (g * c + self.v(g + 1))
-            if value > chain_value:
-                chain_g, chain_value = g, value
-        if chain_g:
-            self.choices["exit"] += 1
-            self.last = ("exit", chain_g)
-            return self.exit.propose(turn, g=chain_g)
-        if not tree_k:
-            self.choices["none"] += 1
-            self.last = None
+        tree_gain = list(itertools.accumulate((entries[e][3] for e in ranked), initial=0.0))  # the top k's
+        exit_gain = {0: [0.0], "top": [0.0]}  # the exit's g drafts: a sampled chain (0) or likeliest tokens in a tree
+        for kind, gains in exit_gain.items():
+            p = 1.0
+            for g in range(1, min(self.gamma, turn.room) + 1):
+                p *= self.chance(("exit", g, kind))
+                gains.append(gains[-1] + p)
+        best = (1 / self.seconds("none", 1.0), "none", 0, 0)
+        for g, k in itertools.product(range(len(exit_gain[0])), range(len(tree_gain))):
+            if g or k:
+                choice = "tree" if not g else "exit" if not k else "exit+tree"
+                gain = tree_gain[k] + exit_gain[0 if not k else "top"][g]
+                value = (1 + gain) / self.seconds(choice, g * c + self.v(g + k + 1))
+                if value > best[0]:
+                    best = (value, choice, g, k)
+        _, choice, g, k = best
+        self.choices[choice] += 1
+        self.pending = (choice, self.costs[2] * (g * c + self.v(g + k + 1)), began)
+        self.last = ("exit", g) if choice == "exit" else None
+        if choice == "none":
             return Proposal(turn.last.new_zeros(0), None, None, (), "lookup", with_exit=True)
-        chosen, node_of = set(ranked[:tree_k]), {-1: 0}
-        tree, self.last = Tree(turn.n, turn.root, turn.last.device), ("tree", [])
-        for e, (pe, tok, key, _) in enumerate(entries):  # parent-first order
-            if e in chosen:
-                node_of[e] = tree.add(node_of[pe], tok, 0.0, key[0])
-                self.last[1].append((node_of[e], node_of[pe], key))
-        self.choices["tree"] += 1
-        return deterministic_tree(tree, True)
+        if choice == "exit":
+            return self.exit.propose(turn, g=g)
+        chosen, record = set(ranked[:k]), []
+
+        def graft(tree: Tree) -> None:  # the exit's nodes (if any), then the chosen deterministic ones merged in
+            record.extend((i, i - 1, ("exit", i, "top")) for i in range(1, len(tree.tokens)))
+            node_of = {-1: 0}
+            for e, (pe, tok, key, _) in enumerate(entries):  # parent-first order
+                if e in chosen:
+                    node_of[e] = tree.child(node_of[pe], tok, key[0])
+                    record.append((node_of[e], node_of[pe], key))
+        self.last = ("tree", record)
+        if choice == "tree":
+            tree = Tree(turn.n, turn.root, turn.last.device)
+            graft(tree)
+            return deterministic_tree(tree, True)
+        tree, hidden, q_logits, level_rows = draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1,
+                                                        g, 0.0, turn.timings, graft, turn.root)
+        return Proposal(None, None, hidden, kind="tree", tree=tree, q_logits=q_logits, level_rows=tuple(level_rows))
+
+    def seconds(self, choice: str, steps: float) -> float:
+        """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
+        its steps (the loop's Python, the lookup, the tree's tables; never less than nothing): the median of its
+        latest cycles, robust to a stall of the machine; none until a few were timed, so that every kind is tried."""
+        extra = self.overhead.get(choice, ())
+        return steps * self.costs[2] + (max(0.0, statistics.median(extra)) if len(extra) >= self.OVERHEAD_CYCLES[0]
+                                        else 0.0)
 
     def v(self, k: int) -> float:
         """A k-row full step over a one-row step (measured; linear past the largest measured)."""
@@ -552,6 +610,11 @@ class AutoDraft(DraftSource):
 
     def commit(self, tokens: list, cycle=None) -> None:
         self.lookup.commit(tokens)
+        if self.pending is not None:  # the cycle's own seconds (a host read ended it) beyond its steps'
+            choice, steps_s, began = self.pending
+            self.overhead.setdefault(choice, collections.deque(maxlen=self.OVERHEAD_CYCLES[1])).append(
+                time.perf_counter() - began - steps_s)
+            self.pending = None
         if self.last is None or cycle is None:
             return
         if self.last[0] == "exit":  # depths 1..k accepted, k + 1 judged and rejected (if drafted)
@@ -568,7 +631,8 @@ class AutoDraft(DraftSource):
                 a[1] += 1
 
     def stats(self, cycles: list) -> dict:
-        return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles)) | self.lookup.stats(cycles)
+        return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles),
+                    auto_overhead_ms={k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}) | self.lookup.stats(cycles)
 
 
 class Drafting(NamedTuple):
@@ -598,5 +662,6 @@ def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), mea
     exit = ExitTree(gamma, tree_width, budget, draft_stop) if tree_width > 1 else ExitChain(gamma, draft_stop)
     if draft == "exit":
         return exit
-    lookup = PromptLookup(prompt, lookup_tokens or gamma, ngram, eos, uses_exit=draft != "lookup")
-    return lookup if draft == "lookup" else ExitAndLookup(exit, lookup)
+    if draft == "lookup":  # gamma: the proposal's length; tree_width: its branches
+        return PromptLookup(prompt, lookup_tokens or gamma, ngram, eos, branches=tree_width)
+    return ExitAndLookup(exit, PromptLookup(prompt, lookup_tokens or gamma, ngram, eos, uses_exit=True))

@@ -84,8 +84,8 @@ def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), 
     top_k, draft_stop, tree width and nodes, lookup length. Greedy ignores top_p and top_k, so greedy cells are kept
     once, with top_p 1.0 and top_k 0; a chain (width 1) has no node budget, and a budget of width x gamma is the
     default one (0). Sources without the exit (lookup, recycle) come once (exit "none", layer 0), with no draft_stop;
-    lookup cells are chains, gamma being the lookup's length; only exit+lookup cells have a lookup length of their
-    own."""
+    lookup cells have no node budget (a tree of its branches: the width), gamma being the lookup's length; only
+    exit+lookup cells have a lookup length of their own."""
     cells = []
     exits = list(exits) + ([("none", 0)] if any(not SOURCES[d].exit for d in drafts) else [])
     for (name, layer), ps, d, g, t, p, k, s, w, m, lt in itertools.product(
@@ -96,8 +96,8 @@ def make_cells(exits, gammas, temperatures, top_ps, top_ks, draft_stops=(0.0,), 
             continue
         if not kind.exit:  # no q: no draft_stop
             s = 0.0
-        if not kind.trees:
-            w, m = 1, 0
+        if not kind.nodes:  # lookup's tree: its branches (the width) alone
+            m = 0
         if not (kind.exit and kind.lookup):  # a lookup length of its own beside gamma: exit + lookup only
             lt = 0
         m = 0 if w == 1 or m == w * g else m
@@ -621,8 +621,7 @@ def run_grid(args, sw, mine, own, meta, main, say):
                                   + (c.lookup_tokens or c.gamma if SOURCES[c.draft].lookup else 0) for c in sw.cells])
             times[key] = step_times(model, timing_ids, range(2, biggest + 2),
                                     draft_sizes=range(2, max(args.tree_widths) + 1))
-        draft_s, full_s, verify_s, _ = times[key]  # what --drafts auto weighs its proposals by
-        remember_costs(model, draft_s / full_s, {k: t / full_s for k, t in verify_s.items()})
+        remember_costs(model, *times[key][:3])  # what --drafts auto weighs its proposals by
         prompts = sw.prompts[cell.prompt_set]
         pkey = (cell.prompt_set, *cell.policy.values())
         if pkey not in baselines and not args.paired_baseline:  # once per exit and policy, just before its cells

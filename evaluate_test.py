@@ -453,9 +453,9 @@ def test_sweep_with_recycled_and_auto_drafts(assets, tmp_path, capsys):
 
 
 def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
-    """--drafts exit lookup exit+lookup over two prompt sets: lookup cells once per set (no exit), rows carrying the
-    source, match rate, tokens by source and the lookup's c; a table, plots and a best line per set; greedy cells
-    equal the baseline."""
+    """--drafts exit lookup exit+lookup over two prompt sets: lookup cells once per set (no exit; widths: its branches),
+    rows carrying the source, match rate, tokens by source and the lookup's c; a table, plots and a best line per set;
+    greedy cells equal the baseline."""
     out = tmp_path / "lookup"
     second = tmp_path / "more.jsonl"
     second.write_text("".join(json.dumps({"prompt": f"Repeat after me: {w} {w} {w} {w}."}) + "\n"
@@ -471,7 +471,8 @@ def test_sweep_with_lookup_and_two_prompt_sets(assets, tmp_path, capsys):
     sets = {r["prompt_set"] for r in rows}
     assert sets == {str(assets / "prompts.jsonl"), str(second)}
     lookup = [r for r in rows if r["draft"] == "lookup"]
-    assert len(lookup) == 2 * 2 * 2 and all(r["exit"] == "none" and r["tree_width"] == 1 for r in lookup)
+    assert len(lookup) == 2 * 2 * 2 * 2 and all(r["exit"] == "none" for r in lookup)  # chains and trees of branches
+    assert {r["tree_width"] for r in lookup} == {1, 2} and all(r["tree_nodes"] == 0 for r in lookup)
     for r in rows:
         assert sum(r["tokens_by_source"].values()) == r["new_tokens"]
         assert r["matches_baseline"] is (True if r["temperature"] == 0 else None)

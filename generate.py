@@ -26,7 +26,7 @@ import torch
 
 from cli import check_context, device_sync, lap
 from decode_engine import TreeRows
-from drafts import DRAFTS, SOURCES, Drafting, Proposal, Turn, make_source
+from drafts import DRAFTS, Drafting, Proposal, Turn, make_source
 from host_reads import to_device
 from results import cycle_stats, judged_drafts  # noqa: F401 (judged_drafts: part of the loop's API)
 from sampling import Policy, accept_tree, check_sampling, judge_chain, read_chain, sample  # noqa: F401 (sample: API)
@@ -84,10 +84,6 @@ def check_policy(*, gamma: int = 1, temperature: float = 0.0, top_p: float = 1.0
     if not isinstance(ngram, int) or isinstance(ngram, bool) or not 1 <= ngram <= 16:
         raise ValueError(f"{flags.get('ngram', '--ngram')}: the lookup's longest n-gram must be an integer in 1..16, "
                          f"got {ngram}.")
-    if not SOURCES[draft].trees and tree_width != 1:
-        raise ValueError(f"{flags.get('tree_width', '--tree_widths')}: a {draft} draft is a chain (tree width 1); "
-                         f"trees need another source ({', '.join(d for d in DRAFTS if SOURCES[d].trees)}), "
-                         f"got width {tree_width}.")
     if not isinstance(gamma, int) or gamma < 1:
         raise ValueError(f"{flags['gamma']}: gamma (the draft length) must be an integer >= 1, got {gamma}.")
     check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, flags=flags)
@@ -128,12 +124,13 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     tokens, one at a time, or a tree of depth gamma), "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens`
     tokens, 0 meaning gamma, copied from where the newest `ngram`..1 tokens occurred before in prompt + reply; a
     proposal is deterministic, q one-hot, so x is accepted with probability p(x); no match: the cycle is one plain
-    step), "exit+lookup" (a chain: the lookup's proposal when it has one, else the exit's chain; a tree, tree_width
+    step; tree_width B > 1: the matched n-gram's B distinct continuations as one tree), "exit+lookup" (a chain: the lookup's proposal when it has one, else the exit's chain; a tree, tree_width
     > 1: the exit's tree with the lookup's proposal grafted on as one more path, duplicates merged, all verified in
     one pass), "recycle" (a tree of depth gamma, tree_width children a node, from the target's own top next tokens
-    of earlier verify passes for each token id; no model call), "auto" (each cycle: a tree of lookup's path and
-    recycled predictions, the exit's chain or nothing, by the expected tokens per unit of the machine's measured
-    step costs, `step_costs`; drafts.AutoDraft).
+    of earlier verify passes for each token id; no model call), "auto" (each cycle: a tree of lookup's continuations and
+    recycled predictions, the exit's chain, the exit's likeliest tokens with that tree in one, or nothing, by the
+    expected tokens per second of this machine: its measured step costs, `step_costs`, and each kind of cycle's
+    measured extra time; drafts.AutoDraft).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
@@ -355,23 +352,23 @@ def _as_set(eos):
 # ----------------------------------------------------------------------------------------------------------------
 # The step timer
 
-COSTS = weakref.WeakKeyDictionary()  # model -> (c, {k: v(k)}): measured once per model (`step_costs`)
+COSTS = weakref.WeakKeyDictionary()  # model -> (c, {k: v(k)}, seconds of a full step): measured once per model
 
 
 def step_costs(model: Steps, input_ids: torch.Tensor, rows: int) -> tuple:
-    """(c, {k: v(k) for k = 1..rows}) for `model` on this machine: a draft step over a one-token full step, and a
-    k-token full step over a one-token one; measured once per model (step_times, 5 rounds, on the prompt repeated to
-    `rows` tokens), or as `remember_costs` was told (its users extrapolate past the largest k)."""
+    """(c, {k: v(k) for k = 1..rows}, full_s) for `model` on this machine: a draft step over a one-token full step,
+    a k-token full step over a one-token one, and the one-token step's seconds; measured once per model (step_times,
+    5 rounds, on the prompt repeated to `rows` tokens), or as `remember_costs` was told (its users extrapolate past
+    the largest k)."""
     if model not in COSTS:
         ids = input_ids.repeat(1, -(-(rows + 1) // input_ids.shape[1]))[:, : max(rows + 1, input_ids.shape[1])]
-        draft_s, full_s, verify_s, _ = step_times(model, ids, range(2, rows + 1), repeats=5)
-        remember_costs(model, draft_s / full_s, {k: t / full_s for k, t in verify_s.items()})
+        remember_costs(model, *step_times(model, ids, range(2, rows + 1), repeats=5)[:3])
     return COSTS[model]
 
 
-def remember_costs(model: Steps, c: float, v: dict) -> None:
-    """Costs measured elsewhere (evaluate.py times every model it sweeps): c and {k: v(k)}, v(1) = 1."""
-    COSTS[model] = (c, {1: 1.0, **v})
+def remember_costs(model: Steps, draft_s: float, full_s: float, verify_s: dict) -> None:
+    """Step times measured elsewhere (evaluate.py times every model it sweeps; step_times' first three values)."""
+    COSTS[model] = (draft_s / full_s, {1: 1.0, **{k: t / full_s for k, t in verify_s.items()}}, full_s)
 
 
 @torch.inference_mode()

@@ -1,5 +1,6 @@
 """The self-speculative loop (generate.py): lossless (greedy and sampling, also with a pruned draft head and an
 adaptive draft length), stats, EOS, bad values, the policy and the sampler."""
+import collections
 import itertools
 
 import pytest
@@ -508,7 +509,8 @@ def looping_reference(tie=False, new=40):
 
 
 LOOKUP_GREEDY = [dict(draft="lookup", gamma=g) for g in (1, 3, 6)] + [
-    dict(draft="lookup", gamma=4, ngram=1), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
+    dict(draft="lookup", gamma=4, ngram=1), dict(draft="lookup", gamma=4, ngram=1, tree_width=3),
+    dict(draft="lookup", gamma=3, tree_width=2), dict(draft="exit+lookup", gamma=1, lookup_tokens=4),
     dict(draft="exit+lookup", gamma=3), dict(draft="exit+lookup", gamma=1, lookup_tokens=5, tree_width=3),
     dict(draft="exit+lookup", gamma=2, lookup_tokens=3, tree_width=2, tree_nodes=3)]
 
@@ -549,6 +551,8 @@ def test_lookup_proposals_stop_at_eos_and_the_length_limit():
 
 
 @pytest.mark.parametrize("draft,kw", [("lookup", dict(temperature=1.0, gamma=2)),
+                                      ("lookup", dict(temperature=0.9, top_p=0.9, gamma=2, ngram=1, tree_width=3,
+                                                      prompt=[1, 3, 1, 2, 4, 1])),  # "1": two continuations
                                       ("lookup", dict(temperature=0.8, top_p=0.9, top_k=3, gamma=3, ngram=1)),
                                       ("exit+lookup", dict(temperature=1.0, gamma=1, lookup_tokens=2)),
                                       ("exit+lookup", dict(temperature=1.3, top_p=0.8, gamma=2, draft_stop=0.6)),
@@ -558,22 +562,26 @@ def test_lookup_proposals_stop_at_eos_and_the_length_limit():
                                                            tree_nodes=3))])
 def test_sampling_lookup_matches_target_distribution(small_vocab_model, draft, kw):
     base, _ = small_vocab_model
-    prompt = torch.tensor([[1, 3, 2, 4, 1]])  # "1" occurred before: the lookup proposes from the first cycle on
+    kw = dict(kw)
+    prompt = torch.tensor([kw.pop("prompt", [1, 3, 2, 4, 1])])  # "1" occurred before: lookup proposes from cycle 1
     tl = TruncatedLlama(base, 1)
     exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
     sources = {"exit": 0, "lookup": 0, "both": 0, "target": 0}
-    exit_cycles = 0
+    exit_cycles = tree_cycles = 0
     for _ in range(SAMPLES):
         tokens, s = speculative_generate(tl, prompt, 3, **plan(draft=draft, **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
         for k in sources:
             sources[k] += s["source_counts"][k]
         exit_cycles += sum(kind != "lookup" for kind in s["cycle_kinds"])
+        tree_cycles += s["cycle_kinds"].count("tree")
     assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
     assert chi_square_pvalue(counts, exact) > 1e-3
     assert sources["lookup"] + sources["both"] > 200  # lookup's proposals were really judged and accepted
+    if draft == "lookup" and kw.get("tree_width", 1) > 1:  # several continuations, judged as one tree
+        assert tree_cycles > 100
     if draft == "exit+lookup":  # and the exit drafted too: where the lookup had no match (chains), in every tree
         assert exit_cycles > 10 and (kw.get("tree_width", 1) == 1 or sources["exit"] + sources["both"] > 50)
 
@@ -680,7 +688,7 @@ def test_greedy_auto_equals_autoregressive_and_generate(tie):
     by_source, choices = {"exit": 0, "lookup": 0, "recycled": 0}, {"tree": 0, "exit": 0, "none": 0}
     for layer, kw in itertools.product((2, 5), AUTO_GREEDY):  # a poor exit (perturbed) and a good one (one layer short)
         tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block") if layer == 2 else None)
-        generate.remember_costs(tl, 0.05, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})  # a GPU-like machine
+        generate.remember_costs(tl, 0.05, 1.0, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})  # a GPU-like machine
         sp, stats = speculative_generate(tl, prompt, new, **plan(draft="auto", **kw))
         assert torch.equal(sp, ref), (layer, kw)
         assert stats["cache_positions"] == [prompt.shape[1] + new - 1] * 6
@@ -696,41 +704,48 @@ def test_auto_drafts_nothing_where_nothing_pays():
     """With a verify of 2 rows costing 2 steps and a draft step a full one, no proposal can pay: plain steps."""
     base, prompt, new, ref = looping_reference()
     tl = TruncatedLlama(base, 2)
-    generate.remember_costs(tl, 1.0, {k: float(k) for k in range(2, 20)})
+    generate.remember_costs(tl, 1.0, 1.0, {k: float(k) for k in range(2, 20)})
     sp, stats = speculative_generate(tl, prompt, new, **plan(draft="auto", gamma=3))
     assert torch.equal(sp, ref)
     assert stats["auto_choices"]["tree"] == stats["auto_choices"]["exit"] == 0 and stats["drafted"] == 0
 
 
-@pytest.mark.parametrize("prompt,kw,used", [
-    ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), ("lookup", "recycled")),  # "1" seen: lookup and the table
-    ([1, 3, 2, 4, 1], dict(temperature=0.8, top_p=0.9, top_k=3, gamma=2), ("lookup", "recycled")),
-    ([1, 3, 2, 4], dict(temperature=1.3, top_p=0.8, gamma=2, lookup_tokens=2, tree_nodes=4), ("exit", "recycled"))])
-def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw, used):
-    """`used`: the sources whose drafts must really be accepted (a prompt whose last token was never seen before
-    gives neither lookup nor the table anything for the first cycle, so the exit drafts it)."""
+@pytest.mark.parametrize("prompt,kw,poor,c,used,kinds", [
+    ([1, 3, 2, 4, 1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), True, 0.05, ("lookup", "exit"), ("exit+tree",)),
+    ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), True, 0.05, ("recycled", "exit"), ("exit+tree",)),
+    ([1, 3, 2, 4, 1], dict(temperature=0.8, top_p=0.9, top_k=3, gamma=2), True, 1.0, ("lookup", "recycled"),
+     ("tree",)),
+    ([1, 3, 2, 4], dict(temperature=1.3, top_p=0.8, gamma=2, lookup_tokens=2, tree_nodes=4), False, 0.05, ("exit",),
+     ("exit",))])
+def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw, poor, c, used, kinds):
+    """`used`: the sources whose drafts must really be accepted, `kinds`: auto's choices that must be made (and
+    judged). "1" seen before: lookup proposes and the table has an entry; a prompt whose last token was never seen
+    gives neither anything for the first cycle, so the exit's chain drafts it. `poor`: an exit whose tokens often
+    differ from the target's (so that the nodes beside them are the ones accepted); `c`: a draft step's cost (1.0:
+    as dear as a full step, so that the deterministic tree alone pays)."""
     base, _ = small_vocab_model
     prompt = torch.tensor([prompt])
-    tl = TruncatedLlama(base, 2)  # one layer short of the top: an exit good enough to be chosen
-    generate.remember_costs(tl, 0.05, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})
+    tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block") if poor else None)  # else one layer short
+    generate.remember_costs(tl, c, 1.0, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})
     exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
-    sources = {"exit": 0, "lookup": 0, "recycled": 0}
+    sources, choices = {"exit": 0, "lookup": 0, "recycled": 0}, collections.Counter()
     for _ in range(SAMPLES):
         tokens, s = speculative_generate(tl, prompt, 3, **plan(draft="auto", **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
         for k in sources:
             sources[k] += s["source_counts"][k]
+        choices.update(s["auto_choices"])
     assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
     assert chi_square_pvalue(counts, exact) > 1e-3
-    assert all(sources[k] > 100 for k in used), sources
+    assert all(sources[k] > 100 for k in used) and all(choices[k] > 100 for k in kinds), (sources, choices)
 
 
 def test_lookup_flags_are_checked():
     tl = TruncatedLlama(make_tiny_llama(layers=4), 2)
     for kw, flag in ((dict(draft="medusa"), "--drafts"), (dict(lookup_tokens=-1), "--lookup_tokens"),
-                     (dict(ngram=0), "--ngram"), (dict(draft="lookup", tree_width=2), "--tree_widths")):
+                     (dict(ngram=0), "--ngram"), (dict(tree_width=0), "--tree_widths")):
         with pytest.raises(ValueError, match=f"^{flag}: "):
             speculative_generate(tl, torch.tensor([[1, 2]]), 4, **plan(gamma=2, **kw))
 
@@ -763,13 +778,16 @@ def test_smollm2_greedy_lookup_equals_autoregressive_and_generate(smollm2):
 # back once (the issue's target: at most 2); a tree once per draft level and once for its walk (target: at most 4).
 # Counted on a CPU, where the reads cost nothing.
 
-READ_BUDGETS = [  # (speculative_generate's arguments, reads allowed a cycle: 1 a chain, a tree's levels + 1, recycled 2)
+READ_BUDGETS = [  # (speculative_generate's arguments, reads allowed a cycle: 1 a chain, a tree's levels + 1, recycled 2,
+    # auto gamma + 2)
     (dict(gamma=4), 1), (dict(gamma=4, temperature=1.0), 1), (dict(gamma=4, temperature=0.8, top_p=0.9, top_k=50), 1),
-    (dict(gamma=4, draft="lookup"), 1), (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 1),
+    (dict(gamma=4, draft="lookup"), 1), (dict(gamma=4, draft="lookup", tree_width=3), 1),
+    (dict(gamma=2, draft="exit+lookup", lookup_tokens=4), 1),
     (dict(gamma=2, tree_width=2), 3), (dict(gamma=3, tree_width=2, temperature=1.0), 4),
     (dict(gamma=2, tree_width=2, draft="exit+lookup", lookup_tokens=4), 3),
     (dict(gamma=3, tree_width=2, draft="recycle"), 2), (dict(gamma=3, tree_width=2, draft="recycle", temperature=1.0), 2),
-    (dict(gamma=2, draft="auto"), 2), (dict(gamma=2, draft="auto", temperature=1.0), 2)]
+    (dict(gamma=2, draft="auto"), 4), (dict(gamma=2, draft="auto", temperature=1.0), 4)]  # auto: the exit's levels in
+# a tree (up to gamma), the recycled gather and the walk
 
 
 @pytest.mark.parametrize("kw,budget", READ_BUDGETS)
@@ -826,7 +844,7 @@ def test_the_prefill_computes_no_logits_unless_a_source_reads_them(engine):
             calls.append((h.shape[1], start, head))
             return real(h, cache, start, *a, head=head, **k)
         tl.steps.verify = spy
-        generate.remember_costs(tl, 0.5, {k: 1 + k / 10 for k in range(2, 16)})  # auto: no timing run in between
+        generate.remember_costs(tl, 0.5, 1.0, {k: 1 + k / 10 for k in range(2, 16)})  # auto: no timing run in between
         out, _ = speculative_generate(tl, prompt, 12, **plan(draft=draft, gamma=2))
         assert torch.equal(out, ar), draft
         assert calls[0] == (19, 0, draft in ("recycle", "auto")), draft  # the prefill: 19 rows, head only if read

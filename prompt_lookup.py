@@ -37,6 +37,12 @@ class Lookup:
                 return t[after[-1]:after[-1] + k]
         return []
 
+    def longest_match(self) -> int:
+        """The length of the longest n-gram (n <= ngram) that ends the text and occurred before (0: none): the
+        match `propose` and `branches` follow, a signal of how likely their proposals are."""
+        t = self.tokens
+        return next((n for n in range(min(self.ngram, len(t)), 0, -1) if tuple(t[len(t) - n:]) in self.index[n]), 0)
+
     def branches(self, k: int, b: int) -> list:
         """Up to b distinct continuations of up to k tokens after the longest n-gram that ends the text and occurred
         before: the latest occurrence's first (`propose`'s), then the others, most frequent first (ties: the newer),

@@ -7,7 +7,7 @@ from prompt_lookup import Lookup, scan_branches, scan_proposal
 
 def test_lookup_index_equals_a_brute_force_scan_on_random_streams():
     g = torch.Generator().manual_seed(0)
-    proposed = several = 0
+    proposed = several = matches = 0
     for trial in range(60):
         vocab, ngram = (2, 3, 5, 20)[trial % 4], 1 + trial % 4
         stream = torch.randint(0, vocab, (120,), generator=g).tolist()
@@ -22,10 +22,15 @@ def test_lookup_index_equals_a_brute_force_scan_on_random_streams():
                 assert lookup.branches(k, 3) == branches, (trial, pos, k)
                 assert branches[:1] == ([want] if want else [])  # the first branch is propose's
                 several += len(branches) > 1
+            text = stream[:pos]  # the longest n-gram ending the text that occurred before, followed by a token
+            longest = next((n for n in range(min(ngram, pos), 0, -1)
+                            if any(text[e - n + 1:e + 1] == text[pos - n:] for e in range(pos - 2, n - 2, -1))), 0)
+            assert lookup.longest_match() == longest, (trial, pos)
+            matches += longest > 1
             step = 1 + int(torch.randint(0, 4, (1,), generator=g))  # cycles commit 1..4 tokens
             lookup.add(stream[pos:pos + step])
             pos += step
-    assert proposed > 500 and several > 200
+    assert proposed > 500 and several > 200 and matches > 100
 
 
 def test_lookup_branches_newest_then_most_frequent():

@@ -283,11 +283,12 @@ def best_line(rows):
     if r.get("draft_stop"):
         policy += f", draft_stop {r['draft_stop']:g}"
     width = r.get("tree_width") or 1
-    tree = f", width {width}, nodes {r.get('tree_nodes') or width * r['gamma']}" if width > 1 else ", width 1 (chain)"
     kind = SOURCES[r.get("draft") or "exit"]
+    nodes = f", nodes {r.get('tree_nodes') or width * r['gamma']}" if kind.nodes else " branches"
+    tree = f", width {width}{nodes}" if width > 1 else ", width 1 (chain)"
     if not kind.exit:
         source = (f"{kind.label}" + (f", n-gram {r.get('ngram', 3)}" if kind.lookup else "") + f", gamma {r['gamma']}"
-                  + (tree if kind.trees else ", chain"))
+                  + (tree if width > 1 else ", chain"))
     else:
         source = f"{exit_name(r)}, L {r['exit_layer']}, gamma {r['gamma']}{tree}"
         if kind.lookup:

@@ -17,7 +17,8 @@ import sys
 import torch
 
 from cli import DEVICE_CHOICES, DataError, Parser, UsageError, resolve_device
-from generate import DRAFTS, SOURCES, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
+from drafts import SOURCES
+from generate import DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
