@@ -484,8 +484,8 @@ class ExitAndLookup(DraftSource):
 
 class AutoDraft(DraftSource):
     """Each cycle, from every source it has, the proposal with the most expected committed tokens per second: a
-    deterministic tree (prompt lookup's continuations, up to BRANCHES of them, and the recycled tree, merged), the
-    exit's chain of g drafts, both in one tree (the exit's g likeliest tokens, one per level, with the deterministic
+    deterministic tree (prompt lookup's continuations, up to BRANCHES of them, and the recycled tree, merged; a chain,
+    "path", when the nodes chosen form one path: no tree to build or walk), the exit's chain of g drafts, both in one tree (the exit's g likeliest tokens, one per level, with the deterministic
     nodes grafted on, all verified in one pass), or nothing (a plain step).
 
     A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles
@@ -515,7 +515,7 @@ class AutoDraft(DraftSource):
         self.depth = max(gamma, lookup_tokens)
         self.counts = {}  # key -> [accepted, judged]
         self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
-        self.choices = {"tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
+        self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
         self.overhead = {}  # choice -> seconds its latest cycles took beyond their steps' (OVERHEAD_CYCLES)
         self.pending = None  # the cycle in flight: (its choice, its steps' seconds, when it began)
 
@@ -555,6 +555,8 @@ class AutoDraft(DraftSource):
         entries = self.candidates(turn)
         ranked = sorted(range(len(entries)), key=lambda e: -entries[e][3])  # stable: a parent before its child
         tree_gain = list(itertools.accumulate((entries[e][3] for e in ranked), initial=0.0))  # the top k's
+        parents = [entries[e][0] for e in ranked]  # the top k are one path while no two share a parent
+        path_k = next((k for k in range(1, len(parents)) if parents[k] in parents[:k]), len(parents))
         exit_gain = {0: [0.0], "top": [0.0]}  # the exit's g drafts: a sampled chain (0) or likeliest tokens in a tree
         for kind, gains in exit_gain.items():
             p = 1.0
@@ -564,7 +566,7 @@ class AutoDraft(DraftSource):
         best = (1 / self.seconds("none", 1.0), "none", 0, 0)
         for g, k in itertools.product(range(len(exit_gain[0])), range(len(tree_gain))):
             if g or k:
-                choice = "tree" if not g else "exit" if not k else "exit+tree"
+                choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
                 gain = tree_gain[k] + exit_gain[0 if not k else "top"][g]
                 value = (1 + gain) / self.seconds(choice, g * c + self.v(g + k + 1))
                 if value > best[0]:
@@ -577,6 +579,11 @@ class AutoDraft(DraftSource):
             return Proposal(turn.last.new_zeros(0), None, None, (), "lookup", with_exit=True)
         if choice == "exit":
             return self.exit.propose(turn, g=g)
+        if choice == "path":  # a chain of deterministic drafts: judged as lookup's are (q one-hot), no tree to walk
+            path = [entries[e] for e in ranked[:k]]
+            self.last = ("tree", [(d, d - 1, key) for d, (_, _, key, _) in enumerate(path, 1)])
+            return Proposal(to_device([tok for _, tok, _, _ in path], turn.last.device), None, None,
+                            tuple(key[0] for _, _, key, _ in path), "lookup", with_exit=True)
         chosen, record = set(ranked[:k]), []
 
         def graft(tree: Tree) -> None:  # the exit's nodes (if any), then the chosen deterministic ones merged in
@@ -623,7 +630,7 @@ class AutoDraft(DraftSource):
                 a[0] += d <= cycle.accepted
                 a[1] += 1
             return
-        on_path = set(cycle.path or [0])
+        on_path = set(cycle.path if cycle.path is not None else range(cycle.accepted + 1))  # a path: its first k
         for node, parent, key in self.last[1]:
             if parent in on_path:  # judged: its parent was reached
                 a = self.counts.setdefault(key, [0, 0])
@@ -640,7 +647,7 @@ class Drafting(NamedTuple):
     the source's name `draft` (one of DRAFTS), `gamma` (the draft length, a tree's depth; with draft_stop, its cap),
     `tree_width` (candidates per expanded node; 1: a chain), `tree_nodes` (a tree's node budget; 0: width x gamma),
     `draft_stop` (stop drafting when the draft's top probability is below it; 0: off), `lookup_tokens` (the lookup's
-    proposal length; 0: gamma) and `ngram` (the lookup's longest n-gram)."""
+    proposal length; 0: gamma, auto's 2 gamma: it cuts each path where it stops paying) and `ngram` (the lookup's longest n-gram)."""
     draft: str = "exit"
     gamma: int = 1
     tree_width: int = 1
@@ -655,7 +662,7 @@ def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), mea
     draft, gamma, tree_width, tree_nodes, draft_stop, lookup_tokens, ngram = drafting
     budget = tree_nodes or tree_width * gamma
     if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}) of this machine
-        return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or gamma, measure, ngram, eos,
+        return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or 2 * gamma, measure, ngram, eos,
                          max(tree_width, 2))
     if draft == "recycle":
         return Recycled(gamma, tree_width, budget)

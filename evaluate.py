@@ -37,7 +37,7 @@ from checkpoints import CheckpointError, write_atomically
 from cli import (DEVICE_CHOICES, Parser, SignalStop, UsageError, check_context, int_at_least, parse_layers,
                  resolve_device, run_command)
 from data_utils import DATASETS, TASK_GROUPS, TASKS, dataset_names, load_eval_data, question_set
-from drafts import SOURCES
+from drafts import SOURCES, make_source
 from generate import (DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, remember_costs,
                       speculative_generate, step_times)
 from losses import exit_metric_sums, summarize_metrics, target_rows
@@ -617,8 +617,7 @@ def run_grid(args, sw, mine, own, meta, main, say):
             model, model_key, baselines = TruncatedLlama(sw.base, cell.exit_layer or 1, trained.get(cell.exit),
                                                          engine=args.engine), key, {}  # lookup: no exit runs
         if key not in times:
-            biggest = max([12] + [(c.tree_nodes or c.tree_width * c.gamma)  # 12: auto's default trees
-                                  + (c.lookup_tokens or c.gamma if SOURCES[c.draft].lookup else 0) for c in sw.cells])
+            biggest = max(make_source(c.drafting, [0]).max_rows for c in sw.cells)  # the most rows a cycle verifies
             times[key] = step_times(model, timing_ids, range(2, biggest + 2),
                                     draft_sizes=range(2, max(args.tree_widths) + 1))
         remember_costs(model, *times[key][:3])  # what --drafts auto weighs its proposals by
