@@ -89,8 +89,9 @@ class Proposal(NamedTuple):
 
 class DraftSource:
     """The interface: `propose(turn) -> Proposal`, `commit(tokens, cycle)` after each cycle (the tokens kept and the
-    generate.Cycle record: what was accepted), `stats(cycles)` for the loop's stats. `uses_exit`: the exit's cache is filled from the prefill on; `max_rows`: the most drafts a cycle writes
-    to the cache (the lean engine reserves them); `depth`: the longest path a cycle can accept."""
+    generate.Cycle record: what was accepted), `stats(cycles)` for the loop's stats. `uses_exit`: the exit's cache is
+    filled from the prefill on; `max_rows`: the most drafts a cycle writes to the cache (the lean engine reserves
+    them); `depth`: the longest path a cycle can accept."""
     uses_exit = True
     observes = False  # True: `observe` is given every verified row's input token and target logits
     max_rows = 0
@@ -320,12 +321,13 @@ def draft_tree(model, policy, cache, n: int, last: torch.Tensor, depth: int, wid
     """A tree of drafts after `last` (its token id `root`, read from `last` when not given), one draft step per level
     over all of its nodes as rows. Each expanded node proposes its `width` most likely tokens by the draft's logits
     (at the policy's temperature, before top-k / top-p: a candidate outside q's nucleus can still be the target's
-    token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes;
-    a node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
-    device and read back once per level (the next level's rows are its size). `graft(tree)`: adds what other
-    sources propose (lookup's path: Tree.graft) once the exit's levels are drafted. Only the drafts decide, so the output stays exact. The
-    deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call. Returns (the tree,
-    the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft step)."""
+    token); of all proposals the `width` with the most likely paths are kept (EAGLE-2's rule), up to `budget` nodes; a
+    node whose top probability under the policy is below `draft_stop` is not expanded. The choice is made on the
+    device and read back once per level (the next level's rows are its size). `graft(tree)`: adds what other sources
+    propose (lookup's path: Tree.graft) once the exit's levels are drafted. Only the drafts decide, so the output
+    stays exact. The deepest level and the grafted nodes run the shared layers (and exit blocks) only, in one call.
+    Returns (the tree, the layer-L states of every node in order, {node: its draft logits row}, the rows of each draft
+    step)."""
     device = last.device
     tree = Tree(n, int(last) if root is None else root, device)
     hidden, q_logits, level, level_rows = [], {}, [0], []
@@ -485,21 +487,22 @@ class ExitAndLookup(DraftSource):
 class AutoDraft(DraftSource):
     """Each cycle, from every source it has, the proposal with the most expected committed tokens per second: a
     deterministic tree (prompt lookup's continuations, up to BRANCHES of them, and the recycled tree, merged; a chain,
-    "path", when the nodes chosen form one path: no tree to build or walk), the exit's chain of g drafts, both in one tree (the exit's g likeliest tokens, one per level, with the deterministic
-    nodes grafted on, all verified in one pass), or nothing (a plain step).
+    "path", when the nodes chosen form one path: no tree to build or walk), the exit's chain of g drafts, both in one
+    tree (the exit's g likeliest tokens, one per level, with the deterministic nodes grafted on, all verified in one
+    pass), or nothing (a plain step).
 
-    A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles
-    (Beta: (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the
-    continuations, the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the
-    exit's sampled chain and ("exit", depth, "top") for its likeliest token in a tree. The deterministic tree keeps
-    its k likeliest nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is
-    (1 + the expected accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken.
-    v and c are this machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step
-    over a full one, and a full step's seconds, measured once per model); `seconds` adds what each kind of cycle took
-    beyond its steps in earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a
-    choice that pays in steps but not in seconds is not made. Every choice uses only earlier cycles and the drafts
-    themselves, never this cycle's p, so greedy and sampled output stay exact (the rules judge whatever is
-    proposed: a chain by the speculative-sampling rule, a tree by the multi-candidate walk)."""
+    A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles (Beta:
+    (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations,
+    the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled
+    chain and ("exit", depth, "top") for its likeliest token in a tree. The deterministic tree keeps its k likeliest
+    nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
+    accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken. v and c are this
+    machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step over a full one, and
+    a full step's seconds, measured once per model); `seconds` adds what each kind of cycle took beyond its steps in
+    earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a choice that pays in
+    steps but not in seconds is not made. Every choice uses only earlier cycles and the drafts themselves, never this
+    cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed: a chain by the
+    speculative-sampling rule, a tree by the multi-candidate walk)."""
     observes = True
     PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
@@ -638,8 +641,9 @@ class AutoDraft(DraftSource):
                 a[1] += 1
 
     def stats(self, cycles: list) -> dict:
+        overhead_ms = {k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}
         return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles),
-                    auto_overhead_ms={k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}) | self.lookup.stats(cycles)
+                    auto_overhead_ms=overhead_ms) | self.lookup.stats(cycles)
 
 
 class Drafting(NamedTuple):
@@ -647,7 +651,8 @@ class Drafting(NamedTuple):
     the source's name `draft` (one of DRAFTS), `gamma` (the draft length, a tree's depth; with draft_stop, its cap),
     `tree_width` (candidates per expanded node; 1: a chain), `tree_nodes` (a tree's node budget; 0: width x gamma),
     `draft_stop` (stop drafting when the draft's top probability is below it; 0: off), `lookup_tokens` (the lookup's
-    proposal length; 0: gamma, auto's 2 gamma: it cuts each path where it stops paying) and `ngram` (the lookup's longest n-gram)."""
+    proposal length; 0: gamma, auto's 2 gamma: it cuts each path where it stops paying) and `ngram` (the lookup's
+    longest n-gram)."""
     draft: str = "exit"
     gamma: int = 1
     tree_width: int = 1
@@ -661,7 +666,7 @@ def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), mea
     """The draft source `drafting` names, for a generation from `prompt` (its token ids, a 1-D tensor or a list)."""
     draft, gamma, tree_width, tree_nodes, draft_stop, lookup_tokens, ngram = drafting
     budget = tree_nodes or tree_width * gamma
-    if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}) of this machine
+    if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}, a full step's seconds) of this machine
         return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or 2 * gamma, measure, ngram, eos,
                          max(tree_width, 2))
     if draft == "recycle":

@@ -121,16 +121,16 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
 
     `drafting` (drafts.Drafting) names the draft source and its sizes; `policy` (sampling.Policy) is greedy unless
     given; `plan(...)` makes both from flat settings. Draft sources (`draft`): "exit" (the early exit drafts gamma
-    tokens, one at a time, or a tree of depth gamma), "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens`
-    tokens, 0 meaning gamma, copied from where the newest `ngram`..1 tokens occurred before in prompt + reply; a
-    proposal is deterministic, q one-hot, so x is accepted with probability p(x); no match: the cycle is one plain
-    step; tree_width B > 1: the matched n-gram's B distinct continuations as one tree), "exit+lookup" (a chain: the lookup's proposal when it has one, else the exit's chain; a tree, tree_width
-    > 1: the exit's tree with the lookup's proposal grafted on as one more path, duplicates merged, all verified in
-    one pass), "recycle" (a tree of depth gamma, tree_width children a node, from the target's own top next tokens
-    of earlier verify passes for each token id; no model call), "auto" (each cycle: a tree of lookup's continuations and
-    recycled predictions, the exit's chain, the exit's likeliest tokens with that tree in one, or nothing, by the
-    expected tokens per second of this machine: its measured step costs, `step_costs`, and each kind of cycle's
-    measured extra time; drafts.AutoDraft).
+    tokens, one at a time, or a tree of depth gamma), "lookup" (prompt lookup, `Lookup`: up to `lookup_tokens` tokens,
+    0 meaning gamma, copied from where the newest `ngram`..1 tokens occurred before in prompt + reply; a proposal is
+    deterministic, q one-hot, so x is accepted with probability p(x); no match: the cycle is one plain step;
+    tree_width B > 1: the matched n-gram's B distinct continuations as one tree), "exit+lookup" (a chain: the lookup's
+    proposal when it has one, else the exit's chain; a tree, tree_width > 1: the exit's tree with the lookup's
+    proposal grafted on as one more path, duplicates merged, all verified in one pass), "recycle" (a tree of depth
+    gamma, tree_width children a node, from the target's own top next tokens of earlier verify passes for each token
+    id; no model call), "auto" (each cycle: a tree of lookup's continuations and recycled predictions, the exit's
+    chain, the exit's likeliest tokens with that tree in one, or nothing, by the expected tokens per second of this
+    machine: its measured step costs, `step_costs`, and each kind of cycle's measured extra time; drafts.AutoDraft).
 
     Adaptive draft length (`draft_stop` P in (0, 1); 0 = off): gamma is then a cap, and a cycle stops drafting as soon
     as the draft is unsure: when the largest probability of its next-token distribution q falls below P, that token
