@@ -507,19 +507,24 @@ class AutoDraft(DraftSource):
     PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
     OVERHEAD_CYCLES = (3, 9)  # a kind's overhead: none before 3 of its cycles, then the median of its latest 9
+    CARRY = 0.5  # the weight of earlier generations' counts when a generation starts
 
     def __init__(self, prompt, gamma: int, budget: int, lookup_tokens: int, measure, ngram: int = 3,
-                 eos: frozenset = frozenset(), width: int = 4):
+                 eos: frozenset = frozenset(), width: int = 4, memory: Optional[dict] = None):
         self.lookup = PromptLookup(prompt, lookup_tokens, ngram, eos, uses_exit=True)
         self.recycled = Recycled(gamma, width, budget, uses_exit=True)
         self.exit = ExitChain(gamma)
         self.gamma, self.budget, self.width, self.measure, self.costs = gamma, budget, width, measure, None
         self.max_rows = budget + self.BRANCHES * lookup_tokens + gamma
         self.depth = max(gamma, lookup_tokens)
-        self.counts = {}  # key -> [accepted, judged]
+        memory = {} if memory is None else memory  # what earlier generations learned (generate.learned): shared
+        self.counts = memory.setdefault("counts", {})  # key -> [accepted, judged]
+        for a in self.counts.values():  # earlier generations' counts weigh CARRY: the newest text weighs most
+            a[0], a[1] = a[0] * self.CARRY, a[1] * self.CARRY
         self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
         self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
-        self.overhead = {}  # choice -> seconds its latest cycles took beyond their steps' (OVERHEAD_CYCLES)
+        self.overhead = memory.setdefault("overhead", {})  # choice -> seconds its latest cycles took beyond their
+        # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
         self.pending = None  # the cycle in flight: (its choice, its steps' seconds, when it began)
 
     def chance(self, key: tuple) -> float:
@@ -662,13 +667,15 @@ class Drafting(NamedTuple):
     ngram: int = 3
 
 
-def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), measure=None) -> DraftSource:
-    """The draft source `drafting` names, for a generation from `prompt` (its token ids, a 1-D tensor or a list)."""
+def make_source(drafting: Drafting, prompt, *, eos: frozenset = frozenset(), measure=None,
+                memory: Optional[dict] = None) -> DraftSource:
+    """The draft source `drafting` names, for a generation from `prompt` (its token ids, a 1-D tensor or a list).
+    `memory`: what a source that learns kept from earlier generations with the same model and policy (auto)."""
     draft, gamma, tree_width, tree_nodes, draft_stop, lookup_tokens, ngram = drafting
     budget = tree_nodes or tree_width * gamma
     if draft == "auto":  # `measure(rows)`: (c, {k: v(k)}, a full step's seconds) of this machine
         return AutoDraft(prompt, gamma, tree_nodes or 8, lookup_tokens or 2 * gamma, measure, ngram, eos,
-                         max(tree_width, 2))
+                         max(tree_width, 2), memory)
     if draft == "recycle":
         return Recycled(gamma, tree_width, budget)
     exit = ExitTree(gamma, tree_width, budget, draft_stop) if tree_width > 1 else ExitChain(gamma, draft_stop)

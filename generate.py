@@ -162,7 +162,8 @@ def speculative_generate(model: Steps, input_ids: torch.Tensor, max_new_tokens: 
     policy = policy if policy is not None else Policy()
     eos = frozenset(_as_set(eos_token_id)) if eos_token_id is not None else frozenset()
     t0 = time.perf_counter()
-    source = make_source(drafting, input_ids[0], eos=eos, measure=lambda rows: step_costs(model, input_ids, rows))
+    source = make_source(drafting, input_ids[0], eos=eos, measure=lambda rows: step_costs(model, input_ids, rows),
+                         memory=learned(model, drafting, policy))
     cache, n, last = _prefill(model, input_ids, with_exit=source.uses_exit, room=max_new_tokens,
                               drafts=source.max_rows + 1, observe=source.observe if source.observes else None)
     root = int(last)  # the newest token's id, kept on the host from here (a tree's root)
@@ -364,6 +365,17 @@ def step_costs(model: Steps, input_ids: torch.Tensor, rows: int) -> tuple:
         ids = input_ids.repeat(1, -(-(rows + 1) // input_ids.shape[1]))[:, : max(rows + 1, input_ids.shape[1])]
         remember_costs(model, *step_times(model, ids, range(2, rows + 1), repeats=5)[:3])
     return COSTS[model]
+
+
+LEARNED = weakref.WeakKeyDictionary()  # model -> {(drafting, policy): what auto learned}: kept across generations
+
+
+def learned(model: Steps, drafting: Drafting, policy: Policy) -> dict:
+    """What --drafts auto learned in this process's earlier generations with this model, drafting and policy
+    (acceptance counts, each kind of cycle's overhead), handed to the next one: a 64-token reply has too few cycles
+    to learn every estimate from its prior. Exact all the same: it holds earlier generations' outcomes only."""
+    return LEARNED.setdefault(model, {}).setdefault((drafting, policy.greedy, policy.temperature, policy.top_p,
+                                                     policy.top_k), {})
 
 
 def remember_costs(model: Steps, draft_s: float, full_s: float, verify_s: dict) -> None:

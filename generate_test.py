@@ -11,7 +11,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 import generate
 import sampling
 from conftest import make_tiny_llama
-from drafts import ExitTree, Turn
+from drafts import Drafting, ExitTree, Turn
 from generate import Policy, autoregressive_generate, plan, speculative_generate
 from truncated_llama import TruncatedLlama
 from tuned_llama import EarlyExit
@@ -698,6 +698,22 @@ def test_greedy_auto_equals_autoregressive_and_generate(tie):
         for c in choices:
             choices[c] += stats["auto_choices"][c]
     assert min(by_source.values()) > 0 and choices["tree"] > 0 and choices["exit"] > 0, (by_source, choices)
+
+
+def test_auto_carries_what_it_learned_into_the_next_generation():
+    """The acceptance counts of one generation start the next one with the same model, drafting and policy (weighed
+    by CARRY); another policy starts cold; greedy output stays exact in every generation."""
+    base, prompt, new, ref = looping_reference()
+    tl = TruncatedLlama(base, 2)
+    generate.remember_costs(tl, 0.05, 1.0, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})
+    memory = generate.learned(tl, Drafting("auto", 2), Policy())
+    judged = []
+    for _ in range(3):
+        sp, _ = speculative_generate(tl, prompt, new, **plan(draft="auto", gamma=2))
+        assert torch.equal(sp, ref)
+        judged.append(sum(j for _, j in memory["counts"].values()))
+    assert 0 < judged[0] < judged[1] < judged[2] and judged[1] - judged[0] < judged[0]  # carried at half weight
+    assert generate.learned(tl, Drafting("auto", 2), Policy(1.0)) == {}
 
 
 def test_auto_drafts_nothing_where_nothing_pays():

@@ -18,7 +18,8 @@ import torch
 
 from cli import DEVICE_CHOICES, DataError, Parser, UsageError, resolve_device
 from drafts import SOURCES
-from generate import DRAFTS, Drafting, Policy, autoregressive_generate, check_policy, speculative_generate
+from generate import (DRAFTS, LEARNED, Drafting, Policy, autoregressive_generate, check_policy,
+                      speculative_generate)
 from truncated_llama import (DEFAULT_MODEL, DTYPE_CHOICES, ModelLoadError, TruncatedLlama, dtype_line,
                              load_base_model, machine_info, model_fingerprint, resolve_dtype, trees_need_lean)
 from checkpoints import CheckpointError, load_exit
@@ -129,6 +130,7 @@ def main(argv=None):
     warm = min(8, args.max_new_tokens)  # first calls allocate and build; the timed runs come after
     speculative_generate(tl, ids, warm, drafting, pol, generator=torch.Generator(device).manual_seed(args.seed))
     autoregressive_generate(tl, ids, warm, generator=torch.Generator(device).manual_seed(args.seed), **policy)
+    LEARNED.pop(tl, None)  # what auto learned on the warm-up's tokens would be this very text: the timed run starts cold
     tokens, stats = speculative_generate(tl, ids, args.max_new_tokens, drafting, pol, eos_token_id=tok.eos_token_id,
                                          timings=timings, generator=torch.Generator(device).manual_seed(args.seed))
     base_tokens, base = autoregressive_generate(tl, ids, args.max_new_tokens,
