@@ -205,8 +205,7 @@ class PromptLookup(DraftSource):
         return deterministic_tree(tree, self.uses_exit)
 
     def deterministic(self, turn: Turn, proposal: list) -> Proposal:
-        drafts = to_device(proposal, turn.last.device)
-        return Proposal(drafts, None, None, ("lookup",) * len(proposal), "lookup", with_exit=self.uses_exit)
+        return deterministic_chain(turn, proposal, ("lookup",) * len(proposal), "lookup", self.uses_exit)
 
     def commit(self, tokens: list, cycle=None) -> None:
         t = time.perf_counter()
@@ -216,6 +215,18 @@ class PromptLookup(DraftSource):
     def stats(self, cycles: list) -> dict:
         m = self.matched
         return dict(lookup_matched=m, lookup_match_rate=sum(m) / len(m) if m else None, lookup_seconds=self.seconds)
+
+
+def deterministic_chain(turn: Turn, tokens: list, sources: tuple, kind: str, uses_exit: bool) -> Proposal:
+    """Drafts with no q (lookup's, auto's path; no tokens: a plain step), verified on every layer with `last` in one
+    call and judged with q one-hot."""
+    return Proposal(to_device(tokens, turn.last.device), None, None, sources, kind, with_exit=uses_exit)
+
+
+def exit_tree_proposal(drafted: tuple) -> Proposal:
+    """draft_tree's result (the tree, the layer-L states, the draft logits, the rows of each step) as a Proposal."""
+    tree, hidden, q_logits, level_rows = drafted
+    return Proposal(None, None, hidden, kind="tree", tree=tree, q_logits=q_logits, level_rows=tuple(level_rows))
 
 
 def nodes_per_cycle(cycles: list) -> float:
@@ -248,10 +259,8 @@ class ExitTree(DraftSource):
         g = min(self.gamma, turn.room)
         if g <= 0:
             return self.chain.propose(turn, g=0)
-        tree, hidden, q_logits, level_rows = draft_tree(
-            turn.model, turn.policy, turn.cache, turn.n, turn.last, g, self.width, self.budget, self.draft_stop,
-            turn.timings, graft, turn.root)
-        return Proposal(None, None, hidden, kind="tree", tree=tree, q_logits=q_logits, level_rows=tuple(level_rows))
+        return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, self.width,
+                                             self.budget, self.draft_stop, turn.timings, graft, turn.root))
 
     def stats(self, cycles: list) -> dict:
         rows = [r for c in cycles for r in c.level_rows]
@@ -436,7 +445,7 @@ class Recycled(DraftSource):
         return nodes
 
     def propose(self, turn: Turn) -> Proposal:
-        plain = Proposal(turn.last.new_zeros(0), None, None, (), "recycled", with_exit=self.uses_exit)
+        plain = deterministic_chain(turn, [], (), "recycled", self.uses_exit)
         nodes = self.candidates(turn, min(self.gamma, turn.room), self.width, self.budget)
         if not nodes:
             return plain
@@ -584,14 +593,14 @@ class AutoDraft(DraftSource):
         self.pending = (choice, self.costs[2] * (g * c + self.v(g + k + 1)), began)
         self.last = ("exit", g) if choice == "exit" else None
         if choice == "none":
-            return Proposal(turn.last.new_zeros(0), None, None, (), "lookup", with_exit=True)
+            return deterministic_chain(turn, [], (), "lookup", True)
         if choice == "exit":
             return self.exit.propose(turn, g=g)
         if choice == "path":  # a chain of deterministic drafts: judged as lookup's are (q one-hot), no tree to walk
             path = [entries[e] for e in ranked[:k]]
             self.last = ("tree", [(d, d - 1, key) for d, (_, _, key, _) in enumerate(path, 1)])
-            return Proposal(to_device([tok for _, tok, _, _ in path], turn.last.device), None, None,
-                            tuple(key[0] for _, _, key, _ in path), "lookup", with_exit=True)
+            return deterministic_chain(turn, [tok for _, tok, _, _ in path], tuple(key[0] for _, _, key, _ in path),
+                                       "lookup", True)
         chosen, record = set(ranked[:k]), []
 
         def graft(tree: Tree) -> None:  # the exit's nodes (if any), then the chosen deterministic ones merged in
@@ -606,9 +615,8 @@ class AutoDraft(DraftSource):
             tree = Tree(turn.n, turn.root, turn.last.device)
             graft(tree)
             return deterministic_tree(tree, True)
-        tree, hidden, q_logits, level_rows = draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1,
-                                                        g, 0.0, turn.timings, graft, turn.root)
-        return Proposal(None, None, hidden, kind="tree", tree=tree, q_logits=q_logits, level_rows=tuple(level_rows))
+        return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1, g, 0.0,
+                                             turn.timings, graft, turn.root))
 
     def seconds(self, choice: str, steps: float) -> float:
         """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
