@@ -485,6 +485,44 @@ def test_sampling_trees_match_target_distribution(small_vocab_model, temperature
     assert max(lengths) > 1  # cycles really drafted trees (per_cycle_drafted counts their nodes)
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.7, 0.8)])
+def test_the_host_walk_is_the_device_walk(temperature, top_p, monkeypatch):
+    """On a CPU accept_tree walks the tree on the host (reads cost nothing there), elsewhere on the device: on the same
+    trees, target logits and seeds both give the same path, token and rejection, and leave the generator alike."""
+    from drafts import Tree
+
+    policy, deep, rejected = Policy(temperature, top_p), 0, 0
+    for seed in range(80):
+        g = torch.Generator().manual_seed(seed)
+        tree = Tree(5, 0, torch.device("cpu"))
+        for _ in range(int(torch.randint(2, 14, (1,), generator=g))):  # a random tree, distinct tokens per parent
+            parent = int(torch.randint(0, len(tree.tokens), (1,), generator=g))
+            tree.child(parent, int(torch.randint(0, VOCAB, (1,), generator=g)), "exit")
+        tree.walk = sampling.walk_tables(tree, torch.device("cpu"))
+        logits = 1.5 * torch.randn(len(tree.tokens), VOCAB, generator=g)
+        outcomes = []
+        for shortcuts in (("cpu",), ()):
+            monkeypatch.setattr(Policy, "SHORTCUTS", shortcuts)
+            gen = torch.Generator().manual_seed(seed)
+            path, token, rej, _ = sampling.accept_tree(policy, tree, logits, gen)
+            outcomes.append((path, token, rej, torch.rand(1, generator=gen).item()))
+        assert outcomes[0] == outcomes[1], seed
+        deep += len(outcomes[0][0]) > 2
+        rejected += outcomes[0][2]
+    assert deep > 3 and rejected > 5  # walks went past one draft, and walks ended on rejected candidates
+
+
+def test_sampling_trees_match_target_distribution_with_the_device_walk(small_vocab_model, monkeypatch):
+    """The walk as it runs on a GPU (no host reads), on a CPU: exact too."""
+    monkeypatch.setattr(Policy, "SHORTCUTS", ())
+    base, prompt = small_vocab_model
+    tl = TruncatedLlama(base, 2)
+    exact = exact_distribution(base, prompt, Policy(1.0, 0.9, 3))
+    counts = empirical_counts(tl, prompt, SAMPLES, seed=11, gamma=2, temperature=1.0, top_p=0.9, top_k=3,
+                              tree_width=3)
+    assert counts[exact == 0].sum() == 0 and chi_square_pvalue(counts, exact) > 1e-3
+
+
 def test_a_broken_tree_rule_fails_the_same_test(small_vocab_model, monkeypatch):
     """Accepting each candidate with probability p(c) instead of r(c) / sum r (not renormalising after a rejection)
     is the tree's classic bug; the test must catch it."""
