@@ -567,8 +567,9 @@ class AutoDraft(DraftSource):
 
     def propose(self, turn: Turn) -> Proposal:
         if self.costs is None:
-            self.costs = self.measure(self.max_rows + 1)  # (c, {k: v(k)}, seconds of a full step)
+            self.costs = monotone(self.measure(self.max_rows + 1))  # (c, {k: v(k)}, seconds of a full step)
         c, began = self.costs[0], time.perf_counter()
+        extra = {choice: self.extra(choice) for choice in self.choices}
         entries = self.candidates(turn)
         ranked = sorted(range(len(entries)), key=lambda e: -entries[e][3])  # stable: a parent before its child
         tree_gain = list(itertools.accumulate((entries[e][3] for e in ranked), initial=0.0))  # the top k's
@@ -580,12 +581,12 @@ class AutoDraft(DraftSource):
             for g in range(1, min(self.gamma, turn.room) + 1):
                 p *= self.chance(("exit", g, kind))
                 gains.append(gains[-1] + p)
-        best = (1 / self.seconds("none", 1.0), "none", 0, 0)
+        best = (1 / self.seconds("none", 1.0, extra), "none", 0, 0)
         for g, k in itertools.product(range(len(exit_gain[0])), range(len(tree_gain))):
             if g or k:
                 choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
                 gain = tree_gain[k] + exit_gain[0 if not k else "top"][g]
-                value = (1 + gain) / self.seconds(choice, g * c + self.v(g + k + 1))
+                value = (1 + gain) / self.seconds(choice, g * c + self.v(g + k + 1), extra)
                 if value > best[0]:
                     best = (value, choice, g, k)
         _, choice, g, k = best
@@ -618,13 +619,17 @@ class AutoDraft(DraftSource):
         return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1, g, 0.0,
                                              turn.timings, graft, turn.root))
 
-    def seconds(self, choice: str, steps: float) -> float:
+    def seconds(self, choice: str, steps: float, extra: Optional[dict] = None) -> float:
         """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
-        its steps (the loop's Python, the lookup, the tree's tables; never less than nothing): the median of its
-        latest cycles, robust to a stall of the machine; none until a few were timed, so that every kind is tried."""
+        its steps (`extra`, this cycle's, or as measured now)."""
+        return steps * self.costs[2] + (extra[choice] if extra is not None else self.extra(choice))
+
+    def extra(self, choice: str) -> float:
+        """What this kind of cycle took beyond its steps (the loop's Python, the lookup, the tree's tables; never less
+        than nothing): the median of its latest cycles, robust to a stall of the machine; none until a few were
+        timed, so that every kind is tried."""
         extra = self.overhead.get(choice, ())
-        return steps * self.costs[2] + (max(0.0, statistics.median(extra)) if len(extra) >= self.OVERHEAD_CYCLES[0]
-                                        else 0.0)
+        return max(0.0, statistics.median(extra)) if len(extra) >= self.OVERHEAD_CYCLES[0] else 0.0
 
     def v(self, k: int) -> float:
         """A k-row full step over a one-row step (measured; linear past the largest measured)."""
@@ -657,6 +662,17 @@ class AutoDraft(DraftSource):
         overhead_ms = {k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}
         return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles),
                     auto_overhead_ms=overhead_ms) | self.lookup.stats(cycles)
+
+
+def monotone(costs: tuple) -> tuple:
+    """Step costs (c, {k: v(k)}, full_s) with v made non-decreasing in k: v(k) = the least measured v(j), j >= k. A
+    k-row step never costs less than a (k - 1)-row one, so a v(k) above a later v(j) is the machine's noise (one
+    stalled round in a median of five), which would otherwise rule out every proposal of k - 1 drafts."""
+    c, v, full_s = costs
+    fixed, low = {}, math.inf
+    for k in sorted(v, reverse=True):
+        low = fixed[k] = min(low, v[k])
+    return c, dict(sorted(fixed.items())), full_s
 
 
 class Drafting(NamedTuple):

@@ -717,6 +717,15 @@ def test_a_broken_rule_for_recycled_trees_fails_the_same_test(small_vocab_model,
 
 # Auto (drafts.AutoDraft): each cycle the proposal with the most expected tokens per unit of measured time.
 
+def test_auto_reads_the_measured_verify_costs_as_non_decreasing():
+    """A k-row step never costs less than a (k - 1)-row one: a measured v(k) above a later v(j) (noise) is lowered to
+    it, so one stalled round does not rule out every proposal of that size."""
+    from drafts import monotone
+
+    c, v, s = monotone((0.2, {1: 1.0, 2: 1.1, 3: 1.6, 4: 1.3, 5: 1.4, 6: 1.35}, 0.016))
+    assert (c, s) == (0.2, 0.016) and v == {1: 1.0, 2: 1.1, 3: 1.3, 4: 1.3, 5: 1.35, 6: 1.35}
+
+
 AUTO_GREEDY = [dict(gamma=2), dict(gamma=4, lookup_tokens=6), dict(gamma=3, tree_nodes=12)]
 
 
