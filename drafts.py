@@ -582,13 +582,14 @@ class AutoDraft(DraftSource):
                 p *= self.chance(("exit", g, kind))
                 gains.append(gains[-1] + p)
         best = (1 / self.seconds("none", 1.0, extra), "none", 0, 0)
-        for g, k in itertools.product(range(len(exit_gain[0])), range(len(tree_gain))):
-            if g or k:
-                choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
-                gain = tree_gain[k] + exit_gain[0 if not k else "top"][g]
-                value = (1 + gain) / self.seconds(choice, g * c + self.v(g + k + 1), extra)
-                if value > best[0]:
-                    best = (value, choice, g, k)
+        full, v = self.costs[2], [self.v(r) if r else 0.0 for r in range(len(exit_gain[0]) + len(tree_gain) + 1)]
+        for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):  # self.seconds, inlined: ~100 pairs
+            for k, tree in enumerate(tree_gain):
+                if g or k:
+                    choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
+                    value = (1 + (tree + (top if k else chain))) / ((g * c + v[g + k + 1]) * full + extra[choice])
+                    if value > best[0]:
+                        best = (value, choice, g, k)
         _, choice, g, k = best
         self.choices[choice] += 1
         self.pending = (choice, self.costs[2] * (g * c + self.v(g + k + 1)), began)
