@@ -271,11 +271,11 @@ def judge(policy: Policy, proposal: Proposal, p_logits: torch.Tensor,
     (a tree: its expanded nodes the walk reached; a deterministic token: p(x))."""
     tree = proposal.tree
     if tree is not None:
-        path, token, rejected, p = accept_tree(policy, tree, p_logits, generator)
+        path, token, rejected, p_at = accept_tree(policy, tree, p_logits, generator)
         # the overlap stat needs the walk's path, known after its read: on a GPU its softmaxes would sit in the queue
         # before the next cycle's copies, so there it is left out (a tree's avg_overlap: CPU only)
-        seen = [u for u in path if u in proposal.q_logits] if p.device.type == "cpu" else []
-        overlap = (sum(torch.minimum(p[u:u + 1], policy.probs(proposal.q_logits[u])).sum() for u in seen)
+        seen = [u for u in path if u in proposal.q_logits] if p_logits.device.type == "cpu" else []
+        overlap = (sum(torch.minimum(p_at(u), policy.probs(proposal.q_logits[u])).sum() for u in seen)
                    if seen else 0.0)
         return Cycle([tree.tokens[i] for i in path[1:]], len(path) - 1, token, overlap, len(seen), rejected,
                      len(tree.tokens) - 1, path, proposal.level_rows, tuple(tree.source[i] for i in path[1:]), "tree")

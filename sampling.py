@@ -211,7 +211,8 @@ def walk_tables(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optional[torch.Generator] = None
                 ) -> tuple:
     """Walk the tree from the root with the target's p at each node; returns (the accepted path of nodes, the
-    target's own token, 1 if the last node reached had candidates and all were rejected, p of every node).
+    target's own token, 1 if the last node reached had candidates and all were rejected, p_at: p_at(u) is node u's
+    p, a (1, V) row).
 
     Greedy: follow the child equal to argmax p. Sampling, at a node with candidates c1..cK (its children, fixed by
     the draft): r = p; accept c_i with probability r(c_i) / sum r, else set r(c_i) = 0 and go on; if every one is
@@ -223,11 +224,11 @@ def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optiona
     numbers it used (Uniforms). Where reads are free (Policy.SHORTCUTS: a CPU) the same walk runs on the host
     (`_walk_on_host`), a few ms a cycle cheaper."""
     device, greedy = p_logits.device, policy.greedy
+    if device.type in Policy.SHORTCUTS:  # where a read is free: the same walk on the host
+        return _walk_on_host(policy, tree, p_logits, generator)
     kids, tokens = tree.walk if tree.walk is not None else walk_tables(tree, device)
     width, depth = kids.shape[1], max(tree.depth)
     p = policy.probs(p_logits)
-    if device.type in Policy.SHORTCUTS:  # where a read is free: the same walk on the host
-        return _walk_on_host(policy, tree, p_logits, p, kids, tokens, generator)
     draws = None if greedy else Uniforms((depth + 1) * width + 1, generator, device)
     zero = torch.zeros((), dtype=torch.long, device=device)
     u, count, token, done, rejected, path = zero, zero, zero, zero.bool(), zero.bool(), []
@@ -258,48 +259,55 @@ def accept_tree(policy: Policy, tree, p_logits: torch.Tensor, generator: Optiona
     values = torch.cat([torch.stack(path), token.view(1), rejected.long().view(1), count.view(1)]).tolist()  # one read
     if draws is not None:
         draws.used(values[-1])
-    return [0] + [i for i in values[:-3] if i >= 0], values[-3], values[-2], p
+    return [0] + [i for i in values[:-3] if i >= 0], values[-3], values[-2], lambda u: p[u:u + 1]
 
 
-def _walk_on_host(policy: Policy, tree, p_logits: torch.Tensor, p: torch.Tensor, kids: torch.Tensor,
-                  tokens: torch.Tensor, generator: Optional[torch.Generator]) -> tuple:
+def _walk_on_host(policy: Policy, tree, p_logits: torch.Tensor, generator: Optional[torch.Generator]) -> tuple:
     """accept_tree's walk, node by node in Python, where a host read costs nothing (a CPU, Policy.SHORTCUTS): the
-    device walk runs every depth and candidate slot as a dozen small tensor ops, ~2.5 ms a cycle on a CPU. One read
-    brings what the walk needs (greedy: argmax p of every node; sampling: p of each node's candidates, each node's
-    total and the uniform numbers), a second one the token drawn where a sampled walk ends. The same rule, the same
-    uniform number for each decision as the device walk (so a seeded run draws the same tokens, up to the rounding
-    of the sums), the same return."""
-    children = tree.children
+    device walk runs every depth and candidate slot as a dozen small tensor ops (~2.5 ms a cycle on a CPU), and needs
+    p at every node, where this one computes it only at the nodes the walk reaches (under top-p, p of a 49,152-token
+    row costs a sort). The same rule and the same uniform number for each decision as the device walk (so a seeded
+    run draws the same tokens, up to the rounding of the sums), the same return, p as the rows it computed."""
+    children, tokens = tree.children, tree.tokens
+    rows = {}
+
+    def p_at(u: int) -> torch.Tensor:
+        if u not in rows:
+            rows[u] = policy.probs(p_logits[u:u + 1])
+        return rows[u]
+
     if policy.greedy:
         best = p_logits.argmax(-1).tolist()
         u, path = 0, [0]
-        while (nxt := next((c for c in children[u] if tree.tokens[c] == best[u]), None)) is not None:
+        while (nxt := next((c for c in children[u] if tokens[c] == best[u]), None)) is not None:
             u = nxt
             path.append(u)
-        return path, best[u], int(bool(children[u])), p
-    width, k = kids.shape[1], kids.shape[0]
-    draws = Uniforms((max(tree.depth) + 1) * width + 1, generator, p.device)
-    cand_p = p.gather(1, tokens.index_select(0, kids.clamp(min=0).view(-1)).view(k, width))
-    values = torch.cat([cand_p.view(-1).double(), p.sum(-1).double(), draws.u.double()]).tolist()  # the walk's read
-    cand_p, totals, us = values[:k * width], values[k * width:k * width + k], values[k * width + k:]
+        return path, best[u], int(bool(children[u])), p_at
+    width = max(1, max(len(c) for c in children))
+    us = Uniforms((max(tree.depth) + 1) * width + 1, generator, p_logits.device)
+    draws = us.u.tolist()
     u, count, path = 0, 0, [0]
     while True:
-        total, nxt = totals[u], None
-        for w, c in enumerate(children[u]):  # r(c) / sum r: r is p with the rejected candidates set to 0
-            ok = accept_draft(cand_p[u * width + w], total, us[count])
-            count += 1
-            if ok:
-                nxt = c
-                break
-            total -= cand_p[u * width + w]
+        nxt, kids = None, children[u]
+        if kids:  # p of u's candidates and its total, read at once
+            p_u = p_at(u)
+            values = torch.cat([p_u[0, [tokens[c] for c in kids]], p_u.sum().view(1)]).tolist()
+            total = values[-1]
+            for w, c in enumerate(kids):  # r(c) / sum r: r is p with the rejected candidates set to 0
+                ok = accept_draft(values[w], total, draws[count])
+                count += 1
+                if ok:
+                    nxt = c
+                    break
+                total -= values[w]
         if nxt is None:
             break
         u = nxt
         path.append(u)
-    p_u = p[u:u + 1]
+    p_u = p_at(u)
     if children[u]:  # every candidate rejected: the token comes from r normalised (p where r has no mass left)
-        r = p_u.index_fill(1, torch.tensor([tree.tokens[c] for c in children[u]], device=p.device), 0.0)
+        r = p_u.index_fill(1, torch.tensor([tokens[c] for c in children[u]], device=p_u.device), 0.0)
         p_u = torch.where(r.sum() > 0, r, p_u)
-    token = int(sample(p_u, u=draws.u[count:count + 1].view(1, 1))[0])
-    draws.used(count + 1)
-    return path, token, int(bool(children[u])), p
+    token = int(sample(p_u, u=us.u[count:count + 1].view(1, 1))[0])
+    us.used(count + 1)
+    return path, token, int(bool(children[u])), p_at
