@@ -121,26 +121,28 @@ class ExitChain(DraftSource):
         self.gamma, self.draft_stop = gamma, draft_stop
         self.max_rows = self.depth = gamma
 
-    def propose(self, turn: Turn, g: Optional[int] = None) -> Proposal:
+    def propose(self, turn: Turn, g: Optional[int] = None, stop=None) -> Proposal:
         g = min(self.gamma, turn.room) if g is None else g
-        hidden, q_rows, drafts = draft(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, self.draft_stop,
-                                       turn.generator)
+        hidden, q_rows, drafts = draft(turn.model, turn.policy, turn.cache, turn.n, turn.last, g,
+                                       self.draft_stop if stop is None else stop, turn.generator)
         q = torch.cat(q_rows) if q_rows else None
         return Proposal(drafts, q, hidden, ("exit",) * drafts.shape[0])
 
 
-def draft(model, policy, cache, n: int, last: torch.Tensor, g: int, draft_stop: float = 0.0,
+def draft(model, policy, cache, n: int, last: torch.Tensor, g: int, draft_stop=0.0,
           generator: Optional[torch.Generator] = None) -> tuple:
     """Up to g draft tokens after `last` (positions n..), one at a time through the shared layers and the exit, each
     fed to the next step on the device (no host read). Returns (the layer-L states of `last` and of every draft, to
-    verify; the drafts' q rows; the drafts, a (d,) tensor). With `draft_stop`, drafting ends when the draft's top
-    probability falls below it (a host read per draft: the host decides whether to go on)."""
+    verify; the drafts' q rows; the drafts, a (d,) tensor). With `draft_stop` P, drafting ends when the draft's top
+    probability falls below P (a host read per draft: the host decides whether to go on); a callable draft_stop(j,
+    top) decides instead whether to stop before the j-th draft (0-based), given its q's top probability."""
     hidden, q_rows, drafts, tok = [], [], [], last
     for j in range(g):
         h, logits = model.draft_step(tok, cache, n + j)
         hidden.append(h)
         q_j = policy.probs(logits[0, -1:])  # computed once: sampled from now, compared with p later
-        if draft_stop and float(q_j.max()) < draft_stop:
+        if draft_stop and (draft_stop(j, float(q_j.max())) if callable(draft_stop) else
+                           float(q_j.max()) < draft_stop):
             return hidden, q_rows, _stacked(drafts, last)  # `tok` already went through the shared layers (h)
         q_rows.append(q_j)
         tok = policy.draft_token(logits[0, -1:], q_j, generator).view(1, 1)
@@ -503,9 +505,12 @@ class AutoDraft(DraftSource):
     A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles (Beta:
     (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations,
     the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled
-    chain and ("exit", depth, "top") for its likeliest token in a tree. The deterministic tree keeps its k likeliest
+    chain and ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too). Every count decays
+    by DECAY a cycle. The deterministic tree keeps its k likeliest
     nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
-    accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken. v and c are this
+    accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken. When that is the
+    exit's chain, its length is then decided draft by draft from the exit's own q (`exit_stop`: each draft's chance
+    learned per depth and bucket of q's top probability, ("exit", depth, "q", bucket)), up to gamma. v and c are this
     machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step over a full one, and
     a full step's seconds, measured once per model); `seconds` adds what each kind of cycle took beyond its steps in
     earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a choice that pays in
@@ -517,6 +522,9 @@ class AutoDraft(DraftSource):
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
     OVERHEAD_CYCLES = (3, 9)  # a kind's overhead: none before 3 of its cycles, then the median of its latest 9
     CARRY = 0.5  # the weight of earlier generations' counts when a generation starts
+    Q_EDGES = (0.9, 0.7, 0.5, 0.3, 0.0)  # the exit's top probability q_max, in buckets: the first edge <= q_max
+    DECAY = 0.96  # every count, after each cycle: the latest ~25 cycles weigh most (the text changes within a reply),
+    # and an estimate no longer observed drifts back to its prior, so that a source ruled out early is tried again
 
     def __init__(self, prompt, gamma: int, budget: int, lookup_tokens: int, measure, ngram: int = 3,
                  eos: frozenset = frozenset(), width: int = 4, memory: Optional[dict] = None):
@@ -530,11 +538,13 @@ class AutoDraft(DraftSource):
         self.counts = memory.setdefault("counts", {})  # key -> [accepted, judged]
         for a in self.counts.values():  # earlier generations' counts weigh CARRY: the newest text weighs most
             a[0], a[1] = a[0] * self.CARRY, a[1] * self.CARRY
-        self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", g)
+        self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", [the q bucket of
+        # each draft])
         self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
         self.overhead = memory.setdefault("overhead", {})  # choice -> seconds its latest cycles took beyond their
         # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
         self.pending = None  # the cycle in flight: (its choice, its steps' seconds, when it began)
+        self.chain_key = 0  # the exit chain's key: 0 (sampled drafts), "top" when greedy (the likeliest token)
 
     def chance(self, key: tuple) -> float:
         a, j = self.counts.get(key, (0, 0))
@@ -575,11 +585,12 @@ class AutoDraft(DraftSource):
         tree_gain = list(itertools.accumulate((entries[e][3] for e in ranked), initial=0.0))  # the top k's
         parents = [entries[e][0] for e in ranked]  # the top k are one path while no two share a parent
         path_k = next((k for k in range(1, len(parents)) if parents[k] in parents[:k]), len(parents))
+        self.chain_key = "top" if turn.policy.greedy else 0  # greedy: the chain's draft is the likeliest token too
         exit_gain = {0: [0.0], "top": [0.0]}  # the exit's g drafts: a sampled chain (0) or likeliest tokens in a tree
         for kind, gains in exit_gain.items():
             p = 1.0
             for g in range(1, min(self.gamma, turn.room) + 1):
-                p *= self.chance(("exit", g, kind))
+                p *= self.chance(("exit", g, kind or self.chain_key))
                 gains.append(gains[-1] + p)
         best = (1 / self.seconds("none", 1.0, extra), "none", 0, 0)
         full, v = self.costs[2], [self.v(r) if r else 0.0 for r in range(len(exit_gain[0]) + len(tree_gain) + 1)]
@@ -593,11 +604,12 @@ class AutoDraft(DraftSource):
         _, choice, g, k = best
         self.choices[choice] += 1
         self.pending = (choice, self.costs[2] * (g * c + self.v(g + k + 1)), began)
-        self.last = ("exit", g) if choice == "exit" else None
+        self.last = None
         if choice == "none":
             return deterministic_chain(turn, [], (), "lookup", True)
-        if choice == "exit":
-            return self.exit.propose(turn, g=g)
+        if choice == "exit":  # up to gamma drafts, each kept while its q promises more tokens per second
+            self.last = ("exit", [])
+            return self.exit.propose(turn, g=min(self.gamma, turn.room), stop=self.exit_stop(c, full, extra["exit"]))
         if choice == "path":  # a chain of deterministic drafts: judged as lookup's are (q one-hot), no tree to walk
             path = [entries[e] for e in ranked[:k]]
             self.last = ("tree", [(d, d - 1, key) for d, (_, _, key, _) in enumerate(path, 1)])
@@ -620,6 +632,34 @@ class AutoDraft(DraftSource):
         return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1, g, 0.0,
                                              turn.timings, graft, turn.root))
 
+    def exit_stop(self, c: float, full: float, extra: float):
+        """The exit chain's stop rule, draft.draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
+        depth and bucket of the draft's top probability (the signal q gives before the verify), makes the cycle's
+        expected tokens per second higher with it than without: (1 + E + P c_j) / s(j + 1) >= (1 + E) / s(j), with
+        E the expected accepted so far, P the chance that every earlier draft is accepted, s(i) the seconds of a
+        cycle of i drafts (i draft steps, a verify of i + 1 rows). Learned per bucket in `commit`."""
+        state = {"gain": 0.0, "p": 1.0}
+        buckets = self.last[1]
+
+        def seconds(i: int) -> float:  # as `propose` prices a chain of i drafts
+            return (i * c + self.v(i + 1)) * full + extra
+
+        def stop(j: int, top: float) -> bool:
+            b = next(i for i, edge in enumerate(self.Q_EDGES) if top >= edge)
+            p = state["p"] * self.chance_q(j + 1, b)
+            if (1 + state["gain"] + p) / seconds(j + 1) < (1 + state["gain"]) / seconds(j):
+                return True
+            state["gain"], state["p"] = state["gain"] + p, p
+            buckets.append(b)
+            return False
+        return stop
+
+    def chance_q(self, depth: int, bucket: int) -> float:
+        """The exit's chain draft at `depth` with its top probability in `bucket`: accepted / judged in that bucket,
+        with the depth's estimate over every bucket as a prior worth two observations."""
+        a, j = self.counts.get(("exit", depth, "q", bucket), (0, 0))
+        return (a + 2 * self.chance(("exit", depth, self.chain_key))) / (j + 2)
+
     def seconds(self, choice: str, steps: float, extra: Optional[dict] = None) -> float:
         """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
         its steps (`extra`, this cycle's, or as measured now)."""
@@ -639,8 +679,12 @@ class AutoDraft(DraftSource):
 
     def commit(self, tokens: list, cycle=None) -> None:
         self.lookup.commit(tokens)
+        for a in self.counts.values():
+            a[0], a[1] = a[0] * self.DECAY, a[1] * self.DECAY
         if self.pending is not None:  # the cycle's own seconds (a host read ended it) beyond its steps'
             choice, steps_s, began = self.pending
+            if choice == "exit" and cycle is not None:  # the chain's length was chosen while drafting
+                steps_s = self.costs[2] * (cycle.nodes * self.costs[0] + self.v(cycle.nodes + 1))
             self.overhead.setdefault(choice, collections.deque(maxlen=self.OVERHEAD_CYCLES[1])).append(
                 time.perf_counter() - began - steps_s)
             self.pending = None
@@ -648,9 +692,10 @@ class AutoDraft(DraftSource):
             return
         if self.last[0] == "exit":  # depths 1..k accepted, k + 1 judged and rejected (if drafted)
             for d in range(1, min(cycle.accepted + 1, cycle.nodes) + 1):
-                a = self.counts.setdefault(("exit", d, 0), [0, 0])
-                a[0] += d <= cycle.accepted
-                a[1] += 1
+                for key in (("exit", d, self.chain_key), ("exit", d, "q", self.last[1][d - 1])):
+                    a = self.counts.setdefault(key, [0, 0])
+                    a[0] += d <= cycle.accepted
+                    a[1] += 1
             return
         on_path = set(cycle.path if cycle.path is not None else range(cycle.accepted + 1))  # a path: its first k
         for node, parent, key in self.last[1]:

@@ -726,6 +726,25 @@ def test_auto_reads_the_measured_verify_costs_as_non_decreasing():
     assert (c, s) == (0.2, 0.016) and v == {1: 1.0, 2: 1.1, 3: 1.3, 4: 1.3, 5: 1.35, 6: 1.35}
 
 
+def test_auto_keeps_the_exits_drafts_while_their_q_promises_tokens_per_second():
+    """Auto's exit chain is cut draft by draft by the exit's own q: confident drafts (top probability >= 0.9, learned
+    to be accepted) are kept, an unsure one (top < 0.3, learned to be rejected) ends the chain; each kept draft's
+    bucket is remembered for learning."""
+    from drafts import AutoDraft
+
+    auto = AutoDraft([1, 2, 3], gamma=4, budget=8, lookup_tokens=4, measure=None)
+    auto.costs = (0.1, {k: 1 + 0.05 * (k - 1) for k in range(1, 10)}, 0.016)
+    for d in range(1, 5):
+        auto.counts[("exit", d, "q", 0)] = [95, 100]
+        auto.counts[("exit", d, "q", 4)] = [1, 100]
+    auto.last = ("exit", [])
+    stop = auto.exit_stop(0.1, 0.016, 0.0)
+    assert [stop(0, 0.95), stop(1, 0.97), stop(2, 0.1)] == [False, False, True]
+    assert auto.last[1] == [0, 0]
+    auto.last = ("exit", [])
+    assert auto.exit_stop(0.1, 0.016, 0.0)(0, 0.05)  # an unsure first draft: a plain step
+
+
 AUTO_GREEDY = [dict(gamma=2), dict(gamma=4, lookup_tokens=6), dict(gamma=3, tree_nodes=12)]
 
 
