@@ -608,8 +608,8 @@ class AutoDraft(DraftSource):
         if choice == "none":
             return deterministic_chain(turn, [], (), "lookup", True)
         if choice == "exit":  # up to gamma drafts, each kept while its q promises more tokens per second
-            self.last = ("exit", [])
-            return self.exit.propose(turn, g=min(self.gamma, turn.room), stop=self.exit_stop(c, full, extra["exit"]))
+            self.last = ("exit", [], min(self.gamma, turn.room))
+            return self.exit.propose(turn, g=self.last[2], stop=self.exit_stop(c, full, extra["exit"]))
         if choice == "path":  # a chain of deterministic drafts: judged as lookup's are (q one-hot), no tree to walk
             path = [entries[e] for e in ranked[:k]]
             self.last = ("tree", [(d, d - 1, key) for d, (_, _, key, _) in enumerate(path, 1)])
@@ -655,10 +655,8 @@ class AutoDraft(DraftSource):
         return stop
 
     def chance_q(self, depth: int, bucket: int) -> float:
-        """The exit's chain draft at `depth` with its top probability in `bucket`: accepted / judged in that bucket,
-        with the depth's estimate over every bucket as a prior worth two observations."""
-        a, j = self.counts.get(("exit", depth, "q", bucket), (0, 0))
-        return (a + 2 * self.chance(("exit", depth, self.chain_key))) / (j + 2)
+        """The exit's chain draft at `depth` with its top probability in `bucket`: accepted / judged in that bucket."""
+        return self.chance(("exit", depth, "q", bucket))
 
     def seconds(self, choice: str, steps: float, extra: Optional[dict] = None) -> float:
         """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
@@ -691,8 +689,11 @@ class AutoDraft(DraftSource):
         if self.last is None or cycle is None:
             return
         if self.last[0] == "exit":  # depths 1..k accepted, k + 1 judged and rejected (if drafted)
-            for d in range(1, min(cycle.accepted + 1, cycle.nodes) + 1):
-                for key in (("exit", d, self.chain_key), ("exit", d, "q", self.last[1][d - 1])):
+            _, buckets, most = self.last
+            for d in range(1, min(cycle.accepted + 1, most) + 1):  # as the plan sees it: a draft the chain stopped
+                # before counts as not accepted (the chance that choosing the chain brings a d-th token)
+                keys = [("exit", d, self.chain_key)] + ([("exit", d, "q", buckets[d - 1])] if d <= len(buckets) else [])
+                for key in keys:
                     a = self.counts.setdefault(key, [0, 0])
                     a[0] += d <= cycle.accepted
                     a[1] += 1
