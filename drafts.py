@@ -539,7 +539,7 @@ class AutoDraft(DraftSource):
         for a in self.counts.values():  # earlier generations' counts weigh CARRY: the newest text weighs most
             a[0], a[1] = a[0] * self.CARRY, a[1] * self.CARRY
         self.last = None  # what the last cycle proposed: ("tree", [(node, parent, key)]) or ("exit", [the q bucket of
-        # each draft])
+        # each draft], the most drafts it could make)
         self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
         self.overhead = memory.setdefault("overhead", {})  # choice -> seconds its latest cycles took beyond their
         # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
@@ -633,7 +633,7 @@ class AutoDraft(DraftSource):
                                              turn.timings, graft, turn.root))
 
     def exit_stop(self, c: float, full: float, extra: float):
-        """The exit chain's stop rule, draft.draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
+        """The exit chain's stop rule, `draft`'s draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
         depth and bucket of the draft's top probability (the signal q gives before the verify), makes the cycle's
         expected tokens per second higher with it than without: (1 + E + P c_j) / s(j + 1) >= (1 + E) / s(j), with
         E the expected accepted so far, P the chance that every earlier draft is accepted, s(i) the seconds of a
