@@ -508,11 +508,11 @@ class AutoDraft(DraftSource):
     chain and ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too). Every count decays
     by DECAY a cycle. The deterministic tree keeps its k likeliest
     nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
-    accepted) / seconds(g c + v(g + k + 1)), a plain step's 1 / seconds(1), and the best is taken. When that is the
+    accepted) / (steps_seconds(g, k) + extra), a plain step's 1 / (one step + extra), and the best is taken. When that is the
     exit's chain, its length is then decided draft by draft from the exit's own q (`exit_stop`: each draft's chance
     learned per depth and bucket of q's top probability, ("exit", depth, "q", bucket)), up to gamma. v and c are this
     machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step over a full one, and
-    a full step's seconds, measured once per model); `seconds` adds what each kind of cycle took beyond its steps in
+    a full step's seconds, measured once per model); `extra` is what each kind of cycle took beyond its steps in
     earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a choice that pays in
     steps but not in seconds is not made. Every choice uses only earlier cycles and the drafts themselves, never this
     cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed: a chain by the
@@ -543,7 +543,7 @@ class AutoDraft(DraftSource):
         self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
         self.overhead = memory.setdefault("overhead", {})  # choice -> seconds its latest cycles took beyond their
         # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
-        self.pending = None  # the cycle in flight: (its choice, its steps' seconds, when it began)
+        self.pending = None  # the cycle in flight: (its choice, g exit drafts, k other nodes, when it began)
         self.chain_key = 0  # the exit chain's key: 0 (sampled drafts), "top" when greedy (the likeliest token)
 
     def chance(self, key: tuple) -> float:
@@ -578,7 +578,7 @@ class AutoDraft(DraftSource):
     def propose(self, turn: Turn) -> Proposal:
         if self.costs is None:
             self.costs = monotone(self.measure(self.max_rows + 1))  # (c, {k: v(k)}, seconds of a full step)
-        c, began = self.costs[0], time.perf_counter()
+        began = time.perf_counter()
         extra = {choice: self.extra(choice) for choice in self.choices}
         entries = self.candidates(turn)
         ranked = sorted(range(len(entries)), key=lambda e: -entries[e][3])  # stable: a parent before its child
@@ -592,24 +592,23 @@ class AutoDraft(DraftSource):
             for g in range(1, min(self.gamma, turn.room) + 1):
                 p *= self.chance(("exit", g, kind or self.chain_key))
                 gains.append(gains[-1] + p)
-        best = (1 / self.seconds("none", 1.0, extra), "none", 0, 0)
-        full, v = self.costs[2], [self.v(r) if r else 0.0 for r in range(len(exit_gain[0]) + len(tree_gain) + 1)]
-        for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):  # self.seconds, inlined: ~100 pairs
+        best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0)  # one step
+        for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):
             for k, tree in enumerate(tree_gain):
                 if g or k:
                     choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
-                    value = (1 + (tree + (top if k else chain))) / ((g * c + v[g + k + 1]) * full + extra[choice])
+                    value = (1 + (tree + (top if k else chain))) / (self.steps_seconds(g, k) + extra[choice])
                     if value > best[0]:
                         best = (value, choice, g, k)
         _, choice, g, k = best
         self.choices[choice] += 1
-        self.pending = (choice, self.costs[2] * (g * c + self.v(g + k + 1)), began)
+        self.pending = (choice, g, k, began)
         self.last = None
         if choice == "none":
             return deterministic_chain(turn, [], (), "lookup", True)
         if choice == "exit":  # up to gamma drafts, each kept while its q promises more tokens per second
             self.last = ("exit", [], min(self.gamma, turn.room))
-            return self.exit.propose(turn, g=self.last[2], stop=self.exit_stop(c, full, extra["exit"]))
+            return self.exit.propose(turn, g=self.last[2], stop=self.exit_stop(extra["exit"]))
         if choice == "path":  # a chain of deterministic drafts: judged as lookup's are (q one-hot), no tree to walk
             path = [entries[e] for e in ranked[:k]]
             self.last = ("tree", [(d, d - 1, key) for d, (_, _, key, _) in enumerate(path, 1)])
@@ -632,21 +631,21 @@ class AutoDraft(DraftSource):
         return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1, g, 0.0,
                                              turn.timings, graft, turn.root))
 
-    def exit_stop(self, c: float, full: float, extra: float):
+    def exit_stop(self, extra: float):
         """The exit chain's stop rule, `draft`'s draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
         depth and bucket of the draft's top probability (the signal q gives before the verify), makes the cycle's
         expected tokens per second higher with it than without: (1 + E + P c_j) / s(j + 1) >= (1 + E) / s(j), with
         E the expected accepted so far, P the chance that every earlier draft is accepted, s(i) the seconds of a
-        cycle of i drafts (i draft steps, a verify of i + 1 rows). Learned per bucket in `commit`."""
+        cycle of i drafts (`steps_seconds(i, 0)` + the exit cycles' `extra`). Learned per bucket in `commit`."""
         state = {"gain": 0.0, "p": 1.0}
         buckets = self.last[1]
 
-        def seconds(i: int) -> float:  # as `propose` prices a chain of i drafts
-            return (i * c + self.v(i + 1)) * full + extra
+        def seconds(i: int) -> float:
+            return self.steps_seconds(i, 0) + extra
 
         def stop(j: int, top: float) -> bool:
             b = next(i for i, edge in enumerate(self.Q_EDGES) if top >= edge)
-            p = state["p"] * self.chance_q(j + 1, b)
+            p = state["p"] * self.chance(("exit", j + 1, "q", b))
             if (1 + state["gain"] + p) / seconds(j + 1) < (1 + state["gain"]) / seconds(j):
                 return True
             state["gain"], state["p"] = state["gain"] + p, p
@@ -654,14 +653,9 @@ class AutoDraft(DraftSource):
             return False
         return stop
 
-    def chance_q(self, depth: int, bucket: int) -> float:
-        """The exit's chain draft at `depth` with its top probability in `bucket`: accepted / judged in that bucket."""
-        return self.chance(("exit", depth, "q", bucket))
-
-    def seconds(self, choice: str, steps: float, extra: Optional[dict] = None) -> float:
-        """A cycle's expected seconds: `steps` full steps of this machine, plus what this kind of cycle took beyond
-        its steps (`extra`, this cycle's, or as measured now)."""
-        return steps * self.costs[2] + (extra[choice] if extra is not None else self.extra(choice))
+    def steps_seconds(self, g: int, k: int) -> float:
+        """The seconds of a cycle's steps on this machine: g exit draft steps and a verify of g + k + 1 rows."""
+        return (g * self.costs[0] + self.v(g + k + 1)) * self.costs[2]
 
     def extra(self, choice: str) -> float:
         """What this kind of cycle took beyond its steps (the loop's Python, the lookup, the tree's tables; never less
@@ -680,11 +674,11 @@ class AutoDraft(DraftSource):
         for a in self.counts.values():
             a[0], a[1] = a[0] * self.DECAY, a[1] * self.DECAY
         if self.pending is not None:  # the cycle's own seconds (a host read ended it) beyond its steps'
-            choice, steps_s, began = self.pending
+            choice, g, k, began = self.pending
             if choice == "exit" and cycle is not None:  # the chain's length was chosen while drafting
-                steps_s = self.costs[2] * (cycle.nodes * self.costs[0] + self.v(cycle.nodes + 1))
+                g = cycle.nodes
             self.overhead.setdefault(choice, collections.deque(maxlen=self.OVERHEAD_CYCLES[1])).append(
-                time.perf_counter() - began - steps_s)
+                time.perf_counter() - began - self.steps_seconds(g, k))
             self.pending = None
         if self.last is None or cycle is None:
             return

@@ -738,11 +738,11 @@ def test_auto_keeps_the_exits_drafts_while_their_q_promises_tokens_per_second():
         auto.counts[("exit", d, "q", 0)] = [95, 100]
         auto.counts[("exit", d, "q", 4)] = [1, 100]
     auto.last = ("exit", [], 4)
-    stop = auto.exit_stop(0.1, 0.016, 0.0)
+    stop = auto.exit_stop(0.0)
     assert [stop(0, 0.95), stop(1, 0.97), stop(2, 0.1)] == [False, False, True]
     assert auto.last[1] == [0, 0]
     auto.last = ("exit", [], 4)
-    assert auto.exit_stop(0.1, 0.016, 0.0)(0, 0.05)  # an unsure first draft: a plain step
+    assert auto.exit_stop(0.0)(0, 0.05)  # an unsure first draft: a plain step
 
 
 AUTO_GREEDY = [dict(gamma=2), dict(gamma=4, lookup_tokens=6), dict(gamma=3, tree_nodes=12)]
