@@ -500,12 +500,14 @@ class AutoDraft(DraftSource):
     deterministic tree (prompt lookup's continuations, up to BRANCHES of them, and the recycled tree, merged; a chain,
     "path", when the nodes chosen form one path: no tree to build or walk), the exit's chain of g drafts, both in one
     tree (the exit's g likeliest tokens, one per level, with the deterministic nodes grafted on, all verified in one
-    pass), or nothing (a plain step).
+    pass; with one exit draft, optionally also the exit's runner-up, its second likeliest token, as a sibling: the
+    exit's two candidates the static "tree 2" cell drafts), or nothing (a plain step).
 
     A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles (Beta:
     (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations,
     the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled
-    chain and ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too). Every count decays
+    chain, ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too) and ("exit", 1, "second")
+    for its runner-up. A sibling's chance is that it is the child accepted, so siblings' chances add up. Every count decays
     by DECAY a cycle. The deterministic tree keeps its k likeliest
     nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
     accepted) / (steps_seconds(g, k) + extra), a plain step's 1 / (one step + extra), and the best is taken. When that is the
@@ -518,7 +520,8 @@ class AutoDraft(DraftSource):
     cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed: a chain by the
     speculative-sampling rule, a tree by the multi-candidate walk)."""
     observes = True
-    PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5}  # a first cycle's guesses, worth two observations
+    PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5, "second": 0.2}  # a first cycle's guesses, worth two
+    # observations: per source, and for the exit's runner-up ("second")
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
     OVERHEAD_CYCLES = (3, 9)  # a kind's overhead: none before 3 of its cycles, then the median of its latest 9
     CARRY = 0.5  # the weight of earlier generations' counts when a generation starts
@@ -532,7 +535,7 @@ class AutoDraft(DraftSource):
         self.recycled = Recycled(gamma, width, budget, uses_exit=True)
         self.exit = ExitChain(gamma)
         self.gamma, self.budget, self.width, self.measure, self.costs = gamma, budget, width, measure, None
-        self.max_rows = budget + self.BRANCHES * lookup_tokens + gamma
+        self.max_rows = budget + self.BRANCHES * lookup_tokens + gamma + 1  # + 1: the exit's runner-up
         self.depth = max(gamma, lookup_tokens)
         memory = {} if memory is None else memory  # what earlier generations learned (generate.learned): shared
         self.counts = memory.setdefault("counts", {})  # key -> [accepted, judged]
@@ -545,10 +548,11 @@ class AutoDraft(DraftSource):
         # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
         self.pending = None  # the cycle in flight: (its choice, g exit drafts, k other nodes, when it began)
         self.chain_key = 0  # the exit chain's key: 0 (sampled drafts), "top" when greedy (the likeliest token)
+        self.runner_up = [0, 0]  # cycles that drafted the exit's runner-up, and that accepted it
 
     def chance(self, key: tuple) -> float:
         a, j = self.counts.get(key, (0, 0))
-        return (a + 2 * self.PRIOR[key[0]]) / (j + 2)
+        return (a + 2 * self.PRIOR[key[2] if key[2:] == ("second",) else key[0]]) / (j + 2)
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         self.recycled.observe(inputs, logits)
@@ -592,17 +596,21 @@ class AutoDraft(DraftSource):
             for g in range(1, min(self.gamma, turn.room) + 1):
                 p *= self.chance(("exit", g, kind or self.chain_key))
                 gains.append(gains[-1] + p)
-        best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0)  # one step
+        second = self.chance(("exit", 1, "second"))
+        best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0, 0)  # one step
         for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):
             for k, tree in enumerate(tree_gain):
-                if g or k:
-                    choice = ("path" if k <= path_k else "tree") if not g else "exit" if not k else "exit+tree"
-                    value = (1 + (tree + (top if k else chain))) / (self.steps_seconds(g, k) + extra[choice])
-                    if value > best[0]:
-                        best = (value, choice, g, k)
-        _, choice, g, k = best
+                for wide in (0, 1) if g == 1 else (0,):  # the exit's runner-up beside its one draft
+                    if g or k:
+                        choice = (("path" if k <= path_k else "tree") if not g else
+                                  "exit" if not (k or wide) else "exit+tree")
+                        gain = tree + (top + wide * second if k or wide else chain)
+                        value = (1 + gain) / (self.steps_seconds(g, k + wide) + extra[choice])
+                        if value > best[0]:
+                            best = (value, choice, g, k, wide)
+        _, choice, g, k, wide = best
         self.choices[choice] += 1
-        self.pending = (choice, g, k, began)
+        self.pending = (choice, g, k + wide, began)
         self.last = None
         if choice == "none":
             return deterministic_chain(turn, [], (), "lookup", True)
@@ -616,8 +624,10 @@ class AutoDraft(DraftSource):
                                        "lookup", True)
         chosen, record = set(ranked[:k]), []
 
-        def graft(tree: Tree) -> None:  # the exit's nodes (if any), then the chosen deterministic ones merged in
-            record.extend((i, i - 1, ("exit", i, "top")) for i in range(1, len(tree.tokens)))
+        def graft(tree: Tree) -> None:  # the exit's nodes (if any: a child's first its likeliest, then its runner-up),
+            # then the chosen deterministic ones merged in
+            record.extend((c, p, ("exit", tree.depth[c], "second" if r else "top"))
+                          for p, kids in enumerate(tree.children) for r, c in enumerate(kids))
             node_of = {-1: 0}
             for e, (pe, tok, key, _) in enumerate(entries):  # parent-first order
                 if e in chosen:
@@ -628,8 +638,8 @@ class AutoDraft(DraftSource):
             tree = Tree(turn.n, turn.root, turn.last.device)
             graft(tree)
             return deterministic_tree(tree, True)
-        return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1, g, 0.0,
-                                             turn.timings, graft, turn.root))
+        return exit_tree_proposal(draft_tree(turn.model, turn.policy, turn.cache, turn.n, turn.last, g, 1 + wide,
+                                             g + wide, 0.0, turn.timings, graft, turn.root))
 
     def exit_stop(self, extra: float):
         """The exit chain's stop rule, `draft`'s draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
@@ -698,11 +708,14 @@ class AutoDraft(DraftSource):
                 a = self.counts.setdefault(key, [0, 0])
                 a[0] += node in on_path
                 a[1] += 1
+                if key == ("exit", 1, "second"):
+                    self.runner_up[0] += 1
+                    self.runner_up[1] += node in on_path
 
     def stats(self, cycles: list) -> dict:
         overhead_ms = {k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}
         return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles),
-                    auto_overhead_ms=overhead_ms) | self.lookup.stats(cycles)
+                    auto_overhead_ms=overhead_ms, auto_runner_up=list(self.runner_up)) | self.lookup.stats(cycles)
 
 
 def monotone(costs: tuple) -> tuple:

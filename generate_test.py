@@ -792,23 +792,25 @@ def test_auto_drafts_nothing_where_nothing_pays():
     assert stats["auto_choices"]["tree"] == stats["auto_choices"]["exit"] == 0 and stats["drafted"] == 0
 
 
-GPU_LIKE, DEAR_DRAFTS, CPU_LIKE = (0.05, 0.05), (1.0, 0.05), (1.0, 0.3)  # (c, v(k + 1) - v(k))
+GPU_LIKE, DEAR_DRAFTS, CPU_LIKE, DEAR_ROWS = (0.05, 0.05), (1.0, 0.05), (1.0, 0.3), (0.05, 0.3)  # (c, v(k + 1) - v(k))
 
 
 @pytest.mark.parametrize("prompt,kw,poor,costs,used,kinds", [
     ([1, 3, 2, 4, 1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), True, GPU_LIKE, ("lookup", "exit"), ("exit+tree",)),
-    ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), True, GPU_LIKE, ("recycled", "exit"), ("exit+tree",)),
+    ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), True, GPU_LIKE, ("recycled", "exit", "runner-up"),
+     ("exit+tree",)),
     ([1, 3, 2, 4, 1], dict(temperature=0.8, top_p=0.9, top_k=3, gamma=2), True, DEAR_DRAFTS, ("lookup", "recycled"),
      ("tree",)),
     ([1, 3, 2, 4, 1], dict(temperature=1.0, gamma=2), False, CPU_LIKE, ("lookup",), ("path",)),
-    ([1, 3, 2, 4], dict(temperature=1.3, top_p=0.8, gamma=2, lookup_tokens=2, tree_nodes=4), False, GPU_LIKE,
+    ([1, 3, 2, 4], dict(temperature=1.3, top_p=0.8, gamma=2, lookup_tokens=2, tree_nodes=4), False, DEAR_ROWS,
      ("exit",), ("exit",))])
 def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw, poor, costs, used, kinds):
-    """`used`: the sources whose drafts must really be accepted, `kinds`: auto's choices that must be made (and
-    judged). "1" seen before: lookup proposes and the table has an entry; a prompt whose last token was never seen
+    """`used`: the sources whose drafts must really be accepted ("runner-up": the exit's second likeliest token beside
+    its first), `kinds`: auto's choices that must be made (and judged). "1" seen before: lookup proposes and the table has an entry; a prompt whose last token was never seen
     gives neither anything for the first cycle, so the exit's chain drafts it. `poor`: an exit whose tokens often
     differ from the target's (so that the nodes beside them are the ones accepted); `costs`: a draft step's cost and
-    each verified row's (flat: the tree grows; a dear draft step: no exit; a dear row: one lookup token, a path)."""
+    each verified row's (flat: the tree grows; a dear draft step: no exit; a dear row: one lookup token, a path, or
+    the exit's chain with no runner-up beside it)."""
     base, _ = small_vocab_model
     prompt = torch.tensor([prompt])
     tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block") if poor else None)  # else one layer short
@@ -817,12 +819,13 @@ def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw
     exact = exact_distribution(base, prompt, Policy(kw["temperature"], kw.get("top_p", 1.0), kw.get("top_k", 0)))
     g = torch.Generator().manual_seed(11)
     counts = torch.zeros(VOCAB**3, dtype=torch.float64)
-    sources, choices = {"exit": 0, "lookup": 0, "recycled": 0}, collections.Counter()
+    sources, choices = {"exit": 0, "lookup": 0, "recycled": 0, "runner-up": 0}, collections.Counter()
     for _ in range(SAMPLES):
         tokens, s = speculative_generate(tl, prompt, 3, **plan(draft="auto", **kw), generator=g)
         counts[sum(int(t) * VOCAB ** (2 - i) for i, t in enumerate(tokens))] += 1
-        for k in sources:
+        for k in ("exit", "lookup", "recycled"):
             sources[k] += s["source_counts"][k]
+        sources["runner-up"] += s["auto_runner_up"][1]
         choices.update(s["auto_choices"])
     assert counts[exact == 0].sum() == 0, "sampled a sequence the policy forbids"
     assert chi_square_pvalue(counts, exact) > 1e-3
