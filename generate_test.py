@@ -792,7 +792,7 @@ def test_auto_drafts_nothing_where_nothing_pays():
     assert stats["auto_choices"]["tree"] == stats["auto_choices"]["exit"] == 0 and stats["drafted"] == 0
 
 
-GPU_LIKE, DEAR_DRAFTS, CPU_LIKE, DEAR_ROWS = (0.05, 0.05), (1.0, 0.05), (1.0, 0.3), (0.05, 0.3)  # (c, v(k + 1) - v(k))
+GPU_LIKE, DEAR_DRAFTS, CPU_LIKE, DEAR_ROWS = (0.05, 0.05), (1.0, 0.05), (1.0, 0.3), (0.01, 0.45)  # (c, v(k + 1) - v(k))
 
 
 @pytest.mark.parametrize("prompt,kw,poor,costs,used,kinds", [
