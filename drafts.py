@@ -507,8 +507,8 @@ class AutoDraft(DraftSource):
     (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations,
     the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled
     chain, ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too) and ("exit", 1, "second")
-    for its runner-up. A sibling's chance is that it is the child accepted, so siblings' chances add up. Every count decays
-    by DECAY a cycle. The deterministic tree keeps its k likeliest
+    for its runner-up. A sibling's chance is that it is the child accepted, so siblings' chances add up. Every count
+    decays by DECAY a cycle. The deterministic tree keeps its k likeliest
     nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
     accepted) / (steps_seconds(g, k) + extra), a plain step's 1 / (one step + extra), and the best is taken. When that is the
     exit's chain, its length is then decided draft by draft from the exit's own q (`exit_stop`: each draft's chance
