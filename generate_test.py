@@ -751,7 +751,7 @@ AUTO_GREEDY = [dict(gamma=2), dict(gamma=4, lookup_tokens=6), dict(gamma=3, tree
 @pytest.mark.parametrize("tie", [False, True])
 def test_greedy_auto_equals_autoregressive_and_generate(tie):
     base, prompt, new, ref = looping_reference(tie)
-    by_source, choices = {"exit": 0, "lookup": 0, "recycled": 0}, {"tree": 0, "exit": 0, "none": 0}
+    by_source, choices, runner_up = {"exit": 0, "lookup": 0, "recycled": 0}, {"tree": 0, "exit": 0, "none": 0}, 0
     for layer, kw in itertools.product((2, 5), AUTO_GREEDY):  # a poor exit (perturbed) and a good one (one layer short)
         tl = TruncatedLlama(base, layer, perturbed_exit(base, layer, adapter="block") if layer == 2 else None)
         generate.remember_costs(tl, 0.05, 1.0, {k: 1 + 0.05 * (k - 1) for k in range(2, 20)})  # a GPU-like machine
@@ -763,7 +763,9 @@ def test_greedy_auto_equals_autoregressive_and_generate(tie):
             by_source[s] += stats["source_counts"][s]
         for c in choices:
             choices[c] += stats["auto_choices"][c]
+        runner_up += stats["auto_runner_up"][0]  # cycles whose tree held the exit's runner-up
     assert min(by_source.values()) > 0 and choices["tree"] > 0 and choices["exit"] > 0, (by_source, choices)
+    assert runner_up > 10
 
 
 def test_auto_carries_what_it_learned_into_the_next_generation():
