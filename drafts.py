@@ -504,24 +504,24 @@ class AutoDraft(DraftSource):
     exit's two candidates the static "tree 2" cell drafts), or nothing (a plain step).
 
     A node's chance to be accepted once its parent is: an estimate per key learned online from earlier cycles (Beta:
-    (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations,
-    the matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled
-    chain, ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too) and ("exit", 1, "second")
-    for its runner-up. A sibling's chance is that it is the child accepted, so siblings' chances add up. Every count
-    decays by DECAY a cycle. The deterministic tree keeps its k likeliest
-    nodes (a parent is always likelier than its child); for every g (exit drafts) and k the value is (1 + the expected
-    accepted) / (steps_seconds(g, k) + extra), a plain step's 1 / (one step + extra), and the best is taken. When that is the
-    exit's chain, its length is then decided draft by draft from the exit's own q (`exit_stop`: each draft's chance
-    learned per depth and bucket of q's top probability, ("exit", depth, "q", bucket)), up to gamma. v and c are this
-    machine's (`measure(rows)`: generate.step_costs, a k-row full step over one row, a draft step over a full one, and
-    a full step's seconds, measured once per model); `extra` is what each kind of cycle took beyond its steps in
-    earlier cycles, timed on the host (the loop's Python, the lookup, the tree's tables), so a choice that pays in
-    steps but not in seconds is not made. Every choice uses only earlier cycles and the drafts themselves, never this
-    cycle's p, so greedy and sampled output stay exact (the rules judge whatever is proposed: a chain by the
-    speculative-sampling rule, a tree by the multi-candidate walk)."""
+    (accepted + 2 prior) / (judged + 2)), times its parent's. Keys: ("lookup", depth, rank among the continuations, the
+    matched n-gram's length), ("recycled", depth, rank among siblings), ("exit", depth, 0) for the exit's sampled chain,
+    ("exit", depth, "top") for its likeliest token in a tree (greedy: the chain's too) and RUNNER_UP for its runner-up.
+    A sibling's chance is that it is the child accepted, so siblings' chances add up. Every count decays by DECAY a
+    cycle. The deterministic tree keeps its k likeliest nodes (a parent is always likelier than its child); for every g
+    (exit drafts) and k the value is (1 + the expected accepted) / (steps_seconds(g, k) + extra), a plain step's 1 /
+    (one step + extra), and the best is taken. When that is the exit's chain, its length is then decided draft by draft
+    from the exit's own q (`exit_stop`: each draft's chance learned per depth and bucket of q's top probability,
+    ("exit", depth, "q", bucket)), up to gamma. v and c are this machine's (`measure(rows)`: generate.step_costs, a
+    k-row full step over one row, a draft step over a full one, and a full step's seconds, measured once per model);
+    `extra` is what each kind of cycle took beyond its steps in earlier cycles, timed on the host (the loop's Python,
+    the lookup, the tree's tables), so a choice that pays in steps but not in seconds is not made. Every choice uses
+    only earlier cycles and the drafts themselves, never this cycle's p, so greedy and sampled output stay exact (the
+    rules judge whatever is proposed: a chain by the speculative-sampling rule, a tree by the multi-candidate walk)."""
     observes = True
-    PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5, "second": 0.2}  # a first cycle's guesses, worth two
-    # observations: per source, and for the exit's runner-up ("second")
+    RUNNER_UP = ("exit", 1, "second")  # the key of the exit's second likeliest token beside its one draft
+    PRIOR = {"lookup": 0.5, "recycled": 0.2, "exit": 0.5, RUNNER_UP: 0.2}  # a first cycle's guesses, worth two
+    # observations: per source (a key's first field), or per key
     BRANCHES = 3  # lookup's distinct continuations of the matched n-gram (Lookup.branches), newest first
     OVERHEAD_CYCLES = (3, 9)  # a kind's overhead: none before 3 of its cycles, then the median of its latest 9
     CARRY = 0.5  # the weight of earlier generations' counts when a generation starts
@@ -552,7 +552,7 @@ class AutoDraft(DraftSource):
 
     def chance(self, key: tuple) -> float:
         a, j = self.counts.get(key, (0, 0))
-        return (a + 2 * self.PRIOR[key[2] if key[2:] == ("second",) else key[0]]) / (j + 2)
+        return (a + 2 * self.PRIOR.get(key, self.PRIOR[key[0]])) / (j + 2)
 
     def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
         self.recycled.observe(inputs, logits)
@@ -596,7 +596,7 @@ class AutoDraft(DraftSource):
             for g in range(1, min(self.gamma, turn.room) + 1):
                 p *= self.chance(("exit", g, kind or self.chain_key))
                 gains.append(gains[-1] + p)
-        second = self.chance(("exit", 1, "second"))
+        second = self.chance(self.RUNNER_UP)
         best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0, 0)  # one step
         for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):
             for k, tree in enumerate(tree_gain):
@@ -642,8 +642,8 @@ class AutoDraft(DraftSource):
                                              g + wide, 0.0, turn.timings, graft, turn.root))
 
     def exit_stop(self, extra: float):
-        """The exit chain's stop rule, `draft`'s draft_stop(j, top): keep the (j+1)-th draft while its chance, learned per
-        depth and bucket of the draft's top probability (the signal q gives before the verify), makes the cycle's
+        """The exit chain's stop rule, `draft`'s draft_stop(j, top): keep the (j+1)-th draft while its chance, learned
+        per depth and bucket of the draft's top probability (the signal q gives before the verify), makes the cycle's
         expected tokens per second higher with it than without: (1 + E + P c_j) / s(j + 1) >= (1 + E) / s(j), with
         E the expected accepted so far, P the chance that every earlier draft is accepted, s(i) the seconds of a
         cycle of i drafts (`steps_seconds(i, 0)` + the exit cycles' `extra`). Learned per bucket in `commit`."""
@@ -708,7 +708,7 @@ class AutoDraft(DraftSource):
                 a = self.counts.setdefault(key, [0, 0])
                 a[0] += node in on_path
                 a[1] += 1
-                if key == ("exit", 1, "second"):
+                if key == self.RUNNER_UP:
                     self.runner_up[0] += 1
                     self.runner_up[1] += node in on_path
 
