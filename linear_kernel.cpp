@@ -9,8 +9,8 @@
 // element falls in or on how the outputs are split across threads. So a token's logits get the same bits decoded
 // alone or among the rows of a verify, without padding a row to two.
 //
-// The weights are streamed once per call (up to MAX_ROWS rows of x): each row of W (each few rows, for 6 rows of x or
-// more) is multiplied against every row of x while it sits in L1 (linear_kernel_tiles.h).
+// The weights are streamed once per call (up to MAX_ROWS rows of x): each row of W (each few rows, past ONE_TILE rows
+// of x) is multiplied against every row of x while it sits in L1 (linear_kernel_tiles.h), the bytes ahead prefetched.
 // OpenMP splits the outputs across threads in panels of PANEL rows of W (torch's own OpenMP runtime: the extension
 // links the same libgomp). The instruction set is chosen at run time: AVX-512 BF16 for bfloat16 x and W where the
 // CPU has it, else AVX-512, else AVX2 + FMA.
@@ -35,6 +35,7 @@ namespace {
 constexpr int64_t MAX_ROWS = 64;  // rows of x per sweep over the weights (more rows: another sweep)
 constexpr int64_t PANEL = 16;     // rows of W per panel: a thread's unit of work
 constexpr int64_t PARALLEL_WORK = 1 << 16;  // multiply-adds below which one thread does it all (no fork and join)
+constexpr int64_t PREFETCH = 8192;  // bytes of W ahead of the tiles that each tile asks into L2 (below)
 
 // A panel: outputs n0..n0+rows-1 of all M rows of x (the kernel's x: float32, or bfloat16 for the dot-product
 // path), their float sums into out (M, PANEL).
@@ -84,7 +85,7 @@ struct Fma {  // float32 x; float32 or bfloat16 W (widened exactly)
   using Acc = __m256;
   using W = __m256;
   using X = float;
-  static constexpr int64_t KV = 8, NB = 3, MB = 3, W_BYTES = BF16W ? 2 : 4;
+  static constexpr int64_t KV = 8, NB = 3, MB = 3, ONE_TILE = 5, W_BYTES = BF16W ? 2 : 4;
   static Acc zero() { return _mm256_setzero_ps(); }
   static __m256 load_x(const float* p) { return _mm256_loadu_ps(p); }
   static __m256 load_x_tail(const float* p, int64_t n) { return tail_f32(p, n); }
@@ -119,7 +120,7 @@ struct Fma {
   using Acc = __m512;
   using W = __m512;
   using X = float;
-  static constexpr int64_t KV = 16, NB = 4, MB = 4, W_BYTES = BF16W ? 2 : 4;
+  static constexpr int64_t KV = 16, NB = 4, MB = 4, ONE_TILE = 5, W_BYTES = BF16W ? 2 : 4;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512 load_x(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 load_x_tail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first16(n), p); }
@@ -147,7 +148,7 @@ struct Dot {
   using Acc = __m512;
   using W = __m512bh;
   using X = uint16_t;
-  static constexpr int64_t KV = 32, NB = 1, MB = 6, W_BYTES = 2;
+  static constexpr int64_t KV = 32, NB = 1, MB = 6, ONE_TILE = 12, W_BYTES = 2;
   static Acc zero() { return _mm512_setzero_ps(); }
   static __m512bh load(const void* p) {  // memcpy: a plain unaligned load (a cast from __m512i costs a spill in GCC 12)
     __m512bh v;
