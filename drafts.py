@@ -546,7 +546,9 @@ class AutoDraft(DraftSource):
         self.choices = {"path": 0, "tree": 0, "exit": 0, "exit+tree": 0, "none": 0}
         self.overhead = memory.setdefault("overhead", {})  # choice -> seconds its latest cycles took beyond their
         # steps' (OVERHEAD_CYCLES), kept across generations as the counts are
-        self.pending = None  # the cycle in flight: (its choice, g exit drafts, k other nodes, when it began)
+        self.pending = None  # the cycle in flight: (its choice, g exit drafts, k other nodes, when it began, the
+        # tokens it promised)
+        self.promise = {}  # choice -> [cycles, tokens promised, tokens committed]
         self.chain_key = 0  # the exit chain's key: 0 (sampled drafts), "top" when greedy (the likeliest token)
         self.runner_up = [0, 0]  # cycles that drafted the exit's runner-up, and that accepted it
 
@@ -597,7 +599,7 @@ class AutoDraft(DraftSource):
                 p *= self.chance(("exit", g, kind or self.chain_key))
                 gains.append(gains[-1] + p)
         second = self.chance(self.RUNNER_UP)
-        best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0, 0)  # one step
+        best = (1 / (self.costs[2] + extra["none"]), "none", 0, 0, 0, 0.0)  # one step
         for g, (chain, top) in enumerate(zip(exit_gain[0], exit_gain["top"])):
             for k, tree in enumerate(tree_gain):
                 for wide in (0, 1) if g == 1 else (0,):  # the exit's runner-up beside its one draft
@@ -607,10 +609,10 @@ class AutoDraft(DraftSource):
                         gain = tree + (top + wide * second if k or wide else chain)
                         value = (1 + gain) / (self.steps_seconds(g, k + wide) + extra[choice])
                         if value > best[0]:
-                            best = (value, choice, g, k, wide)
-        _, choice, g, k, wide = best
+                            best = (value, choice, g, k, wide, gain)
+        _, choice, g, k, wide, gain = best
         self.choices[choice] += 1
-        self.pending = (choice, g, k + wide, began)
+        self.pending = (choice, g, k + wide, began, 1 + gain)
         self.last = None
         if choice == "none":
             return deterministic_chain(turn, [], (), "lookup", True)
@@ -684,9 +686,11 @@ class AutoDraft(DraftSource):
         for a in self.counts.values():
             a[0], a[1] = a[0] * self.DECAY, a[1] * self.DECAY
         if self.pending is not None:  # the cycle's own seconds (a host read ended it) beyond its steps'
-            choice, g, k, began = self.pending
+            choice, g, k, began, promised = self.pending
             if choice == "exit" and cycle is not None:  # the chain's length was chosen while drafting
                 g = cycle.nodes
+            kept = self.promise.setdefault(choice, [0, 0.0, 0])
+            kept[0], kept[1], kept[2] = kept[0] + 1, kept[1] + promised, kept[2] + len(tokens)
             self.overhead.setdefault(choice, collections.deque(maxlen=self.OVERHEAD_CYCLES[1])).append(
                 time.perf_counter() - began - self.steps_seconds(g, k))
             self.pending = None
@@ -713,9 +717,12 @@ class AutoDraft(DraftSource):
                     self.runner_up[1] += node in on_path
 
     def stats(self, cycles: list) -> dict:
+        """Besides the choices made and the runner-up's tally, auto_promise: per choice, [cycles, the tokens they
+        promised, the tokens they committed], the plan's expectation beside what it delivered."""
         overhead_ms = {k: 1e3 * statistics.median(o) for k, o in self.overhead.items()}
         return dict(auto_choices=dict(self.choices), nodes_per_cycle=nodes_per_cycle(cycles),
-                    auto_overhead_ms=overhead_ms, auto_runner_up=list(self.runner_up)) | self.lookup.stats(cycles)
+                    auto_overhead_ms=overhead_ms, auto_runner_up=list(self.runner_up),
+                    auto_promise={k: list(v) for k, v in self.promise.items()}) | self.lookup.stats(cycles)
 
 
 def monotone(costs: tuple) -> tuple:

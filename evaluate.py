@@ -191,7 +191,7 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
     total = dict.fromkeys(keys, 0)
     lists = dict.fromkeys(("accept_hist", "draft_len_hist", "judged_by_depth", "accepted_by_depth",
                            "draft_rows_hist"), [])
-    same, first_diffs, matched, by_source, cycles, choices = 0, [], [], {}, [], {}
+    same, first_diffs, matched, by_source, cycles, choices, promise = 0, [], [], {}, [], {}, {}
     paired = baseline is None
     per_prompt = []  # [new tokens, seconds, verify calls, the baseline's new tokens, its seconds]: the intervals'
     if paired:
@@ -213,6 +213,8 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         matched += s["lookup_matched"]
         by_source = {k: by_source.get(k, 0) + n for k, n in s["source_counts"].items()}
         choices = {k: choices.get(k, 0) + n for k, n in s.get("auto_choices", {}).items()}  # auto: cycles by choice
+        for k, kept in s.get("auto_promise", {}).items():  # auto: cycles, tokens promised and committed by choice
+            promise[k] = [a + b for a, b in zip(promise.get(k, (0, 0.0, 0)), kept)]
         cycles += list(zip(s["cycle_kinds"], s["per_cycle_drafted"]))
         for k in lists:
             lists[k] = add_lists(lists[k], s.get(k, []))
@@ -264,7 +266,9 @@ def run_cell(model, cell, prompts, max_new_tokens, seed, eos, baseline, times):
         "predicted_speedup": predicted, "paired_baseline": paired,
         "lookup_match_rate": sum(matched) / len(matched) if matched else None, "c_lookup": c_lookup,
         "lookup_seconds": total["lookup_seconds"], "tokens_by_source": by_source, "per_prompt": per_prompt,
-        **({"auto_choices": choices, "nodes_per_cycle": drafted / calls if calls else None} if choices else {}),
+        **({"auto_choices": choices, "nodes_per_cycle": drafted / calls if calls else None,
+            "auto_promise": {k: [n, round(p / n, 3), round(t / n, 3)] for k, (n, p, t) in promise.items() if n}}
+           if choices else {}),
     }
 
 

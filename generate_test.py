@@ -764,6 +764,9 @@ def test_greedy_auto_equals_autoregressive_and_generate(tie):
         for c in choices:
             choices[c] += stats["auto_choices"][c]
         runner_up += stats["auto_runner_up"][0]  # cycles whose tree held the exit's runner-up
+        promise = stats["auto_promise"]  # per choice: cycles, tokens promised, tokens committed
+        assert sum(n for n, _, _ in promise.values()) == stats["target_calls"]
+        assert sum(t for _, _, t in promise.values()) >= new and all(p >= n for n, p, _ in promise.values())
     assert min(by_source.values()) > 0 and choices["tree"] > 0 and choices["exit"] > 0, (by_source, choices)
     assert runner_up > 10
 

@@ -38,7 +38,8 @@ SUMMARY_COLUMNS = ("prompt_set", "draft", "exit", "exit_layer", "gamma", "lookup
                    "baseline_seconds", "baseline_tokens_per_s", "speedup", "peer_ar_tokens_per_s",
                    "generate_tokens_per_s", "ar_vs_generate", "speedup_vs_generate", "generate_greedy_match",
                    "draft_step_ms", "full_step_ms", "c",
-                   "v", "lookup_match_rate", "c_lookup", "tokens_by_source", "auto_choices", "predicted_speedup",
+                   "v", "lookup_match_rate", "c_lookup", "tokens_by_source", "auto_choices", "auto_promise",
+                   "predicted_speedup",
                    "cell_id")
 
 
