@@ -814,8 +814,8 @@ def test_sampling_auto_matches_target_distribution(small_vocab_model, prompt, kw
     its first), `kinds`: auto's choices that must be made (and judged). "1" seen before: lookup proposes and the
     table has an entry; a prompt whose last token was never seen gives neither anything for the first cycle, so the
     exit's chain drafts it. `poor`: an exit whose tokens often differ from the target's (so that the nodes beside them
-    are the ones accepted); `costs`: a draft step's cost and each verified row's (flat: the tree grows; a dear draft step: no exit; a dear row: one lookup token, a path, or
-    the exit's chain with no runner-up beside it)."""
+    are the ones accepted); `costs`: a draft step's cost and each verified row's (flat: the tree grows; a dear draft
+    step: no exit; a dear row: one lookup token, a path, or the exit's chain with no runner-up beside it)."""
     base, _ = small_vocab_model
     prompt = torch.tensor([prompt])
     tl = TruncatedLlama(base, 2, perturbed_exit(base, 2, adapter="block") if poor else None)  # else one layer short
